@@ -1,0 +1,213 @@
+"""TensorFlow wrappers of the unfused block-sparse ops, with their gradients.
+
+Layouts (blocksparse's):
+  dense        ``[B, T, H*D]``, head ``h`` owns channels ``[h*D, (h+1)*D)``
+  block-sparse ``[B, H, nnz, bs, bs]``, block ``b`` = ``tables.nt_lut[lh, b] = (Qb, Kb)``
+
+Every op computes in float32 and returns the dtype of its inputs (float32, float16 or bfloat16).
+The tables (``bsattn.tables.BlockTables``) enter the ops as int32 tensors, built once per tables
+object.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from bsattn._loader import load_ops
+from bsattn.tables import BlockTables
+
+
+class TableTensors(NamedTuple):
+    """The int32 tensors of one ``BlockTables``."""
+
+    nt_lut: tf.Tensor  # [L, nnz, 2]
+    nn_lut: tf.Tensor  # [L, nQb + nnz, 2]
+    tn_lut: tf.Tensor  # [L, nKb + nnz, 2]
+    mask: tf.Tensor  # [L, nnz, bs, ceil(bs/32)]
+
+
+_eager_tables: dict[int, tuple[BlockTables, TableTensors]] = {}
+_eager_tables_lock = threading.Lock()
+
+
+def table_tensors(tables: BlockTables) -> TableTensors:
+    """Tensors of ``tables``: cached eager constants outside graphs, graph constants inside."""
+
+    def make() -> TableTensors:
+        return TableTensors(
+            tf.constant(tables.nt_lut, tf.int32),
+            tf.constant(tables.nn_lut, tf.int32),
+            tf.constant(tables.tn_lut, tf.int32),
+            tf.constant(tables.mask_words, tf.int32),
+        )
+
+    if not tf.executing_eagerly():
+        return make()  # a graph keeps its own constants; eager ones would be captured per call
+    with _eager_tables_lock:
+        entry = _eager_tables.get(id(tables))
+        if entry is None or entry[0] is not tables:  # the id of a dead object can be reused
+            entry = (tables, make())
+            _eager_tables[id(tables)] = entry
+        return entry[1]
+
+
+def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor:
+    """Block-sparse ``a @ b^T`` (SDD).
+
+    Args:
+      a: ``[B, nQb*bs, H*D]``.
+      b: ``[B, nKb*bs, H*D]``, same dtype as ``a``.
+    Returns:
+      ``[B, H, nnz, bs, bs]``: ``c[n, h, blk] = a[n, Qb rows, head h] @ b[n, Kb rows, head h]^T``.
+    """
+    a = tf.convert_to_tensor(a)
+    b = tf.convert_to_tensor(b, dtype_hint=a.dtype)
+    _check_same_dtype(a=a, b=b)
+    return _nt(a, b, tables, heads)
+
+
+def nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
+    """Block-sparse ``w @ b`` (DSD).
+
+    Args:
+      w: ``[B, H, nnz, bs, bs]``.
+      b: ``[B, nKb*bs, H*D]``.
+    Returns:
+      ``[B, nQb*bs, H*D]``; a query-block row with no blocks is 0.
+    """
+    w = tf.convert_to_tensor(w)
+    b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
+    _check_same_dtype(w=w, b=b)
+    return _nn(w, b, tables)
+
+
+def tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
+    """Block-sparse ``w^T @ b`` (DSD transposed).
+
+    Args:
+      w: ``[B, H, nnz, bs, bs]``.
+      b: ``[B, nQb*bs, H*D]``.
+    Returns:
+      ``[B, nKb*bs, H*D]``; a key-block column with no blocks is 0.
+    """
+    w = tf.convert_to_tensor(w)
+    b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
+    _check_same_dtype(w=w, b=b)
+    return _tn(w, b, tables)
+
+
+def masked_softmax(
+    x: tf.Tensor,
+    tables: BlockTables,
+    scale: float | tf.Tensor = 1.0,
+    autoregress_at_key: int | tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Softmax of ``scale * x`` over every kept entry of each query row.
+
+    A query row spans all blocks of its query-block row. Entries dropped by the tables' in-block
+    masks are 0; a row with no kept entry is all 0. With ``autoregress_at_key = K``, key ``j`` of
+    query ``i`` is kept only if ``j < K`` or ``j <= i`` (absolute token indices).
+
+    Args:
+      x: ``[B, H, nnz, bs, bs]``.
+    Returns:
+      same shape and dtype as ``x``.
+    """
+    x = tf.convert_to_tensor(x)
+    scale = tf.cast(scale, tf.float32)
+    if autoregress_at_key is None:
+        key, autoregressive = tf.constant(0, tf.int32), False
+    else:
+        key, autoregressive = _checked_key(autoregress_at_key, tables), True
+    return _masked_softmax(x, scale, key, tables, autoregressive)
+
+
+def _check_same_dtype(**tensors: tf.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) != 1:
+        described = ", ".join(f"{name}: {dtype.name}" for name, dtype in dtypes.items())
+        raise TypeError(f"inputs must share one dtype, got {described}")
+
+
+def _checked_key(key: int | tf.Tensor, tables: BlockTables) -> tf.Tensor:
+    """``autoregress_at_key`` as an int32 scalar in ``[0, nKb*bs)``, checked now or at run time."""
+    key_len = tables.ctx_blks_k * tables.block_size
+    if isinstance(key, int):
+        if not 0 <= key < key_len:
+            raise ValueError(f"autoregress_at_key must be in [0, {key_len}), got {key}")
+        return tf.constant(key, tf.int32)
+    key = tf.cast(key, tf.int32)
+    tf.debugging.assert_less(key, key_len, message="autoregress_at_key out of range")
+    return key
+
+
+def _nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor:
+    luts = table_tensors(tables)
+
+    @tf.custom_gradient
+    def forward(a, b):
+        c = load_ops().bsattn_nt(a, b, luts.nt_lut, heads=heads, block_size=tables.block_size)
+
+        def grad(dc):
+            return _nn(dc, b, tables), _tn(dc, a, tables)
+
+        return c, grad
+
+    return forward(a, b)
+
+
+def _nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
+    luts = table_tensors(tables)
+
+    @tf.custom_gradient
+    def forward(w, b):
+        c = load_ops().bsattn_nn(w, b, luts.nn_lut)
+
+        def grad(dc):
+            heads = w.shape[1] if w.shape[1] is not None else tf.shape(w)[1]
+            return _nt(dc, b, tables, heads), _tn(w, dc, tables)
+
+        return c, grad
+
+    return forward(w, b)
+
+
+def _tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
+    luts = table_tensors(tables)
+
+    @tf.custom_gradient
+    def forward(w, b):
+        c = load_ops().bsattn_tn(w, b, luts.tn_lut)
+
+        def grad(dc):
+            heads = w.shape[1] if w.shape[1] is not None else tf.shape(w)[1]
+            return _nt(b, dc, tables, heads), _nn(w, dc, tables)
+
+        return c, grad
+
+    return forward(w, b)
+
+
+def _masked_softmax(x, scale, key, tables: BlockTables, autoregressive: bool) -> tf.Tensor:
+    luts = table_tensors(tables)
+
+    @tf.custom_gradient
+    def forward(x):
+        y = load_ops().bsattn_masked_softmax(
+            x, scale, luts.nn_lut, luts.mask, key, autoregressive=autoregressive
+        )
+
+        def grad(dy):
+            return _masked_softmax_grad(dy, y, scale, tables)
+
+        return y, grad
+
+    return forward(x)
+
+
+def _masked_softmax_grad(dy, y, scale, tables: BlockTables) -> tf.Tensor:
+    """Gradient of the masked softmax (first order only)."""
+    return load_ops().bsattn_masked_softmax_grad(dy, y, scale, table_tensors(tables).nn_lut)

@@ -1,0 +1,193 @@
+"""OpenAI ``sparse_attention``'s functions (``attention.py`` and ``utils.py``), in TensorFlow 2.
+
+A user of the originals changes only the import::
+
+    from bsattn.sparse_attention import attention_impl, blocksparse_attention_impl
+
+Differences from the originals, all documented in the README:
+- ``recompute`` defaults to False instead of being required;
+- ``'fixed'`` works without ``num_verts``/``vertsize`` (defaults 1 and 1: one summary block per
+  stride, shared by all heads), and ``get_attn_mask``/``attention_impl`` support it too;
+- a fully masked row gives 0 (none occurs in the four modes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from bsattn import patterns
+from bsattn.recompute import recomputable
+from bsattn.tables import tables_for_pattern
+from bsattn.transformer import BlocksparseTransformer
+
+
+def shape_list(x: tf.Tensor) -> list:
+    """Static dims where known, else the dynamic ``tf.shape`` scalars."""
+    static = x.shape.as_list()
+    dynamic = tf.shape(x)
+    return [dynamic[i] if dim is None else dim for i, dim in enumerate(static)]
+
+
+def split_states(x: tf.Tensor, n: int) -> tf.Tensor:
+    """``[..., m] -> [..., n, m // n]``."""
+    *start, m = shape_list(x)
+    return tf.reshape(x, start + [n, m // n])
+
+
+def merge_states(x: tf.Tensor) -> tf.Tensor:
+    """``[..., h, d] -> [..., h * d]``."""
+    *start, h, d = shape_list(x)
+    return tf.reshape(x, start + [h * d])
+
+
+def split_heads(x: tf.Tensor, n: int) -> tf.Tensor:
+    """``[B, T, H*D] -> [B, H, T, D]``."""
+    return tf.transpose(split_states(x, n), [0, 2, 1, 3])
+
+
+def merge_heads(x: tf.Tensor) -> tf.Tensor:
+    """``[B, H, T, D] -> [B, T, H*D]``."""
+    return merge_states(tf.transpose(x, [0, 2, 1, 3]))
+
+
+def strided_transpose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int, blocksize: int) -> tf.Tensor:
+    """Groups tokens by residue modulo ``local_attn_ctx``: ``[B, T, C] -> [B, T, C]``.
+
+    Token ``t = a*L + b`` moves to position ``b*(T/L) + a``, so each residue class becomes one
+    contiguous chunk of ``T/L`` tokens, which must be a multiple of ``blocksize``.
+    """
+    if n_ctx % local_attn_ctx:
+        raise ValueError(f"n_ctx={n_ctx} must be a multiple of local_attn_ctx={local_attn_ctx}")
+    bt_ctx = n_ctx // local_attn_ctx
+    if bt_ctx % blocksize:
+        raise ValueError(f"n_ctx / local_attn_ctx = {bt_ctx} must be a multiple of blocksize={blocksize}")
+    n, t, embd = shape_list(x)
+    x = tf.reshape(x, [n, bt_ctx, local_attn_ctx, embd])
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [n, t, embd])
+
+
+def _strided_untranspose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int) -> tf.Tensor:
+    """Inverse of ``strided_transpose``."""
+    n, t, embd = shape_list(x)
+    x = tf.reshape(x, [n, local_attn_ctx, n_ctx // local_attn_ctx, embd])
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [n, t, embd])
+
+
+def get_attn_mask(
+    n: int,
+    attn_mode: str,
+    local_attn_ctx: int | None = None,
+    *,
+    blocksize: int = 32,
+    num_verts: int | None = None,
+    vertsize: int | None = None,
+    heads: int = 1,
+) -> tf.Tensor:
+    """The dense 0/1 float32 mask of a mode: ``[1, 1, n, n]`` (``[1, heads, n, n]`` for per-head ``fixed``).
+
+    ``'all'``, ``'local'`` and ``'strided'`` are sparse_attention's masks; ``'fixed'`` (which the
+    original lacks) is the exact token mask of its block layout and callbacks, and depends on
+    ``blocksize`` because the summary width is ``vertsize * blocksize``.
+    """
+    if attn_mode == "fixed":
+        pattern = patterns.mode_pattern(
+            "fixed", n, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
+        )
+        mask = pattern.token_mask(n, n)
+    else:
+        mask = patterns.dense_attn_mask(n, attn_mode, local_attn_ctx)
+    mask = np.asarray(mask, np.float32).reshape((1, -1, n, n))
+    return tf.constant(mask)
+
+
+@recomputable("attention_impl")
+def attention_impl(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    v: tf.Tensor,
+    heads: int,
+    attn_mode: str,
+    local_attn_ctx: int | None = None,
+    *,
+    blocksize: int = 32,
+    num_verts: int | None = None,
+    vertsize: int | None = None,
+) -> tf.Tensor:
+    """Dense masked attention, the TensorFlow baseline: ``[B, T, H*D] x3 -> [B, T, H*D]``.
+
+    Scores are scaled by ``1/sqrt(D)``, masked entries replaced by ``-1e9``, and the softmax runs
+    in float32 for float16/bfloat16 inputs. ``blocksize``/``num_verts``/``vertsize`` only matter for
+    ``'fixed'``.
+    """
+    q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    n_k = shape_list(k)[2]
+    mask = get_attn_mask(
+        n_k, attn_mode, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize, heads=heads
+    )
+    w = tf.matmul(q, k, transpose_b=True)
+    scale = 1.0 / math.sqrt(shape_list(v)[-1])
+    w = tf.cast(w, tf.float32) * scale
+    w = w * mask + -1e9 * (1.0 - mask)
+    w = tf.cast(tf.nn.softmax(w), q.dtype)
+    return merge_heads(tf.matmul(w, v))
+
+
+@functools.lru_cache(maxsize=64)
+def get_blocksparse_obj(
+    n_ctx: int,
+    n_heads: int,
+    attn_mode: str,
+    blocksize: int = 32,
+    local_attn_ctx: int | None = None,
+    num_verts: int | None = 4,
+    vertsize: int | None = 1,
+) -> BlocksparseTransformer:
+    """The ``BlocksparseTransformer`` of a mode, as sparse_attention builds it (cached).
+
+    Layouts and in-block masks are exactly those of sparse_attention's ``get_blocksparse_obj``
+    and ``get_callback``; ``'strided'`` is in the coordinates of ``strided_transpose``.
+    """
+    pattern = patterns.mode_pattern(
+        attn_mode, n_ctx, n_heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
+    )
+    tables = tables_for_pattern(pattern, n_ctx, n_ctx, blocksize, n_heads)
+    layout = pattern.block_layout(n_ctx, n_ctx, blocksize)
+    return BlocksparseTransformer(layout, block_size=blocksize, heads=n_heads, _tables=tables)
+
+
+@recomputable("blocksparse_attention_impl")
+def blocksparse_attention_impl(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    v: tf.Tensor,
+    heads: int,
+    attn_mode: str,
+    local_attn_ctx: int | None = None,
+    blocksize: int = 32,
+    num_verts: int | None = None,
+    vertsize: int | None = None,
+) -> tf.Tensor:
+    """Block-sparse attention of a mode: ``[B, T, H*D] x3 -> [B, T, H*D]``.
+
+    ``'all'`` is causal attention, ``'local'`` attends the last ``local_attn_ctx`` tokens,
+    ``'strided'`` every ``local_attn_ctx``-th earlier token (computed after ``strided_transpose``),
+    ``'fixed'`` the same stride-chunk plus the last ``vertsize*blocksize`` tokens of every chunk
+    (per head group when ``num_verts > 1``). Scale ``1/sqrt(D)``.
+    """
+    q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    n_ctx = shape_list(q)[1]
+    if attn_mode == "strided":
+        q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
+    bst = get_blocksparse_obj(n_ctx, heads, attn_mode, blocksize, local_attn_ctx, num_verts, vertsize)
+    n_state = shape_list(q)[-1] // heads
+    w = bst.query_key_op(q, k)
+    w = bst.masked_softmax(w, scale=1.0 / math.sqrt(n_state))
+    a = bst.weight_value_op(w, v)
+    if attn_mode == "strided":
+        a = _strided_untranspose(a, n_ctx, local_attn_ctx)
+    return a

@@ -1,0 +1,159 @@
+// CPU kernels of the block-sparse matmuls: BsattnNt (SDD), BsattnNn (DSD) and BsattnTn (DSD^T).
+// Tiles are converted to float32 scratch, multiplied with MatMulAccumulate, and stored back in the
+// input dtype. Work is split over (batch, head, block) for Nt and (batch, head, output block row)
+// for Nn/Tn, so every output tile has one writer and no atomics are needed.
+#include <vector>
+
+#include "ops/cc/kernels/cpu_gemm.h"
+#include "ops/cc/kernels/input_checks.h"
+#include "ops/cc/kernels/tile_io.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+
+namespace bsattn {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+// c[n, h, blk] = a[n, Qb rows, head h] * b[n, Kb rows, head h]^T for (Qb, Kb) = nt_lut[lh, blk].
+template <typename T>
+class NtOp : public OpKernel {
+ public:
+  explicit NtOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("heads", &heads_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES_OK(ctx, CheckBlockSize(block_size_, "block_size"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& a = ctx->input(0);
+    const Tensor& b = ctx->input(1);
+    const Tensor& lut = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckDense(a, "a", block_size_, heads_));
+    OP_REQUIRES_OK(ctx, CheckDense(b, "b", block_size_, heads_));
+    OP_REQUIRES(ctx, a.dim_size(0) == b.dim_size(0) && a.dim_size(2) == b.dim_size(2),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "a and b must have the same batch and width, got ", a.shape().DebugString(),
+                    " and ", b.shape().DebugString())));
+    OP_REQUIRES(ctx, lut.dims() == 3,
+                absl::InvalidArgumentError("nt_lut must have shape [L, blocks, 2], got " +
+                                           lut.shape().DebugString()));
+    const int64_t bs = block_size_, batch = a.dim_size(0), width = a.dim_size(2);
+    const int64_t head_dim = width / heads_, nnz = lut.dim_size(1);
+    OP_REQUIRES_OK(ctx, CheckNtLut(lut, heads_, nnz, a.dim_size(1) / bs, b.dim_size(1) / bs));
+
+    Tensor* c = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, heads_, nnz, bs, bs}), &c));
+    const T* a_ptr = a.flat<T>().data();
+    const T* b_ptr = b.flat<T>().data();
+    T* c_ptr = c->flat<T>().data();
+    const int32_t* lut_ptr = lut.flat<int32_t>().data();
+    const bool shared_layout = lut.dim_size(0) == 1;
+    const int64_t a_len = a.dim_size(1), b_len = b.dim_size(1), heads = heads_;
+
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<float> a_tile(bs * head_dim), bt_tile(head_dim * bs), c_tile(bs * bs);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t blk = unit % nnz, h = (unit / nnz) % heads, n = unit / (nnz * heads);
+        const int32_t* entry = lut_ptr + ((shared_layout ? 0 : h) * nnz + blk) * 2;
+        LoadTile(a_ptr + (n * a_len + entry[0] * bs) * width + h * head_dim, width, bs, head_dim,
+                 a_tile.data());
+        LoadTileTransposed(b_ptr + (n * b_len + entry[1] * bs) * width + h * head_dim, width, bs,
+                           head_dim, bt_tile.data());
+        std::fill(c_tile.begin(), c_tile.end(), 0.0f);
+        MatMulAccumulate(a_tile.data(), head_dim, bt_tile.data(), bs, c_tile.data(), bs, bs,
+                         head_dim, bs);
+        StoreTile(c_tile.data(), bs, bs, c_ptr + unit * bs * bs, bs);
+      }
+    };
+    ParallelFor(ctx, batch * heads * nnz, 2 * bs * bs * head_dim, work);
+  }
+
+ private:
+  int64_t heads_;
+  int64_t block_size_;
+};
+
+// Shared body of Nn and Tn. For each output block row r of head h, with entries (blk, p) of the
+// row table: c[n, r rows, h] = sum over entries of op(w[n, h, blk]) * b[n, p rows, h], where op is
+// the identity (Nn) or the transpose (Tn). A row without entries is written as zeros.
+template <typename T, bool kTransposeW>
+class DsdOp : public OpKernel {
+ public:
+  explicit DsdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const char* lut_name = kTransposeW ? "tn_lut" : "nn_lut";
+    const Tensor& w = ctx->input(0);
+    const Tensor& b = ctx->input(1);
+    const Tensor& lut = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckBlocks(w, "w"));
+    const int64_t batch = w.dim_size(0), heads = w.dim_size(1), nnz = w.dim_size(2);
+    const int64_t bs = w.dim_size(3);
+    OP_REQUIRES_OK(ctx, CheckDense(b, "b", bs, heads));
+    OP_REQUIRES(ctx, b.dim_size(0) == batch,
+                absl::InvalidArgumentError(absl::StrCat("b batch ", b.dim_size(0),
+                                                        " does not match w batch ", batch)));
+    int64_t n_out = 0;
+    OP_REQUIRES_OK(ctx, CheckRowLut(lut, lut_name, heads, nnz, b.dim_size(1) / bs, &n_out));
+
+    const int64_t width = b.dim_size(2), head_dim = width / heads, b_len = b.dim_size(1);
+    const int64_t c_len = n_out * bs;
+    Tensor* c = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, c_len, width}), &c));
+    const T* w_ptr = w.flat<T>().data();
+    const T* b_ptr = b.flat<T>().data();
+    T* c_ptr = c->flat<T>().data();
+    const int32_t* lut_ptr = lut.flat<int32_t>().data();
+    const int64_t lut_len = lut.dim_size(1);
+    const bool shared_layout = lut.dim_size(0) == 1;
+
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<float> w_tile(bs * bs), b_tile(bs * head_dim), c_tile(bs * head_dim);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t r = unit % n_out, h = (unit / n_out) % heads, n = unit / (n_out * heads);
+        const int32_t* table = lut_ptr + (shared_layout ? 0 : h) * lut_len * 2;
+        const int32_t offset = table[2 * r], count = table[2 * r + 1];
+        std::fill(c_tile.begin(), c_tile.end(), 0.0f);
+        for (int32_t e = offset; e < offset + count; ++e) {
+          const int64_t blk = table[2 * e], partner = table[2 * e + 1];
+          const T* w_block = w_ptr + ((n * heads + h) * nnz + blk) * bs * bs;
+          if (kTransposeW) {
+            LoadTileTransposed(w_block, bs, bs, bs, w_tile.data());
+          } else {
+            LoadTile(w_block, bs, bs, bs, w_tile.data());
+          }
+          LoadTile(b_ptr + (n * b_len + partner * bs) * width + h * head_dim, width, bs, head_dim,
+                   b_tile.data());
+          MatMulAccumulate(w_tile.data(), bs, b_tile.data(), head_dim, c_tile.data(), head_dim, bs,
+                           bs, head_dim);
+        }
+        StoreTile(c_tile.data(), bs, head_dim, c_ptr + (n * c_len + r * bs) * width + h * head_dim,
+                  width);
+      }
+    };
+    // Rows differ in length; the average row holds nnz / n_out blocks.
+    const int64_t cost = 2 * bs * bs * head_dim * std::max<int64_t>(1, nnz / n_out);
+    ParallelFor(ctx, batch * heads * n_out, cost, work);
+  }
+};
+
+#define BSATTN_REGISTER_MATMULS(T)                                                      \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("BsattnNt").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), NtOp<T>); \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("BsattnNn").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),           \
+      DsdOp<T, false>);                                                                 \
+  REGISTER_KERNEL_BUILDER(                                                              \
+      Name("BsattnTn").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),           \
+      DsdOp<T, true>);
+
+BSATTN_REGISTER_MATMULS(float);
+BSATTN_REGISTER_MATMULS(Eigen::half);
+BSATTN_REGISTER_MATMULS(Eigen::bfloat16);
+#undef BSATTN_REGISTER_MATMULS
+
+}  // namespace bsattn

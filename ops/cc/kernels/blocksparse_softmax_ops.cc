@@ -1,0 +1,211 @@
+// CPU kernels of the block-sparse masked softmax and its gradient.
+//
+// A query row spans every block of its query-block row (from nn_lut), so the softmax normalises
+// across blocks. Work is split over (batch, head, query block row); each unit walks its row's
+// blocks once per in-block row, in float32.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ops/cc/kernels/input_checks.h"
+#include "ops/cc/kernels/tile_io.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+
+namespace bsattn {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+
+namespace {
+
+absl::Status ReadScale(const Tensor& scale, float* value) {
+  if (scale.dims() != 0) {
+    return absl::InvalidArgumentError("scale must be a scalar, got shape " + scale.shape().DebugString());
+  }
+  *value = scale.scalar<float>()();
+  if (!std::isfinite(*value)) return absl::InvalidArgumentError("scale must be finite");
+  return absl::OkStatus();
+}
+
+// The packed keep-mask [L, nnz, bs, ceil(bs/32)] must match x [B, H, nnz, bs, bs].
+absl::Status CheckMask(const Tensor& mask, int64_t heads, int64_t nnz, int64_t bs) {
+  const int64_t words = (bs + 31) / 32;
+  if (mask.dims() != 4 || (mask.dim_size(0) != 1 && mask.dim_size(0) != heads) ||
+      mask.dim_size(1) != nnz || mask.dim_size(2) != bs || mask.dim_size(3) != words) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "mask must have shape [1 or ", heads, ", ", nnz, ", ", bs, ", ", words, "], got ",
+        mask.shape().DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// y = softmax(scale * x) over the kept entries of each query row; masked entries are 0 and a row
+// with no kept entry is all 0 (never NaN).
+template <typename T>
+class MaskedSoftmaxOp : public OpKernel {
+ public:
+  explicit MaskedSoftmaxOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("autoregressive", &autoregressive_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& lut = ctx->input(2);
+    const Tensor& mask = ctx->input(3);
+    const Tensor& key_tensor = ctx->input(4);
+    float scale;
+    OP_REQUIRES_OK(ctx, ReadScale(ctx->input(1), &scale));
+    OP_REQUIRES_OK(ctx, CheckBlocks(x, "x"));
+    const int64_t batch = x.dim_size(0), heads = x.dim_size(1), nnz = x.dim_size(2);
+    const int64_t bs = x.dim_size(3), words = (bs + 31) / 32;
+    int64_t n_rows = 0;
+    // Key blocks are not bounded by the row table alone; the int32 range is the only limit here.
+    OP_REQUIRES_OK(ctx, CheckRowLut(lut, "nn_lut", heads, nnz, std::numeric_limits<int32_t>::max(),
+                                    &n_rows));
+    OP_REQUIRES_OK(ctx, CheckMask(mask, heads, nnz, bs));
+    OP_REQUIRES(ctx, key_tensor.dims() == 0,
+                absl::InvalidArgumentError("autoregress_at_key must be a scalar, got shape " +
+                                           key_tensor.shape().DebugString()));
+    const int64_t key = key_tensor.scalar<int32_t>()();
+    OP_REQUIRES(ctx, !autoregressive_ || key >= 0,
+                absl::InvalidArgumentError(absl::StrCat("autoregress_at_key must be >= 0, got ", key)));
+
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    const T* x_ptr = x.flat<T>().data();
+    T* y_ptr = y->flat<T>().data();
+    const int32_t* lut_ptr = lut.flat<int32_t>().data();
+    const uint32_t* mask_ptr = reinterpret_cast<const uint32_t*>(mask.flat<int32_t>().data());
+    const int64_t lut_len = lut.dim_size(1);
+    const bool shared_lut = lut.dim_size(0) == 1, shared_mask = mask.dim_size(0) == 1;
+    const bool autoregressive = autoregressive_;
+    constexpr float kMasked = -std::numeric_limits<float>::infinity();
+
+    auto work = [&](int64_t begin, int64_t end) {
+      std::vector<float> row;  // one query row across all blocks of its block row, scaled
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t qb = unit % n_rows, h = (unit / n_rows) % heads, n = unit / (n_rows * heads);
+        const int32_t* table = lut_ptr + (shared_lut ? 0 : h) * lut_len * 2;
+        const int32_t offset = table[2 * qb], count = table[2 * qb + 1];
+        row.resize(count * bs);
+        const int64_t block_base = (n * heads + h) * nnz;
+        const uint32_t* mask_head = mask_ptr + (shared_mask ? 0 : h) * nnz * bs * words;
+        for (int64_t i = 0; i < bs; ++i) {
+          const int64_t query = qb * bs + i;
+          float row_max = kMasked;
+          for (int32_t e = 0; e < count; ++e) {
+            const int64_t blk = table[2 * (offset + e)], kb = table[2 * (offset + e) + 1];
+            const T* xs = x_ptr + ((block_base + blk) * bs + i) * bs;
+            const uint32_t* bits = mask_head + (blk * bs + i) * words;
+            float* out = row.data() + e * bs;
+            for (int64_t j = 0; j < bs; ++j) {
+              const int64_t k = kb * bs + j;
+              bool keep = (bits[j >> 5] >> (j & 31)) & 1u;
+              if (autoregressive) keep = keep && (k < key || k <= query);
+              out[j] = keep ? scale * static_cast<float>(xs[j]) : kMasked;
+              row_max = std::max(row_max, out[j]);
+            }
+          }
+          float sum = 0.0f;
+          if (row_max != kMasked) {
+            for (float& v : row) {
+              v = std::exp(v - row_max);  // exp(-inf) = 0 for masked entries
+              sum += v;
+            }
+          }
+          const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;  // fully masked row -> zeros
+          for (int32_t e = 0; e < count; ++e) {
+            const int64_t blk = table[2 * (offset + e)];
+            T* ys = y_ptr + ((block_base + blk) * bs + i) * bs;
+            const float* in = row.data() + e * bs;
+            for (int64_t j = 0; j < bs; ++j) ys[j] = static_cast<T>(in[j] * inv_sum);
+          }
+        }
+      }
+    };
+    ParallelFor(ctx, batch * heads * n_rows, 20 * bs * bs * std::max<int64_t>(1, nnz / n_rows), work);
+  }
+
+ private:
+  bool autoregressive_;
+};
+
+// dx = scale * y * (dy - sum_row(dy * y)) with rows as in the forward.
+template <typename T>
+class MaskedSoftmaxGradOp : public OpKernel {
+ public:
+  explicit MaskedSoftmaxGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& y = ctx->input(1);
+    const Tensor& lut = ctx->input(3);
+    float scale;
+    OP_REQUIRES_OK(ctx, ReadScale(ctx->input(2), &scale));
+    OP_REQUIRES_OK(ctx, CheckBlocks(y, "y"));
+    OP_REQUIRES(ctx, dy.shape() == y.shape(),
+                absl::InvalidArgumentError(absl::StrCat("dy shape ", dy.shape().DebugString(),
+                                                        " does not match y shape ",
+                                                        y.shape().DebugString())));
+    const int64_t batch = y.dim_size(0), heads = y.dim_size(1), nnz = y.dim_size(2);
+    const int64_t bs = y.dim_size(3);
+    int64_t n_rows = 0;
+    OP_REQUIRES_OK(ctx, CheckRowLut(lut, "nn_lut", heads, nnz, std::numeric_limits<int32_t>::max(),
+                                    &n_rows));
+
+    Tensor* dx = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y.shape(), &dx));
+    const T* dy_ptr = dy.flat<T>().data();
+    const T* y_ptr = y.flat<T>().data();
+    T* dx_ptr = dx->flat<T>().data();
+    const int32_t* lut_ptr = lut.flat<int32_t>().data();
+    const int64_t lut_len = lut.dim_size(1);
+    const bool shared_lut = lut.dim_size(0) == 1;
+
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t qb = unit % n_rows, h = (unit / n_rows) % heads, n = unit / (n_rows * heads);
+        const int32_t* table = lut_ptr + (shared_lut ? 0 : h) * lut_len * 2;
+        const int32_t offset = table[2 * qb], count = table[2 * qb + 1];
+        const int64_t block_base = (n * heads + h) * nnz;
+        for (int64_t i = 0; i < bs; ++i) {
+          float dot = 0.0f;
+          for (int32_t e = offset; e < offset + count; ++e) {
+            const int64_t at = ((block_base + table[2 * e]) * bs + i) * bs;
+            for (int64_t j = 0; j < bs; ++j) {
+              dot += static_cast<float>(dy_ptr[at + j]) * static_cast<float>(y_ptr[at + j]);
+            }
+          }
+          for (int32_t e = offset; e < offset + count; ++e) {
+            const int64_t at = ((block_base + table[2 * e]) * bs + i) * bs;
+            for (int64_t j = 0; j < bs; ++j) {
+              const float yv = static_cast<float>(y_ptr[at + j]);
+              dx_ptr[at + j] = static_cast<T>(scale * yv * (static_cast<float>(dy_ptr[at + j]) - dot));
+            }
+          }
+        }
+      }
+    };
+    ParallelFor(ctx, batch * heads * n_rows, 6 * bs * bs * std::max<int64_t>(1, nnz / n_rows), work);
+  }
+};
+
+#define BSATTN_REGISTER_SOFTMAX(T)                                                              \
+  REGISTER_KERNEL_BUILDER(                                                                      \
+      Name("BsattnMaskedSoftmax").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),        \
+      MaskedSoftmaxOp<T>);                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                      \
+      Name("BsattnMaskedSoftmaxGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),    \
+      MaskedSoftmaxGradOp<T>);
+
+BSATTN_REGISTER_SOFTMAX(float);
+BSATTN_REGISTER_SOFTMAX(Eigen::half);
+BSATTN_REGISTER_SOFTMAX(Eigen::bfloat16);
+#undef BSATTN_REGISTER_SOFTMAX
+
+}  // namespace bsattn

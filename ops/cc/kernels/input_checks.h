@@ -1,0 +1,34 @@
+// Validation of the block-sparse ops' inputs. Every failure is an InvalidArgument status whose
+// message names the argument and the expected value.
+#ifndef BSATTN_OPS_CC_KERNELS_INPUT_CHECKS_H_
+#define BSATTN_OPS_CC_KERNELS_INPUT_CHECKS_H_
+
+#include <cstdint>
+
+#include "tensorflow/core/framework/tensor.h"
+
+namespace bsattn {
+
+// Block sizes the CPU kernels support: 8, 16, 32, 64, 128.
+absl::Status CheckBlockSize(int64_t block_size, const char* name);
+
+// A dense activation [B, T, H*D] with T a multiple of block_size and H*D a multiple of heads.
+absl::Status CheckDense(const tensorflow::Tensor& t, const char* name, int64_t block_size,
+                        int64_t heads);
+
+// A block-sparse tensor [B, H, nnz, bs, bs] with a supported bs.
+absl::Status CheckBlocks(const tensorflow::Tensor& w, const char* name);
+
+// nt_lut [L, nnz, 2] with L in {1, heads} and every (Qb, Kb) inside [0, nQb) x [0, nKb).
+absl::Status CheckNtLut(const tensorflow::Tensor& lut, int64_t heads, int64_t nnz, int64_t n_q_blocks,
+                        int64_t n_k_blocks);
+
+// A row table (nn_lut) or column table (tn_lut) [L, n_out + nnz, 2]: a header of n_out
+// (offset, count) pairs then nnz (block id, partner block) pairs. Checks every header range and
+// entry; on success *n_out_blocks = n_out.
+absl::Status CheckRowLut(const tensorflow::Tensor& lut, const char* name, int64_t heads, int64_t nnz,
+                         int64_t n_partner_blocks, int64_t* n_out_blocks);
+
+}  // namespace bsattn
+
+#endif  // BSATTN_OPS_CC_KERNELS_INPUT_CHECKS_H_

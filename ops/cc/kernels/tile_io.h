@@ -1,0 +1,51 @@
+// Conversion of tiles between the ops' storage dtypes (float, half, bfloat16) and float32
+// scratch buffers, plus the CPU thread-pool helper shared by the block-sparse kernels.
+#ifndef BSATTN_OPS_CC_KERNELS_TILE_IO_H_
+#define BSATTN_OPS_CC_KERNELS_TILE_IO_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace bsattn {
+
+// dst[r][c] = float(src[r * src_stride + c]) for r < rows, c < cols; dst is dense (row stride cols).
+template <typename T>
+inline void LoadTile(const T* src, int64_t src_stride, int rows, int cols, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const T* s = src + r * src_stride;
+    float* d = dst + r * cols;
+    for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+  }
+}
+
+// dst[c][r] = float(src[r * src_stride + c]): the transposed tile, dense with row stride rows.
+template <typename T>
+inline void LoadTileTransposed(const T* src, int64_t src_stride, int rows, int cols, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const T* s = src + r * src_stride;
+    for (int c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<float>(s[c]);
+  }
+}
+
+// dst[r * dst_stride + c] = T(src[r][c]) (round to nearest for half and bfloat16).
+template <typename T>
+inline void StoreTile(const float* src, int rows, int cols, T* dst, int64_t dst_stride) {
+  for (int r = 0; r < rows; ++r) {
+    const float* s = src + r * cols;
+    T* d = dst + r * dst_stride;
+    for (int c = 0; c < cols; ++c) d[c] = static_cast<T>(s[c]);
+  }
+}
+
+// Runs fn(begin, end) over [0, total) on TensorFlow's intra-op CPU thread pool.
+// cost_per_unit is a rough cycle count per unit of work, used to size the shards.
+inline void ParallelFor(tensorflow::OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
+                        const std::function<void(int64_t, int64_t)>& fn) {
+  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(total, cost_per_unit, fn);
+}
+
+}  // namespace bsattn
+
+#endif  // BSATTN_OPS_CC_KERNELS_TILE_IO_H_

@@ -1,0 +1,123 @@
+// Registrations and shape functions of the unfused block-sparse ops.
+//
+// Tensor conventions (blocksparse's):
+//   dense activations  [B, T, H*D]            head h owns channels [h*D, (h+1)*D)
+//   block-sparse       [B, H, nnz, bs, bs]    block b = (Qb, Kb) of the row-major table
+//   nt_lut             [L, nnz, 2]            (Qb, Kb) per block, L = 1 (shared) or H
+//   nn_lut             [L, nQb + nnz, 2]      header (offset, count) per query-block row, then (block id, Kb)
+//   tn_lut             [L, nKb + nnz, 2]      header (offset, count) per key-block column, then (block id, Qb)
+//   mask               [L, nnz, bs, W] int32  W = ceil(bs/32); bit j%32 of word j/32 keeps key column j
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+// Output of BsattnNt: [B, heads, nnz, bs, bs].
+absl::Status NtShape(InferenceContext* c) {
+  ShapeHandle a, b, lut;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &a));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &b));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &lut));
+  int64_t heads, block_size;
+  TF_RETURN_IF_ERROR(c->GetAttr("heads", &heads));
+  TF_RETURN_IF_ERROR(c->GetAttr("block_size", &block_size));
+  DimensionHandle batch;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(a, 0), c->Dim(b, 0), &batch));
+  DimensionHandle unused;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(a, 2), c->Dim(b, 2), &unused));
+  c->set_output(0, c->MakeShape({batch, c->MakeDim(heads), c->Dim(lut, 1),
+                                 c->MakeDim(block_size), c->MakeDim(block_size)}));
+  return absl::OkStatus();
+}
+
+// Output of BsattnNn / BsattnTn: [B, n_out_blocks * bs, C], n_out_blocks = lut rows - nnz.
+absl::Status DsdShape(InferenceContext* c) {
+  ShapeHandle w, b, lut;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 5, &w));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &b));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &lut));
+  DimensionHandle batch;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(w, 0), c->Dim(b, 0), &batch));
+  DimensionHandle out_blocks, rows;
+  TF_RETURN_IF_ERROR(c->Subtract(c->Dim(lut, 1), c->Dim(w, 2), &out_blocks));
+  TF_RETURN_IF_ERROR(c->Multiply(out_blocks, c->Dim(w, 3), &rows));
+  c->set_output(0, c->MakeShape({batch, rows, c->Dim(b, 2)}));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("BsattnNt")
+    .Input("a: T")
+    .Input("b: T")
+    .Input("nt_lut: int32")
+    .Output("c: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("heads: int >= 1")
+    .Attr("block_size: int")
+    .SetShapeFn(NtShape)
+    .Doc(R"doc(
+Block-sparse C = A * B^T (SDD). a: [B, Tq, H*D], b: [B, Tk, H*D],
+nt_lut: [L, nnz, 2] (Qb, Kb). c: [B, H, nnz, bs, bs], accumulated in float32.
+)doc");
+
+REGISTER_OP("BsattnNn")
+    .Input("w: T")
+    .Input("b: T")
+    .Input("nn_lut: int32")
+    .Output("c: T")
+    .Attr("T: {float, half, bfloat16}")
+    .SetShapeFn(DsdShape)
+    .Doc(R"doc(
+Dense C = W * B (DSD). w: [B, H, nnz, bs, bs], b: [B, nKb*bs, H*D],
+nn_lut: [L, nQb + nnz, 2]. c: [B, nQb*bs, H*D]; a query-block row without blocks is 0.
+)doc");
+
+REGISTER_OP("BsattnTn")
+    .Input("w: T")
+    .Input("b: T")
+    .Input("tn_lut: int32")
+    .Output("c: T")
+    .Attr("T: {float, half, bfloat16}")
+    .SetShapeFn(DsdShape)
+    .Doc(R"doc(
+Dense C = W^T * B (DSD transposed). w: [B, H, nnz, bs, bs], b: [B, nQb*bs, H*D],
+tn_lut: [L, nKb + nnz, 2]. c: [B, nKb*bs, H*D]; a key-block column without blocks is 0.
+)doc");
+
+REGISTER_OP("BsattnMaskedSoftmax")
+    .Input("x: T")
+    .Input("scale: float")
+    .Input("nn_lut: int32")
+    .Input("mask: int32")
+    .Input("autoregress_at_key: int32")
+    .Output("y: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("autoregressive: bool = false")
+    .SetShapeFn(shape_inference::UnchangedShape)
+    .Doc(R"doc(
+Softmax of scale*x over every kept entry of each query row (all blocks of the row).
+x: [B, H, nnz, bs, bs]; mask: [L, nnz, bs, ceil(bs/32)] packed keep bits.
+With autoregressive, key j of query i is also dropped unless j < autoregress_at_key or j <= i.
+Masked entries are 0; a row with no kept entry is all 0.
+)doc");
+
+REGISTER_OP("BsattnMaskedSoftmaxGrad")
+    .Input("dy: T")
+    .Input("y: T")
+    .Input("scale: float")
+    .Input("nn_lut: int32")
+    .Output("dx: T")
+    .Attr("T: {float, half, bfloat16}")
+    .SetShapeFn(shape_inference::UnchangedShape)
+    .Doc(R"doc(
+Gradient of BsattnMaskedSoftmax: dx = scale * y * (dy - rowsum(dy * y)), rows as in the forward.
+)doc");
+
+}  // namespace tensorflow
