@@ -1,5 +1,5 @@
 // CPU kernels of the block-sparse matmuls: BsattnNt (SDD), BsattnNn (DSD) and BsattnTn (DSD^T).
-// Tiles are converted to float32 scratch, multiplied with MatMulAccumulate, and stored back in the
+// Tiles are converted to float32 scratch (float64 for double), multiplied with MatMulAccumulate, and stored back in the
 // input dtype. Work is split over (batch, head, block) for Nt and (batch, head, output block row)
 // for Nn/Tn, so every output tile has one writer and no atomics are needed.
 #include <vector>
@@ -55,7 +55,8 @@ class NtOp : public OpKernel {
     const int64_t a_len = a.dim_size(1), b_len = b.dim_size(1), heads = heads_;
 
     auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> a_tile(bs * head_dim), bt_tile(head_dim * bs), c_tile(bs * bs);
+      using Acc = typename AccumulatorOf<T>::type;
+      std::vector<Acc> a_tile(bs * head_dim), bt_tile(head_dim * bs), c_tile(bs * bs);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t blk = unit % nnz, h = (unit / nnz) % heads, n = unit / (nnz * heads);
         const int32_t* entry = lut_ptr + ((shared_layout ? 0 : h) * nnz + blk) * 2;
@@ -63,7 +64,7 @@ class NtOp : public OpKernel {
                  a_tile.data());
         LoadTileTransposed(b_ptr + (n * b_len + entry[1] * bs) * width + h * head_dim, width, bs,
                            head_dim, bt_tile.data());
-        std::fill(c_tile.begin(), c_tile.end(), 0.0f);
+        std::fill(c_tile.begin(), c_tile.end(), Acc(0));
         MatMulAccumulate(a_tile.data(), head_dim, bt_tile.data(), bs, c_tile.data(), bs, bs,
                          head_dim, bs);
         StoreTile(c_tile.data(), bs, bs, c_ptr + unit * bs * bs, bs);
@@ -112,12 +113,13 @@ class DsdOp : public OpKernel {
     const bool shared_layout = lut.dim_size(0) == 1;
 
     auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> w_tile(bs * bs), b_tile(bs * head_dim), c_tile(bs * head_dim);
+      using Acc = typename AccumulatorOf<T>::type;
+      std::vector<Acc> w_tile(bs * bs), b_tile(bs * head_dim), c_tile(bs * head_dim);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t r = unit % n_out, h = (unit / n_out) % heads, n = unit / (n_out * heads);
         const int32_t* table = lut_ptr + (shared_layout ? 0 : h) * lut_len * 2;
         const int32_t offset = table[2 * r], count = table[2 * r + 1];
-        std::fill(c_tile.begin(), c_tile.end(), 0.0f);
+        std::fill(c_tile.begin(), c_tile.end(), Acc(0));
         for (int32_t e = offset; e < offset + count; ++e) {
           const int64_t blk = table[2 * e], partner = table[2 * e + 1];
           const T* w_block = w_ptr + ((n * heads + h) * nnz + blk) * bs * bs;
@@ -154,6 +156,7 @@ class DsdOp : public OpKernel {
 BSATTN_REGISTER_MATMULS(float);
 BSATTN_REGISTER_MATMULS(Eigen::half);
 BSATTN_REGISTER_MATMULS(Eigen::bfloat16);
+BSATTN_REGISTER_MATMULS(double);
 #undef BSATTN_REGISTER_MATMULS
 
 }  // namespace bsattn

@@ -2,11 +2,12 @@
 //
 // A query row spans every block of its query-block row (from nn_lut), so the softmax normalises
 // across blocks. Work is split over (batch, head, query block row); each unit walks its row's
-// blocks once per in-block row, in float32.
+// blocks once per in-block row, in float32 (float64 for double).
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "ops/cc/kernels/cpu_gemm.h"
 #include "ops/cc/kernels/input_checks.h"
 #include "ops/cc/kernels/tile_io.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -84,10 +85,11 @@ class MaskedSoftmaxOp : public OpKernel {
     const int64_t lut_len = lut.dim_size(1);
     const bool shared_lut = lut.dim_size(0) == 1, shared_mask = mask.dim_size(0) == 1;
     const bool autoregressive = autoregressive_;
-    constexpr float kMasked = -std::numeric_limits<float>::infinity();
+    using Acc = typename AccumulatorOf<T>::type;
+    constexpr Acc kMasked = -std::numeric_limits<Acc>::infinity();
 
     auto work = [&](int64_t begin, int64_t end) {
-      std::vector<float> row;  // one query row across all blocks of its block row, scaled
+      std::vector<Acc> row;  // one query row across all blocks of its block row, scaled
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t qb = unit % n_rows, h = (unit / n_rows) % heads, n = unit / (n_rows * heads);
         const int32_t* table = lut_ptr + (shared_lut ? 0 : h) * lut_len * 2;
@@ -97,32 +99,32 @@ class MaskedSoftmaxOp : public OpKernel {
         const uint32_t* mask_head = mask_ptr + (shared_mask ? 0 : h) * nnz * bs * words;
         for (int64_t i = 0; i < bs; ++i) {
           const int64_t query = qb * bs + i;
-          float row_max = kMasked;
+          Acc row_max = kMasked;
           for (int32_t e = 0; e < count; ++e) {
             const int64_t blk = table[2 * (offset + e)], kb = table[2 * (offset + e) + 1];
             const T* xs = x_ptr + ((block_base + blk) * bs + i) * bs;
             const uint32_t* bits = mask_head + (blk * bs + i) * words;
-            float* out = row.data() + e * bs;
+            Acc* out = row.data() + e * bs;
             for (int64_t j = 0; j < bs; ++j) {
               const int64_t k = kb * bs + j;
               bool keep = (bits[j >> 5] >> (j & 31)) & 1u;
               if (autoregressive) keep = keep && (k < key || k <= query);
-              out[j] = keep ? scale * static_cast<float>(xs[j]) : kMasked;
+              out[j] = keep ? scale * static_cast<Acc>(xs[j]) : kMasked;
               row_max = std::max(row_max, out[j]);
             }
           }
-          float sum = 0.0f;
+          Acc sum = 0;
           if (row_max != kMasked) {
-            for (float& v : row) {
+            for (Acc& v : row) {
               v = std::exp(v - row_max);  // exp(-inf) = 0 for masked entries
               sum += v;
             }
           }
-          const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;  // fully masked row -> zeros
+          const Acc inv_sum = sum > 0 ? 1 / sum : 0;  // fully masked row -> zeros
           for (int32_t e = 0; e < count; ++e) {
             const int64_t blk = table[2 * (offset + e)];
             T* ys = y_ptr + ((block_base + blk) * bs + i) * bs;
-            const float* in = row.data() + e * bs;
+            const Acc* in = row.data() + e * bs;
             for (int64_t j = 0; j < bs; ++j) ys[j] = static_cast<T>(in[j] * inv_sum);
           }
         }
@@ -154,6 +156,7 @@ class MaskedSoftmaxGradOp : public OpKernel {
                                                         y.shape().DebugString())));
     const int64_t batch = y.dim_size(0), heads = y.dim_size(1), nnz = y.dim_size(2);
     const int64_t bs = y.dim_size(3);
+    using Acc = typename AccumulatorOf<T>::type;
     int64_t n_rows = 0;
     OP_REQUIRES_OK(ctx, CheckRowLut(lut, "nn_lut", heads, nnz, std::numeric_limits<int32_t>::max(),
                                     &n_rows));
@@ -174,18 +177,18 @@ class MaskedSoftmaxGradOp : public OpKernel {
         const int32_t offset = table[2 * qb], count = table[2 * qb + 1];
         const int64_t block_base = (n * heads + h) * nnz;
         for (int64_t i = 0; i < bs; ++i) {
-          float dot = 0.0f;
+          Acc dot = 0;
           for (int32_t e = offset; e < offset + count; ++e) {
             const int64_t at = ((block_base + table[2 * e]) * bs + i) * bs;
             for (int64_t j = 0; j < bs; ++j) {
-              dot += static_cast<float>(dy_ptr[at + j]) * static_cast<float>(y_ptr[at + j]);
+              dot += static_cast<Acc>(dy_ptr[at + j]) * static_cast<Acc>(y_ptr[at + j]);
             }
           }
           for (int32_t e = offset; e < offset + count; ++e) {
             const int64_t at = ((block_base + table[2 * e]) * bs + i) * bs;
             for (int64_t j = 0; j < bs; ++j) {
-              const float yv = static_cast<float>(y_ptr[at + j]);
-              dx_ptr[at + j] = static_cast<T>(scale * yv * (static_cast<float>(dy_ptr[at + j]) - dot));
+              const Acc yv = static_cast<Acc>(y_ptr[at + j]);
+              dx_ptr[at + j] = static_cast<T>(scale * yv * (static_cast<Acc>(dy_ptr[at + j]) - dot));
             }
           }
         }
@@ -206,6 +209,7 @@ class MaskedSoftmaxGradOp : public OpKernel {
 BSATTN_REGISTER_SOFTMAX(float);
 BSATTN_REGISTER_SOFTMAX(Eigen::half);
 BSATTN_REGISTER_SOFTMAX(Eigen::bfloat16);
+BSATTN_REGISTER_SOFTMAX(double);
 #undef BSATTN_REGISTER_SOFTMAX
 
 }  // namespace bsattn

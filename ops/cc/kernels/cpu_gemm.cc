@@ -70,4 +70,14 @@ void MatMulAccumulate(const float* __restrict a, int lda, const float* __restric
   }
 }
 
+void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double* c, int ldc,
+                      int m, int k, int n) {
+  for (int i = 0; i < m; ++i) {
+    for (int p = 0; p < k; ++p) {
+      const double av = a[i * lda + p];
+      for (int j = 0; j < n; ++j) c[i * ldc + j] += av * b[p * ldb + j];
+    }
+  }
+}
+
 }  // namespace bsattn

@@ -9,6 +9,20 @@ namespace bsattn {
 void MatMulAccumulate(const float* a, int lda, const float* b, int ldb, float* c, int ldc,
                       int m, int k, int n);
 
+// The same in float64 (plain loops: float64 exists for exact gradient checks, not for speed).
+void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double* c, int ldc,
+                      int m, int k, int n);
+
+// Accumulation type of a storage type: float64 for double, float32 for everything else.
+template <typename T>
+struct AccumulatorOf {
+  using type = float;
+};
+template <>
+struct AccumulatorOf<double> {
+  using type = double;
+};
+
 }  // namespace bsattn
 
 #endif  // BSATTN_OPS_CC_KERNELS_CPU_GEMM_H_

@@ -1,5 +1,5 @@
-// Conversion of tiles between the ops' storage dtypes (float, half, bfloat16) and float32
-// scratch buffers, plus the CPU thread-pool helper shared by the block-sparse kernels.
+// Conversion of tiles between the ops' storage dtypes (float, half, bfloat16, double) and
+// accumulator scratch buffers (float32; float64 for double), plus the CPU thread-pool helper shared by the block-sparse kernels.
 #ifndef BSATTN_OPS_CC_KERNELS_TILE_IO_H_
 #define BSATTN_OPS_CC_KERNELS_TILE_IO_H_
 
@@ -11,29 +11,29 @@
 namespace bsattn {
 
 // dst[r][c] = float(src[r * src_stride + c]) for r < rows, c < cols; dst is dense (row stride cols).
-template <typename T>
-inline void LoadTile(const T* src, int64_t src_stride, int rows, int cols, float* dst) {
+template <typename T, typename Acc>
+inline void LoadTile(const T* src, int64_t src_stride, int rows, int cols, Acc* dst) {
   for (int r = 0; r < rows; ++r) {
     const T* s = src + r * src_stride;
-    float* d = dst + r * cols;
-    for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+    Acc* d = dst + r * cols;
+    for (int c = 0; c < cols; ++c) d[c] = static_cast<Acc>(s[c]);
   }
 }
 
 // dst[c][r] = float(src[r * src_stride + c]): the transposed tile, dense with row stride rows.
-template <typename T>
-inline void LoadTileTransposed(const T* src, int64_t src_stride, int rows, int cols, float* dst) {
+template <typename T, typename Acc>
+inline void LoadTileTransposed(const T* src, int64_t src_stride, int rows, int cols, Acc* dst) {
   for (int r = 0; r < rows; ++r) {
     const T* s = src + r * src_stride;
-    for (int c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<float>(s[c]);
+    for (int c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<Acc>(s[c]);
   }
 }
 
 // dst[r * dst_stride + c] = T(src[r][c]) (round to nearest for half and bfloat16).
-template <typename T>
-inline void StoreTile(const float* src, int rows, int cols, T* dst, int64_t dst_stride) {
+template <typename T, typename Acc>
+inline void StoreTile(const Acc* src, int rows, int cols, T* dst, int64_t dst_stride) {
   for (int r = 0; r < rows; ++r) {
-    const float* s = src + r * cols;
+    const Acc* s = src + r * cols;
     T* d = dst + r * dst_stride;
     for (int c = 0; c < cols; ++c) d[c] = static_cast<T>(s[c]);
   }
