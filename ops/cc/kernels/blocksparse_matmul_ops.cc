@@ -4,7 +4,7 @@
 // for Nn/Tn, so every output tile has one writer and no atomics are needed.
 #include <vector>
 
-#include "ops/cc/kernels/cpu_gemm.h"
+#include "ops/cc/kernels/cpu_math.h"
 #include "ops/cc/kernels/input_checks.h"
 #include "ops/cc/kernels/tile_io.h"
 #include "tensorflow/core/framework/op_kernel.h"

@@ -7,7 +7,7 @@
 #include <limits>
 #include <vector>
 
-#include "ops/cc/kernels/cpu_gemm.h"
+#include "ops/cc/kernels/cpu_math.h"
 #include "ops/cc/kernels/input_checks.h"
 #include "ops/cc/kernels/tile_io.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -115,10 +115,9 @@ class MaskedSoftmaxOp : public OpKernel {
           }
           Acc sum = 0;
           if (row_max != kMasked) {
-            for (Acc& v : row) {
-              v = std::exp(v - row_max);  // exp(-inf) = 0 for masked entries
-              sum += v;
-            }
+            for (Acc& v : row) v -= row_max;
+            ExpInPlace(row.data(), static_cast<int>(row.size()));  // masked: exp(-inf) = 0
+            for (const Acc v : row) sum += v;
           }
           const Acc inv_sum = sum > 0 ? 1 / sum : 0;  // fully masked row -> zeros
           for (int32_t e = 0; e < count; ++e) {

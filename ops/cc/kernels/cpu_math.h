@@ -1,6 +1,6 @@
-// Small dense float32 matrix kernels used by the CPU block-sparse ops.
-#ifndef BSATTN_OPS_CC_KERNELS_CPU_GEMM_H_
-#define BSATTN_OPS_CC_KERNELS_CPU_GEMM_H_
+// Dense float32 math kernels (small matmuls, vectorised exp) used by the CPU block-sparse ops.
+#ifndef BSATTN_OPS_CC_KERNELS_CPU_MATH_H_
+#define BSATTN_OPS_CC_KERNELS_CPU_MATH_H_
 
 namespace bsattn {
 
@@ -12,6 +12,10 @@ void MatMulAccumulate(const float* a, int lda, const float* b, int ldb, float* c
 // The same in float64 (plain loops: float64 exists for exact gradient checks, not for speed).
 void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double* c, int ldc,
                       int m, int k, int n);
+
+// x[i] = exp(x[i]) for i < n; inputs below -87 (and -inf) give 0. Vectorised, ~2 ulp.
+void ExpInPlace(float* x, int n);
+void ExpInPlace(double* x, int n);
 
 // Accumulation type of a storage type: float64 for double, float32 for everything else.
 template <typename T>
@@ -25,4 +29,4 @@ struct AccumulatorOf<double> {
 
 }  // namespace bsattn
 
-#endif  // BSATTN_OPS_CC_KERNELS_CPU_GEMM_H_
+#endif  // BSATTN_OPS_CC_KERNELS_CPU_MATH_H_
