@@ -77,3 +77,47 @@ def test_decorator_forms_and_non_tensor_arguments():
     np.testing.assert_allclose(y.numpy(), [4.0, 7.0])
     np.testing.assert_allclose(tape.gradient(y, x).numpy(), [3.0, 3.0])
     assert len(calls) == 2  # forward, then once more for the gradient
+
+
+_MIRRORED_SCRIPT = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from bsattn import blocksparse_attention_impl
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (2, 128, 32)).astype(np.float32))
+with strategy.scope():
+    w = tf.Variable(np.random.default_rng(1).uniform(-1, 1, (32, 32)).astype(np.float32))
+
+def step(xs, recompute):
+    with tf.GradientTape() as tape:
+        h = tf.matmul(xs, w)
+        y = blocksparse_attention_impl(h, h, xs, 2, "all", blocksize=32, recompute=recompute)
+        loss = tf.reduce_sum(y ** 2)
+    return tape.gradient(loss, w)
+
+@tf.function
+def run(recompute):
+    dist = strategy.experimental_distribute_values_from_function(lambda ctx: x[ctx.replica_id_in_sync_group][None])
+    grads = strategy.run(step, args=(dist, recompute))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, grads, axis=None)
+
+plain, recomputed = run(False).numpy(), run(True).numpy()
+single = sum(step(x[i][None], False).numpy() for i in range(2))
+assert strategy.num_replicas_in_sync == 2
+np.testing.assert_allclose(recomputed, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+np.testing.assert_allclose(plain, single, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+print("MIRRORED_OK")
+"""
+
+
+def test_recompute_under_mirrored_strategy():
+    """Two replicas on logical CPUs: recompute=True gives the plain gradients (own process:
+    logical devices must be set before TensorFlow initialises)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert "MIRRORED_OK" in result.stdout, result.stderr[-3000:]
