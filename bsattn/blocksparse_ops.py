@@ -12,6 +12,7 @@ object.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -29,7 +30,8 @@ class TableTensors(NamedTuple):
     mask: tf.Tensor  # [L, nnz, bs, ceil(bs/32)]
 
 
-_eager_tables: dict[int, tuple[BlockTables, TableTensors]] = {}
+# Eager constants live as long as their tables object (tables.py caches the recent ones).
+_eager_tables: weakref.WeakKeyDictionary[BlockTables, TableTensors] = weakref.WeakKeyDictionary()
 _eager_tables_lock = threading.Lock()
 
 
@@ -47,11 +49,10 @@ def table_tensors(tables: BlockTables) -> TableTensors:
     if not tf.executing_eagerly():
         return make()  # a graph keeps its own constants; eager ones would be captured per call
     with _eager_tables_lock:
-        entry = _eager_tables.get(id(tables))
-        if entry is None or entry[0] is not tables:  # the id of a dead object can be reused
-            entry = (tables, make())
-            _eager_tables[id(tables)] = entry
-        return entry[1]
+        tensors = _eager_tables.get(tables)
+        if tensors is None:
+            tensors = _eager_tables[tables] = make()
+        return tensors
 
 
 def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor:
@@ -132,6 +133,18 @@ def _check_same_dtype(**tensors: tf.Tensor) -> None:
         raise TypeError(f"inputs must share one dtype, got {described}")
 
 
+def _static_heads(w: tf.Tensor, tables: BlockTables) -> int:
+    """The head count of blocks ``w`` as a Python int (the nt op of the gradient needs it)."""
+    if w.shape[1] is not None:
+        return int(w.shape[1])
+    if tables.lut_heads > 1:
+        return tables.lut_heads  # per-head tables fix the head count
+    raise ValueError(
+        "the gradient of nn/tn needs a static head dimension: w has shape "
+        f"{w.shape}; give w a known dimension 1 (e.g. tf.ensure_shape)"
+    )
+
+
 def _checked_key(key: int | tf.Tensor, tables: BlockTables) -> tf.Tensor:
     """``autoregress_at_key`` as an int32 scalar in ``[0, nKb*bs)``, checked now or at run time."""
     key_len = tables.ctx_blks_k * tables.block_size
@@ -167,8 +180,7 @@ def _nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
         c = load_ops().bsattn_nn(w, b, luts.nn_lut)
 
         def grad(dc):
-            heads = w.shape[1] if w.shape[1] is not None else tf.shape(w)[1]
-            return _nt(dc, b, tables, heads), _tn(w, dc, tables)
+            return _nt(dc, b, tables, _static_heads(w, tables)), _tn(w, dc, tables)
 
         return c, grad
 
@@ -183,8 +195,7 @@ def _tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
         c = load_ops().bsattn_tn(w, b, luts.tn_lut)
 
         def grad(dc):
-            heads = w.shape[1] if w.shape[1] is not None else tf.shape(w)[1]
-            return _nt(b, dc, tables, heads), _nn(w, dc, tables)
+            return _nt(b, dc, tables, _static_heads(w, tables)), _nn(w, dc, tables)
 
         return c, grad
 

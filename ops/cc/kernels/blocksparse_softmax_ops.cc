@@ -124,7 +124,7 @@ class MaskedSoftmaxOp : public OpKernel {
             const int64_t blk = table[2 * (offset + e)];
             T* ys = y_ptr + ((block_base + blk) * bs + i) * bs;
             const Acc* in = row.data() + e * bs;
-            for (int64_t j = 0; j < bs; ++j) ys[j] = static_cast<T>(in[j] * inv_sum);
+            for (int64_t j = 0; j < bs; ++j) ys[j] = static_cast<T>(sum > 0 ? in[j] * inv_sum : Acc(0));
           }
         }
       }

@@ -64,9 +64,9 @@ absl::Status CheckBlocks(const Tensor& w, const char* name) {
 absl::Status CheckNtLut(const Tensor& lut, int64_t heads, int64_t nnz, int64_t n_q_blocks,
                         int64_t n_k_blocks) {
   TF_RETURN_IF_ERROR(CheckLutShape(lut, "nt_lut", heads));
-  if (lut.dim_size(1) != nnz || nnz < 1) {
-    return Invalid(absl::StrCat("nt_lut has ", lut.dim_size(1), " blocks; expected ", nnz,
-                                " (and at least one: the layout is empty)"));
+  if (nnz < 1) return Invalid("nt_lut is empty: the layout has no active block");
+  if (lut.dim_size(1) != nnz) {
+    return Invalid(absl::StrCat("nt_lut has ", lut.dim_size(1), " blocks; expected ", nnz));
   }
   const auto v = lut.tensor<int32_t, 3>();
   for (int64_t l = 0; l < lut.dim_size(0); ++l) {
