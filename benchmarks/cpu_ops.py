@@ -2,8 +2,9 @@
 
 For each context length and attn_mode it times ``blocksparse_attention_impl`` (nt -> masked
 softmax -> nn) and ``attention_impl`` (dense TF, same mask), forward and forward+backward, inside
-``tf.function``, and reports the block density and the GFLOP/s over computed elements
-(blocks for the sparse path, the full T x T matrix for the dense one). Prints a table, writes JSON.
+``tf.function``, each case in a fresh process (a case that runs out of memory is reported as such),
+and reports the block density and the GFLOP/s over computed elements (blocks for the sparse path,
+the full T x T matrix for the dense one). Prints a table, writes JSON.
 
     python benchmarks/cpu_ops.py                      # T = 1024 ... 16384, all modes
     python benchmarks/cpu_ops.py --lengths 1024 2048 --repeats 2
@@ -17,6 +18,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ def stride_for(n_ctx: int) -> int:
     return max(32, 2 ** round(math.log2(math.sqrt(n_ctx))))
 
 
-def mode_kwargs(mode: str, n_ctx: int, blocksize: int) -> dict:
+def mode_kwargs(mode: str, n_ctx: int) -> dict:
     kwargs: dict = {"local_attn_ctx": stride_for(n_ctx)} if mode != "all" else {}
     if mode == "fixed":
         kwargs.update(num_verts=1, vertsize=1)
@@ -66,40 +69,46 @@ def make_runners(impl, q, k, v, heads, mode, kwargs):
     return (lambda: forward().numpy()), (lambda: [g.numpy() for g in forward_backward()])
 
 
-def run_case(n_ctx: int, mode: str, args) -> dict:
+def measure(n_ctx: int, mode: str, engine: str, args) -> dict:
+    """Times one (T, mode, engine) case in this process; engine is 'sparse' or 'dense'."""
     rng = np.random.default_rng(0)
     width = args.heads * args.head_dim
     q, k, v = (tf.constant(rng.uniform(-1, 1, (args.batch, n_ctx, width)).astype(np.float32)) for _ in range(3))
-    kwargs = mode_kwargs(mode, n_ctx, args.blocksize)
+    kwargs = dict(mode_kwargs(mode, n_ctx), blocksize=args.blocksize)
+    impl = bsattn.blocksparse_attention_impl if engine == "sparse" else bsattn.attention_impl
+    fwd, fwd_bwd = make_runners(impl, q, k, v, args.heads, mode, kwargs)
+    return {"fwd_s": timed(fwd, args.repeats), "fwdbwd_s": timed(fwd_bwd, args.repeats)}
+
+
+def measure_in_subprocess(n_ctx: int, mode: str, engine: str, args) -> dict:
+    """Runs ``measure`` in a fresh process, so one case running out of memory is reported, not fatal."""
+    cmd = [sys.executable, __file__, "--worker", str(n_ctx), mode, engine, *args.passthrough]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = "out of memory (killed)" if proc.returncode in (-9, 137) else proc.stderr.strip().splitlines()[-1:]
+        return {"fwd_s": None, "fwdbwd_s": None, "error": str(reason)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_case(n_ctx: int, mode: str, args) -> dict:
+    kwargs = mode_kwargs(mode, n_ctx)
     bst = bsattn.get_blocksparse_obj(
         n_ctx, args.heads, mode, args.blocksize, kwargs.get("local_attn_ctx"), kwargs.get("num_verts"), kwargs.get("vertsize")
     )
     nnz = bst.blocks
-    density = nnz / (bst.ctx_blks_q * bst.ctx_blks_k)
-    # Two matmuls of 2*bs*bs*D flops per block forward; the backward does four more.
-    sparse_fwd_flops = 4 * args.blocksize**2 * args.head_dim * nnz * args.batch * args.heads
-    dense_fwd_flops = 4 * n_ctx**2 * args.head_dim * args.batch * args.heads
-    row = {"T": n_ctx, "mode": mode, **kwargs, "blocks": nnz, "density": density}
-    sparse_kw = dict(kwargs, blocksize=args.blocksize)
-    for name, impl, kw, flops in (
-        ("sparse", bsattn.blocksparse_attention_impl, sparse_kw, sparse_fwd_flops),
-        ("dense", bsattn.attention_impl, dict(kwargs, blocksize=args.blocksize), dense_fwd_flops),
-    ):
-        if name == "dense" and n_ctx > args.max_dense_len:
-            row.update({f"{name}_fwd_s": None, f"{name}_fwdbwd_s": None})
-            continue
-        fwd, fwd_bwd = make_runners(impl, q, k, v, args.heads, mode, kw)
-        t_fwd = timed(fwd, args.repeats)
-        t_all = timed(fwd_bwd, args.repeats)
-        row.update(
-            {
-                f"{name}_fwd_s": t_fwd,
-                f"{name}_fwdbwd_s": t_all,
-                f"{name}_fwd_gflops": flops / t_fwd / 1e9,
-                f"{name}_fwdbwd_gflops": 3 * flops / t_all / 1e9,
-            }
-        )
-    if row.get("dense_fwd_s"):
+    # Two matmuls of 2*bs*bs*D flops per block forward; the backward does four more (x3 in all).
+    flops = {
+        "sparse": 4 * args.blocksize**2 * args.head_dim * nnz * args.batch * args.heads,
+        "dense": 4 * n_ctx**2 * args.head_dim * args.batch * args.heads,
+    }
+    row = {"T": n_ctx, "mode": mode, **kwargs, "blocks": nnz, "density": nnz / (bst.ctx_blks_q * bst.ctx_blks_k)}
+    for engine in ("sparse", "dense"):
+        result = measure_in_subprocess(n_ctx, mode, engine, args)
+        row.update({f"{engine}_{key}": value for key, value in result.items()})
+        if result["fwd_s"]:
+            row[f"{engine}_fwd_gflops"] = flops[engine] / result["fwd_s"] / 1e9
+            row[f"{engine}_fwdbwd_gflops"] = 3 * flops[engine] / result["fwdbwd_s"] / 1e9
+    if row.get("dense_fwd_s") and row.get("sparse_fwd_s"):
         row["speedup_fwd"] = row["dense_fwd_s"] / row["sparse_fwd_s"]
         row["speedup_fwdbwd"] = row["dense_fwdbwd_s"] / row["sparse_fwdbwd_s"]
     return row
@@ -119,8 +128,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"{r['T']:>6} {r['mode']:>8} {r.get('local_attn_ctx', '-'):>4} {r['density']:>8.4f} |"
-            f" {fmt(r['sparse_fwd_s'], '9.4f')}s {fmt(r['sparse_fwd_gflops'], '6.1f')}"
-            f" {fmt(r['sparse_fwdbwd_s'], '7.3f')}s {fmt(r['sparse_fwdbwd_gflops'], '6.1f')} |"
+            f" {fmt(r['sparse_fwd_s'], '9.4f')}s {fmt(r.get('sparse_fwd_gflops'), '6.1f')}"
+            f" {fmt(r['sparse_fwdbwd_s'], '7.3f')}s {fmt(r.get('sparse_fwdbwd_gflops'), '6.1f')} |"
             f" {fmt(r['dense_fwd_s'], '8.3f')}s {fmt(r['dense_fwdbwd_s'], '7.3f')}s |"
             f" {fmt(r.get('speedup_fwd'), '11.1f')}x {fmt(r.get('speedup_fwdbwd'), '7.1f')}x"
         )
@@ -135,19 +144,25 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--blocksize", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-dense-len", type=int, default=16384, help="skip the dense baseline above this T")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "cpu_ops.json"))
+    parser.add_argument("--worker", nargs=3, metavar=("T", "MODE", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.passthrough = [f"--batch={args.batch}", f"--heads={args.heads}", f"--head-dim={args.head_dim}",
+                        f"--blocksize={args.blocksize}", f"--repeats={args.repeats}"]
+    if args.worker:
+        n_ctx, mode, engine = args.worker
+        print(json.dumps(measure(int(n_ctx), mode, engine, args)))
+        return
 
     rows = []
     for n_ctx in args.lengths:
         for mode in args.modes:
             rows.append(run_case(n_ctx, mode, args))
-            print(f"done T={n_ctx} {mode}", flush=True)
+            print(f"done T={n_ctx} {mode}: {rows[-1]}", flush=True)
     print()
     print_table(rows)
     meta = {
-        "command": "python benchmarks/cpu_ops.py " + " ".join(os.sys.argv[1:]),
+        "command": "python benchmarks/cpu_ops.py " + " ".join(sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "tensorflow": tf.__version__,
