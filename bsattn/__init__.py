@@ -1,40 +1,44 @@
 """bsattn: block-sparse attention for TensorFlow 2 (OpenAI blocksparse / sparse_attention, revived).
 
-The op library is loaded on first use of an op, not at import.
+``bsattn.patterns``, ``bsattn.tables`` and ``bsattn.reference`` are NumPy only; the rest needs
+TensorFlow and is imported on first access (so the NumPy parts also work where TensorFlow is
+absent, e.g. in the GPU device harness). The op library itself loads on the first op call.
 """
 
-from bsattn import patterns, reference, tables
-from bsattn.recompute import recomputable
-from bsattn.sparse_attention import (
-    attention_impl,
-    blocksparse_attention_impl,
-    get_attn_mask,
-    get_blocksparse_obj,
-    merge_heads,
-    merge_states,
-    shape_list,
-    split_heads,
-    split_states,
-    strided_transpose,
-)
-from bsattn.transformer import BlocksparseTransformer
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BlocksparseTransformer",
-    "attention_impl",
-    "blocksparse_attention_impl",
-    "get_attn_mask",
-    "get_blocksparse_obj",
-    "merge_heads",
-    "merge_states",
-    "patterns",
-    "recomputable",
-    "reference",
-    "shape_list",
-    "split_heads",
-    "split_states",
-    "strided_transpose",
-    "tables",
-]
+# Public name -> module that defines it.
+_EXPORTS = {
+    "BlocksparseTransformer": "bsattn.transformer",
+    "attention_impl": "bsattn.sparse_attention",
+    "blocksparse_attention_impl": "bsattn.sparse_attention",
+    "get_attn_mask": "bsattn.sparse_attention",
+    "get_blocksparse_obj": "bsattn.sparse_attention",
+    "merge_heads": "bsattn.sparse_attention",
+    "merge_states": "bsattn.sparse_attention",
+    "shape_list": "bsattn.sparse_attention",
+    "split_heads": "bsattn.sparse_attention",
+    "split_states": "bsattn.sparse_attention",
+    "strided_transpose": "bsattn.sparse_attention",
+    "recomputable": "bsattn.recompute",
+}
+_SUBMODULES = ("patterns", "tables", "reference", "blocksparse_ops", "sparse_attention", "transformer", "recompute")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"bsattn.{name}")
+    else:
+        raise AttributeError(f"module 'bsattn' has no attribute {name!r}")
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

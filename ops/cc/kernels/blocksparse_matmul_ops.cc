@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "ops/cc/kernels/cpu_math.h"
+#include "ops/cc/kernels/blocksparse_checks.h"
 #include "ops/cc/kernels/input_checks.h"
 #include "ops/cc/kernels/tile_io.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -32,18 +33,10 @@ class NtOp : public OpKernel {
     const Tensor& a = ctx->input(0);
     const Tensor& b = ctx->input(1);
     const Tensor& lut = ctx->input(2);
-    OP_REQUIRES_OK(ctx, CheckDense(a, "a", block_size_, heads_));
-    OP_REQUIRES_OK(ctx, CheckDense(b, "b", block_size_, heads_));
-    OP_REQUIRES(ctx, a.dim_size(0) == b.dim_size(0) && a.dim_size(2) == b.dim_size(2),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "a and b must have the same batch and width, got ", a.shape().DebugString(),
-                    " and ", b.shape().DebugString())));
-    OP_REQUIRES(ctx, lut.dims() == 3,
-                absl::InvalidArgumentError("nt_lut must have shape [L, blocks, 2], got " +
-                                           lut.shape().DebugString()));
-    const int64_t bs = block_size_, batch = a.dim_size(0), width = a.dim_size(2);
-    const int64_t head_dim = width / heads_, nnz = lut.dim_size(1);
-    OP_REQUIRES_OK(ctx, CheckNtLut(lut, heads_, nnz, a.dim_size(1) / bs, b.dim_size(1) / bs));
+    NtDims dims;
+    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, &dims));
+    const int64_t bs = dims.block_size, batch = dims.batch, width = dims.width, nnz = dims.nnz;
+    const int64_t head_dim = width / heads_;
 
     Tensor* c = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, heads_, nnz, bs, bs}), &c));
@@ -51,8 +44,8 @@ class NtOp : public OpKernel {
     const T* b_ptr = b.flat<T>().data();
     T* c_ptr = c->flat<T>().data();
     const int32_t* lut_ptr = lut.flat<int32_t>().data();
-    const bool shared_layout = lut.dim_size(0) == 1;
-    const int64_t a_len = a.dim_size(1), b_len = b.dim_size(1), heads = heads_;
+    const bool shared_layout = dims.lut_heads == 1;
+    const int64_t a_len = dims.a_len, b_len = dims.b_len, heads = heads_;
 
     auto work = [&](int64_t begin, int64_t end) {
       using Acc = typename AccumulatorOf<T>::type;
@@ -87,30 +80,22 @@ class DsdOp : public OpKernel {
   explicit DsdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const char* lut_name = kTransposeW ? "tn_lut" : "nn_lut";
     const Tensor& w = ctx->input(0);
     const Tensor& b = ctx->input(1);
     const Tensor& lut = ctx->input(2);
-    OP_REQUIRES_OK(ctx, CheckBlocks(w, "w"));
-    const int64_t batch = w.dim_size(0), heads = w.dim_size(1), nnz = w.dim_size(2);
-    const int64_t bs = w.dim_size(3);
-    OP_REQUIRES_OK(ctx, CheckDense(b, "b", bs, heads));
-    OP_REQUIRES(ctx, b.dim_size(0) == batch,
-                absl::InvalidArgumentError(absl::StrCat("b batch ", b.dim_size(0),
-                                                        " does not match w batch ", batch)));
-    int64_t n_out = 0;
-    OP_REQUIRES_OK(ctx, CheckRowLut(lut, lut_name, heads, nnz, b.dim_size(1) / bs, &n_out));
-
-    const int64_t width = b.dim_size(2), head_dim = width / heads, b_len = b.dim_size(1);
-    const int64_t c_len = n_out * bs;
+    DsdDims dims;
+    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", &dims));
+    const int64_t batch = dims.batch, heads = dims.heads, nnz = dims.nnz, bs = dims.block_size;
+    const int64_t width = dims.width, head_dim = width / heads, b_len = dims.b_len;
+    const int64_t n_out = dims.n_out, c_len = n_out * bs;
     Tensor* c = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, c_len, width}), &c));
     const T* w_ptr = w.flat<T>().data();
     const T* b_ptr = b.flat<T>().data();
     T* c_ptr = c->flat<T>().data();
     const int32_t* lut_ptr = lut.flat<int32_t>().data();
-    const int64_t lut_len = lut.dim_size(1);
-    const bool shared_layout = lut.dim_size(0) == 1;
+    const int64_t lut_len = dims.lut_len;
+    const bool shared_layout = dims.lut_heads == 1;
 
     auto work = [&](int64_t begin, int64_t end) {
       using Acc = typename AccumulatorOf<T>::type;

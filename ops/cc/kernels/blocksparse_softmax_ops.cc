@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "ops/cc/kernels/cpu_math.h"
-#include "ops/cc/kernels/input_checks.h"
+#include "ops/cc/kernels/blocksparse_checks.h"
 #include "ops/cc/kernels/tile_io.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -19,31 +19,6 @@ using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
-
-namespace {
-
-absl::Status ReadScale(const Tensor& scale, float* value) {
-  if (scale.dims() != 0) {
-    return absl::InvalidArgumentError("scale must be a scalar, got shape " + scale.shape().DebugString());
-  }
-  *value = scale.scalar<float>()();
-  if (!std::isfinite(*value)) return absl::InvalidArgumentError("scale must be finite");
-  return absl::OkStatus();
-}
-
-// The packed keep-mask [L, nnz, bs, ceil(bs/32)] must match x [B, H, nnz, bs, bs].
-absl::Status CheckMask(const Tensor& mask, int64_t heads, int64_t nnz, int64_t bs) {
-  const int64_t words = (bs + 31) / 32;
-  if (mask.dims() != 4 || (mask.dim_size(0) != 1 && mask.dim_size(0) != heads) ||
-      mask.dim_size(1) != nnz || mask.dim_size(2) != bs || mask.dim_size(3) != words) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "mask must have shape [1 or ", heads, ", ", nnz, ", ", bs, ", ", words, "], got ",
-        mask.shape().DebugString()));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 // y = softmax(scale * x) over the kept entries of each query row; masked entries are 0 and a row
 // with no kept entry is all 0 (never NaN).
@@ -57,24 +32,13 @@ class MaskedSoftmaxOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& lut = ctx->input(2);
+    SoftmaxDims dims;
+    OP_REQUIRES_OK(ctx, CheckSoftmaxInputs(x, ctx->input(1), lut, &ctx->input(3), &ctx->input(4),
+                                           autoregressive_, &dims));
+    const int64_t batch = dims.batch, heads = dims.heads, nnz = dims.nnz, bs = dims.block_size;
+    const int64_t words = (bs + 31) / 32, n_rows = dims.n_rows, key = dims.key;
+    const float scale = dims.scale;
     const Tensor& mask = ctx->input(3);
-    const Tensor& key_tensor = ctx->input(4);
-    float scale;
-    OP_REQUIRES_OK(ctx, ReadScale(ctx->input(1), &scale));
-    OP_REQUIRES_OK(ctx, CheckBlocks(x, "x"));
-    const int64_t batch = x.dim_size(0), heads = x.dim_size(1), nnz = x.dim_size(2);
-    const int64_t bs = x.dim_size(3), words = (bs + 31) / 32;
-    int64_t n_rows = 0;
-    // Key blocks are not bounded by the row table alone; the int32 range is the only limit here.
-    OP_REQUIRES_OK(ctx, CheckRowLut(lut, "nn_lut", heads, nnz, std::numeric_limits<int32_t>::max(),
-                                    &n_rows));
-    OP_REQUIRES_OK(ctx, CheckMask(mask, heads, nnz, bs));
-    OP_REQUIRES(ctx, key_tensor.dims() == 0,
-                absl::InvalidArgumentError("autoregress_at_key must be a scalar, got shape " +
-                                           key_tensor.shape().DebugString()));
-    const int64_t key = key_tensor.scalar<int32_t>()();
-    OP_REQUIRES(ctx, !autoregressive_ || key >= 0,
-                absl::InvalidArgumentError(absl::StrCat("autoregress_at_key must be >= 0, got ", key)));
 
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
@@ -82,8 +46,8 @@ class MaskedSoftmaxOp : public OpKernel {
     T* y_ptr = y->flat<T>().data();
     const int32_t* lut_ptr = lut.flat<int32_t>().data();
     const uint32_t* mask_ptr = reinterpret_cast<const uint32_t*>(mask.flat<int32_t>().data());
-    const int64_t lut_len = lut.dim_size(1);
-    const bool shared_lut = lut.dim_size(0) == 1, shared_mask = mask.dim_size(0) == 1;
+    const int64_t lut_len = dims.lut_len;
+    const bool shared_lut = dims.lut_heads == 1, shared_mask = dims.mask_heads == 1;
     const bool autoregressive = autoregressive_;
     using Acc = typename AccumulatorOf<T>::type;
     constexpr Acc kMasked = -std::numeric_limits<Acc>::infinity();
@@ -146,19 +110,16 @@ class MaskedSoftmaxGradOp : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& y = ctx->input(1);
     const Tensor& lut = ctx->input(3);
-    float scale;
-    OP_REQUIRES_OK(ctx, ReadScale(ctx->input(2), &scale));
-    OP_REQUIRES_OK(ctx, CheckBlocks(y, "y"));
+    SoftmaxDims dims;
+    OP_REQUIRES_OK(ctx, CheckSoftmaxInputs(y, ctx->input(2), lut, nullptr, nullptr, false, &dims));
     OP_REQUIRES(ctx, dy.shape() == y.shape(),
                 absl::InvalidArgumentError(absl::StrCat("dy shape ", dy.shape().DebugString(),
                                                         " does not match y shape ",
                                                         y.shape().DebugString())));
-    const int64_t batch = y.dim_size(0), heads = y.dim_size(1), nnz = y.dim_size(2);
-    const int64_t bs = y.dim_size(3);
+    const int64_t batch = dims.batch, heads = dims.heads, nnz = dims.nnz, bs = dims.block_size;
+    const int64_t n_rows = dims.n_rows;
+    const float scale = dims.scale;
     using Acc = typename AccumulatorOf<T>::type;
-    int64_t n_rows = 0;
-    OP_REQUIRES_OK(ctx, CheckRowLut(lut, "nn_lut", heads, nnz, std::numeric_limits<int32_t>::max(),
-                                    &n_rows));
 
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y.shape(), &dx));
@@ -166,8 +127,8 @@ class MaskedSoftmaxGradOp : public OpKernel {
     const T* y_ptr = y.flat<T>().data();
     T* dx_ptr = dx->flat<T>().data();
     const int32_t* lut_ptr = lut.flat<int32_t>().data();
-    const int64_t lut_len = lut.dim_size(1);
-    const bool shared_lut = lut.dim_size(0) == 1;
+    const int64_t lut_len = dims.lut_len;
+    const bool shared_lut = dims.lut_heads == 1;
 
     auto work = [&](int64_t begin, int64_t end) {
       for (int64_t unit = begin; unit < end; ++unit) {

@@ -1,0 +1,186 @@
+// GPU kernels of the unfused block-sparse ops: thin wrappers around the CUDA launchers of
+// ops/cuda/bsattn_cuda.h. Tables arrive in host memory, are validated with the CPU kernels'
+// checks, and are copied to the device on the op's stream; then the launcher runs there and its
+// error code becomes the op's status. No CUDA header is needed here.
+#if GOOGLE_CUDA
+
+#include "ops/cc/kernels/blocksparse_checks.h"
+#include "ops/cuda/bsattn_cuda.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/platform/stream_executor.h"
+
+namespace bsattn {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+template <typename T>
+constexpr int DtypeCode();
+template <>
+constexpr int DtypeCode<float>() { return BSATTN_FLOAT32; }
+template <>
+constexpr int DtypeCode<Eigen::half>() { return BSATTN_FLOAT16; }
+template <>
+constexpr int DtypeCode<Eigen::bfloat16>() { return BSATTN_BFLOAT16; }
+
+bsattn_stream_t Stream(OpKernelContext* ctx) {
+  return static_cast<bsattn_stream_t>(
+      ctx->op_device_context()->stream()->platform_specific_handle().stream);
+}
+
+// A device copy of a (validated) host int32 table, enqueued on the op's stream.
+absl::Status TableToDevice(OpKernelContext* ctx, const Tensor& host, Tensor* device) {
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32, host.shape(), device));
+  stream_executor::DeviceAddressBase destination(device->data(), device->TotalBytes());
+  return ctx->op_device_context()->stream()->Memcpy(&destination, host.data(), host.TotalBytes());
+}
+
+absl::Status LaunchStatus(int code, const char* op) {
+  if (code == 0) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(op, ": ", bsattn_cuda_error_string(code)));
+}
+
+template <typename T>
+class NtGpuOp : public OpKernel {
+ public:
+  explicit NtGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("heads", &heads_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &a = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
+    NtDims d;
+    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, &d));
+    Tensor lut_device, *c = nullptr;
+    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({d.batch, d.heads, d.nnz, d.block_size, d.block_size}), &c));
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_nt(DtypeCode<T>(), a.data(), b.data(),
+                                               lut_device.flat<int32_t>().data(), c->data(), d.batch,
+                                               d.heads, d.a_len, d.b_len, d.width, d.lut_heads, d.nnz,
+                                               d.block_size, Stream(ctx)),
+                                     "BsattnNt"));
+  }
+
+ private:
+  int64_t heads_;
+  int64_t block_size_;
+};
+
+template <typename T, bool kTransposeW>
+class DsdGpuOp : public OpKernel {
+ public:
+  explicit DsdGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &w = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
+    DsdDims d;
+    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", &d));
+    Tensor lut_device, *c = nullptr;
+    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({d.batch, d.n_out * d.block_size, d.width}), &c));
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_dsd(DtypeCode<T>(), kTransposeW, w.data(), b.data(),
+                                                lut_device.flat<int32_t>().data(), c->data(), d.batch,
+                                                d.heads, d.nnz, d.block_size, d.b_len, d.width,
+                                                d.lut_heads, d.lut_len, d.n_out, Stream(ctx)),
+                                     kTransposeW ? "BsattnTn" : "BsattnNn"));
+  }
+};
+
+template <typename T>
+class MaskedSoftmaxGpuOp : public OpKernel {
+ public:
+  explicit MaskedSoftmaxGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("autoregressive", &autoregressive_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &x = ctx->input(0), &lut = ctx->input(2), &mask = ctx->input(3);
+    SoftmaxDims d;
+    OP_REQUIRES_OK(ctx, CheckSoftmaxInputs(x, ctx->input(1), lut, &mask, &ctx->input(4),
+                                           autoregressive_, &d));
+    Tensor lut_device, *y = nullptr;
+    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_masked_softmax(
+                                         DtypeCode<T>(), x.data(), y->data(), d.scale,
+                                         lut_device.flat<int32_t>().data(), mask.flat<int32_t>().data(),
+                                         autoregressive_, d.key, d.batch, d.heads, d.nnz, d.block_size,
+                                         d.lut_heads, d.mask_heads, d.lut_len, d.n_rows, Stream(ctx)),
+                                     "BsattnMaskedSoftmax"));
+  }
+
+ private:
+  bool autoregressive_;
+};
+
+template <typename T>
+class MaskedSoftmaxGradGpuOp : public OpKernel {
+ public:
+  explicit MaskedSoftmaxGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor &dy = ctx->input(0), &y = ctx->input(1), &lut = ctx->input(3);
+    SoftmaxDims d;
+    OP_REQUIRES_OK(ctx, CheckSoftmaxInputs(y, ctx->input(2), lut, nullptr, nullptr, false, &d));
+    OP_REQUIRES(ctx, dy.shape() == y.shape(),
+                absl::InvalidArgumentError(absl::StrCat("dy shape ", dy.shape().DebugString(),
+                                                        " does not match y shape ",
+                                                        y.shape().DebugString())));
+    Tensor lut_device, *dx = nullptr;
+    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y.shape(), &dx));
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_masked_softmax_grad(
+                                         DtypeCode<T>(), dy.data(), y.data(), dx->data(), d.scale,
+                                         lut_device.flat<int32_t>().data(), d.batch, d.heads, d.nnz,
+                                         d.block_size, d.lut_heads, d.lut_len, d.n_rows, Stream(ctx)),
+                                     "BsattnMaskedSoftmaxGrad"));
+  }
+};
+
+}  // namespace
+
+#define BSATTN_REGISTER_GPU(T)                                                                   \
+  REGISTER_KERNEL_BUILDER(Name("BsattnNt")                                                       \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("nt_lut"),                                             \
+                          NtGpuOp<T>);                                                           \
+  REGISTER_KERNEL_BUILDER(Name("BsattnNn")                                                       \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("nn_lut"),                                             \
+                          DsdGpuOp<T, false>);                                                   \
+  REGISTER_KERNEL_BUILDER(Name("BsattnTn")                                                       \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("tn_lut"),                                             \
+                          DsdGpuOp<T, true>);                                                    \
+  REGISTER_KERNEL_BUILDER(Name("BsattnMaskedSoftmax")                                            \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("scale")                                               \
+                              .HostMemory("nn_lut")                                              \
+                              .HostMemory("autoregress_at_key"),                                 \
+                          MaskedSoftmaxGpuOp<T>);                                                \
+  REGISTER_KERNEL_BUILDER(Name("BsattnMaskedSoftmaxGrad")                                        \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("scale")                                               \
+                              .HostMemory("nn_lut"),                                             \
+                          MaskedSoftmaxGradGpuOp<T>);
+
+BSATTN_REGISTER_GPU(float);
+BSATTN_REGISTER_GPU(Eigen::half);
+BSATTN_REGISTER_GPU(Eigen::bfloat16);
+#undef BSATTN_REGISTER_GPU
+
+}  // namespace bsattn
+
+#endif  // GOOGLE_CUDA

@@ -1,0 +1,387 @@
+// CUDA kernels of the unfused block-sparse ops: nt (SDD), nn/tn (DSD) and the masked softmax.
+//
+// First, plain versions: float32 accumulation through shared-memory tiles (SIMT FMA) for every
+// dtype and block size. They define correctness for the device harness; tensor-core versions
+// for 16-bit inputs replace the matmul bodies later, with the same launchers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda/bsattn_cuda.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One CTA per output block (blk, h, n). The bs x bs tile is accumulated over head_dim in chunks
+// of kChunk columns staged in shared memory (rows padded by one float: no bank conflicts).
+template <typename T, int BS>
+__global__ void __launch_bounds__(kThreads)
+    NtKernel(const T* a, const T* b, const int32_t* lut, T* c, int64_t heads, int64_t a_len,
+             int64_t b_len, int64_t width, int64_t head_dim, bool shared_lut, int64_t nnz) {
+  constexpr int kChunk = 32;
+  constexpr int kPerThread = (BS * BS + kThreads - 1) / kThreads;
+  __shared__ float a_s[BS][kChunk + 1];
+  __shared__ float b_s[BS][kChunk + 1];
+  const int64_t blk = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int32_t* entry = lut + ((shared_lut ? 0 : h) * nnz + blk) * 2;
+  const T* a_tile = a + (n * a_len + int64_t(entry[0]) * BS) * width + h * head_dim;
+  const T* b_tile = b + (n * b_len + int64_t(entry[1]) * BS) * width + h * head_dim;
+  float acc[kPerThread] = {};
+  for (int64_t d0 = 0; d0 < head_dim; d0 += kChunk) {
+    for (int idx = threadIdx.x; idx < BS * kChunk; idx += kThreads) {
+      const int r = idx / kChunk, d = idx % kChunk;
+      const bool inside = d0 + d < head_dim;
+      a_s[r][d] = inside ? ToFloat(a_tile[r * width + d0 + d]) : 0.0f;
+      b_s[r][d] = inside ? ToFloat(b_tile[r * width + d0 + d]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const int idx = threadIdx.x + k * kThreads;
+      if (idx < BS * BS) {
+        const int i = idx / BS, j = idx % BS;
+        float s = 0.0f;
+#pragma unroll 8
+        for (int d = 0; d < kChunk; ++d) s += a_s[i][d] * b_s[j][d];
+        acc[k] += s;
+      }
+    }
+    __syncthreads();
+  }
+  T* c_tile = c + ((n * heads + h) * nnz + blk) * BS * BS;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int idx = threadIdx.x + k * kThreads;
+    if (idx < BS * BS) c_tile[idx] = FromFloat<T>(acc[k]);
+  }
+}
+
+// One CTA per (output block row r, 64-wide slice of head_dim, h, n). For each entry (blk, p) of
+// the row, op(w[blk]) (bs x bs) times the partner rows x[p] (bs x 64) is accumulated, staged
+// through shared memory kInner columns of w at a time.
+template <typename T, int BS, bool kTransposeW>
+__global__ void __launch_bounds__(kThreads)
+    DsdKernel(const T* w, const T* x, const int32_t* lut, T* c, int64_t heads, int64_t nnz,
+              int64_t x_len, int64_t width, int64_t head_dim, bool shared_lut, int64_t lut_len,
+              int64_t n_out, int64_t c_len) {
+  constexpr int kSlice = 64;
+  constexpr int kInner = BS < 32 ? BS : 32;
+  constexpr int kPerThread = (BS * kSlice + kThreads - 1) / kThreads;
+  __shared__ float w_s[BS][kInner + 1];
+  __shared__ float x_s[kInner][kSlice + 1];
+  const int64_t r = blockIdx.x % n_out, d_base = (blockIdx.x / n_out) * kSlice;
+  const int64_t h = blockIdx.y, n = blockIdx.z;
+  const int32_t* table = lut + (shared_lut ? 0 : h) * lut_len * 2;
+  const int32_t offset = table[2 * r], count = table[2 * r + 1];
+  float acc[kPerThread] = {};
+  for (int32_t e = offset; e < offset + count; ++e) {
+    const int64_t blk = table[2 * e], partner = table[2 * e + 1];
+    const T* w_block = w + ((n * heads + h) * nnz + blk) * BS * BS;
+    const T* x_rows = x + (n * x_len + partner * BS) * width + h * head_dim + d_base;
+    for (int j0 = 0; j0 < BS; j0 += kInner) {
+      for (int idx = threadIdx.x; idx < BS * kInner; idx += kThreads) {
+        const int i = idx / kInner, jj = idx % kInner;
+        w_s[i][jj] = ToFloat(kTransposeW ? w_block[(j0 + jj) * BS + i] : w_block[i * BS + j0 + jj]);
+      }
+      for (int idx = threadIdx.x; idx < kInner * kSlice; idx += kThreads) {
+        const int jj = idx / kSlice, d = idx % kSlice;
+        x_s[jj][d] = d_base + d < head_dim ? ToFloat(x_rows[(j0 + jj) * width + d]) : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int idx = threadIdx.x + k * kThreads;
+        if (idx < BS * kSlice) {
+          const int i = idx / kSlice, d = idx % kSlice;
+          float s = 0.0f;
+#pragma unroll 8
+          for (int jj = 0; jj < kInner; ++jj) s += w_s[i][jj] * x_s[jj][d];
+          acc[k] += s;
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int idx = threadIdx.x + k * kThreads;
+    const int i = idx / kSlice, d = idx % kSlice;
+    if (idx < BS * kSlice && d_base + d < head_dim) {
+      c[(n * c_len + r * BS + i) * width + h * head_dim + d_base + d] = FromFloat<T>(acc[k]);
+    }
+  }
+}
+
+constexpr int kRowsPerCta = 4;  // one warp per query row
+
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Walks one query row: the row's blocks from the row table, flattened to (entry, column) pairs
+// spread over the lanes of a warp.
+struct RowWalk {
+  const int32_t* table;
+  int32_t offset, count;
+  int64_t block_base;  // (n * heads + h) * nnz
+  int64_t qb, i;       // query block and row inside it
+  int bs;
+  __device__ int64_t Element(int t, int64_t* blk_out, int* j_out) const {
+    const int e = t / bs, j = t % bs;
+    const int64_t blk = table[2 * (offset + e)];
+    *blk_out = blk;
+    *j_out = j;
+    return ((block_base + blk) * bs + i) * bs + j;
+  }
+};
+
+__device__ __forceinline__ RowWalk MakeRowWalk(const int32_t* lut, bool shared_lut, int64_t lut_len,
+                                               int64_t heads, int64_t nnz, int bs) {
+  const int64_t h = blockIdx.y, n = blockIdx.z;
+  const int64_t query = int64_t(blockIdx.x) * kRowsPerCta + threadIdx.x / 32;
+  RowWalk walk;
+  walk.table = lut + (shared_lut ? 0 : h) * lut_len * 2;
+  walk.qb = query / bs;
+  walk.i = query % bs;
+  walk.offset = walk.table[2 * walk.qb];
+  walk.count = walk.table[2 * walk.qb + 1];
+  walk.block_base = (n * heads + h) * nnz;
+  walk.bs = bs;
+  return walk;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kRowsPerCta)
+    MaskedSoftmaxKernel(const T* x, T* y, float scale, const int32_t* lut, const int32_t* mask,
+                        bool autoregressive, int64_t key, int64_t heads, int64_t nnz, int bs,
+                        bool shared_lut, bool shared_mask, int64_t lut_len) {
+  const RowWalk row = MakeRowWalk(lut, shared_lut, lut_len, heads, nnz, bs);
+  const int lane = threadIdx.x % 32, words = (bs + 31) / 32;
+  const int64_t query = row.qb * bs + row.i;
+  const uint32_t* mask_head =
+      reinterpret_cast<const uint32_t*>(mask) + (shared_mask ? 0 : blockIdx.y) * nnz * bs * words;
+  const int n_elems = row.count * bs;
+  // Scaled logit of element t, or -inf when it is masked.
+  auto logit = [&](int t, int64_t* at) {
+    int64_t blk;
+    int j;
+    *at = row.Element(t, &blk, &j);
+    const int e = t / bs;
+    const int64_t k = int64_t(row.table[2 * (row.offset + e) + 1]) * bs + j;
+    bool keep = (mask_head[(blk * bs + row.i) * words + (j >> 5)] >> (j & 31)) & 1u;
+    if (autoregressive) keep = keep && (k < key || k <= query);
+    return keep ? scale * ToFloat(x[*at]) : -INFINITY;
+  };
+  float row_max = -INFINITY;
+  for (int t = lane; t < n_elems; t += 32) {
+    int64_t at;
+    row_max = fmaxf(row_max, logit(t, &at));
+  }
+  row_max = WarpMax(row_max);
+  float sum = 0.0f;
+  if (row_max != -INFINITY) {
+    for (int t = lane; t < n_elems; t += 32) {
+      int64_t at;
+      sum += __expf(logit(t, &at) - row_max);
+    }
+  }
+  sum = WarpSum(sum);
+  const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;  // a fully masked row gives zeros
+  for (int t = lane; t < n_elems; t += 32) {
+    int64_t at;
+    const float v = logit(t, &at);
+    y[at] = FromFloat<T>(sum > 0.0f ? __expf(v - row_max) * inv_sum : 0.0f);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kRowsPerCta)
+    MaskedSoftmaxGradKernel(const T* dy, const T* y, T* dx, float scale, const int32_t* lut,
+                            int64_t heads, int64_t nnz, int bs, bool shared_lut, int64_t lut_len) {
+  const RowWalk row = MakeRowWalk(lut, shared_lut, lut_len, heads, nnz, bs);
+  const int lane = threadIdx.x % 32;
+  const int n_elems = row.count * bs;
+  float dot = 0.0f;
+  for (int t = lane; t < n_elems; t += 32) {
+    int64_t blk;
+    int j;
+    const int64_t at = row.Element(t, &blk, &j);
+    dot += ToFloat(dy[at]) * ToFloat(y[at]);
+  }
+  dot = WarpSum(dot);
+  for (int t = lane; t < n_elems; t += 32) {
+    int64_t blk;
+    int j;
+    const int64_t at = row.Element(t, &blk, &j);
+    dx[at] = FromFloat<T>(scale * ToFloat(y[at]) * (ToFloat(dy[at]) - dot));
+  }
+}
+
+// ---- dispatch ------------------------------------------------------------------------------
+
+bool GridFits(int64_t x, int64_t y, int64_t z) {
+  return x > 0 && y > 0 && z > 0 && x < (int64_t(1) << 31) && y < 65536 && z < 65536;
+}
+
+template <typename T, int BS>
+void LaunchNt(const void* a, const void* b, const int32_t* lut, void* c, int64_t batch, int64_t heads,
+              int64_t a_len, int64_t b_len, int64_t width, int64_t lut_heads, int64_t nnz,
+              cudaStream_t stream) {
+  NtKernel<T, BS><<<dim3(nnz, heads, batch), kThreads, 0, stream>>>(
+      static_cast<const T*>(a), static_cast<const T*>(b), lut, static_cast<T*>(c), heads, a_len,
+      b_len, width, width / heads, lut_heads == 1, nnz);
+}
+
+template <typename T, int BS>
+void LaunchDsd(bool transpose_w, const void* w, const void* x, const int32_t* lut, void* c,
+               int64_t batch, int64_t heads, int64_t nnz, int64_t x_len, int64_t width,
+               int64_t lut_heads, int64_t lut_len, int64_t n_out, cudaStream_t stream) {
+  const int64_t head_dim = width / heads, slices = (head_dim + 63) / 64;
+  const dim3 grid(n_out * slices, heads, batch);
+  auto kernel = transpose_w ? DsdKernel<T, BS, true> : DsdKernel<T, BS, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(w), static_cast<const T*>(x), lut,
+                                        static_cast<T*>(c), heads, nnz, x_len, width, head_dim,
+                                        lut_heads == 1, lut_len, n_out, n_out * BS);
+}
+
+// Calls F<T, BS>::Run(args...) for the runtime dtype and block size.
+template <template <typename, int> class F, typename... Args>
+int Dispatch(int dtype, int64_t block_size, Args... args) {
+  auto by_size = [&](auto tag) -> int {
+    using T = decltype(tag);
+    switch (block_size) {
+      case 8: F<T, 8>::Run(args...); return 0;
+      case 16: F<T, 16>::Run(args...); return 0;
+      case 32: F<T, 32>::Run(args...); return 0;
+      case 64: F<T, 64>::Run(args...); return 0;
+      case 128: F<T, 128>::Run(args...); return 0;
+      default: return BSATTN_ERROR_BLOCK_SIZE;
+    }
+  };
+  switch (dtype) {
+    case BSATTN_FLOAT32: return by_size(float());
+    case BSATTN_FLOAT16: return by_size(__half());
+    case BSATTN_BFLOAT16: return by_size(__nv_bfloat16());
+    default: return BSATTN_ERROR_DTYPE;
+  }
+}
+
+template <typename T, int BS>
+struct NtRunner {
+  template <typename... Args>
+  static void Run(Args... args) { LaunchNt<T, BS>(args...); }
+};
+
+template <typename T, int BS>
+struct DsdRunner {
+  template <typename... Args>
+  static void Run(Args... args) { LaunchDsd<T, BS>(args...); }
+};
+
+int LastError() { return static_cast<int>(cudaGetLastError()); }
+
+bool IsBlockSize(int64_t bs) { return bs == 8 || bs == 16 || bs == 32 || bs == 64 || bs == 128; }
+
+}  // namespace
+
+extern "C" {
+
+const char* bsattn_cuda_error_string(int code) {
+  switch (code) {
+    case BSATTN_ERROR_DTYPE: return "bsattn: unsupported dtype (expected float32, float16 or bfloat16)";
+    case BSATTN_ERROR_BLOCK_SIZE: return "bsattn: unsupported block size (expected 8, 16, 32, 64 or 128)";
+    case BSATTN_ERROR_SHAPE: return "bsattn: empty or too large launch grid";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+  }
+}
+
+int bsattn_nt(int dtype, const void* a, const void* b, const int32_t* nt_lut, void* c, int64_t batch,
+              int64_t heads, int64_t a_len, int64_t b_len, int64_t width, int64_t lut_heads,
+              int64_t nnz, int64_t block_size, bsattn_stream_t stream) {
+  if (!GridFits(nnz, heads, batch)) return BSATTN_ERROR_SHAPE;
+  const int status = Dispatch<NtRunner>(dtype, block_size, a, b, nt_lut, c, batch, heads, a_len,
+                                        b_len, width, lut_heads, nnz, cudaStream_t(stream));
+  return status ? status : LastError();
+}
+
+int bsattn_dsd(int dtype, int transpose_w, const void* w, const void* x, const int32_t* lut, void* c,
+               int64_t batch, int64_t heads, int64_t nnz, int64_t block_size, int64_t x_len,
+               int64_t width, int64_t lut_heads, int64_t lut_len, int64_t n_out,
+               bsattn_stream_t stream) {
+  if (!GridFits(n_out * ((width / heads + 63) / 64), heads, batch)) return BSATTN_ERROR_SHAPE;
+  const int status = Dispatch<DsdRunner>(dtype, block_size, transpose_w != 0, w, x, lut, c, batch,
+                                         heads, nnz, x_len, width, lut_heads, lut_len, n_out,
+                                         cudaStream_t(stream));
+  return status ? status : LastError();
+}
+
+int bsattn_masked_softmax(int dtype, const void* x, void* y, float scale, const int32_t* nn_lut,
+                          const int32_t* mask, int autoregressive, int64_t key, int64_t batch,
+                          int64_t heads, int64_t nnz, int64_t block_size, int64_t lut_heads,
+                          int64_t mask_heads, int64_t lut_len, int64_t n_rows,
+                          bsattn_stream_t stream) {
+  if (!IsBlockSize(block_size)) return BSATTN_ERROR_BLOCK_SIZE;
+  const dim3 grid(n_rows * block_size / kRowsPerCta, heads, batch);
+  if (!GridFits(grid.x, heads, batch)) return BSATTN_ERROR_SHAPE;
+  const int bs = static_cast<int>(block_size);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    MaskedSoftmaxKernel<T><<<grid, 32 * kRowsPerCta, 0, cudaStream_t(stream)>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), scale, nn_lut, mask, autoregressive != 0, key,
+        heads, nnz, bs, lut_heads == 1, mask_heads == 1, lut_len);
+  };
+  switch (dtype) {
+    case BSATTN_FLOAT32: launch(float()); break;
+    case BSATTN_FLOAT16: launch(__half()); break;
+    case BSATTN_BFLOAT16: launch(__nv_bfloat16()); break;
+    default: return BSATTN_ERROR_DTYPE;
+  }
+  return LastError();
+}
+
+int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* dx, float scale,
+                               const int32_t* nn_lut, int64_t batch, int64_t heads, int64_t nnz,
+                               int64_t block_size, int64_t lut_heads, int64_t lut_len,
+                               int64_t n_rows, bsattn_stream_t stream) {
+  if (!IsBlockSize(block_size)) return BSATTN_ERROR_BLOCK_SIZE;
+  const dim3 grid(n_rows * block_size / kRowsPerCta, heads, batch);
+  if (!GridFits(grid.x, heads, batch)) return BSATTN_ERROR_SHAPE;
+  const int bs = static_cast<int>(block_size);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    MaskedSoftmaxGradKernel<T><<<grid, 32 * kRowsPerCta, 0, cudaStream_t(stream)>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<T*>(dx), scale, nn_lut,
+        heads, nnz, bs, lut_heads == 1, lut_len);
+  };
+  switch (dtype) {
+    case BSATTN_FLOAT32: launch(float()); break;
+    case BSATTN_FLOAT16: launch(__half()); break;
+    case BSATTN_BFLOAT16: launch(__nv_bfloat16()); break;
+    default: return BSATTN_ERROR_DTYPE;
+  }
+  return LastError();
+}
+
+}  // extern "C"

@@ -1,0 +1,68 @@
+/* C launchers of bsattn's CUDA kernels: framework-free (no TensorFlow, no torch).
+ *
+ * Every pointer is device memory; tensors use the layouts of the TF ops (ops/cc/ops/*.cc):
+ *   dense        [batch, len, heads*head_dim]       head h owns channels [h*D, (h+1)*D)
+ *   blocks       [batch, heads, nnz, bs, bs]
+ *   nt_lut       [lut_heads, nnz, 2]                 (Qb, Kb)
+ *   row tables   [lut_heads, n_out + nnz, 2]         header (offset, count) then (block id, partner)
+ *   mask         [mask_heads, nnz, bs, ceil(bs/32)]  keep bits, bit j%32 of word j/32 = key column j
+ * lut_heads and mask_heads are 1 (shared by all heads) or heads. Tables are trusted: callers
+ * validate them (the TF wrappers do, on the host).
+ *
+ * Each launcher enqueues its work on `stream` and returns 0 or a cudaError_t / bsattn error code;
+ * bsattn_cuda_error_string() explains a code.
+ */
+#ifndef BSATTN_OPS_CUDA_BSATTN_CUDA_H_
+#define BSATTN_OPS_CUDA_BSATTN_CUDA_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct CUstream_st* bsattn_stream_t; /* == cudaStream_t */
+
+enum bsattn_dtype { BSATTN_FLOAT32 = 0, BSATTN_FLOAT16 = 1, BSATTN_BFLOAT16 = 2 };
+
+enum bsattn_error {
+  BSATTN_ERROR_DTYPE = 10001,      /* dtype not one of bsattn_dtype */
+  BSATTN_ERROR_BLOCK_SIZE = 10002, /* block size not 8, 16, 32, 64 or 128 */
+  BSATTN_ERROR_SHAPE = 10003,      /* a size is zero, negative or too large for the grid */
+};
+
+const char* bsattn_cuda_error_string(int code);
+
+/* c[n, h, b] = a[n, Qb rows, h] . b[n, Kb rows, h]^T for (Qb, Kb) = nt_lut[lh, b]. */
+int bsattn_nt(int dtype, const void* a, const void* b, const int32_t* nt_lut, void* c, int64_t batch,
+              int64_t heads, int64_t a_len, int64_t b_len, int64_t width, int64_t lut_heads,
+              int64_t nnz, int64_t block_size, bsattn_stream_t stream);
+
+/* transpose_w = 0 (nn): c[n, r rows, h] = sum over row r's entries (b, p) of w[n, h, b] . x[n, p rows, h].
+ * transpose_w = 1 (tn): the same with w[n, h, b]^T and a column table. c has n_out*bs rows;
+ * a row without entries is 0. */
+int bsattn_dsd(int dtype, int transpose_w, const void* w, const void* x, const int32_t* lut, void* c,
+               int64_t batch, int64_t heads, int64_t nnz, int64_t block_size, int64_t x_len,
+               int64_t width, int64_t lut_heads, int64_t lut_len, int64_t n_out,
+               bsattn_stream_t stream);
+
+/* y = softmax(scale * x) over the kept entries of each query row (all blocks of the row, from
+ * nn_lut); masked entries are 0, a row with no kept entry is 0. With autoregressive != 0, key j
+ * of query i is also dropped unless j < key or j <= i. */
+int bsattn_masked_softmax(int dtype, const void* x, void* y, float scale, const int32_t* nn_lut,
+                          const int32_t* mask, int autoregressive, int64_t key, int64_t batch,
+                          int64_t heads, int64_t nnz, int64_t block_size, int64_t lut_heads,
+                          int64_t mask_heads, int64_t lut_len, int64_t n_rows,
+                          bsattn_stream_t stream);
+
+/* dx = scale * y * (dy - rowsum(dy * y)), rows as in the forward. */
+int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* dx, float scale,
+                               const int32_t* nn_lut, int64_t batch, int64_t heads, int64_t nnz,
+                               int64_t block_size, int64_t lut_heads, int64_t lut_len,
+                               int64_t n_rows, bsattn_stream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BSATTN_OPS_CUDA_BSATTN_CUDA_H_ */
