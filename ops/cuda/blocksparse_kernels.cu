@@ -1,13 +1,15 @@
 // CUDA kernels of the unfused block-sparse ops: nt (SDD), nn/tn (DSD) and the masked softmax.
 //
-// First, plain versions: float32 accumulation through shared-memory tiles (SIMT FMA) for every
-// dtype and block size. They define correctness for the device harness; tensor-core versions
-// for 16-bit inputs replace the matmul bodies later, with the same launchers.
+// The matmuls have two bodies: tensor-core WMMA (16x16x16 fragments, float32 accumulation) for
+// float16/bfloat16 with block sizes >= 16 and head_dim % 16 == 0, and plain SIMT FMA through
+// shared-memory tiles for everything else (float32, block size 8, odd head dims).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ops/cuda/bsattn_cuda.h"
 
@@ -127,6 +129,119 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
+
+
+// ---- tensor-core bodies (float16 / bfloat16) -------------------------------------------------
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kFrag = 16;  // WMMA m16n16k16
+
+// Writes a float accumulator fragment as T into dst (row stride ld), through a per-warp staging
+// tile in shared memory (fragment element order is opaque).
+template <typename T, typename Fragment>
+__device__ __forceinline__ void StoreFragment(const Fragment& acc, float* staging, T* dst, int64_t ld) {
+  nvcuda::wmma::store_matrix_sync(staging, acc, kFrag, nvcuda::wmma::mem_row_major);
+  __syncwarp();
+  for (int e = threadIdx.x % 32; e < kFrag * kFrag; e += 32) {
+    dst[(e / kFrag) * ld + e % kFrag] = FromFloat<T>(staging[e]);
+  }
+  __syncwarp();
+}
+
+// nt on tensor cores: the bs x bs output is (bs/16)^2 fragments spread over the CTA's warps;
+// fragments of Q (row-major) and K (read column-major, i.e. K^T) load straight from global memory.
+template <typename T, int BS>
+__global__ void __launch_bounds__(kThreads)
+    NtWmmaKernel(const T* a, const T* b, const int32_t* lut, T* c, int64_t heads, int64_t a_len,
+                 int64_t b_len, int64_t width, int64_t head_dim, bool shared_lut, int64_t nnz) {
+  using namespace nvcuda;
+  constexpr int kTiles = BS / kFrag, kPerWarp = (kTiles * kTiles + kWarps - 1) / kWarps;
+  __shared__ float staging[kWarps][kFrag * kFrag];
+  const int64_t blk = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int32_t* entry = lut + ((shared_lut ? 0 : h) * nnz + blk) * 2;
+  const T* a_tile = a + (n * a_len + int64_t(entry[0]) * BS) * width + h * head_dim;
+  const T* b_tile = b + (n * b_len + int64_t(entry[1]) * BS) * width + h * head_dim;
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[kPerWarp];
+#pragma unroll
+  for (int f = 0; f < kPerWarp; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  for (int64_t k0 = 0; k0 < head_dim; k0 += kFrag) {
+#pragma unroll
+    for (int f = 0; f < kPerWarp; ++f) {
+      const int tile = warp + f * kWarps, ti = tile / kTiles, tj = tile % kTiles;
+      if (tile < kTiles * kTiles) {
+        wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, a_tile + ti * kFrag * width + k0, width);
+        wmma::load_matrix_sync(fb, b_tile + tj * kFrag * width + k0, width);
+        wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
+    }
+  }
+  T* c_tile = c + ((n * heads + h) * nnz + blk) * BS * BS;
+#pragma unroll
+  for (int f = 0; f < kPerWarp; ++f) {
+    const int tile = warp + f * kWarps, ti = tile / kTiles, tj = tile % kTiles;
+    if (tile < kTiles * kTiles) StoreFragment(acc[f], staging[warp], c_tile + ti * kFrag * BS + tj * kFrag, BS);
+  }
+}
+
+// nn / tn on tensor cores: one CTA per (output block row, 64-wide slice of head_dim); the
+// (bs/16) x 4 output fragments are spread over the warps. w fragments load row-major (nn) or
+// column-major (tn: w^T) from the block, x fragments row-major from the partner rows.
+template <typename T, int BS, bool kTransposeW>
+__global__ void __launch_bounds__(kThreads)
+    DsdWmmaKernel(const T* w, const T* x, const int32_t* lut, T* c, int64_t heads, int64_t nnz,
+                  int64_t x_len, int64_t width, int64_t head_dim, bool shared_lut, int64_t lut_len,
+                  int64_t n_out, int64_t c_len) {
+  using namespace nvcuda;
+  using ALayout = std::conditional_t<kTransposeW, wmma::col_major, wmma::row_major>;
+  constexpr int kSlice = 64, kRowTiles = BS / kFrag, kColTiles = kSlice / kFrag;
+  constexpr int kPerWarp = (kRowTiles * kColTiles + kWarps - 1) / kWarps;
+  __shared__ float staging[kWarps][kFrag * kFrag];
+  const int64_t r = blockIdx.x % n_out, d_base = (blockIdx.x / n_out) * kSlice;
+  const int64_t h = blockIdx.y, n = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int32_t* table = lut + (shared_lut ? 0 : h) * lut_len * 2;
+  const int32_t offset = table[2 * r], count = table[2 * r + 1];
+  wmma::fragment<wmma::accumulator, kFrag, kFrag, kFrag, float> acc[kPerWarp];
+#pragma unroll
+  for (int f = 0; f < kPerWarp; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  for (int32_t e = offset; e < offset + count; ++e) {
+    const int64_t blk = table[2 * e], partner = table[2 * e + 1];
+    const T* w_block = w + ((n * heads + h) * nnz + blk) * BS * BS;
+    const T* x_rows = x + (n * x_len + partner * BS) * width + h * head_dim + d_base;
+    for (int k0 = 0; k0 < BS; k0 += kFrag) {
+#pragma unroll
+      for (int f = 0; f < kPerWarp; ++f) {
+        const int tile = warp + f * kWarps, ti = tile / kColTiles, tj = tile % kColTiles;
+        if (tile < kRowTiles * kColTiles && d_base + tj * kFrag < head_dim) {
+          wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, ALayout> fa;
+          wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, kTransposeW ? w_block + k0 * BS + ti * kFrag : w_block + ti * kFrag * BS + k0, BS);
+          wmma::load_matrix_sync(fb, x_rows + k0 * width + tj * kFrag, width);
+          wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < kPerWarp; ++f) {
+    const int tile = warp + f * kWarps, ti = tile / kColTiles, tj = tile % kColTiles;
+    if (tile < kRowTiles * kColTiles && d_base + tj * kFrag < head_dim) {
+      StoreFragment(acc[f], staging[warp],
+                    c + (n * c_len + r * BS + ti * kFrag) * width + h * head_dim + d_base + tj * kFrag, width);
+    }
+  }
+}
+
+// Tensor cores take 16-bit inputs in 16x16x16 fragments whose rows start 32-byte aligned.
+template <typename T, int BS>
+constexpr bool kWmmaType = !std::is_same<T, float>::value && BS >= kFrag;
+
+bool WmmaShapes(int64_t head_dim) { return head_dim % kFrag == 0; }
+
+// ---- masked softmax -------------------------------------------------------------------------
 
 constexpr int kRowsPerCta = 4;  // one warp per query row
 
@@ -249,9 +364,14 @@ template <typename T, int BS>
 void LaunchNt(const void* a, const void* b, const int32_t* lut, void* c, int64_t batch, int64_t heads,
               int64_t a_len, int64_t b_len, int64_t width, int64_t lut_heads, int64_t nnz,
               cudaStream_t stream) {
-  NtKernel<T, BS><<<dim3(nnz, heads, batch), kThreads, 0, stream>>>(
+  const int64_t head_dim = width / heads;
+  auto kernel = NtKernel<T, BS>;
+  if constexpr (kWmmaType<T, BS>) {
+    if (WmmaShapes(head_dim)) kernel = NtWmmaKernel<T, BS>;
+  }
+  kernel<<<dim3(nnz, heads, batch), kThreads, 0, stream>>>(
       static_cast<const T*>(a), static_cast<const T*>(b), lut, static_cast<T*>(c), heads, a_len,
-      b_len, width, width / heads, lut_heads == 1, nnz);
+      b_len, width, head_dim, lut_heads == 1, nnz);
 }
 
 template <typename T, int BS>
@@ -261,6 +381,9 @@ void LaunchDsd(bool transpose_w, const void* w, const void* x, const int32_t* lu
   const int64_t head_dim = width / heads, slices = (head_dim + 63) / 64;
   const dim3 grid(n_out * slices, heads, batch);
   auto kernel = transpose_w ? DsdKernel<T, BS, true> : DsdKernel<T, BS, false>;
+  if constexpr (kWmmaType<T, BS>) {
+    if (WmmaShapes(head_dim)) kernel = transpose_w ? DsdWmmaKernel<T, BS, true> : DsdWmmaKernel<T, BS, false>;
+  }
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(w), static_cast<const T*>(x), lut,
                                         static_cast<T*>(c), heads, nnz, x_len, width, head_dim,
                                         lut_heads == 1, lut_len, n_out, n_out * BS);
