@@ -242,8 +242,12 @@ constexpr bool kWmmaType = !std::is_same<T, float>::value && BS >= kFrag;
 bool WmmaShapes(int64_t head_dim) { return head_dim % kFrag == 0; }
 
 // ---- masked softmax -------------------------------------------------------------------------
+//
+// One warp per query row. The row (all blocks of its block row) is read in 16-byte vectors: a
+// first pass keeps an online (max, sum) per lane, merged across the warp; a second pass writes
+// exp(x - max) / sum. Two reads and one write per element, each a 16-byte access.
 
-constexpr int kRowsPerCta = 4;  // one warp per query row
+constexpr int kRowsPerCta = 4;
 
 __device__ __forceinline__ float WarpMax(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -255,79 +259,92 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-// Walks one query row: the row's blocks from the row table, flattened to (entry, column) pairs
-// spread over the lanes of a warp.
-struct RowWalk {
-  const int32_t* table;
+// The query row of this warp: its row-table entries and where its elements live.
+struct QueryRow {
+  const int32_t* table;  // this head's row table
   int32_t offset, count;
   int64_t block_base;  // (n * heads + h) * nnz
-  int64_t qb, i;       // query block and row inside it
-  int bs;
-  __device__ int64_t Element(int t, int64_t* blk_out, int* j_out) const {
-    const int e = t / bs, j = t % bs;
-    const int64_t blk = table[2 * (offset + e)];
-    *blk_out = blk;
-    *j_out = j;
-    return ((block_base + blk) * bs + i) * bs + j;
+  int64_t qb, i, query;
+
+  __device__ QueryRow(const int32_t* lut, bool shared_lut, int64_t lut_len, int64_t heads,
+                      int64_t nnz, int bs) {
+    const int64_t h = blockIdx.y, n = blockIdx.z;
+    query = int64_t(blockIdx.x) * kRowsPerCta + threadIdx.x / 32;
+    table = lut + (shared_lut ? 0 : h) * lut_len * 2;
+    qb = query / bs;
+    i = query % bs;
+    offset = table[2 * qb];
+    count = table[2 * qb + 1];
+    block_base = (n * heads + h) * nnz;
   }
+  __device__ int64_t Block(int e) const { return table[2 * (offset + e)]; }
+  __device__ int64_t KeyBlock(int e) const { return table[2 * (offset + e) + 1]; }
+  // Element offset of (entry e, column j) in a [B, H, nnz, bs, bs] tensor.
+  __device__ int64_t At(int e, int j, int bs) const { return ((block_base + Block(e)) * bs + i) * bs + j; }
 };
 
-__device__ __forceinline__ RowWalk MakeRowWalk(const int32_t* lut, bool shared_lut, int64_t lut_len,
-                                               int64_t heads, int64_t nnz, int bs) {
-  const int64_t h = blockIdx.y, n = blockIdx.z;
-  const int64_t query = int64_t(blockIdx.x) * kRowsPerCta + threadIdx.x / 32;
-  RowWalk walk;
-  walk.table = lut + (shared_lut ? 0 : h) * lut_len * 2;
-  walk.qb = query / bs;
-  walk.i = query % bs;
-  walk.offset = walk.table[2 * walk.qb];
-  walk.count = walk.table[2 * walk.qb + 1];
-  walk.block_base = (n * heads + h) * nnz;
-  walk.bs = bs;
-  return walk;
-}
+// kVec consecutive elements as one 16-byte access.
+template <typename T>
+struct Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+  __device__ static Vec Load(const T* p) {
+    Vec out;
+    *reinterpret_cast<uint4*>(out.v) = *reinterpret_cast<const uint4*>(p);
+    return out;
+  }
+  __device__ void Store(T* p) const { *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v); }
+};
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kRowsPerCta)
     MaskedSoftmaxKernel(const T* x, T* y, float scale, const int32_t* lut, const int32_t* mask,
                         bool autoregressive, int64_t key, int64_t heads, int64_t nnz, int bs,
                         bool shared_lut, bool shared_mask, int64_t lut_len) {
-  const RowWalk row = MakeRowWalk(lut, shared_lut, lut_len, heads, nnz, bs);
-  const int lane = threadIdx.x % 32, words = (bs + 31) / 32;
-  const int64_t query = row.qb * bs + row.i;
+  constexpr int kV = Vec<T>::kSize;
+  const QueryRow row(lut, shared_lut, lut_len, heads, nnz, bs);
+  const int lane = threadIdx.x % 32, words = (bs + 31) / 32, vecs_per_block = bs / kV;
   const uint32_t* mask_head =
       reinterpret_cast<const uint32_t*>(mask) + (shared_mask ? 0 : blockIdx.y) * nnz * bs * words;
-  const int n_elems = row.count * bs;
-  // Scaled logit of element t, or -inf when it is masked.
-  auto logit = [&](int t, int64_t* at) {
-    int64_t blk;
-    int j;
-    *at = row.Element(t, &blk, &j);
-    const int e = t / bs;
-    const int64_t k = int64_t(row.table[2 * (row.offset + e) + 1]) * bs + j;
-    bool keep = (mask_head[(blk * bs + row.i) * words + (j >> 5)] >> (j & 31)) & 1u;
-    if (autoregressive) keep = keep && (k < key || k <= query);
-    return keep ? scale * ToFloat(x[*at]) : -INFINITY;
-  };
-  float row_max = -INFINITY;
-  for (int t = lane; t < n_elems; t += 32) {
-    int64_t at;
-    row_max = fmaxf(row_max, logit(t, &at));
-  }
-  row_max = WarpMax(row_max);
-  float sum = 0.0f;
-  if (row_max != -INFINITY) {
-    for (int t = lane; t < n_elems; t += 32) {
-      int64_t at;
-      sum += __expf(logit(t, &at) - row_max);
+  const int n_vecs = row.count * vecs_per_block;
+  // Scaled logits of vector t (masked -> -inf) and its offset.
+  auto logits = [&](int t, float* out) {
+    const int e = t / vecs_per_block, j0 = (t % vecs_per_block) * kV;
+    const int64_t at = row.At(e, j0, bs);
+    const Vec<T> in = Vec<T>::Load(x + at);
+    const uint32_t bits = mask_head[(row.Block(e) * bs + row.i) * words + (j0 >> 5)] >> (j0 & 31);
+    const int64_t k0 = row.KeyBlock(e) * bs + j0;
+#pragma unroll
+    for (int u = 0; u < kV; ++u) {
+      bool keep = (bits >> u) & 1u;
+      if (autoregressive) keep = keep && (k0 + u < key || k0 + u <= row.query);
+      out[u] = keep ? scale * ToFloat(in.v[u]) : -INFINITY;
     }
+    return at;
+  };
+  float m = -INFINITY, l = 0.0f;  // this lane's running max and sum of exp(. - m)
+  for (int t = lane; t < n_vecs; t += 32) {
+    float v[kV];
+    logits(t, v);
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < kV; ++u) m_new = fmaxf(m_new, v[u]);
+    if (m_new == -INFINITY) continue;
+    l *= __expf(m - m_new);
+#pragma unroll
+    for (int u = 0; u < kV; ++u) l += __expf(v[u] - m_new);
+    m = m_new;
   }
-  sum = WarpSum(sum);
+  const float row_max = WarpMax(m);
+  const float sum = WarpSum(m == -INFINITY ? 0.0f : l * __expf(m - row_max));
   const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;  // a fully masked row gives zeros
-  for (int t = lane; t < n_elems; t += 32) {
-    int64_t at;
-    const float v = logit(t, &at);
-    y[at] = FromFloat<T>(sum > 0.0f ? __expf(v - row_max) * inv_sum : 0.0f);
+  for (int t = lane; t < n_vecs; t += 32) {
+    float v[kV];
+    const int64_t at = logits(t, v);
+    Vec<T> out;
+#pragma unroll
+    for (int u = 0; u < kV; ++u) out.v[u] = FromFloat<T>(sum > 0.0f ? __expf(v[u] - row_max) * inv_sum : 0.0f);
+    out.Store(y + at);
   }
 }
 
@@ -335,22 +352,23 @@ template <typename T>
 __global__ void __launch_bounds__(32 * kRowsPerCta)
     MaskedSoftmaxGradKernel(const T* dy, const T* y, T* dx, float scale, const int32_t* lut,
                             int64_t heads, int64_t nnz, int bs, bool shared_lut, int64_t lut_len) {
-  const RowWalk row = MakeRowWalk(lut, shared_lut, lut_len, heads, nnz, bs);
-  const int lane = threadIdx.x % 32;
-  const int n_elems = row.count * bs;
+  constexpr int kV = Vec<T>::kSize;
+  const QueryRow row(lut, shared_lut, lut_len, heads, nnz, bs);
+  const int lane = threadIdx.x % 32, vecs_per_block = bs / kV, n_vecs = row.count * vecs_per_block;
+  auto at = [&](int t) { return row.At(t / vecs_per_block, (t % vecs_per_block) * kV, bs); };
   float dot = 0.0f;
-  for (int t = lane; t < n_elems; t += 32) {
-    int64_t blk;
-    int j;
-    const int64_t at = row.Element(t, &blk, &j);
-    dot += ToFloat(dy[at]) * ToFloat(y[at]);
+  for (int t = lane; t < n_vecs; t += 32) {
+    const Vec<T> g = Vec<T>::Load(dy + at(t)), p = Vec<T>::Load(y + at(t));
+#pragma unroll
+    for (int u = 0; u < kV; ++u) dot += ToFloat(g.v[u]) * ToFloat(p.v[u]);
   }
   dot = WarpSum(dot);
-  for (int t = lane; t < n_elems; t += 32) {
-    int64_t blk;
-    int j;
-    const int64_t at = row.Element(t, &blk, &j);
-    dx[at] = FromFloat<T>(scale * ToFloat(y[at]) * (ToFloat(dy[at]) - dot));
+  for (int t = lane; t < n_vecs; t += 32) {
+    const Vec<T> g = Vec<T>::Load(dy + at(t)), p = Vec<T>::Load(y + at(t));
+    Vec<T> out;
+#pragma unroll
+    for (int u = 0; u < kV; ++u) out.v[u] = FromFloat<T>(scale * ToFloat(p.v[u]) * (ToFloat(g.v[u]) - dot));
+    out.Store(dx + at(t));
   }
 }
 
