@@ -1,6 +1,6 @@
 """bsattn: block-sparse attention for TensorFlow 2 (OpenAI blocksparse / sparse_attention, revived).
 
-``bsattn.patterns``, ``bsattn.tables`` and ``bsattn.reference`` are NumPy only; the rest needs
+``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables`` and ``bsattn.reference`` are NumPy only; the rest needs
 TensorFlow and is imported on first access (so the NumPy parts also work where TensorFlow is
 absent, e.g. in the GPU device harness). The op library itself loads on the first op call.
 """
@@ -24,7 +24,17 @@ _EXPORTS = {
     "strided_transpose": "bsattn.sparse_attention",
     "recomputable": "bsattn.recompute",
 }
-_SUBMODULES = ("patterns", "tables", "reference", "blocksparse_ops", "sparse_attention", "transformer", "recompute")
+_SUBMODULES = (
+    "patterns",
+    "tables",
+    "fused_tables",
+    "reference",
+    "blocksparse_ops",
+    "fused_attention",
+    "sparse_attention",
+    "transformer",
+    "recompute",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

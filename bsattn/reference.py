@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bsattn.fused_tables import FusedTables
 from bsattn.tables import BlockTables
 
 
@@ -261,3 +262,127 @@ def masked_attention_grad(
     dq = scale * np.einsum("nhij,nhjd->nhid", ds, kh)
     dk = scale * np.einsum("nhij,nhid->nhjd", ds, qh)
     return _unheads(dq), _unheads(dk), _unheads(dv)
+
+
+# ---- fused attention ---------------------------------------------------------------------------------------
+# The fused op takes scale and dropout_rate as float32 attributes; these references round them the same way.
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _fmix64(z: np.ndarray) -> np.ndarray:
+    """murmur3's 64-bit finaliser on uint64 arrays (wrapping arithmetic)."""
+    z = z ^ (z >> np.uint64(33))
+    z = z * np.uint64(0xFF51AFD7ED558CCD)
+    z = z ^ (z >> np.uint64(33))
+    z = z * np.uint64(0xC4CEB9FE1A85EC53)
+    return z ^ (z >> np.uint64(33))
+
+
+def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, n_k: int) -> np.ndarray:
+    """The fused op's dropout decisions → bool ``[B, H, Tq, Tk]`` (True = kept).
+
+    Entry ``(b, h, i, j)`` is kept iff the high 32 bits of ``fmix64(key ^ (counter * G))`` are at least
+    ``floor(rate * 2^32)``, with ``counter = ((b*H + h)*Tq + i)*Tk + j``, ``key = fmix64(seed ^ G)`` and
+    ``G = 0x9E3779B97F4A7C15`` (the C++ twin is in ``ops/cc/kernels/attention_math.h``).
+    """
+    rate = float(np.float32(rate))
+    threshold = min(np.floor(rate * 2.0**32), 2.0**32 - 1)
+    key = _fmix64(np.array([int(seed) & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(_GOLDEN))[0]
+    counter = np.arange(batch * heads * n_q * n_k, dtype=np.uint64).reshape(batch, heads, n_q, n_k)
+    bits = _fmix64(key ^ (counter * np.uint64(_GOLDEN)))
+    return (bits >> np.uint64(32)) >= np.uint64(threshold)
+
+
+def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
+    """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale)`` of the fused attention (no dropout), float64."""
+    qh, kh = _heads(q, heads), _heads(k, heads)
+    if qh.shape[2] != tables.n_q or kh.shape[2] != tables.n_k:
+        raise ValueError(f"q and k must have {tables.n_q} and {tables.n_k} tokens, got {qh.shape[2]} and {kh.shape[2]}")
+    if tables.lut_heads not in (1, heads):
+        raise ValueError(f"tables have {tables.lut_heads} layout heads; heads={heads} needs 1 or {heads}")
+    scale = float(np.float32(_default_scale(q, heads, scale)))
+    keep = np.broadcast_to(tables.token_mask()[None], (1, heads, tables.n_q, tables.n_k))
+    if key_padding_mask is not None:
+        keep = keep & np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
+    s = scale * np.einsum("nhid,nhjd->nhij", qh, kh)
+    if bias is not None:
+        s = s + np.asarray(bias, dtype=np.float64)[None]
+    s = np.where(keep, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    total = e.sum(axis=-1, keepdims=True)
+    p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(total > 0, m + np.log(total), -np.inf)[..., 0]
+    return p, lse, scale
+
+
+def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int) -> np.ndarray | float:
+    """The factor applied to the probabilities: ``keep / (1 - rate)``, or 1 without dropout."""
+    if not dropout_rate:
+        return 1.0
+    batch, heads, n_q, n_k = p.shape
+    rate = float(np.float32(dropout_rate))
+    return dropout_keep_mask(seed, rate, batch, heads, n_q, n_k) / (1.0 - rate)
+
+
+def fused_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    tables: FusedTables,
+    heads: int,
+    scale: float | None = None,
+    key_padding_mask: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    dropout_rate: float = 0.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
+
+    Scores ``scale·q·kᵀ + bias`` (``bias [1|H, Tq, Tk]``) are kept where the tables' token mask and
+    ``key_padding_mask [B, Tk]`` (True = real key) allow; ``lse`` is their log-sum-exp (-inf for a row with no
+    kept key, whose output is 0); ``out = (P ⊙ keep / (1 - rate)) · v`` with the dropout mask of
+    ``dropout_keep_mask``. ``scale`` defaults to ``1/sqrt(D)``.
+    """
+    p, lse, _ = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
+    out = np.einsum("nhij,nhjd->nhid", p * _dropout_scale(p, dropout_rate, seed), _heads(v, heads))
+    return _unheads(out), lse
+
+
+def fused_attention_grad(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    tables: FusedTables,
+    heads: int,
+    dout: np.ndarray,
+    scale: float | None = None,
+    key_padding_mask: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    dropout_rate: float = 0.0,
+    seed: int = 0,
+    dlse: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Analytic gradients of ``fused_attention`` for upstream ``dout [B, Tq, H*D]`` (and ``dlse [B, H, Tq]``)
+    → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch, and over the heads
+    for a shared bias), None without a bias."""
+    p, _, scale = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
+    z = _dropout_scale(p, dropout_rate, seed)
+    qh, kh, vh, doh = (_heads(x, heads) for x in (q, k, v, dout))
+    dv = np.einsum("nhij,nhid->nhjd", p * z, doh)
+    dp = np.einsum("nhid,nhjd->nhij", doh, vh) * z
+    delta = (p * dp).sum(axis=-1, keepdims=True)
+    if dlse is not None:
+        delta = delta - np.asarray(dlse, dtype=np.float64)[..., None]  # d lse / d s = p
+    ds = p * (dp - delta)
+    dq = scale * np.einsum("nhij,nhjd->nhid", ds, kh)
+    dk = scale * np.einsum("nhij,nhid->nhjd", ds, qh)
+    dbias = None
+    if bias is not None:
+        dbias = ds.sum(axis=0)
+        if np.shape(bias)[0] == 1:
+            dbias = dbias.sum(axis=0, keepdims=True)
+    return _unheads(dq), _unheads(dk), _unheads(dv), dbias

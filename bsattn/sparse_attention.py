@@ -8,7 +8,9 @@ Differences from the originals, all documented in the README:
 - ``recompute`` defaults to False instead of being required;
 - ``'fixed'`` works without ``num_verts``/``vertsize`` (defaults 1 and 1: one summary block per
   stride, shared by all heads), and ``get_attn_mask``/``attention_impl`` support it too;
-- a fully masked row gives 0 (none occurs in the four modes).
+- a fully masked row gives 0 (none occurs in the four modes);
+- ``blocksparse_attention_impl`` runs the fused flash-style op by default (``engine='unfused'`` for the
+  original three-op path).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from bsattn import patterns
+from bsattn.fused_attention import fused_attention
+from bsattn.fused_tables import fused_tables_for_pattern
 from bsattn.recompute import recomputable
 from bsattn.tables import tables_for_pattern
 from bsattn.transformer import BlocksparseTransformer
@@ -171,6 +175,8 @@ def blocksparse_attention_impl(
     blocksize: int = 32,
     num_verts: int | None = None,
     vertsize: int | None = None,
+    *,
+    engine: str = "fused",
 ) -> tf.Tensor:
     """Block-sparse attention of a mode: ``[B, T, H*D] x3 -> [B, T, H*D]``.
 
@@ -178,16 +184,29 @@ def blocksparse_attention_impl(
     ``'strided'`` every ``local_attn_ctx``-th earlier token (computed after ``strided_transpose``),
     ``'fixed'`` the same stride-chunk plus the last ``vertsize*blocksize`` tokens of every chunk
     (per head group when ``num_verts > 1``). Scale ``1/sqrt(D)``.
+
+    ``engine='fused'`` (default) runs one flash-style op (``bsattn.fused_attention``: no attention
+    weights in memory); ``'unfused'`` runs sparse_attention's three ops (nt → masked softmax → nn) of
+    ``get_blocksparse_obj``. Both give the same result up to rounding.
     """
+    if engine not in ("fused", "unfused"):
+        raise ValueError(f"engine must be 'fused' or 'unfused', got {engine!r}")
     q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
     n_ctx = shape_list(q)[1]
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
-    bst = get_blocksparse_obj(n_ctx, heads, attn_mode, blocksize, local_attn_ctx, num_verts, vertsize)
     n_state = shape_list(q)[-1] // heads
-    w = bst.query_key_op(q, k)
-    w = bst.masked_softmax(w, scale=1.0 / math.sqrt(n_state))
-    a = bst.weight_value_op(w, v)
+    if engine == "fused":
+        pattern = patterns.mode_pattern(
+            attn_mode, n_ctx, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
+        )
+        tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, blocksize)
+        a = fused_attention(q, k, v, tables, heads, scale=1.0 / math.sqrt(n_state))
+    else:
+        bst = get_blocksparse_obj(n_ctx, heads, attn_mode, blocksize, local_attn_ctx, num_verts, vertsize)
+        w = bst.query_key_op(q, k)
+        w = bst.masked_softmax(w, scale=1.0 / math.sqrt(n_state))
+        a = bst.weight_value_op(w, v)
     if attn_mode == "strided":
         a = _strided_untranspose(a, n_ctx, local_attn_ctx)
     return a

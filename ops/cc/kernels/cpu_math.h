@@ -4,14 +4,29 @@
 
 namespace bsattn {
 
+// The float32 kernels are compiled once per ISA level (AVX-512 with 16-lane vectors, AVX2+FMA and
+// the x86-64 baseline with 8 lanes); the best level the CPU has is chosen once, at the first call.
+// $BSATTN_CPU_ISA = avx512 | avx2 | baseline caps it (for tests of the lower levels).
+
+// The level in use: "avx512", "avx2" or "baseline".
+const char* CpuIsa();
+
 // C[m][n] += A[m][k] * B[k][n], all row-major float32 with row strides lda, ldb, ldc.
-// Register-blocked (4 rows x 32 columns) with runtime dispatch to AVX-512 / AVX2+FMA / baseline.
+// Register-blocked: 4 rows x up to 4 vectors (64 columns with AVX-512) of accumulators.
 void MatMulAccumulate(const float* a, int lda, const float* b, int ldb, float* c, int ldc,
                       int m, int k, int n);
 
 // The same in float64 (plain loops: float64 exists for exact gradient checks, not for speed).
 void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double* c, int ldc,
                       int m, int k, int n);
+
+// C[m][n] += A^T[m][k] * B[k][n] with A stored as [k][m] (row stride lda): the product of a tile
+// that is held transposed (e.g. the probabilities P^T of the fused attention) without copying it.
+// Same register blocking and dispatch as MatMulAccumulate.
+void MatMulAccumulateTransposedA(const float* a, int lda, const float* b, int ldb, float* c, int ldc,
+                                 int m, int k, int n);
+void MatMulAccumulateTransposedA(const double* a, int lda, const double* b, int ldb, double* c,
+                                 int ldc, int m, int k, int n);
 
 // x[i] = exp(x[i]) for i < n; inputs below -87 (and -inf) give 0. Vectorised, ~2 ulp.
 void ExpInPlace(float* x, int n);

@@ -126,4 +126,96 @@ absl::Status CheckRowLut(const Tensor& lut, const char* name, int64_t heads, int
   return absl::OkStatus();
 }
 
+absl::Status CheckFusedMasks(const Tensor& masks, int64_t block_size) {
+  const int64_t words = (block_size + 31) / 32;
+  if (masks.dims() != 3 || masks.dim_size(1) != block_size || masks.dim_size(2) != words) {
+    return Invalid(absl::StrCat("masks must have shape [P, ", block_size, ", ", words, "], got ",
+                                masks.shape().DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckFusedTable(const Tensor& ptr, const Tensor& entries, const char* ptr_name,
+                             const char* entries_name, int64_t heads, int64_t n_rows,
+                             int64_t n_partners, int64_t n_masks) {
+  if (ptr.dims() != 2 || ptr.dim_size(1) != n_rows + 1) {
+    return Invalid(absl::StrCat(ptr_name, " must have shape [L, ", n_rows + 1, "], got ",
+                                ptr.shape().DebugString()));
+  }
+  if (ptr.dim_size(0) != 1 && ptr.dim_size(0) != heads) {
+    return Invalid(absl::StrCat(ptr_name, " has ", ptr.dim_size(0),
+                                " layouts; expected 1 (shared) or heads = ", heads));
+  }
+  if (entries.dims() != 2 || entries.dim_size(1) != 2) {
+    return Invalid(absl::StrCat(entries_name, " must have shape [E, 2], got ",
+                                entries.shape().DebugString()));
+  }
+  const int64_t n_entries = entries.dim_size(0);
+  const auto p = ptr.matrix<int32_t>();
+  const auto e = entries.matrix<int32_t>();
+  for (int64_t l = 0; l < ptr.dim_size(0); ++l) {
+    for (int64_t r = 0; r <= n_rows; ++r) {
+      const int64_t at = p(l, r);
+      if (at < 0 || at > n_entries || (r > 0 && at < p(l, r - 1))) {
+        return Invalid(absl::StrCat(ptr_name, "[", l, ", ", r, "] = ", at,
+                                    " breaks the row pointers: they must be non-decreasing within [0, ",
+                                    n_entries, "]"));
+      }
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+      for (int64_t i = p(l, r); i < p(l, r + 1); ++i) {
+        const int32_t partner = e(i, 0), mask_id = e(i, 1);
+        if (partner < 0 || partner >= n_partners || (i > p(l, r) && partner <= e(i - 1, 0))) {
+          return Invalid(absl::StrCat(entries_name, "[", i, "] = (", partner, ", ", mask_id,
+                                      ") in layout ", l, ", row ", r, ": blocks must be in [0, ",
+                                      n_partners, ") and strictly increasing along a row"));
+        }
+        if (mask_id < -1 || mask_id >= n_masks) {
+          return Invalid(absl::StrCat(entries_name, "[", i, "] = (", partner, ", ", mask_id,
+                                      "): mask id must be -1 (full block) or in [0, ", n_masks, ")"));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckFusedTransposed(const Tensor& row_ptr, const Tensor& row_entries,
+                                  const Tensor& col_ptr, const Tensor& col_entries) {
+  if (row_ptr.dim_size(0) != col_ptr.dim_size(0)) {
+    return Invalid(absl::StrCat("col_ptr has ", col_ptr.dim_size(0), " layouts but row_ptr has ",
+                                row_ptr.dim_size(0)));
+  }
+  const int64_t n_rows = row_ptr.dim_size(1) - 1, n_cols = col_ptr.dim_size(1) - 1;
+  const auto rp = row_ptr.matrix<int32_t>();
+  const auto re = row_entries.matrix<int32_t>();
+  const auto cp = col_ptr.matrix<int32_t>();
+  const auto ce = col_entries.matrix<int32_t>();
+  std::vector<int64_t> cursor(n_cols);
+  for (int64_t l = 0; l < row_ptr.dim_size(0); ++l) {
+    // Rows are visited in increasing order and each column lists its rows in increasing order, so
+    // the k-th block met in column c must be column c's k-th entry.
+    for (int64_t c = 0; c < n_cols; ++c) cursor[c] = cp(l, c);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      for (int64_t i = rp(l, r); i < rp(l, r + 1); ++i) {
+        const int32_t c = re(i, 0);
+        const int64_t at = cursor[c]++;
+        if (at >= cp(l, c + 1) || ce(at, 0) != r || ce(at, 1) != re(i, 1)) {
+          return Invalid(absl::StrCat("col_entries do not match row_entries: block (", r, ", ", c,
+                                      ") with mask id ", re(i, 1), " of layout ", l,
+                                      " is missing from column ", c));
+        }
+      }
+    }
+    for (int64_t c = 0; c < n_cols; ++c) {
+      if (cursor[c] != cp(l, c + 1)) {
+        return Invalid(absl::StrCat("col_entries do not match row_entries: column ", c, " of layout ",
+                                    l, " lists ", cp(l, c + 1) - cp(l, c), " blocks, the rows ",
+                                    cursor[c] - cp(l, c)));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace bsattn

@@ -29,6 +29,24 @@ absl::Status CheckNtLut(const tensorflow::Tensor& lut, int64_t heads, int64_t nn
 absl::Status CheckRowLut(const tensorflow::Tensor& lut, const char* name, int64_t heads, int64_t nnz,
                          int64_t n_partner_blocks, int64_t* n_out_blocks);
 
+// The fused op's packed in-block masks [P, bs, ceil(bs/32)] (P may be 0).
+absl::Status CheckFusedMasks(const tensorflow::Tensor& masks, int64_t block_size);
+
+// One of the fused op's per-head CSR tables: ptr [L, n_rows + 1] (L in {1, heads}; global offsets
+// into entries) and entries [E, 2] = (partner block, mask id). Every pointer must be non-decreasing
+// and within [0, E]; every partner in [0, n_partners) and strictly increasing along a row (sorted, no
+// block twice); every mask id in [-1, n_masks) (-1 = a full block).
+absl::Status CheckFusedTable(const tensorflow::Tensor& ptr, const tensorflow::Tensor& entries,
+                             const char* ptr_name, const char* entries_name, int64_t heads,
+                             int64_t n_rows, int64_t n_partners, int64_t n_masks);
+
+// The column table (col_ptr, col_entries) must list exactly the blocks of the row table, with the
+// same mask ids, for every layout head. Both tables must have passed CheckFusedTable.
+absl::Status CheckFusedTransposed(const tensorflow::Tensor& row_ptr,
+                                  const tensorflow::Tensor& row_entries,
+                                  const tensorflow::Tensor& col_ptr,
+                                  const tensorflow::Tensor& col_entries);
+
 }  // namespace bsattn
 
 #endif  // BSATTN_OPS_CC_KERNELS_INPUT_CHECKS_H_

@@ -3,6 +3,7 @@
 #ifndef BSATTN_OPS_CC_KERNELS_TILE_IO_H_
 #define BSATTN_OPS_CC_KERNELS_TILE_IO_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 
@@ -44,6 +45,18 @@ inline void StoreTile(const Acc* src, int rows, int cols, T* dst, int64_t dst_st
 inline void ParallelFor(tensorflow::OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
                         const std::function<void(int64_t, int64_t)>& fn) {
   ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(total, cost_per_unit, fn);
+}
+
+// Runs fn(begin, end) over [0, total) in blocks handed to the pool's threads as they become free,
+// which balances units of uneven cost (e.g. the rows of a causal layout). cost_per_unit (rough
+// cycles) sizes the blocks: about 200k cycles each, but at least 8 blocks per thread.
+inline void ParallelForBalanced(tensorflow::OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
+                                const std::function<void(int64_t, int64_t)>& fn) {
+  if (total <= 0) return;
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t most = std::max<int64_t>(1, total / (8 * std::max(1, pool->NumThreads())));
+  const int64_t block = std::clamp<int64_t>(200000 / std::max<int64_t>(1, cost_per_unit), 1, most);
+  pool->ParallelFor(total, tsl::thread::ThreadPool::SchedulingParams::Fixed(block), fn);
 }
 
 }  // namespace bsattn

@@ -1,0 +1,202 @@
+"""The fused (flash-style) block-sparse attention op, with its gradient.
+
+``fused_attention(q, k, v, tables, heads)`` computes ``softmax(scale·q·kᵀ + bias, masked)·v`` per head over
+the active blocks of ``tables`` (``bsattn.fused_tables.FusedTables``) without materialising the attention
+weights: memory is O(T·D). The backward pass recomputes the probabilities from the saved log-sum-exp.
+
+Layouts (blocksparse's): ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]``, head ``h`` owns channels
+``[h*D, (h+1)*D)``; ``Tq = nQb * bs``, ``Tk = nKb * bs``. Computes in float32 (float64 for float64 inputs)
+and returns the dtype of ``q`` (float32, float16, bfloat16 or float64).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+import weakref
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from bsattn._loader import load_ops
+from bsattn.fused_tables import FusedTables
+
+
+class FusedTableTensors(NamedTuple):
+    """The int32 tensors of one ``FusedTables``."""
+
+    row_ptr: tf.Tensor  # [L, nQb + 1]
+    row_entries: tf.Tensor  # [E, 2]
+    col_ptr: tf.Tensor  # [L, nKb + 1]
+    col_entries: tf.Tensor  # [E, 2]
+    masks: tf.Tensor  # [P, bs, ceil(bs/32)]
+
+
+_eager_tables: weakref.WeakKeyDictionary[FusedTables, FusedTableTensors] = weakref.WeakKeyDictionary()
+_eager_tables_lock = threading.Lock()
+
+
+def fused_table_tensors(tables: FusedTables) -> FusedTableTensors:
+    """Tensors of ``tables``: cached eager constants outside graphs, graph constants inside."""
+
+    def make() -> FusedTableTensors:
+        arrays = (tables.row_ptr, tables.row_entries, tables.col_ptr, tables.col_entries, tables.masks)
+        return FusedTableTensors(*(tf.constant(a, tf.int32) for a in arrays))
+
+    if not tf.executing_eagerly():
+        return make()
+    with _eager_tables_lock:
+        tensors = _eager_tables.get(tables)
+        if tensors is None:
+            tensors = _eager_tables[tables] = make()
+        return tensors
+
+
+def fused_scale(head_dim: int, scale: float | None = None) -> float:
+    """The softmax scale the op uses: ``scale`` (default ``1/sqrt(head_dim)``) rounded to float32 (an op attr)."""
+    value = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return float(np.float32(value))
+
+
+def fused_attention(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    v: tf.Tensor,
+    tables: FusedTables,
+    heads: int,
+    scale: float | None = None,
+    key_padding_mask: tf.Tensor | None = None,
+    bias: tf.Tensor | None = None,
+    dropout_rate: float = 0.0,
+    seed: int | tf.Tensor | None = None,
+    return_lse: bool = False,
+) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+    """Block-sparse attention in one op: ``[B, Tq, H*D], [B, Tk, H*D] x2 -> [B, Tq, H*D]``.
+
+    Args:
+      q: ``[B, Tq, H*D]``; ``Tq = tables.n_q``.
+      k, v: ``[B, Tk, H*D]``, the dtype of ``q``; ``Tk = tables.n_k``.
+      tables: the active blocks and in-block masks (``fused_tables_for_pattern`` / ``_for_layout`` /
+        ``from_block_tables``); ``tables.lut_heads`` must be 1 or ``heads``.
+      heads: number of heads ``H``.
+      scale: multiplies ``q·kᵀ``; default ``1/sqrt(D)``; used as float32.
+      key_padding_mask: ``[B, Tk]``, True (nonzero) = a real key, False = padding, never attended.
+      bias: ``[1 or H, Tq, Tk]`` added to the scaled scores (e.g. a relative-position bias), cast to ``q``'s
+        dtype; read only inside the active blocks; differentiable (its gradient is summed over the batch and,
+        for a shared bias, the heads, and is 0 outside the active blocks).
+      dropout_rate: attention dropout in ``[0, 1)``: each probability is dropped by a counter-based hash of
+        ``(seed, b, h, i, j)`` and the kept ones are scaled by ``1 / (1 - rate)``; the backward pass uses the
+        same mask. Row sums (and ``lse``) are those before dropout.
+      seed: int64 scalar (a tensor does not retrace); None draws one per call (then pass an explicit seed
+        if the forward is recomputed, e.g. under ``recompute=True``).
+      return_lse: also return the log-sum-exp ``[B, H, Tq]`` (float32; float64 for float64 inputs), -inf for
+        a query with no kept key (whose output is 0); differentiable.
+    Returns:
+      ``out`` or ``(out, lse)``.
+    """
+    q = tf.convert_to_tensor(q)
+    k = tf.convert_to_tensor(k, dtype_hint=q.dtype)
+    v = tf.convert_to_tensor(v, dtype_hint=q.dtype)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype.name}, {k.dtype.name}, {v.dtype.name}")
+    if q.dtype not in (tf.float32, tf.float16, tf.bfloat16, tf.float64):
+        raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype.name}")
+    if not isinstance(tables, FusedTables):
+        raise TypeError(f"tables must be a FusedTables, got {type(tables).__name__}")
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+    heads = int(heads)
+    if tables.lut_heads not in (1, heads):
+        raise ValueError(f"tables have {tables.lut_heads} layout heads; with heads={heads} they need 1 or {heads}")
+    width = _check_activations(q, k, v, tables, heads)
+    if scale is None and width is None:
+        raise ValueError("the default scale 1/sqrt(D) needs a static width of q; pass scale")
+    scale = fused_scale(width // heads if width else 1, scale)
+    dropout_rate = float(dropout_rate)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+
+    if key_padding_mask is not None:
+        key_padding_mask = tf.convert_to_tensor(key_padding_mask)
+        if key_padding_mask.dtype != tf.bool:
+            key_padding_mask = tf.not_equal(key_padding_mask, tf.zeros([], key_padding_mask.dtype))
+        _check_static_shape(key_padding_mask, "key_padding_mask", [q.shape[0], tables.n_k])
+    if bias is not None:
+        bias = tf.cast(bias, q.dtype)
+        _check_static_shape(bias, "bias", [None, tables.n_q, tables.n_k])
+        if bias.shape[0] is not None and bias.shape[0] not in (1, heads):
+            raise ValueError(f"bias must be [1 or {heads}, {tables.n_q}, {tables.n_k}], got shape {bias.shape}")
+    if seed is None:
+        seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
+    seed = tf.cast(seed, tf.int64)
+
+    raw = load_ops()
+    luts = fused_table_tensors(tables)
+    attrs = {
+        "heads": heads,
+        "block_size": tables.block_size,
+        "scale": scale,
+        "dropout_rate": dropout_rate,
+        "has_key_padding_mask": key_padding_mask is not None,
+        "has_bias": bias is not None,
+    }
+    lse_dtype = tf.float64 if q.dtype == tf.float64 else tf.float32
+    padding = key_padding_mask if key_padding_mask is not None else tf.zeros([0, 0], tf.bool)
+
+    @tf.custom_gradient
+    def forward(*inputs):
+        q, k, v = inputs[:3]
+        bias_t = inputs[3] if len(inputs) == 4 else tf.zeros([0, 0, 0], q.dtype)
+        out, lse = raw.bsattn_fused_attention(
+            q, k, v, luts.row_ptr, luts.row_entries, luts.masks, padding, bias_t, seed, Tlse=lse_dtype, **attrs
+        )
+
+        def grad(dout, dlse=None):
+            has_dlse = dlse is not None
+            dq, dk, dv, dbias = raw.bsattn_fused_attention_grad(
+                q, k, v, out, lse, dout, dlse if has_dlse else tf.zeros([0, 0, 0], lse.dtype),
+                luts.row_ptr, luts.row_entries, luts.col_ptr, luts.col_entries, luts.masks,
+                padding, bias_t, seed, has_dlse=has_dlse, **attrs,
+            )  # fmt: skip
+            return (dq, dk, dv) + ((dbias,) if len(inputs) == 4 else ())
+
+        if return_lse:
+            return (out, lse), grad
+        return out, grad
+
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
+    return forward(*inputs)
+
+
+def _check_activations(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int) -> int | None:
+    """Static checks of ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → the width ``H*D`` if known."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape.rank is not None and x.shape.rank != 3:
+            raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
+    _check_static_shape(q, "q", [None, tables.n_q, None])
+    _check_static_shape(
+        k, "k", [q.shape[0] if q.shape.rank else None, tables.n_k, q.shape[-1] if q.shape.rank else None]
+    )
+    _check_static_shape(v, "v", k.shape.as_list() if k.shape.rank else [None, tables.n_k, None])
+    width = q.shape[-1] if q.shape.rank else None
+    if width is not None and width % heads:
+        raise ValueError(f"q width {width} is not divisible by heads {heads}")
+    if width == 0:
+        raise ValueError("q width must be positive (heads * head_dim)")
+    return width
+
+
+def _check_static_shape(x: tf.Tensor, name: str, expected: list) -> None:
+    """ValueError if a known dimension of ``x`` differs from a known one of ``expected`` (None = any)."""
+    if x.shape.rank is None:
+        return
+    ok = x.shape.rank == len(expected) and all(
+        e is None or d is None or d == e for d, e in zip(x.shape.as_list(), expected)
+    )
+    if not ok:
+        shown = ", ".join("?" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} must have shape [{shown}], got {x.shape}")

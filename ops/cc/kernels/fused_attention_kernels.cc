@@ -1,0 +1,411 @@
+// CPU kernels of the fused block-sparse attention (flash style: the weights are never stored).
+//
+// Layout choice. A work unit keeps one tile fixed (the query block in the forward, the key block in
+// the gradient) and walks the blocks of its row or column. The fixed tile is transposed once per
+// unit; the streamed tile of each block is copied into a dense scratch tile (rows H*D apart would
+// fall into a few L1 sets) and feeds the products directly:
+//   forward:   S^T = K (scale Q)^T      [key j][query i]   MatMulAccumulate
+//              O += P V = (P^T)^T V                         MatMulAccumulateTransposedA
+//   gradient:  S = Q (scale K)^T,  dP = dO V^T   [query i][key j]   MatMulAccumulate
+//              dV += P^T dO,  dK += dS^T Q                  MatMulAccumulateTransposedA
+//              dQ += dS K                                   MatMulAccumulate (into a partial buffer)
+// In the forward's transposed layout the softmax statistics (max, sum) are vectors along the
+// contiguous axis, so the online softmax is plain vector code (attention_math); in the gradient
+// lse and delta are per-row scalars.
+//
+// Per-thread scratch is kept across units and calls; each output tile (and dbias entry) has exactly
+// one writer and sums in a fixed order, so two runs give the same bits.
+#include "ops/cc/kernels/fused_attention_kernels.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ops/cc/kernels/attention_math.h"
+#include "ops/cc/kernels/tile_io.h"
+
+namespace bsattn {
+namespace {
+
+// The masks with rows and columns swapped (bit i of row j keeps query i for key j): the forward's
+// transposed tiles apply them row by row too.
+template <typename T>
+std::vector<uint32_t> TransposedMasks(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p) {
+  const int64_t bs = p.block_size, words = p.mask_words, size = bs * words;
+  std::vector<uint32_t> out(p.n_masks * size, 0);
+  ParallelFor(ctx, p.n_masks, 4 * bs * bs, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const uint32_t* src = p.masks + m * size;
+      uint32_t* dst = out.data() + m * size;
+      for (int64_t i = 0; i < bs; ++i)
+        for (int64_t j = 0; j < bs; ++j)
+          if ((src[i * words + (j >> 5)] >> (j & 31)) & 1u) dst[j * words + (i >> 5)] |= 1u << (i & 31);
+    }
+  });
+  return out;
+}
+
+// Adds the bias, then sets the scores of masked entries (in-block mask, key padding) to -inf, on a
+// bs x bs tile of block (q0, k0) stored transposed ([j][i], kTransposed: masks are the transposed
+// ones) or not ([i][j]).
+template <bool kTransposed, typename T, typename Acc>
+void ApplyBiasAndMasks(const FusedAttentionParams<T>& p, const uint32_t* masks, int64_t b, int64_t h,
+                       int64_t q0, int64_t k0, int32_t mask_id, Acc* tile) {
+  const int64_t bs = p.block_size;
+  auto at = [bs](int64_t i, int64_t j) { return kTransposed ? j * bs + i : i * bs + j; };
+  if (p.bias != nullptr) {
+    const int64_t hb = p.bias_heads == 1 ? 0 : h;
+    const T* bias = p.bias + (hb * p.tq + q0) * p.tk + k0;
+    for (int64_t i = 0; i < bs; ++i)
+      for (int64_t j = 0; j < bs; ++j) tile[at(i, j)] += static_cast<Acc>(bias[i * p.tk + j]);
+  }
+  constexpr Acc kMasked = -std::numeric_limits<Acc>::infinity();
+  if (mask_id >= 0) {  // a partial block; full blocks (mask id -1) skip this
+    ApplyKeepBits(tile, bs, bs, masks + mask_id * bs * p.mask_words, p.mask_words);
+  }
+  if (p.key_padding_mask != nullptr) {
+    const bool* keep = p.key_padding_mask + b * p.tk + k0;
+    for (int64_t j = 0; j < bs; ++j) {
+      if (keep[j]) continue;
+      for (int64_t i = 0; i < bs; ++i) tile[at(i, j)] = kMasked;
+    }
+  }
+}
+
+// The first entry (block counter) of block (q0, k0) of head (b, h): entry (i, j) is base + i*Tk + j.
+template <typename T>
+uint64_t DropoutBase(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, int64_t k0) {
+  return static_cast<uint64_t>(((b * p.heads + h) * p.tq + q0) * p.tk + k0);
+}
+
+// The (scaled) transpose of the bs x D tile of head h at rows [t0, t0 + bs) of x [B, T, H*D].
+template <typename T, typename Acc>
+void LoadScaledTranspose(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b,
+                         int64_t h, int64_t t0, Acc scale, Acc* dst) {
+  const int64_t bs = p.block_size, d = p.head_dim;
+  TransposeScaled(x + (b * len + t0) * p.width + h * d, p.width, bs, d, scale, dst);
+}
+
+// Rows [t0, t0 + bs) of head h of x [B, T, H*D].
+template <typename T, typename Acc>
+const Acc* Rows(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b, int64_t h,
+                int64_t t0) {
+  return x + (b * len + t0) * p.width + h * p.head_dim;
+}
+
+// Copies rows [t0, t0 + bs) of head h of x [B, T, H*D] into a dense bs x D tile. The products read
+// their streamed operand from this copy: rows H*D apart (a multiple of 4 KB for common widths)
+// would fall into a few L1 sets and evict each other.
+template <typename T, typename Acc>
+const Acc* CopyRows(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b, int64_t h,
+                    int64_t t0, Acc* dst) {
+  const Acc* src = Rows(p, x, len, b, h, t0);
+  for (int64_t r = 0; r < p.block_size; ++r) {
+    std::memcpy(dst + r * p.head_dim, src + r * p.width, p.head_dim * sizeof(Acc));
+  }
+  return dst;
+}
+
+// Prefetches rows [t0, t0 + bs) of head h of x into L2: the next block's tile, requested while the
+// current block computes (tiles of long sequences come from L3 or memory).
+template <typename T, typename Acc>
+void PrefetchRows(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b, int64_t h,
+                  int64_t t0) {
+  const char* src = reinterpret_cast<const char*>(Rows(p, x, len, b, h, t0));
+  const int64_t bytes = p.head_dim * sizeof(Acc), stride = p.width * sizeof(Acc);
+  for (int64_t r = 0; r < p.block_size; ++r)
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(src + r * stride + at, 0, 2);
+}
+
+// Stores scale * tile ([bs, D]) into rows [t0, t0 + bs) of head h of y [B, T, H*D].
+template <typename T, typename Acc>
+void StoreScaled(const FusedAttentionParams<T>& p, Acc* tile, Acc scale, int64_t len, int64_t b,
+                 int64_t h, int64_t t0, T* y) {
+  const int64_t n = p.block_size * p.head_dim;
+  if (scale != Acc(1)) {
+    for (int64_t i = 0; i < n; ++i) tile[i] *= scale;
+  }
+  StoreTile(tile, p.block_size, p.head_dim, y + (b * len + t0) * p.width + h * p.head_dim, p.width);
+}
+
+// The row or column of head h in a per-head CSR table.
+inline std::pair<int32_t, int32_t> Range(const int32_t* ptr, bool shared, int64_t h, int64_t n,
+                                         int64_t index) {
+  const int32_t* row = ptr + (shared ? 0 : h) * (n + 1);
+  return {row[index], row[index + 1]};
+}
+
+// Blocks over all heads (for the cost estimate only).
+template <typename T>
+int64_t TotalEntries(const FusedAttentionParams<T>& p) {
+  const int64_t layouts = p.shared_layout ? 1 : p.heads;
+  int64_t total = 0;
+  for (int64_t l = 0; l < layouts; ++l) {
+    const int32_t* ptr = p.row_ptr + l * (p.n_q_blocks + 1);
+    total += ptr[p.n_q_blocks] - ptr[0];
+  }
+  return total * (p.heads / layouts);
+}
+
+// Consecutive scratch arrays of the given sizes from a per-thread buffer that is kept across calls,
+// so that no work unit allocates (a thread runs one unit at a time; the arrays are not zeroed).
+template <typename Acc, size_t N>
+std::array<Acc*, N> ThreadScratch(const std::array<int64_t, N>& sizes) {
+  thread_local std::vector<Acc> buffer;
+  int64_t total = 0;
+  for (const int64_t size : sizes) total += size;
+  if (static_cast<int64_t>(buffer.size()) < total) buffer.resize(total);
+  std::array<Acc*, N> out;
+  Acc* at = buffer.data();
+  for (size_t i = 0; i < N; ++i) {
+    out[i] = at;
+    at += sizes[i];
+  }
+  return out;
+}
+
+// Rough cycles of a unit of a pass doing `matmuls` bs x bs x D products per block.
+template <typename T>
+int64_t UnitCost(const FusedAttentionParams<T>& p, int64_t entries, int64_t units, int matmuls) {
+  const int64_t per_block = matmuls * 2 * p.block_size * p.block_size * p.head_dim / 16;
+  return std::max<int64_t>(1, entries / std::max<int64_t>(1, units)) * per_block + 1000;
+}
+
+}  // namespace
+
+template <typename T>
+void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
+                           T* out, typename AccumulatorOf<T>::type* lse) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const int64_t bs = p.block_size, d = p.head_dim, n_qb = p.n_q_blocks;
+  const std::vector<uint32_t> masks_t = TransposedMasks(ctx, p);
+  auto work = [&](int64_t begin, int64_t end) {
+    const int64_t tile = bs * d, square = bs * bs;
+    const auto [qt, st, z, acc, k_tile, v_tile, m, l, alpha] =
+        ThreadScratch<Acc, 9>({tile, square, p.dropout ? square : 0, tile, tile, tile, bs, bs, bs});
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t qb = unit % n_qb, h = (unit / n_qb) % p.heads, b = unit / (n_qb * p.heads);
+      const int64_t q0 = qb * bs;
+      LoadScaledTranspose(p, p.q, p.tq, b, h, q0, p.scale, qt);
+      std::fill_n(m, bs, -std::numeric_limits<Acc>::infinity());
+      std::fill_n(l, bs, Acc(0));
+      std::fill_n(acc, tile, Acc(0));
+      const auto [first, last] = Range(p.row_ptr, p.shared_layout, h, n_qb, qb);
+      for (int32_t e = first; e < last; ++e) {
+        const int64_t k0 = int64_t{p.row_entries[2 * e]} * bs;
+        if (e + 1 < last) {
+          PrefetchRows(p, p.k, p.tk, b, h, int64_t{p.row_entries[2 * e + 2]} * bs);
+          PrefetchRows(p, p.v, p.tk, b, h, int64_t{p.row_entries[2 * e + 2]} * bs);
+        }
+        std::fill_n(st, square, Acc(0));
+        MatMulAccumulate(CopyRows(p, p.k, p.tk, b, h, k0, k_tile), d, qt, bs, st,
+                         bs, bs, d, bs);
+        ApplyBiasAndMasks<true>(p, masks_t.data(), b, h, q0, k0, p.row_entries[2 * e + 1], st);
+        OnlineSoftmaxStep(st, bs, bs, m, l, alpha);
+        if (e > first) ScaleRows(acc, bs, d, d, alpha);
+        if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
+          DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), 1, p.tk,
+                      p.dropout_threshold, p.dropout_scale);
+          Multiply(st, z, st, bs * bs);
+        }
+        MatMulAccumulateTransposedA(st, bs, CopyRows(p, p.v, p.tk, b, h, k0, v_tile), d,
+                                    acc, d, bs, bs, d);
+      }
+      Acc* lse_row = lse + (b * p.heads + h) * p.tq + q0;
+      for (int64_t i = 0; i < bs; ++i) {
+        const bool empty = !(l[i] > 0);  // no kept key: output 0, lse -inf
+        lse_row[i] = empty ? -std::numeric_limits<Acc>::infinity() : m[i] + std::log(l[i]);
+        alpha[i] = empty ? Acc(0) : 1 / l[i];
+      }
+      ScaleRows(acc, bs, d, d, alpha);
+      StoreScaled(p, acc, Acc(1), p.tq, b, h, q0, out);
+    }
+  };
+  const int64_t units = p.batch * p.heads * n_qb;
+  ParallelForBalanced(ctx, units, UnitCost(p, TotalEntries(p), p.heads * n_qb, 2), work);
+}
+
+namespace {
+
+// delta = rowsum(dout * out) - dlse and lse_shift = lse (+inf where lse = -inf, so that
+// exp(S - lse_shift) = 0 on empty rows), both [B, H, Tq]; units are (batch, query) rows.
+template <typename T, typename Acc>
+void DeltaRows(const FusedAttentionParams<T>& p, const FusedAttentionGradInputs<T>& in, Acc* delta,
+               Acc* lse_shift, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / p.tq, t = row % p.tq;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t at = row * p.width + h * p.head_dim, stat = (b * p.heads + h) * p.tq + t;
+      Acc sum = 0;
+      for (int64_t c = 0; c < p.head_dim; ++c) sum += in.dout[at + c] * static_cast<Acc>(in.out[at + c]);
+      delta[stat] = sum - (in.dlse != nullptr ? in.dlse[stat] : Acc(0));
+      const Acc l = in.lse[stat];
+      lse_shift[stat] = l == -std::numeric_limits<Acc>::infinity() ? std::numeric_limits<Acc>::infinity() : l;
+    }
+  }
+}
+
+// The column ranges [bounds[l * (chunks + 1) + c], bounds[l * (chunks + 1) + c + 1]) of layout head l
+// that split its blocks into `chunks` runs of about equal size.
+template <typename T>
+std::vector<int64_t> ChunkBounds(const FusedAttentionParams<T>& p, int64_t chunks) {
+  const int64_t layouts = p.shared_layout ? 1 : p.heads, n_kb = p.n_k_blocks;
+  std::vector<int64_t> bounds(layouts * (chunks + 1));
+  for (int64_t l = 0; l < layouts; ++l) {
+    const int32_t* ptr = p.col_ptr + l * (n_kb + 1);
+    const int64_t total = ptr[n_kb] - ptr[0];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t target = ptr[0] + c * total / chunks;
+      bounds[l * (chunks + 1) + c] = std::lower_bound(ptr, ptr + n_kb, target) - ptr;
+    }
+    bounds[l * (chunks + 1) + chunks] = n_kb;
+  }
+  return bounds;
+}
+
+// How many column chunks (each with its own partial dQ buffer) the gradient uses: enough units for
+// about four per thread, at most 16 and nKb, and at most 256 MB of partial buffers.
+template <typename T>
+int64_t GradChunks(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p, int64_t groups) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+  const int64_t partial_bytes = p.batch * p.heads * p.tq * p.head_dim * int64_t{sizeof(Acc)};
+  int64_t chunks = std::clamp<int64_t>((4 * threads + groups - 1) / groups, 1, std::max<int64_t>(1, std::min<int64_t>(16, p.n_k_blocks)));
+  while (chunks > 1 && chunks * partial_bytes > (int64_t{256} << 20)) --chunks;
+  return chunks;
+}
+
+}  // namespace
+
+// One pass over key-block columns computes dK and dV of the column and adds dS K into dQ. dQ rows
+// are shared by the columns, so each chunk of columns adds into its own partial buffer, summed in
+// chunk order at the end: no atomics, and the same bits on every run. (Two passes, one over rows
+// for dQ and one over columns for dK/dV, would recompute S and dP twice: 7 instead of 5 products.)
+template <typename T>
+void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
+                        const FusedAttentionGradInputs<T>& in, typename AccumulatorOf<T>::type* delta,
+                        typename AccumulatorOf<T>::type* lse_shift, T* dq, T* dk, T* dv,
+                        typename AccumulatorOf<T>::type* dbias) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const int64_t bs = p.block_size, d = p.head_dim, n_kb = p.n_k_blocks;
+
+  ParallelFor(ctx, p.batch * p.tq, 4 * p.width, [&](int64_t begin, int64_t end) {
+    DeltaRows(p, in, delta, lse_shift, begin, end);
+  });
+
+  // A unit is (group, chunk). A group is one (b, h); with dbias it is one bias head and every (b, h)
+  // adding into it (all of them for a shared bias), so that no two threads write one dbias entry.
+  const int64_t groups = dbias == nullptr ? p.batch * p.heads : p.bias_heads;
+  const int64_t per_group = p.batch * p.heads / groups;
+  const int64_t chunks = GradChunks(ctx, p, groups);
+  const std::vector<int64_t> bounds = ChunkBounds(p, chunks);
+  const int64_t partial_size = p.batch * p.heads * p.tq * d;  // [chunks, B, H, Tq, D]
+  tensorflow::Tensor partial_tensor;
+  const absl::Status status = ctx->allocate_temp(tensorflow::DataTypeToEnum<Acc>::value,
+                                                 tensorflow::TensorShape({chunks * partial_size}), &partial_tensor);
+  if (!status.ok()) {
+    ctx->SetStatus(status);
+    return;
+  }
+  Acc* partial = partial_tensor.flat<Acc>().data();
+  ParallelFor(ctx, chunks * partial_size, 1, [&](int64_t begin, int64_t end) {
+    std::fill(partial + begin, partial + end, Acc(0));
+  });
+
+  auto work = [&](int64_t begin, int64_t end) {
+    const int64_t tile = bs * d, square = bs * bs, dropout = p.dropout ? square : 0;
+    const auto [kt, vt, k_tile, s, dp, pd, z, dk_acc, dv_acc, q_tile, do_tile] = ThreadScratch<Acc, 11>(
+        {tile, tile, tile, square, square, dropout, dropout, tile, tile, tile, tile});
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t chunk = unit % chunks, group = unit / chunks;
+      for (int64_t member = 0; member < per_group; ++member) {
+        const int64_t bh = dbias == nullptr ? group : p.bias_heads == 1 ? member : member * p.heads + group;
+        const int64_t b = bh / p.heads, h = bh % p.heads;
+        const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h) * (chunks + 1) + chunk;
+        Acc* dq_head = partial + chunk * partial_size + bh * p.tq * d;
+        for (int64_t kb = range[0]; kb < range[1]; ++kb) {
+          const int64_t k0 = kb * bs;
+          LoadScaledTranspose(p, p.k, p.tk, b, h, k0, p.scale, kt);
+          LoadScaledTranspose(p, p.v, p.tk, b, h, k0, Acc(1), vt);
+          CopyRows(p, p.k, p.tk, b, h, k0, k_tile);
+          std::fill_n(dk_acc, tile, Acc(0));
+          std::fill_n(dv_acc, tile, Acc(0));
+          const auto [first, last] = Range(p.col_ptr, p.shared_layout, h, n_kb, kb);
+          for (int32_t e = first; e < last; ++e) {
+            const int64_t q0 = int64_t{p.col_entries[2 * e]} * bs;
+            if (e + 1 < last) {
+              PrefetchRows(p, p.q, p.tq, b, h, int64_t{p.col_entries[2 * e + 2]} * bs);
+              PrefetchRows(p, in.dout, p.tq, b, h, int64_t{p.col_entries[2 * e + 2]} * bs);
+            }
+            const Acc* q_rows = CopyRows(p, p.q, p.tq, b, h, q0, q_tile);
+            const Acc* do_rows = CopyRows(p, in.dout, p.tq, b, h, q0, do_tile);
+            const int64_t stat = bh * p.tq + q0;
+            std::fill_n(s, square, Acc(0));
+            MatMulAccumulate(q_rows, d, kt, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
+            ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, p.col_entries[2 * e + 1], s);
+            ExpMinusRowVector(s, bs, bs, lse_shift + stat);  // P
+            std::fill_n(dp, square, Acc(0));
+            MatMulAccumulate(do_rows, d, vt, bs, dp, bs, bs, d, bs);  // dP = dO V^T
+            const Acc* p_used = s;  // the probabilities that multiplied V in the forward
+            if (p.dropout) {
+              DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), p.tk, 1,
+                          p.dropout_threshold, p.dropout_scale);
+              Multiply(s, z, pd, bs * bs);
+              p_used = pd;
+            }
+            MatMulAccumulateTransposedA(p_used, bs, do_rows, d, dv_acc, d, bs, bs, d);  // dV += P^T dO
+            SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
+            MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc, d, bs, bs, d);  // dK += dS^T Q
+            MatMulAccumulate(dp, bs, k_tile, d, dq_head + q0 * d, d, bs, bs, d);  // dQ += dS K
+            if (dbias != nullptr) {
+              Acc* db = dbias + ((p.bias_heads == 1 ? 0 : h) * p.tq + q0) * p.tk + k0;
+              for (int64_t i = 0; i < bs; ++i)
+                for (int64_t j = 0; j < bs; ++j) db[i * p.tk + j] += dp[i * bs + j];
+            }
+          }
+          StoreScaled(p, dk_acc, p.scale, p.tk, b, h, k0, dk);
+          StoreScaled(p, dv_acc, Acc(1), p.tk, b, h, k0, dv);
+        }
+      }
+    }
+  };
+  const int64_t cost = UnitCost(p, p.batch * TotalEntries(p), groups * chunks, 5);
+  ParallelForBalanced(ctx, groups * chunks, cost, work);
+
+  // dq = scale * (sum of the chunks' partial buffers), in chunk order.
+  ParallelFor(ctx, p.batch * p.tq, 2 * chunks * p.width, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / p.tq, t = row % p.tq;
+      for (int64_t h = 0; h < p.heads; ++h) {
+        const Acc* src = partial + ((b * p.heads + h) * p.tq + t) * d;
+        T* dst = dq + row * p.width + h * d;
+        for (int64_t c = 0; c < d; ++c) {
+          Acc sum = 0;
+          for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += src[chunk * partial_size + c];
+          dst[c] = static_cast<T>(p.scale * sum);
+        }
+      }
+    }
+  });
+}
+
+#define BSATTN_INSTANTIATE_FUSED(T)                                                            \
+  template void FusedAttentionForward<T>(tensorflow::OpKernelContext*,                         \
+                                         const FusedAttentionParams<T>&, T*,                   \
+                                         AccumulatorOf<T>::type*);                             \
+  template void FusedAttentionGrad<T>(tensorflow::OpKernelContext*,                            \
+                                      const FusedAttentionParams<T>&,                          \
+                                      const FusedAttentionGradInputs<T>&,                      \
+                                      AccumulatorOf<T>::type*, AccumulatorOf<T>::type*, T*, T*, \
+                                      T*, AccumulatorOf<T>::type*);
+
+BSATTN_INSTANTIATE_FUSED(float);
+BSATTN_INSTANTIATE_FUSED(Eigen::half);
+BSATTN_INSTANTIATE_FUSED(Eigen::bfloat16);
+BSATTN_INSTANTIATE_FUSED(double);
+#undef BSATTN_INSTANTIATE_FUSED
+
+}  // namespace bsattn

@@ -1,0 +1,73 @@
+// The CPU fused block-sparse attention: one parameter struct and the two entry points (forward,
+// gradient). Validation, allocation and dtype conversion are the op's (fused_attention_ops.cc).
+#ifndef BSATTN_OPS_CC_KERNELS_FUSED_ATTENTION_KERNELS_H_
+#define BSATTN_OPS_CC_KERNELS_FUSED_ATTENTION_KERNELS_H_
+
+#include <cstdint>
+
+#include "ops/cc/kernels/cpu_math.h"
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace bsattn {
+
+// Everything a work unit reads. Activations are [B, T, H*D] rows of `width` = H*D values, in the
+// accumulation type Acc (float32, float64 for double): float32 and float64 inputs are used in
+// place, float16 and bfloat16 ones are converted once per op call.
+template <typename T>
+struct FusedAttentionParams {
+  using Acc = typename AccumulatorOf<T>::type;
+
+  int64_t batch = 0, heads = 0, head_dim = 0, width = 0;
+  int64_t tq = 0, tk = 0, block_size = 0, n_q_blocks = 0, n_k_blocks = 0;
+  const Acc* q = nullptr;  // [B, Tq, H*D]
+  const Acc* k = nullptr;  // [B, Tk, H*D]
+  const Acc* v = nullptr;  // [B, Tk, H*D]
+
+  // Tables (validated by the op). ptr rows are per layout head; layout 0 serves every head when
+  // shared_layout.
+  bool shared_layout = true;
+  const int32_t* row_ptr = nullptr;      // [L, nQb + 1]
+  const int32_t* row_entries = nullptr;  // [E, 2] (Kb, mask id)
+  const int32_t* col_ptr = nullptr;      // [L, nKb + 1] (gradient only)
+  const int32_t* col_entries = nullptr;  // [E, 2] (Qb, mask id)
+  const uint32_t* masks = nullptr;       // [P, bs, words]
+  int64_t n_masks = 0;
+  int64_t mask_words = 1;
+
+  const bool* key_padding_mask = nullptr;  // [B, Tk], true = kept; null = none
+  const T* bias = nullptr;                 // [bias_heads, Tq, Tk]; null = none
+  int64_t bias_heads = 0;
+
+  Acc scale = 1;
+  bool dropout = false;
+  uint64_t dropout_key = 0;
+  uint32_t dropout_threshold = 0;
+  Acc dropout_scale = 1;  // 1 / (1 - rate): kept probabilities are scaled up
+};
+
+// out [B, Tq, H*D] and lse [B, H, Tq] from p. Work units are (batch, head, query-block row).
+template <typename T>
+void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
+                           T* out, typename AccumulatorOf<T>::type* lse);
+
+// What the gradient reads besides the forward's inputs.
+template <typename T>
+struct FusedAttentionGradInputs {
+  using Acc = typename AccumulatorOf<T>::type;
+  const T* out = nullptr;   // [B, Tq, H*D], the forward's output
+  const Acc* dout = nullptr;  // [B, Tq, H*D]
+  const Acc* lse = nullptr;   // [B, H, Tq]
+  const Acc* dlse = nullptr;  // [B, H, Tq] or null
+};
+
+// dq, dk, dv ([B, T, H*D], fully written) and, when dbias is not null, dbias [bias_heads, Tq, Tk]
+// accumulated into (the caller zeroes it). delta and lse_shift are [B, H, Tq] scratch.
+template <typename T>
+void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
+                        const FusedAttentionGradInputs<T>& in, typename AccumulatorOf<T>::type* delta,
+                        typename AccumulatorOf<T>::type* lse_shift, T* dq, T* dk, T* dv,
+                        typename AccumulatorOf<T>::type* dbias);
+
+}  // namespace bsattn
+
+#endif  // BSATTN_OPS_CC_KERNELS_FUSED_ATTENTION_KERNELS_H_

@@ -1,0 +1,129 @@
+// Registrations and shape functions of the fused (flash-style) block-sparse attention.
+//
+// Tensors:
+//   q                  [B, Tq, H*D]      head h owns channels [h*D, (h+1)*D); Tq = nQb * bs
+//   k, v               [B, Tk, H*D]      Tk = nKb * bs
+//   out                [B, Tq, H*D]
+//   lse                [B, H, Tq]        log-sum-exp of each query row's scores; -inf for a row with
+//                                        no kept key (its output is 0)
+// Tables (bsattn/fused_tables.py; per-head CSR, block counts may differ between heads):
+//   row_ptr            [L, nQb + 1]      global offsets into row_entries, L = 1 (shared) or H
+//   row_entries        [E, 2]            (Kb, mask id), Kb strictly increasing along a row
+//   col_ptr            [L, nKb + 1]      the transposed table, for dK/dV
+//   col_entries        [E, 2]            (Qb, mask id), Qb strictly increasing along a column
+//   masks              [P, bs, W] int32  keep bits of the partial blocks, W = ceil(bs/32): bit j%32 of
+//                                        word j/32 of row i keeps key j for query i; mask id -1 = full
+// Optional inputs, empty when their has_* attr is false:
+//   key_padding_mask   [B, Tk] bool      true = a real key, false = padding (never attended)
+//   bias               [Hb, Tq, Tk]      added to the scaled scores (Hb = 1 or H), read only at
+//                                        active blocks
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+// out = q's shape, lse = [B, heads, Tq].
+absl::Status FusedForwardShape(InferenceContext* c) {
+  ShapeHandle q, k, v;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &v));
+  TF_RETURN_IF_ERROR(c->Merge(k, v, &k));
+  int64_t heads;
+  TF_RETURN_IF_ERROR(c->GetAttr("heads", &heads));
+  DimensionHandle batch, width;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(q, 0), c->Dim(k, 0), &batch));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(q, 2), c->Dim(k, 2), &width));
+  c->set_output(0, c->MakeShape({batch, c->Dim(q, 1), width}));
+  c->set_output(1, c->MakeShape({batch, c->MakeDim(heads), c->Dim(q, 1)}));
+  return absl::OkStatus();
+}
+
+// dq, dk, dv = the shapes of q, k, v; dbias = bias's shape (empty without a bias).
+absl::Status FusedGradShape(InferenceContext* c) {
+  for (int i = 0; i < 3; ++i) {
+    ShapeHandle x;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 3, &x));
+    c->set_output(i, x);
+  }
+  bool has_bias;
+  TF_RETURN_IF_ERROR(c->GetAttr("has_bias", &has_bias));
+  c->set_output(3, has_bias ? c->input(13) : c->MakeShape({0}));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("BsattnFusedAttention")
+    .Input("q: T")
+    .Input("k: T")
+    .Input("v: T")
+    .Input("row_ptr: int32")
+    .Input("row_entries: int32")
+    .Input("masks: int32")
+    .Input("key_padding_mask: bool")
+    .Input("bias: T")
+    .Input("seed: int64")
+    .Output("out: T")
+    .Output("lse: Tlse")
+    .Attr("T: {float, half, bfloat16, double}")
+    .Attr("Tlse: {float, double} = DT_FLOAT")
+    .Attr("heads: int >= 1")
+    .Attr("block_size: int")
+    .Attr("scale: float")
+    .Attr("dropout_rate: float = 0.0")
+    .Attr("has_key_padding_mask: bool = false")
+    .Attr("has_bias: bool = false")
+    .SetShapeFn(FusedForwardShape)
+    .Doc(R"doc(
+Fused block-sparse attention: out = softmax(scale * q k^T + bias, masked) v per head, over the
+active blocks of each query-block row, with an online softmax (the weights are never stored).
+Dropout (dropout_rate > 0) zeroes probabilities by a counter-based hash of (seed, b, h, i, j) and
+scales the kept ones by 1 / (1 - dropout_rate). Tlse is float64 for float64 inputs, else float32.
+)doc");
+
+REGISTER_OP("BsattnFusedAttentionGrad")
+    .Input("q: T")
+    .Input("k: T")
+    .Input("v: T")
+    .Input("out: T")
+    .Input("lse: Tlse")
+    .Input("dout: T")
+    .Input("dlse: Tlse")
+    .Input("row_ptr: int32")
+    .Input("row_entries: int32")
+    .Input("col_ptr: int32")
+    .Input("col_entries: int32")
+    .Input("masks: int32")
+    .Input("key_padding_mask: bool")
+    .Input("bias: T")
+    .Input("seed: int64")
+    .Output("dq: T")
+    .Output("dk: T")
+    .Output("dv: T")
+    .Output("dbias: T")
+    .Attr("T: {float, half, bfloat16, double}")
+    .Attr("Tlse: {float, double} = DT_FLOAT")
+    .Attr("heads: int >= 1")
+    .Attr("block_size: int")
+    .Attr("scale: float")
+    .Attr("dropout_rate: float = 0.0")
+    .Attr("has_key_padding_mask: bool = false")
+    .Attr("has_bias: bool = false")
+    .Attr("has_dlse: bool = false")
+    .SetShapeFn(FusedGradShape)
+    .Doc(R"doc(
+Gradient of BsattnFusedAttention from (q, k, v, out, lse, dout): P is recomputed as
+exp(S - lse), delta = rowsum(dout * out) (minus dlse when has_dlse), dS = P * (dP - delta).
+One pass over key-block columns (col_ptr/col_entries) writes dk and dv and adds dS k into
+per-chunk partial dq buffers summed in a fixed order (no atomics; deterministic). dbias
+[Hb, Tq, Tk] (has_bias) is summed over the batch (and the heads when Hb = 1) and is 0 outside the
+active blocks. row_ptr/row_entries are checked against the column table.
+)doc");
+
+}  // namespace tensorflow
