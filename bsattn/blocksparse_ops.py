@@ -11,13 +11,12 @@ object.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import NamedTuple
 
 import tensorflow as tf
 
 from bsattn._loader import load_ops
+from bsattn._table_constants import table_constants
 from bsattn.tables import BlockTables
 
 
@@ -30,29 +29,14 @@ class TableTensors(NamedTuple):
     mask: tf.Tensor  # [L, nnz, bs, ceil(bs/32)]
 
 
-# Eager constants live as long as their tables object (tables.py caches the recent ones).
-_eager_tables: weakref.WeakKeyDictionary[BlockTables, TableTensors] = weakref.WeakKeyDictionary()
-_eager_tables_lock = threading.Lock()
-
-
 def table_tensors(tables: BlockTables) -> TableTensors:
-    """Tensors of ``tables``: cached eager constants outside graphs, graph constants inside."""
-
-    def make() -> TableTensors:
-        return TableTensors(
-            tf.constant(tables.nt_lut, tf.int32),
-            tf.constant(tables.nn_lut, tf.int32),
-            tf.constant(tables.tn_lut, tf.int32),
-            tf.constant(tables.mask_words, tf.int32),
-        )
-
-    if not tf.executing_eagerly():
-        return make()  # a graph keeps its own constants; eager ones would be captured per call
-    with _eager_tables_lock:
-        tensors = _eager_tables.get(tables)
-        if tensors is None:
-            tensors = _eager_tables[tables] = make()
-        return tensors
+    """The int32 tensors of ``tables`` (cached while eager)."""
+    return table_constants(
+        tables,
+        lambda: TableTensors(
+            *(tf.constant(a, tf.int32) for a in (tables.nt_lut, tables.nn_lut, tables.tn_lut, tables.mask_words))
+        ),
+    )
 
 
 def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor:

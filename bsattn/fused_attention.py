@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
-import weakref
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from bsattn._loader import load_ops
+from bsattn._table_constants import table_constants
 from bsattn.fused_tables import FusedTables
 
 
@@ -34,24 +33,10 @@ class FusedTableTensors(NamedTuple):
     masks: tf.Tensor  # [P, bs, ceil(bs/32)]
 
 
-_eager_tables: weakref.WeakKeyDictionary[FusedTables, FusedTableTensors] = weakref.WeakKeyDictionary()
-_eager_tables_lock = threading.Lock()
-
-
 def fused_table_tensors(tables: FusedTables) -> FusedTableTensors:
-    """Tensors of ``tables``: cached eager constants outside graphs, graph constants inside."""
-
-    def make() -> FusedTableTensors:
-        arrays = (tables.row_ptr, tables.row_entries, tables.col_ptr, tables.col_entries, tables.masks)
-        return FusedTableTensors(*(tf.constant(a, tf.int32) for a in arrays))
-
-    if not tf.executing_eagerly():
-        return make()
-    with _eager_tables_lock:
-        tensors = _eager_tables.get(tables)
-        if tensors is None:
-            tensors = _eager_tables[tables] = make()
-        return tensors
+    """The int32 tensors of ``tables`` (cached while eager)."""
+    arrays = (tables.row_ptr, tables.row_entries, tables.col_ptr, tables.col_entries, tables.masks)
+    return table_constants(tables, lambda: FusedTableTensors(*(tf.constant(a, tf.int32) for a in arrays)))
 
 
 def fused_scale(head_dim: int, scale: float | None = None) -> float:
