@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bsattn.patterns import BlockLayout, MaskCallback, Pattern
-from bsattn.tables import BLOCK_SIZES, BlockTables, _pack_rows
+from bsattn.tables import BLOCK_SIZES, BlockTables, PatternMasks, _pack_rows
 
 MaskFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 """``mask_fn(layout_head, q_blocks [n], k_blocks [n]) -> bool [n, bs, bs]``: in-block masks of given blocks."""
@@ -183,17 +183,6 @@ def build_fused_tables(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _PatternMasks:
-    pattern: Pattern
-    n_q: int
-    n_k: int
-    block_size: int
-
-    def __call__(self, head: int, q_blocks: np.ndarray, k_blocks: np.ndarray) -> np.ndarray:
-        return self.pattern.block_masks(head, q_blocks, k_blocks, self.block_size, self.n_q, self.n_k)
-
-
 @functools.lru_cache(maxsize=32)
 def fused_tables_for_pattern(pattern: Pattern, n_q: int, n_k: int, block_size: int) -> FusedTables:
     """The tables of ``pattern`` for ``n_q`` queries and ``n_k`` keys (cached; ``lut_heads = pattern.num_layouts``).
@@ -204,7 +193,7 @@ def fused_tables_for_pattern(pattern: Pattern, n_q: int, n_k: int, block_size: i
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
     active, full = pattern.block_classes(n_q, n_k, block_size)
-    return build_fused_tables(active, block_size, full, _PatternMasks(pattern, n_q, n_k, block_size))
+    return build_fused_tables(active, block_size, full, PatternMasks(pattern, n_q, n_k, block_size))
 
 
 def fused_tables_for_layout(

@@ -199,7 +199,7 @@ def _head_masks(head, qb, kb, block_size, mask_fn, known_full) -> tuple[np.ndarr
 
 
 @dataclasses.dataclass(frozen=True)
-class _PatternMasks:
+class PatternMasks:
     """``mask_fn`` of a pattern at given sizes; compares by value so that build_tables' cache can hit."""
 
     pattern: Pattern
@@ -223,7 +223,7 @@ def tables_for_pattern(pattern: Pattern, n_q: int, n_k: int, block_size: int, he
     active, full = pattern.block_classes(n_q, n_k, block_size)
     if (full == active).all():
         return build_tables(active, block_size, heads)
-    return build_tables(active, block_size, heads, _PatternMasks(pattern, n_q, n_k, block_size), full)
+    return build_tables(active, block_size, heads, PatternMasks(pattern, n_q, n_k, block_size), full)
 
 
 def tables_for_callback(
@@ -236,4 +236,4 @@ def tables_for_callback(
         return build_tables(layout, block_size, heads)
     pattern = BlockLayout(layout, block_size, mask_callback)
     n_q, n_k = layout.shape[1] * block_size, layout.shape[2] * block_size
-    return build_tables(layout, block_size, heads, _PatternMasks(pattern, n_q, n_k, block_size))
+    return build_tables(layout, block_size, heads, PatternMasks(pattern, n_q, n_k, block_size))
