@@ -1,0 +1,219 @@
+"""The settings of a run: one dataclass, whose fields are also the command-line flags.
+
+``Config()`` holds the defaults of the bare ``python -m examples.enwik8.train``: a small model on the
+built-in corpus, about 10 minutes on a 2-core CPU. Names follow blocksparse's
+``examples/transformer/enwik8.py`` where they fit (``n_layer``, ``n_state``, ``n_head``,
+``n_timesteps``, ``n_batch``, ``lr``, ``warmup_iters``, ``clip_norm``, ``resid_pdrop``,
+``embed_pdrop``, ``recompute``); the sizes are smaller so that the default fits a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+ATTENTIONS = ("sparse", "dense")
+ATTN_MODES = ("all", "local", "strided", "fixed")
+STRIDED_HEADS = ("split", "interleaved")
+POS_EMBDS = ("factorized", "dense")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot run, or that do not match the run being resumed."""
+
+
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class Config:
+    # ---- data
+    data_path: str = _field(
+        "", "enwik8 (the raw 100,000,000-byte file) or enwik8.zip; empty: the built-in corpus (no download)"
+    )
+    n_timesteps: int = _field(512, "context length in bytes (T)")
+    n_batch: int = _field(4, "global batch size (split over the replicas)")
+    # ---- model
+    n_layer: int = _field(4, "number of Transformer blocks")
+    n_state: int = _field(128, "model width d")
+    n_head: int = _field(2, "attention heads (head size n_state / n_head)")
+    mlp_ratio: int = _field(4, "MLP width / n_state")
+    attention: str = _field("sparse", "sparse: bsattn's blocksparse_attention_impl; dense: attention_impl", ATTENTIONS)
+    attn_mode: str = _field(
+        "fixed", "attention pattern (both engines compute the same mask; 'all' is plain causal)", ATTN_MODES
+    )
+    local_attn_ctx: int = _field(128, "the stride l of 'fixed' and 'strided', the window of 'local'")
+    blocksize: int = _field(32, "block size of the sparse layout (8, 16, 32, 64 or 128)")
+    num_verts: int = _field(1, "'fixed': summary column groups, one per head group")
+    vertsize: int = _field(1, "'fixed': summary width in blocks (c = vertsize * blocksize bytes)")
+    strided_heads: str = _field(
+        "split",
+        "'strided': split = half the heads local, half strided in every block; "
+        "interleaved = blocks alternate local and strided",
+        STRIDED_HEADS,
+    )
+    pos_embd: str = _field(
+        "factorized",
+        "factorized: row + column embeddings of width local_attn_ctx (the paper's); dense: one per position",
+        POS_EMBDS,
+    )
+    resid_pdrop: float = _field(0.05, "dropout on each residual branch")
+    embed_pdrop: float = _field(0.05, "dropout on the embeddings")
+    recompute: bool = _field(False, "recompute each block in the backward pass (bsattn.recomputable)")
+    precision: str = _field("float32", "compute precision (variables stay float32)", PRECISIONS)
+    # ---- optimisation
+    n_steps: int = _field(1600, "training steps")
+    lr: float = _field(1e-3, "peak learning rate")
+    warmup_iters: int = _field(100, "linear warm-up steps, then cosine decay to 0 at n_steps")
+    weight_decay: float = _field(0.01, "AdamW decoupled weight decay (not on biases and norms)")
+    clip_norm: float = _field(1.0, "clip gradients to this global norm")
+    seed: int = _field(0, "seed of the initialisation, the window order and dropout")
+    # ---- distribution
+    strategy: str = _field("default", "tf.distribute strategy (multi_worker reads TF_CONFIG)", STRATEGIES)
+    n_cpu_devices: int = _field(1, "split the CPU into this many logical devices (to try mirrored without GPUs)")
+    # ---- bookkeeping
+    model_dir: str = _field("/tmp/bsattn_enwik8", "checkpoints and TensorBoard logs; an existing run there is resumed")
+    ckpt_every: int = _field(400, "save a checkpoint every this many steps (and at the end)")
+    log_every: int = _field(50, "write summaries and a log line every this many steps")
+    eval_every: int = _field(400, "evaluate on the first eval_bytes of the valid split every this many steps")
+    eval_bytes: int = _field(131072, "bytes of valid used by the periodic evaluation (0 = all)")
+    eval_batch: int = _field(16, "evaluation batch size")
+    final_eval: bool = _field(True, "after training: bits per byte on all of valid and test, and a sample")
+    sample_bytes: int = _field(200, "bytes to sample after training (0 = none)")
+    sample_prompt: str = _field("", "prompt of the sample; empty: the first 120 bytes of the test split")
+    sample_temperature: float = _field(0.8, "sampling temperature")
+
+    @property
+    def d_head(self) -> int:
+        return self.n_state // self.n_head
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag for settings the model cannot run."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise SettingsError(f"--{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        positive = ("n_timesteps", "n_batch", "n_layer", "n_state", "n_head", "mlp_ratio", "n_steps", "n_cpu_devices")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_state % self.n_head:
+            raise SettingsError(f"--n_state={self.n_state} must be a multiple of --n_head={self.n_head}")
+        if self.n_timesteps % self.blocksize:
+            raise SettingsError(f"--n_timesteps={self.n_timesteps} must be a multiple of --blocksize={self.blocksize}")
+        if self.attn_mode != "all" and self.local_attn_ctx < 1:
+            raise SettingsError(f"--attn_mode={self.attn_mode} needs --local_attn_ctx >= 1")
+        if self.attn_mode == "strided" and self.strided_heads == "split" and self.n_head % 2:
+            raise SettingsError(f"--strided_heads=split needs an even --n_head, got {self.n_head}")
+        if not 0.0 <= self.resid_pdrop < 1.0 or not 0.0 <= self.embed_pdrop < 1.0:
+            raise SettingsError("--resid_pdrop and --embed_pdrop must be in [0, 1)")
+        self._validate_patterns()
+
+    def _validate_patterns(self) -> None:
+        from bsattn import patterns
+
+        modes = {"strided": ("local", "strided")}.get(self.attn_mode, (self.attn_mode,))
+        heads = self.n_head // 2 if self.attn_mode == "strided" and self.strided_heads == "split" else self.n_head
+        for mode in modes:
+            try:
+                patterns.mode_pattern(
+                    mode,
+                    self.n_timesteps,
+                    heads,
+                    None if mode == "all" else self.local_attn_ctx,
+                    blocksize=self.blocksize,
+                    num_verts=self.num_verts,
+                    vertsize=self.vertsize,
+                )
+            except ValueError as err:
+                hint = (
+                    " (strided needs n_timesteps / local_attn_ctx to be a multiple of blocksize)"
+                    if mode == "strided"
+                    else ""
+                )
+                raise SettingsError(
+                    f"--attn_mode={self.attn_mode} with --n_timesteps={self.n_timesteps} "
+                    f"--local_attn_ctx={self.local_attn_ctx} --blocksize={self.blocksize}: {err}{hint}"
+                ) from err
+
+    # ---- persistence: the settings a checkpoint depends on are stored next to it
+
+    RUN_IDENTITY = (
+        "data_path",
+        "n_timesteps",
+        "n_batch",
+        "n_layer",
+        "n_state",
+        "n_head",
+        "mlp_ratio",
+        "attention",
+        "attn_mode",
+        "local_attn_ctx",
+        "blocksize",
+        "num_verts",
+        "vertsize",
+        "strided_heads",
+        "pos_embd",
+        "resid_pdrop",
+        "embed_pdrop",
+        "precision",
+        "lr",
+        "warmup_iters",
+        "weight_decay",
+        "clip_norm",
+        "seed",
+    )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def check_resumable(self, saved: dict) -> None:
+        """Raise ``ValueError`` when a run saved with ``saved`` settings cannot be continued with these."""
+        changed = [
+            f"--{name}: {saved[name]!r} -> {getattr(self, name)!r}"
+            for name in self.RUN_IDENTITY
+            if name in saved and saved[name] != getattr(self, name)
+        ]
+        if changed:
+            raise SettingsError(
+                "the run in --model_dir was made with other settings, so it cannot be resumed:\n  "
+                + "\n  ".join(changed)
+                + "\nUse another --model_dir (or delete that one) to start a new run."
+            )
+
+
+def load_saved(model_dir: str | Path) -> dict | None:
+    """The settings saved in ``model_dir/config.json``, or None."""
+    path = Path(model_dir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def define_flags() -> None:
+    """Define one absl flag per field of ``Config`` (same name, default and help)."""
+    from absl import flags
+
+    for f in dataclasses.fields(Config):
+        help_text, choices = f.metadata["help"], f.metadata.get("choices")
+        if choices:
+            flags.DEFINE_enum(f.name, f.default, list(choices), help_text)
+        elif f.type in ("bool", bool):
+            flags.DEFINE_bool(f.name, f.default, help_text)
+        elif f.type in ("int", int):
+            flags.DEFINE_integer(f.name, f.default, help_text)
+        elif f.type in ("float", float):
+            flags.DEFINE_float(f.name, f.default, help_text)
+        else:
+            flags.DEFINE_string(f.name, f.default, help_text)
+
+
+def from_flags() -> Config:
+    """The ``Config`` of the parsed absl flags."""
+    from absl import flags
+
+    values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Config)}
+    return Config(**values)

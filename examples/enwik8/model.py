@@ -1,0 +1,204 @@
+"""The Sparse Transformer of Child et al. (2019) over bytes, with attention from bsattn.
+
+Pre-norm residual blocks (paper §5.2)::
+
+    h = embed(x) + positions                            [B, T, d]
+    a = dropout(proj(attention(norm(h))));  h += a
+    b = dropout(W2 gelu(W1 norm(h)));       h += b      (n_layer times)
+    logits = norm(h) W_out                              [B, T, 256]
+
+Initialisation as in the paper's §6: token embedding N(0, 0.125/sqrt(d)), position embeddings
+N(0, 0.125/sqrt(d * n_emb)) (n_emb = 2 for the factorised row/column embedding), weights
+N(0, 0.125/sqrt(d_in)), biases 0, the attention output and W2 further scaled by 1/sqrt(2 n_layer),
+output weights 0. GELU is the paper's x * sigmoid(1.702 x).
+
+Attention reads and writes ``[B, T, H*D]`` (head h owns channels [h*D, (h+1)*D)), the layout of
+``bsattn.blocksparse_attention_impl`` and of its dense twin ``bsattn.attention_impl``:
+``--attention=sparse|dense`` switches engines over the same mask. ``'fixed'`` is the paper's merged
+fixed pattern (one head sees its stride chunk and the summary columns); ``'strided'`` factorises
+into ``'local'`` and ``'strided'`` heads, either half of the heads each (``split``) or alternating
+blocks (``interleaved``).
+
+Mixed precision: variables are float32 and are cast to the compute dtype where they are used; norms,
+the softmax statistics (inside the ops) and the logits are float32. Dropout is stateless, seeded by
+``(seed, step, layer, site)``, so a recomputed block (``recompute=True``) draws the same masks and a
+resumed run the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from bsattn import attention_impl, blocksparse_attention_impl, recomputable
+from examples.enwik8.config import Config
+
+N_VOCAB = 256
+COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
+
+
+def gelu(x: tf.Tensor) -> tf.Tensor:
+    """The paper's GELU approximation, ``x * sigmoid(1.702 x)``."""
+    return x * tf.sigmoid(tf.constant(1.702, x.dtype) * x)
+
+
+def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor | None) -> tf.Tensor:
+    """Stateless dropout (``seed`` int64 ``[2]``); the identity when ``seed`` is None or ``rate`` is 0."""
+    if seed is None or rate == 0.0:
+        return x
+    return tf.nn.experimental.stateless_dropout(x, rate, seed)
+
+
+def _normal(shape: list[int], std: float, seed: int) -> tf.Tensor:
+    return tf.random.stateless_normal(shape, seed=[seed, 0], stddev=std)
+
+
+class Linear(tf.Module):
+    """``y = x W + b``: ``[..., n_in] -> [..., n_out]``, ``W ~ N(0, std)`` (std 0 gives zeros), ``b = 0``."""
+
+    def __init__(self, n_in: int, n_out: int, std: float, seed: int, name: str):
+        super().__init__(name=name)
+        with self.name_scope:
+            init = _normal([n_in, n_out], std, seed) if std > 0 else tf.zeros([n_in, n_out])
+            self.w = tf.Variable(init, name="w")
+            self.bias = tf.Variable(tf.zeros([n_out]), name="bias")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        *lead, n_in = x.shape
+        y = tf.matmul(tf.reshape(x, [-1, n_in]), tf.cast(self.w, x.dtype)) + tf.cast(self.bias, x.dtype)
+        return tf.reshape(y, [-1 if d is None else d for d in lead] + [y.shape[-1]])
+
+
+class LayerNorm(tf.Module):
+    """Layer normalisation over the last axis, computed in float32: ``[..., d] -> [..., d]`` (input dtype)."""
+
+    def __init__(self, n_state: int, name: str, eps: float = 1e-5):
+        super().__init__(name=name)
+        self.eps = eps
+        with self.name_scope:
+            self.gain = tf.Variable(tf.ones([n_state]), name="gain")
+            self.bias = tf.Variable(tf.zeros([n_state]), name="bias")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        x32 = tf.cast(x, tf.float32)
+        mean, var = tf.nn.moments(x32, axes=[-1], keepdims=True)
+        y = (x32 - mean) * tf.math.rsqrt(var + self.eps) * self.gain + self.bias
+        return tf.cast(y, x.dtype)
+
+
+def block_modes(cfg: Config) -> list[list[tuple[str, int]]]:
+    """Per block, its attention calls as ``(attn_mode, heads)``, applied to consecutive channel groups."""
+    if cfg.attn_mode != "strided":
+        return [[(cfg.attn_mode, cfg.n_head)]] * cfg.n_layer
+    if cfg.strided_heads == "split":
+        half = cfg.n_head // 2
+        return [[("local", half), ("strided", half)]] * cfg.n_layer
+    return [[("local" if i % 2 == 0 else "strided", cfg.n_head)] for i in range(cfg.n_layer)]
+
+
+class Block(tf.Module):
+    """One pre-norm residual block: ``[B, T, d] -> [B, T, d]``."""
+
+    def __init__(self, cfg: Config, index: int, name: str):
+        super().__init__(name=name)
+        self.cfg, self.index = cfg, index
+        self.modes = block_modes(cfg)[index]
+        d, seed = cfg.n_state, cfg.seed * 1000 + 10 * (index + 1)
+        std, resid = 0.125 / math.sqrt(d), 1.0 / math.sqrt(2 * cfg.n_layer)
+        with self.name_scope:
+            self.norm_a = LayerNorm(d, "norm_a")
+            self.qkv = Linear(d, 3 * d, std, seed + 1, "qkv")
+            self.proj = Linear(d, d, std * resid, seed + 2, "proj")
+            self.norm_m = LayerNorm(d, "norm_m")
+            self.fc = Linear(d, cfg.mlp_ratio * d, std, seed + 3, "fc")
+            self.out = Linear(cfg.mlp_ratio * d, d, resid * 0.125 / math.sqrt(cfg.mlp_ratio * d), seed + 4, "out")
+
+    def attention(self, q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+        """``[B, T, H*D] x3 -> [B, T, H*D]`` through bsattn; head groups of different modes use their channels."""
+        cfg = self.cfg
+        impl = blocksparse_attention_impl if cfg.attention == "sparse" else attention_impl
+        outputs, start = [], 0
+        for mode, heads in self.modes:
+            width = heads * cfg.d_head
+            kwargs = {"blocksize": cfg.blocksize}
+            if mode != "all":
+                kwargs["local_attn_ctx"] = cfg.local_attn_ctx
+            if mode == "fixed":
+                kwargs.update(num_verts=cfg.num_verts, vertsize=cfg.vertsize)
+            qg, kg, vg = (t[..., start : start + width] for t in (q, k, v)) if len(self.modes) > 1 else (q, k, v)
+            outputs.append(impl(qg, kg, vg, heads, mode, **kwargs))
+            start += width
+        return outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=-1)
+
+    def __call__(self, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
+        """``seed`` int64 ``[2]`` turns dropout on (training); None turns it off."""
+        site_seeds = (
+            [None, None] if seed is None else [tf.random.experimental.stateless_fold_in(seed, i) for i in (0, 1)]
+        )
+        q, k, v = tf.split(self.qkv(self.norm_a(h)), 3, axis=-1)
+        h = h + dropout(self.proj(self.attention(q, k, v)), self.cfg.resid_pdrop, site_seeds[0])
+        m = self.out(gelu(self.fc(self.norm_m(h))))
+        return h + dropout(m, self.cfg.resid_pdrop, site_seeds[1])
+
+
+class SparseTransformer(tf.Module):
+    """Bytes ``[B, T]`` (int) -> next-byte logits ``[B, T, 256]`` (float32). ``T`` must be ``cfg.n_timesteps``."""
+
+    def __init__(self, cfg: Config, name: str = "sparse_transformer"):
+        super().__init__(name=name)
+        cfg.validate()
+        self.cfg = cfg
+        self.compute_dtype = COMPUTE_DTYPES[cfg.precision]
+        d, seed = cfg.n_state, cfg.seed * 1000
+        with self.name_scope:
+            self.embed = tf.Variable(_normal([N_VOCAB, d], 0.125 / math.sqrt(d), seed + 1), name="embed")
+            if cfg.pos_embd == "factorized":
+                width = max(1, min(cfg.local_attn_ctx, cfg.n_timesteps))
+                self.pos_width = width
+                rows = -(-cfg.n_timesteps // width)
+                std = 0.125 / math.sqrt(2 * d)
+                self.pos_row = tf.Variable(_normal([rows, d], std, seed + 2), name="pos_row")
+                self.pos_col = tf.Variable(_normal([width, d], std, seed + 3), name="pos_col")
+            else:
+                self.pos = tf.Variable(_normal([cfg.n_timesteps, d], 0.125 / math.sqrt(d), seed + 2), name="pos")
+            self.blocks = [Block(cfg, i, name=f"block_{i}") for i in range(cfg.n_layer)]
+            self.norm_f = LayerNorm(d, "norm_f")
+            self.head = Linear(d, N_VOCAB, 0.0, seed + 4, "head")
+
+    def positions(self) -> tf.Tensor:
+        """Position embeddings float32 ``[T, d]``: ``row[t // w] + col[t % w]`` or one vector per position."""
+        t = tf.range(self.cfg.n_timesteps)
+        if self.cfg.pos_embd == "factorized":
+            return tf.gather(self.pos_row, t // self.pos_width) + tf.gather(self.pos_col, t % self.pos_width)
+        return self.pos
+
+    def __call__(self, tokens: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
+        """``seed`` int64 ``[2]``: training (dropout on, seeded); None: evaluation."""
+        cfg = self.cfg
+        if tokens.shape[-1] != cfg.n_timesteps:
+            raise ValueError(f"the model runs on windows of n_timesteps={cfg.n_timesteps} bytes, got {tokens.shape}")
+        h = tf.gather(self.embed, tokens) + self.positions()
+        h = dropout(tf.cast(h, self.compute_dtype), cfg.embed_pdrop, self._fold(seed, 0))
+        for i, block in enumerate(self.blocks):
+            h = _recomputable_block(block, h, seed=self._fold(seed, i + 1), recompute=cfg.recompute)
+        return tf.cast(self.head(self.norm_f(h)), tf.float32)
+
+    @staticmethod
+    def _fold(seed: tf.Tensor | None, data: int) -> tf.Tensor | None:
+        return None if seed is None else tf.random.experimental.stateless_fold_in(seed, data)
+
+    def n_params(self) -> int:
+        return int(sum(v.shape.num_elements() for v in self.trainable_variables))
+
+
+# Only ``h`` is differentiated through recompute_grad; the block (its variables are found when it runs) and the
+# dropout seed (an integer tensor, captured, so the recomputed forward draws the same masks) are constants.
+@recomputable
+def _recomputable_block(block: Block, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
+    return block(h, seed)
+
+
+def token_losses(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    """Cross-entropy in nats, float32 ``[B, T]``."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
