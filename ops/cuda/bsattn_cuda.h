@@ -1,6 +1,6 @@
 /* C launchers of bsattn's CUDA kernels: framework-free (no TensorFlow, no torch).
  *
- * Every pointer is device memory; tensors use the layouts of the TF ops (ops/cc/ops/*.cc):
+ * Every pointer is device memory; tensors use the layouts of the TF ops (ops/cc/ops/):
  *   dense        [batch, len, heads*head_dim]       head h owns channels [h*D, (h+1)*D)
  *   blocks       [batch, heads, nnz, bs, bs]
  *   nt_lut       [lut_heads, nnz, 2]                 (Qb, Kb)

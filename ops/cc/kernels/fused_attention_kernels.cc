@@ -251,11 +251,12 @@ void DeltaRows(const FusedAttentionParams<T>& p, const FusedAttentionGradInputs<
 // The column ranges [bounds[l * (chunks + 1) + c], bounds[l * (chunks + 1) + c + 1]) of layout head l
 // that split its blocks into `chunks` runs of about equal size.
 template <typename T>
-std::vector<int64_t> ChunkBounds(const FusedAttentionParams<T>& p, int64_t chunks) {
+std::vector<int64_t> ChunkBounds(const FusedAttentionParams<T>& p, int64_t chunks, bool one_split) {
   const int64_t layouts = p.shared_layout ? 1 : p.heads, n_kb = p.n_k_blocks;
   std::vector<int64_t> bounds(layouts * (chunks + 1));
   for (int64_t l = 0; l < layouts; ++l) {
-    const int32_t* ptr = p.col_ptr + l * (n_kb + 1);
+    // With one_split every head takes layout 0's key-block ranges (balanced for that layout only).
+    const int32_t* ptr = p.col_ptr + (one_split ? 0 : l) * (n_kb + 1);
     const int64_t total = ptr[n_kb] - ptr[0];
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t target = ptr[0] + c * total / chunks;
@@ -301,7 +302,10 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   const int64_t groups = dbias == nullptr ? p.batch * p.heads : p.bias_heads;
   const int64_t per_group = p.batch * p.heads / groups;
   const int64_t chunks = GradChunks(ctx, p, groups);
-  const std::vector<int64_t> bounds = ChunkBounds(p, chunks);
+  // A shared bias gets dS from every head: its columns must be split the same way for all heads, or
+  // two chunks of different heads would add into the same dbias entries at once.
+  const bool shared_bias_grad = dbias != nullptr && p.bias_heads == 1;
+  const std::vector<int64_t> bounds = ChunkBounds(p, chunks, shared_bias_grad);
   const int64_t partial_size = p.batch * p.heads * p.tq * d;  // [chunks, B, H, Tq, D]
   tensorflow::Tensor partial_tensor;
   const absl::Status status = ctx->allocate_temp(tensorflow::DataTypeToEnum<Acc>::value,
