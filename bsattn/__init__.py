@@ -1,8 +1,8 @@
 """bsattn: block-sparse attention for TensorFlow 2 (OpenAI blocksparse / sparse_attention, revived).
 
-``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables`` and ``bsattn.reference`` are NumPy only; the rest needs
-TensorFlow and is imported on first access (so the NumPy parts also work where TensorFlow is
-absent, e.g. in the GPU device harness). The op library itself loads on the first op call.
+``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.sparsity_config`` and ``bsattn.reference``
+are NumPy only; the rest needs TensorFlow and is imported on first access (so the NumPy parts also work where
+TensorFlow is absent, e.g. in the GPU device harness). The op library itself loads on the first op call.
 """
 
 import importlib
@@ -23,6 +23,18 @@ _EXPORTS = {
     "split_states": "bsattn.sparse_attention",
     "strided_transpose": "bsattn.sparse_attention",
     "recomputable": "bsattn.recompute",
+    "SparsityConfig": "bsattn.sparsity_config",
+    "DenseSparsityConfig": "bsattn.sparsity_config",
+    "FixedSparsityConfig": "bsattn.sparsity_config",
+    "VariableSparsityConfig": "bsattn.sparsity_config",
+    "BigBirdSparsityConfig": "bsattn.sparsity_config",
+    "BSLongformerSparsityConfig": "bsattn.sparsity_config",
+    "LocalSlidingWindowSparsityConfig": "bsattn.sparsity_config",
+    "sparsity_config_from_json": "bsattn.sparsity_config",
+    "SparseSelfAttention": "bsattn.keras_layers",
+    "BertSparseSelfAttention": "bsattn.keras_layers",
+    "SparseMultiHeadAttention": "bsattn.keras_layers",
+    "deepspeed_sparse_attention": "bsattn.keras_layers",
 }
 _SUBMODULES = (
     "patterns",
@@ -34,6 +46,9 @@ _SUBMODULES = (
     "sparse_attention",
     "transformer",
     "recompute",
+    "sparsity_config",
+    "keras_layers",
+    "bert_utils",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

@@ -1,0 +1,434 @@
+"""Keras layers of DeepSpeed's sparse self-attention, on the fused block-sparse op.
+
+- ``deepspeed_sparse_attention``: the function behind them: ``q, k, v [B, H, T, D]`` → ``[B, H, T, D]``, with
+  DeepSpeed's ``rpe``, ``key_padding_mask`` and ``attn_mask`` (``'add'``/``'mul'`` modes).
+- ``SparseSelfAttention``: DeepSpeed's module as a Keras layer (no weights).
+- ``BertSparseSelfAttention``: query/key/value projections + sparse attention over ``[B, T, C]``.
+- ``SparseMultiHeadAttention``: a ``keras.layers.MultiHeadAttention`` whose attention is sparse (same weights,
+  same call), what ``bert_utils.replace_model_self_attention_with_sparse_self_attention`` swaps in.
+
+How the masks reach the fused op (exact, O(T·D) memory unless a dense ``[T, T]`` input is given):
+
+- ``key_padding_mask`` ``[B, T]`` (any shape that squeezes to it, e.g. BERT's ``[B, 1, 1, T]``):
+  ``'mul'``: key ``j`` of batch ``b`` is dropped where the mask is 0 (the op's boolean key mask);
+  ``'add'``: the value is added to every score of key ``j``. Entries equal to ``-inf`` become the op's boolean key
+  mask; the finite values are a rank-one term ``1 · kp[b, j]`` of the scores, so they travel as one extra
+  channel of ``q`` (constant ``1/scale``) and ``k`` (``kp``) with a zero channel in ``v``: no ``[T, T]`` tensor.
+  The score is then accumulated with that term, so its absolute error is about ``|kp| / scale`` ulps of the
+  compute precision: irrelevant where ``kp`` is 0 or drops the key (BERT's -10000 next to a kept 0), but a row
+  whose every kept key carries -10000 gets the precision of ``-10000 + s`` (DeepSpeed's fp16 was coarser still).
+- ``attn_mask`` ``[T, T]`` (squeezed; shared by the batch and the heads): ``'add'``: added to the scores (the
+  op's ``bias``); ``'mul'``: entries equal to 0 are dropped: a ``-inf`` bias where the mask is 0, else 0.
+- ``rpe``: ``[H|1, T, T]`` or ``[B|1, H|1, T, T]`` added to the scores (the op's ``bias``), with a gradient
+  (DeepSpeed has none). A batch dimension > 1 maps the op over the batch (one ``[H|1, T, T]`` bias each).
+- A query row whose every key is dropped gives 0 (DeepSpeed: NaN). Masks get no gradient (DeepSpeed: neither).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from bsattn.fused_attention import fused_attention, fused_scale
+from bsattn.fused_tables import fused_tables_for_pattern
+from bsattn.sparsity_config import (
+    FixedSparsityConfig,
+    SparsityConfig,
+    deserialize_sparsity_config,
+    serialize_sparsity_config,
+)
+from bsattn.tables import BLOCK_SIZES
+
+MASK_MODES = ("add", "mul")
+
+
+def _check_mode(name: str, mode: str) -> str:
+    if mode not in MASK_MODES:
+        raise ValueError(f"{name} must be 'add' or 'mul', got {mode!r}")
+    return mode
+
+
+def _check_config(sparsity_config) -> SparsityConfig:
+    if not isinstance(sparsity_config, SparsityConfig):
+        raise TypeError(
+            f"sparsity_config must be a SparsityConfig (e.g. FixedSparsityConfig(num_heads=...)), "
+            f"got {type(sparsity_config).__name__}"
+        )
+    if sparsity_config.block not in BLOCK_SIZES:
+        raise ValueError(f"sparsity_config.block must be one of {BLOCK_SIZES} for the ops, got {sparsity_config.block}")
+    return sparsity_config
+
+
+def _squeeze_mask(x: tf.Tensor, name: str, keep_batch: bool, t: int) -> tf.Tensor:
+    """``x`` without its size-1 dimensions (the first is kept if ``keep_batch``) → ``[B, T]`` or ``[T, T]``."""
+    if x.shape.rank is None:
+        raise ValueError(f"{name} must have a known rank")
+    dims = x.shape.as_list()
+    start = 1 if keep_batch else 0
+    rest = [d for d in dims[start:] if d != 1]
+    if len(dims) < start or len(rest) != 2 - start or any(d not in (None, t) for d in rest):
+        expected = "[batch, T]" if keep_batch else "[T, T]"
+        raise ValueError(f"{name} must squeeze to {expected} with T={t}, got shape {x.shape}")
+    return tf.reshape(x, ([tf.shape(x)[0]] if keep_batch else []) + [t] * (2 - start))
+
+
+def deepspeed_sparse_attention(
+    query: tf.Tensor,
+    key: tf.Tensor,
+    value: tf.Tensor,
+    sparsity_config: SparsityConfig,
+    rpe: tf.Tensor | None = None,
+    key_padding_mask: tf.Tensor | None = None,
+    attn_mask: tf.Tensor | None = None,
+    key_padding_mask_mode: str = "add",
+    attn_mask_mode: str = "mul",
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    seed: int | tf.Tensor | None = None,
+) -> tf.Tensor:
+    """DeepSpeed's ``SparseSelfAttention.forward`` on the fused op: ``[B, H, T, D] x3 → [B, H, T, D]``.
+
+    Args:
+      query, value: ``[B, H, T, D]``, float32, float16, bfloat16 or float64 (one dtype).
+      key: ``[B, H, T, D]``, or ``[B, H, D, T]`` (already transposed; recognised when its third dimension is not
+        ``T``, as in DeepSpeed).
+      sparsity_config: the pattern; ``H`` must be its ``num_heads``; ``T`` a multiple of its ``block``.
+      rpe, key_padding_mask, attn_mask, the modes: see the module docstring.
+      scale: default ``1/sqrt(D)``.
+      dropout_rate, seed: attention dropout of the fused op (DeepSpeed has none).
+    """
+    config = _check_config(sparsity_config)
+    _check_mode("key_padding_mask_mode", key_padding_mask_mode)
+    _check_mode("attn_mask_mode", attn_mask_mode)
+    query = tf.convert_to_tensor(query)
+    key = tf.convert_to_tensor(key, dtype_hint=query.dtype)
+    value = tf.convert_to_tensor(value, dtype_hint=query.dtype)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.shape.rank != 4:
+            raise ValueError(f"{name} must be [batch, heads, T, head_dim], got shape {x.shape}")
+    _, heads, t, d = query.shape.as_list()
+    if heads is None or t is None or d is None:
+        raise ValueError(f"query needs static heads, T and head_dim, got shape {query.shape}")
+    if key.shape[2] != t and key.shape[3] == t:  # DeepSpeed accepts an already transposed key
+        key = tf.transpose(key, [0, 1, 3, 2])
+    if not (query.shape.is_compatible_with(key.shape) and key.shape.is_compatible_with(value.shape)):
+        raise NotImplementedError(
+            f"only self-attention is supported for now: query, key and value must have one shape, got "
+            f"{query.shape}, {key.shape}, {value.shape}"
+        )
+    if heads != config.num_heads:
+        raise ValueError(f"query has {heads} heads but sparsity_config.num_heads is {config.num_heads}")
+    if t % config.block:
+        raise ValueError(f"Sequence Length, {t}, needs to be dividable by Block size {config.block}!")
+    tables = fused_tables_for_pattern(config, t, t, config.block)
+    scale = fused_scale(d, scale)
+    dtype = query.dtype
+
+    bias = None
+    if attn_mask is not None:
+        am = _squeeze_mask(tf.convert_to_tensor(attn_mask), "attn_mask", False, t)
+        if attn_mask_mode == "mul":
+            kept = am if am.dtype == tf.bool else tf.not_equal(am, tf.zeros([], am.dtype))
+            am = tf.where(kept, tf.zeros([], dtype), tf.constant(-np.inf, dtype))
+        bias = tf.cast(am, dtype)[None]
+    keep, key_bias = None, None
+    if key_padding_mask is not None:
+        kp = _squeeze_mask(tf.convert_to_tensor(key_padding_mask), "key_padding_mask", True, t)
+        if key_padding_mask_mode == "mul":
+            keep = kp if kp.dtype == tf.bool else tf.not_equal(kp, tf.zeros([], kp.dtype))
+        else:
+            kp = tf.cast(kp, dtype)
+            keep = tf.not_equal(kp, -np.inf)
+            key_bias = tf.stop_gradient(tf.where(keep, kp, tf.zeros_like(kp)))
+
+    def attend(q, k, v, keep, key_bias, bias):
+        """One fused call: ``q, k, v [b, H, T, D]``, ``keep, key_bias [b, T]``, ``bias [H|1, T, T]``."""
+        width = d
+        if key_bias is not None:  # the rank-one key term rides as one more channel (module docstring)
+            q = tf.concat([q, tf.ones_like(q[..., :1]) * tf.constant(1.0 / scale, dtype)], -1)
+            k = tf.concat([k, tf.broadcast_to(key_bias[:, None, :, None], tf.shape(k[..., :1]))], -1)
+            v = tf.concat([v, tf.zeros_like(v[..., :1])], -1)
+            width = d + 1
+        flat = [tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [-1, t, heads * width]) for x in (q, k, v)]
+        out = fused_attention(
+            *flat, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
+            dropout_rate=dropout_rate, seed=seed,
+        )  # fmt: skip
+        out = tf.transpose(tf.reshape(out, [-1, t, heads, width]), [0, 2, 1, 3])
+        return out[..., :d] if width != d else out
+
+    if rpe is None:
+        return attend(query, key, value, keep, key_bias, bias)
+    rpe = tf.cast(rpe, dtype)
+    if rpe.shape.rank == 3:
+        rpe = rpe[None]
+    if rpe.shape.rank != 4 or not rpe.shape[1:].is_compatible_with([None, t, t]) or rpe.shape[1] not in (1, heads):
+        raise ValueError(f"rpe must be [1 or {heads}, {t}, {t}] or [batch or 1, 1 or {heads}, {t}, {t}], got {rpe.shape}")
+    if rpe.shape[0] == 1:
+        rpe = rpe[0]
+        return attend(query, key, value, keep, key_bias, rpe if bias is None else rpe + bias)
+    # A per-batch rpe: one fused call per batch entry, each with its own [H|1, T, T] bias.
+    if bias is not None:
+        rpe = rpe + bias[None]
+    batch = tf.shape(query)[0]
+    rpe = tf.broadcast_to(rpe, tf.concat([[batch], tf.shape(rpe)[1:]], 0))
+    ones = tf.ones([batch, t], dtype)
+    elems = (query, key, value, ones if keep is None else tf.cast(keep, dtype),
+             ones if key_bias is None else key_bias, rpe)  # fmt: skip
+
+    def one(args):
+        q, k, v, kb_keep, kb_bias, r = args
+        return attend(
+            q[None], k[None], v[None],
+            None if keep is None else tf.not_equal(kb_keep, 0)[None],
+            None if key_bias is None else kb_bias[None], r,
+        )[0]  # fmt: skip
+
+    return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec(query.shape[1:], dtype))
+
+
+# ---- layers ------------------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="bsattn")
+class SparseSelfAttention(keras.layers.Layer):
+    """DeepSpeed's ``SparseSelfAttention``: ``call(query, key, value, rpe=None, key_padding_mask=None,
+    attn_mask=None)`` with ``[B, H, T, D]`` inputs → ``[B, H, T, D]``; no weights.
+
+    The layout is built for the actual ``T`` (DeepSpeed sliced the ``max_seq_length`` layout); ``T`` above
+    ``max_seq_length`` is an error (DeepSpeed failed later, on shapes). Any float dtype; under a mixed
+    precision policy the inputs arrive in the compute dtype.
+    """
+
+    def __init__(
+        self,
+        sparsity_config: SparsityConfig | dict | None = None,
+        key_padding_mask_mode: str = "add",
+        attn_mask_mode: str = "mul",
+        max_seq_length: int = 2048,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if sparsity_config is None:
+            raise ValueError(
+                "sparsity_config is required (DeepSpeed's default, the abstract SparsityConfig(num_heads=4), has no "
+                "layout): pass e.g. FixedSparsityConfig(num_heads=...)"
+            )
+        self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
+        self.key_padding_mask_mode = _check_mode("key_padding_mask_mode", key_padding_mask_mode)
+        self.attn_mask_mode = _check_mode("attn_mask_mode", attn_mask_mode)
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+        self.max_seq_length = max_seq_length
+        self.sparsity_config.layout(max_seq_length)  # as DeepSpeed: fails now if the config cannot make it
+
+    def get_layout(self, seq_len: int) -> np.ndarray:
+        """The int64 block layout ``[num_heads, nb, nb]`` used for ``seq_len`` tokens."""
+        if seq_len % self.sparsity_config.block:
+            raise ValueError(
+                f"Sequence Length, {seq_len}, needs to be dividable by Block size {self.sparsity_config.block}!"
+            )
+        return self.sparsity_config.layout(seq_len).astype(np.int64)
+
+    def call(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None):
+        t = query.shape[2]
+        if t is not None and t > self.max_seq_length:
+            raise ValueError(f"query has T={t} tokens, more than max_seq_length={self.max_seq_length}")
+        return deepspeed_sparse_attention(
+            query, key, value, self.sparsity_config, rpe=rpe, key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask, key_padding_mask_mode=self.key_padding_mask_mode,
+            attn_mask_mode=self.attn_mask_mode,
+        )  # fmt: skip
+
+    def compute_output_shape(self, query_shape, *args, **kwargs):
+        return query_shape
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "sparsity_config": serialize_sparsity_config(self.sparsity_config),
+            "key_padding_mask_mode": self.key_padding_mask_mode,
+            "attn_mask_mode": self.attn_mask_mode,
+            "max_seq_length": self.max_seq_length,
+        }
+
+
+def _bert_sizes(config) -> tuple[int, int]:
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (hidden, heads)):
+        raise ValueError(
+            f"config must give positive integers hidden_size and num_attention_heads, got {hidden!r}, {heads!r}"
+        )
+    if hidden % heads != 0:
+        raise ValueError(
+            f"The hidden size ({hidden}) is not a multiple of the number of attention heads ({heads})"
+        )
+    return hidden, heads
+
+
+@keras.saving.register_keras_serializable(package="bsattn")
+class BertSparseSelfAttention(keras.layers.Layer):
+    """DeepSpeed's ``BertSparseSelfAttention``: ``call(hidden_states [B, T, C], attention_mask=None) → [B, T, C]``.
+
+    ``config``: anything with ``hidden_size`` and ``num_attention_heads`` (an object or a dict); the query, key
+    and value projections are ``Dense(hidden_size)`` layers named ``query``, ``key``, ``value``. ``attention_mask``
+    is the key padding mask (BERT's additive ``[B, 1, 1, T]`` in ``'add'`` mode, DeepSpeed's default; a 0/1 mask
+    in ``'mul'`` mode). The default sparsity config is ``FixedSparsityConfig(num_heads=num_attention_heads)``
+    (DeepSpeed's default, 4 heads, only fit models with 4 heads).
+    """
+
+    def __init__(
+        self,
+        config,
+        sparsity_config: SparsityConfig | dict | None = None,
+        key_padding_mask_mode: str = "add",
+        attn_mask_mode: str = "mul",
+        max_seq_length: int = 2048,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_size, self.num_attention_heads = _bert_sizes(config)
+        if sparsity_config is None:
+            sparsity_config = FixedSparsityConfig(num_heads=self.num_attention_heads)
+        sparsity_config = deserialize_sparsity_config(sparsity_config)
+        if sparsity_config.num_heads != self.num_attention_heads:
+            raise ValueError(
+                f"sparsity_config.num_heads={sparsity_config.num_heads} must equal config.num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        self.query = keras.layers.Dense(self.hidden_size, name="query", dtype=self.dtype_policy)
+        self.key = keras.layers.Dense(self.hidden_size, name="key", dtype=self.dtype_policy)
+        self.value = keras.layers.Dense(self.hidden_size, name="value", dtype=self.dtype_policy)
+        self.sparse_self_attention = SparseSelfAttention(
+            sparsity_config, key_padding_mask_mode, attn_mask_mode, max_seq_length, dtype=self.dtype_policy
+        )
+
+    def build(self, input_shape):
+        for layer in (self.query, self.key, self.value):
+            layer.build(input_shape)
+
+    def _heads(self, x):
+        d = self.hidden_size // self.num_attention_heads
+        return tf.transpose(tf.reshape(x, [tf.shape(x)[0], -1, self.num_attention_heads, d]), [0, 2, 1, 3])
+
+    def call(self, hidden_states, attention_mask=None):
+        if hidden_states.shape.rank != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must be [batch, T, {self.hidden_size}], got shape {hidden_states.shape}")
+        t = hidden_states.shape[1]
+        q, k, v = (self._heads(layer(hidden_states)) for layer in (self.query, self.key, self.value))
+        q, k, v = (tf.ensure_shape(x, [None, self.num_attention_heads, t, None]) for x in (q, k, v))
+        out = self.sparse_self_attention(q, k, v, key_padding_mask=attention_mask)
+        return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [tf.shape(out)[0], -1, self.hidden_size])
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return input_shape
+
+    def get_config(self) -> dict:
+        sparse = self.sparse_self_attention
+        return {
+            **super().get_config(),
+            "config": {"hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads},
+            "sparsity_config": serialize_sparsity_config(sparse.sparsity_config),
+            "key_padding_mask_mode": sparse.key_padding_mask_mode,
+            "attn_mask_mode": sparse.attn_mask_mode,
+            "max_seq_length": sparse.max_seq_length,
+        }
+
+
+@keras.saving.register_keras_serializable(package="bsattn")
+class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """``keras.layers.MultiHeadAttention`` with block-sparse self-attention: the same weights and call.
+
+    Differences from its parent: self-attention only (``T == S``, one attention axis); ``attention_mask`` (and
+    Keras' implicit input masks) may only mask keys, i.e. be ``[B, S]`` or ``[B, 1, S]`` — any other structure
+    belongs in ``sparsity_config``; ``use_causal_mask=True`` needs a unidirectional config;
+    ``return_attention_scores`` is not supported (the fused op never forms the weights). Dropout is the fused
+    op's (the kept probabilities are scaled by ``1 / (1 - dropout)``, as in Keras).
+    """
+
+    def __init__(
+        self,
+        sparsity_config: SparsityConfig | dict,
+        num_heads: int,
+        key_dim: int,
+        max_seq_length: int | None = None,
+        **kwargs,
+    ):
+        if kwargs.get("sliding_window") is not None:
+            raise ValueError("sliding_window is not supported: a sliding window belongs in the sparsity_config")
+        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length < 1):  # fmt: skip
+            raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
+        self.max_seq_length = max_seq_length
+        self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
+        if self.sparsity_config.num_heads != num_heads:
+            raise ValueError(
+                f"sparsity_config.num_heads={self.sparsity_config.num_heads} must equal num_heads={num_heads}"
+            )
+        if kwargs.get("value_dim") not in (None, key_dim):
+            raise ValueError(f"value_dim={kwargs['value_dim']} must equal key_dim={key_dim} for the fused op")
+        if kwargs.get("attention_axes") not in (None, (1,), [1], 1, -3):
+            raise ValueError(f"attention_axes={kwargs['attention_axes']!r}: only the sequence axis is supported")
+
+    @classmethod
+    def from_multi_head_attention(
+        cls, mha: keras.layers.MultiHeadAttention, sparsity_config: SparsityConfig, max_seq_length: int | None = None
+    ) -> SparseMultiHeadAttention:
+        """A sparse copy of ``mha``: its config and, if ``mha`` is built, a copy of its weights."""
+        layer = cls(sparsity_config=sparsity_config, max_seq_length=max_seq_length, **mha.get_config())
+        if mha.built:
+            layer.build_from_config(mha.get_build_config())
+            layer.set_weights(mha.get_weights())
+        return layer
+
+    def _compute_attention_mask(self, query, value, query_mask=None, value_mask=None, key_mask=None,
+                                attention_mask=None, use_causal_mask=False):  # fmt: skip
+        # Keys only: a masked query keeps attending the real keys (its output is padding either way; Keras
+        # would average over every key there). Causal structure comes from the sparsity config.
+        del query_mask, use_causal_mask
+        return super()._compute_attention_mask(
+            query, value, value_mask=value_mask, key_mask=key_mask, attention_mask=attention_mask
+        )
+
+    def call(self, query, value, key=None, *args, use_causal_mask=False, return_attention_scores=False, **kwargs):
+        if return_attention_scores:
+            raise ValueError("return_attention_scores is not supported by SparseMultiHeadAttention")
+        if use_causal_mask and not self.sparsity_config.unidirectional:
+            raise ValueError("use_causal_mask=True needs a sparsity_config with attention='unidirectional'")
+        # A unidirectional config is causal per token already.
+        return super().call(query, value, key, *args, use_causal_mask=False, **kwargs)
+
+    def _compute_attention(
+        self, query, key, value, attention_mask=None, training=None, return_attention_scores=False, **kwargs
+    ):
+        # query, key, value: [B, T, N, H] (EinsumDense outputs).
+        t = query.shape[1]
+        if self.max_seq_length is not None and t is not None and t > self.max_seq_length:
+            raise ValueError(f"{self.name}: T={t} is more than max_seq_length={self.max_seq_length}")
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.shape.rank == 3:
+                if attention_mask.shape[1] != 1:
+                    raise ValueError(
+                        f"attention_mask must mask keys only ([B, S] or [B, 1, S]), got shape {attention_mask.shape}; "
+                        "express other structure in the sparsity_config"
+                    )
+                attention_mask = attention_mask[:, 0]
+            keep = attention_mask
+        rate = self._dropout if training else 0.0
+        out = deepspeed_sparse_attention(
+            tf.transpose(query, [0, 2, 1, 3]), tf.transpose(key, [0, 2, 1, 3]), tf.transpose(value, [0, 2, 1, 3]),
+            self.sparsity_config, key_padding_mask=keep, key_padding_mask_mode="mul",
+            scale=self._inverse_sqrt_key_dim, dropout_rate=rate,
+        )  # fmt: skip
+        return tf.transpose(out, [0, 2, 1, 3]), None
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "sparsity_config": serialize_sparsity_config(self.sparsity_config),
+            "max_seq_length": self.max_seq_length,
+        }
