@@ -147,7 +147,7 @@ def extend_position_embedding(
         if layer.name != layer_name:
             return None
         if not isinstance(layer, keras.layers.Embedding):
-            raise ValueError(f"layer {layer_name!r} is a {type(layer).__name__}, not a keras.layers.Embedding")
+            raise TypeError(f"layer {layer_name!r} is a {type(layer).__name__}, not a keras.layers.Embedding")
         if not layer.built:
             raise ValueError(f"layer {layer_name!r} is not built: call the model once first")
         table = layer.get_weights()[0]

@@ -49,7 +49,7 @@ def _int(name: str, value, minimum: int = 1) -> int:
 
 def _flag(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
@@ -590,7 +590,7 @@ def sparsity_config_from_json(section, num_heads: int) -> SparsityConfig:
                 text = f.read()
         section = json.loads(text)
     if not isinstance(section, dict):
-        raise ValueError(f"section must be a dict, JSON text or a JSON file path, got {type(section).__name__}")
+        raise TypeError(f"section must be a dict, JSON text or a JSON file path, got {type(section).__name__}")
     if "sparse_attention" in section:
         section = section["sparse_attention"]
         if not isinstance(section, dict):

@@ -448,7 +448,9 @@ def test_json_errors():
         sparsity_config_from_json({"mode": "local"}, 2)
     with pytest.raises(ValueError, match=r"unknown keys in the sparse_attention section: \['num_locl_blocks'\]"):
         sparsity_config_from_json({"mode": "fixed", "num_locl_blocks": 2}, 2)
-    with pytest.raises(ValueError, match="section must be a dict"):
+    with pytest.raises(TypeError, match="section must be a dict"):
         sparsity_config_from_json([1, 2], 2)
     with pytest.raises(ValueError, match="num_local_blocks must be a positive integer"):
         sparsity_config_from_json({"num_local_blocks": "4"}, 2)
+    with pytest.raises(TypeError, match="horizontal_global_attention must be True or False"):
+        sparsity_config_from_json({"horizontal_global_attention": "yes"}, 2)
