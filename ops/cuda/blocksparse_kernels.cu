@@ -12,23 +12,15 @@
 #include <type_traits>
 
 #include "ops/cuda/bsattn_cuda.h"
+#include "ops/cuda/cuda_common.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using bsattn_cuda::FromFloat;
+using bsattn_cuda::LastError;
+using bsattn_cuda::ToFloat;
 
 // One CTA per output block (blk, h, n). The bs x bs tile is accumulated over head_dim in chunks
 // of kChunk columns staged in shared memory (rows padded by one float: no bank conflicts).
@@ -440,8 +432,6 @@ struct DsdRunner {
   template <typename... Args>
   static void Run(Args... args) { LaunchDsd<T, BS>(args...); }
 };
-
-int LastError() { return static_cast<int>(cudaGetLastError()); }
 
 bool IsBlockSize(int64_t bs) { return bs == 8 || bs == 16 || bs == 32 || bs == 64 || bs == 128; }
 

@@ -29,6 +29,8 @@ enum bsattn_error {
   BSATTN_ERROR_DTYPE = 10001,      /* dtype not one of bsattn_dtype */
   BSATTN_ERROR_BLOCK_SIZE = 10002, /* block size not 8, 16, 32, 64 or 128 */
   BSATTN_ERROR_SHAPE = 10003,      /* a size is zero, negative or too large for the grid */
+  BSATTN_ERROR_HEAD_DIM = 10004,   /* fused attention: head_dim over 256 */
+  BSATTN_ERROR_WORKSPACE = 10005,  /* fused backward: workspace missing or too small */
 };
 
 const char* bsattn_cuda_error_string(int code);
@@ -60,6 +62,55 @@ int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* d
                                const int32_t* nn_lut, int64_t batch, int64_t heads, int64_t nnz,
                                int64_t block_size, int64_t lut_heads, int64_t lut_len,
                                int64_t n_rows, bsattn_stream_t stream);
+
+/* ---- fused (flash-style) block-sparse attention --------------------------------------------
+ * The interface of the CPU op BsattnFusedAttention (ops/cc/ops/fused_attention_ops.cc):
+ *   q [B, Tq, H*D], k and v [B, Tk, H*D] (dtype), Tq = n_q_blocks * bs, Tk = n_k_blocks * bs
+ *   row_ptr [L, nQb + 1], row_entries [E, 2] (Kb, mask id); col_ptr [L, nKb + 1], col_entries
+ *   [E, 2] (Qb, mask id) (backward only); L = layout_heads = 1 or H; masks [P, bs, ceil(bs/32)]
+ *   keep bits (mask id -1 = full block); key_padding_mask [B, Tk] bytes (nonzero = real key) or
+ *   NULL; bias [bias_heads, Tq, Tk] (dtype) or NULL, added to the scaled scores; dropout of the
+ *   probabilities with the counter hash of ops/cuda/dropout_hash.h (rate 0 = none).
+ * Block sizes 8..128 (powers of two); head_dim up to 256. float16/bfloat16 with bs >= 16,
+ * head_dim 32, 64 or 128 and 16-byte aligned q/k/v/out run on tensor cores (mma.sync); every
+ * other case runs a SIMT kernel with float32 arithmetic. */
+typedef struct bsattn_fused_args {
+  int dtype;
+  int64_t batch, heads, head_dim, tq, tk, block_size;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t layout_heads;
+  const int32_t* row_ptr;
+  const int32_t* row_entries;
+  const int32_t* col_ptr;
+  const int32_t* col_entries;
+  const int32_t* masks;
+  const uint8_t* key_padding_mask;
+  const void* bias;
+  int64_t bias_heads;
+  float scale;
+  float dropout_rate;
+  int64_t seed;
+} bsattn_fused_args;
+
+/* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose
+ * output is 0). */
+int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, bsattn_stream_t stream);
+
+/* Bytes of device workspace bsattn_fused_backward needs (delta rows, and a float32 dbias
+ * accumulator for 16-bit dtypes). */
+int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias);
+
+/* dq, dk, dv (shapes of q, k, v) from dout [B, Tq, H*D], the forward's out and lse, and dlse
+ * [B, H, Tq] float32 or NULL. With dbias (NULL = not wanted; needs a bias) [bias_heads, Tq, Tk]
+ * (dtype): the gradient of the bias summed over the batch (and the heads when bias_heads = 1),
+ * 0 outside the active blocks. Two passes, no atomics: dq over query-block rows, dk/dv (and dbias)
+ * over key-block columns; the same inputs give the same bits. */
+int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const float* lse,
+                          const void* dout, const float* dlse, void* dq, void* dk, void* dv,
+                          void* dbias, void* workspace, int64_t workspace_bytes,
+                          bsattn_stream_t stream);
 
 #ifdef __cplusplus
 }

@@ -1,31 +1,52 @@
 #!/usr/bin/env bash
-# On the GPU machine (PyTorch, no TensorFlow): build the CUDA launchers of ops/cuda with nvcc,
-# check every launcher against the float64 references, run compute-sanitizer (memcheck and
-# racecheck) on a small case, and time the ops. Logs and JSON go to $OUT.
-#   bash tests/device/run.sh [--skip-sanitizer]
+# On the GPU machine (PyTorch, no TensorFlow): build the CUDA launchers of ops/cuda with nvcc, check
+# every launcher against the float64 references, run compute-sanitizer (memcheck and racecheck) on
+# small cases, and time the ops. Logs and JSON go to $OUT.
+#   bash tests/device/run.sh                      # everything
+#   STEPS="fused sanitizer" FUSED_ARGS="--lengths 16384" bash tests/device/run.sh
+#   PREBUILT=1 ...                                 # skip the build: build/device/libbsattn_cuda.so exists
+# STEPS picks among: unfused (harness.py), fused (fused_harness.py), sanitizer (both, --quick).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/bsattn_device}
+STEPS=${STEPS:-"unfused fused sanitizer"}
+FUSED_ARGS=${FUSED_ARGS:-}
 LIB=build/device/libbsattn_cuda.so
 mkdir -p "$OUT" build/device
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 OUT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 
-start=$SECONDS
-nvcc -shared -O3 -std=c++17 -Xcompiler -fPIC -cudart static --expt-relaxed-constexpr -I. \
-  -gencode=arch=compute_90a,code=sm_90a ops/cuda/*.cu -o "$LIB" || exit 1
-echo "nvcc build: $((SECONDS - start)) s"
+# PREBUILT=1: use the $LIB carried from the machine that built it (same command, run there).
+if [ "${PREBUILT:-0}" = 1 ] && [ -f "$LIB" ]; then
+  echo "using prebuilt $LIB"
+else
+  start=$SECONDS
+  nvcc -shared -O3 -std=c++17 -Xcompiler -fPIC -cudart static --expt-relaxed-constexpr -I. \
+    -gencode=arch=compute_90a,code=sm_90a ops/cuda/*.cu -o "$LIB" || exit 1
+  echo "nvcc build: $((SECONDS - start)) s"
+fi
 
-python3 tests/device/harness.py --lib "$LIB" 2>&1 | tee "$OUT/harness.log"
-rc=${PIPESTATUS[0]}
-if [ "${1:-}" != "--skip-sanitizer" ]; then
-  for tool in memcheck racecheck; do
-    if timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        python3 tests/device/harness.py --lib "$LIB" --quick --no-bench >"$OUT/$tool.log" 2>&1; then
-      echo "compute-sanitizer $tool: clean ($(grep -c passed "$OUT/$tool.log") summary line)"
-    else
-      echo "compute-sanitizer $tool: FAILED"; tail -25 "$OUT/$tool.log"; rc=1
-    fi
+rc=0
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+if step unfused; then
+  python3 tests/device/harness.py --lib "$LIB" 2>&1 | tee "$OUT/harness.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if step fused; then
+  # shellcheck disable=SC2086
+  python3 tests/device/fused_harness.py --lib "$LIB" $FUSED_ARGS 2>&1 | tee "$OUT/fused.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if step sanitizer; then
+  for script in harness fused_harness; do
+    for tool in memcheck racecheck; do
+      if timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+          python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench >"$OUT/$script.$tool.log" 2>&1; then
+        echo "compute-sanitizer $tool $script: clean ($(tail -1 "$OUT/$script.$tool.log"))"
+      else
+        echo "compute-sanitizer $tool $script: FAILED"; tail -25 "$OUT/$script.$tool.log"; rc=1
+      fi
+    done
   done
 fi
 exit $rc

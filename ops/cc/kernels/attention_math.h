@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ops/cuda/dropout_hash.h"
+
 namespace bsattn {
 
 // The largest tile side the helpers accept (the largest block size).
@@ -54,35 +56,7 @@ void ApplyKeepBits(double* x, int rows, int cols, const uint32_t* bits, int word
 void TransposeScaled(const float* src, int64_t src_stride, int rows, int cols, float scale, float* dst);
 void TransposeScaled(const double* src, int64_t src_stride, int rows, int cols, double scale, double* dst);
 
-// ---- dropout -------------------------------------------------------------------------------------
-// The keep decision of attention entry (b, h, i, j) is a pure function of (seed, counter) with
-// counter = ((b * H + h) * Tq + i) * Tk + j, so the backward pass regenerates the forward's mask
-// without state. bsattn/reference.py's dropout_keep_mask is the NumPy twin of these lines.
-
-// murmur3's 64-bit finaliser: a bijection with full avalanche.
-inline uint64_t Fmix64(uint64_t z) {
-  z ^= z >> 33;
-  z *= 0xff51afd7ed558ccdULL;
-  z ^= z >> 33;
-  z *= 0xc4ceb9fe1a85ec53ULL;
-  z ^= z >> 33;
-  return z;
-}
-
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
-
-inline uint64_t DropoutKey(int64_t seed) { return Fmix64(static_cast<uint64_t>(seed) ^ kGolden); }
-
-// Entry `counter` is kept iff the high 32 bits of its hash are >= the threshold.
-inline bool DropoutKeep(uint64_t key, uint64_t counter, uint32_t threshold) {
-  return (Fmix64(key ^ (counter * kGolden)) >> 32) >= threshold;
-}
-
-// floor(rate * 2^32), so that an entry is dropped with probability threshold / 2^32 ~= rate.
-inline uint32_t DropoutThreshold(double rate) {
-  const double t = std::floor(rate * 4294967296.0);
-  return t >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(t);
-}
+// ---- dropout (the hash: ops/cuda/dropout_hash.h, shared with the CUDA kernels) -------------------
 
 // z[r][c] = keep(base + r * row_step + c * col_step) ? scale : 0.
 void DropoutTile(float* z, int rows, int cols, uint64_t key, uint64_t base, uint64_t row_step,

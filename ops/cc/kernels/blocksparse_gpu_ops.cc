@@ -5,10 +5,10 @@
 #if GOOGLE_CUDA
 
 #include "ops/cc/kernels/blocksparse_checks.h"
+#include "ops/cc/kernels/gpu_launch.h"
 #include "ops/cuda/bsattn_cuda.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
-#include "tensorflow/core/platform/stream_executor.h"
 
 namespace bsattn {
 namespace {
@@ -18,32 +18,6 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
-
-template <typename T>
-constexpr int DtypeCode();
-template <>
-constexpr int DtypeCode<float>() { return BSATTN_FLOAT32; }
-template <>
-constexpr int DtypeCode<Eigen::half>() { return BSATTN_FLOAT16; }
-template <>
-constexpr int DtypeCode<Eigen::bfloat16>() { return BSATTN_BFLOAT16; }
-
-bsattn_stream_t Stream(OpKernelContext* ctx) {
-  return static_cast<bsattn_stream_t>(
-      ctx->op_device_context()->stream()->platform_specific_handle().stream);
-}
-
-// A device copy of a (validated) host int32 table, enqueued on the op's stream.
-absl::Status TableToDevice(OpKernelContext* ctx, const Tensor& host, Tensor* device) {
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32, host.shape(), device));
-  stream_executor::DeviceAddressBase destination(device->data(), device->TotalBytes());
-  return ctx->op_device_context()->stream()->Memcpy(&destination, host.data(), host.TotalBytes());
-}
-
-absl::Status LaunchStatus(int code, const char* op) {
-  if (code == 0) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(op, ": ", bsattn_cuda_error_string(code)));
-}
 
 template <typename T>
 class NtGpuOp : public OpKernel {
@@ -58,7 +32,7 @@ class NtGpuOp : public OpKernel {
     NtDims d;
     OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, &d));
     Tensor lut_device, *c = nullptr;
-    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, TensorShape({d.batch, d.heads, d.nnz, d.block_size, d.block_size}), &c));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_nt(DtypeCode<T>(), a.data(), b.data(),
@@ -83,7 +57,7 @@ class DsdGpuOp : public OpKernel {
     DsdDims d;
     OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", &d));
     Tensor lut_device, *c = nullptr;
-    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({d.batch, d.n_out * d.block_size, d.width}), &c));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_dsd(DtypeCode<T>(), kTransposeW, w.data(), b.data(),
                                                 lut_device.flat<int32_t>().data(), c->data(), d.batch,
@@ -106,7 +80,7 @@ class MaskedSoftmaxGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckSoftmaxInputs(x, ctx->input(1), lut, &mask, &ctx->input(4),
                                            autoregressive_, &d));
     Tensor lut_device, *y = nullptr;
-    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_masked_softmax(
                                          DtypeCode<T>(), x.data(), y->data(), d.scale,
@@ -134,7 +108,7 @@ class MaskedSoftmaxGradGpuOp : public OpKernel {
                                                         " does not match y shape ",
                                                         y.shape().DebugString())));
     Tensor lut_device, *dx = nullptr;
-    OP_REQUIRES_OK(ctx, TableToDevice(ctx, lut, &lut_device));
+    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y.shape(), &dx));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_masked_softmax_grad(
                                          DtypeCode<T>(), dy.data(), y.data(), dx->data(), d.scale,

@@ -1,0 +1,159 @@
+// GPU kernels of BsattnFusedAttention and BsattnFusedAttentionGrad: thin wrappers around
+// bsattn_fused_forward / bsattn_fused_backward (ops/cuda/bsattn_cuda.h). The tables and the seed
+// arrive in host memory and pass the CPU kernels' checks (fused_checks) before the tables are
+// copied to the device on the op's stream; masks, key padding mask and bias stay on the device
+// (their contents need no check). float64 stays CPU-only.
+#if GOOGLE_CUDA
+
+#include "ops/cc/kernels/fused_checks.h"
+#include "ops/cc/kernels/gpu_launch.h"
+#include "ops/cuda/bsattn_cuda.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+
+namespace bsattn {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+const Tensor& Input(OpKernelContext* ctx, const char* name) {
+  const Tensor* t = nullptr;
+  ctx->input(name, &t).IgnoreError();  // CheckFusedInputs has looked every name up
+  return *t;
+}
+
+// The launchers' arguments for validated inputs, with device copies of the row table (and the
+// column table for the gradient) kept alive in `tables`.
+template <typename T>
+absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims& d, bool gradient,
+                      Tensor tables[4], bsattn_fused_args* args) {
+  const char* names[4] = {"row_ptr", "row_entries", "col_ptr", "col_entries"};
+  for (int i = 0; i < (gradient ? 4 : 2); ++i) {
+    TF_RETURN_IF_ERROR(HostToDevice(ctx, Input(ctx, names[i]), &tables[i]));
+  }
+  *args = bsattn_fused_args{};
+  args->dtype = DtypeCode<T>();
+  args->batch = d.batch;
+  args->heads = d.heads;
+  args->head_dim = d.head_dim;
+  args->tq = d.tq;
+  args->tk = d.tk;
+  args->block_size = d.block_size;
+  args->q = Input(ctx, "q").data();
+  args->k = Input(ctx, "k").data();
+  args->v = Input(ctx, "v").data();
+  args->layout_heads = d.layout_heads;
+  args->row_ptr = tables[0].flat<int32_t>().data();
+  args->row_entries = tables[1].flat<int32_t>().data();
+  if (gradient) {
+    args->col_ptr = tables[2].flat<int32_t>().data();
+    args->col_entries = tables[3].flat<int32_t>().data();
+  }
+  args->masks = Input(ctx, "masks").flat<int32_t>().data();
+  if (a.has_key_padding_mask) {
+    args->key_padding_mask = reinterpret_cast<const uint8_t*>(Input(ctx, "key_padding_mask").flat<bool>().data());
+  }
+  if (a.has_bias) {
+    args->bias = Input(ctx, "bias").data();
+    args->bias_heads = d.bias_heads;
+  }
+  args->scale = a.scale;
+  args->dropout_rate = a.dropout_rate;
+  args->seed = d.seed;
+  return absl::OkStatus();
+}
+
+template <typename T>
+class FusedAttentionGpuOp : public OpKernel {
+ public:
+  explicit FusedAttentionGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ParseFusedAttrs(ctx, false, &attrs_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    FusedDims d;
+    OP_REQUIRES_OK(ctx, CheckFusedInputs(ctx, attrs_, &d));
+    Tensor tables[4];
+    bsattn_fused_args args;
+    OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, false, tables, &args));
+    Tensor *out = nullptr, *lse = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({d.batch, d.heads, d.tq}), &lse));
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_fused_forward(&args, out->data(), lse->flat<float>().data(), Stream(ctx)),
+                                     "BsattnFusedAttention"));
+  }
+
+ private:
+  FusedAttrs attrs_;
+};
+
+template <typename T>
+class FusedAttentionGradGpuOp : public OpKernel {
+ public:
+  explicit FusedAttentionGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ParseFusedAttrs(ctx, true, &attrs_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    FusedDims d;
+    OP_REQUIRES_OK(ctx, CheckFusedInputs(ctx, attrs_, &d));
+    OP_REQUIRES_OK(ctx, CheckFusedGradInputs(ctx, attrs_, d));
+    Tensor tables[4];
+    bsattn_fused_args args;
+    OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, true, tables, &args));
+    const Tensor& bias = Input(ctx, "bias");
+    Tensor *dq, *dk, *dv, *dbias;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &dq));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &dk));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, ctx->input(2).shape(), &dv));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, attrs_.has_bias ? bias.shape() : TensorShape({0}), &dbias));
+    const int64_t workspace_bytes = bsattn_fused_backward_workspace(&args, attrs_.has_bias);
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({workspace_bytes}), &workspace));
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_fused_backward(
+                                         &args, Input(ctx, "out").data(), Input(ctx, "lse").flat<float>().data(),
+                                         Input(ctx, "dout").data(),
+                                         attrs_.has_dlse ? Input(ctx, "dlse").flat<float>().data() : nullptr,
+                                         dq->data(), dk->data(), dv->data(), attrs_.has_bias ? dbias->data() : nullptr,
+                                         workspace.data(), workspace_bytes, Stream(ctx)),
+                                     "BsattnFusedAttentionGrad"));
+  }
+
+ private:
+  FusedAttrs attrs_;
+};
+
+}  // namespace
+
+#define BSATTN_REGISTER_FUSED_GPU(T)                           \
+  REGISTER_KERNEL_BUILDER(Name("BsattnFusedAttention")         \
+                              .Device(tensorflow::DEVICE_GPU)  \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<float>("Tlse")   \
+                              .HostMemory("row_ptr")           \
+                              .HostMemory("row_entries")       \
+                              .HostMemory("seed"),             \
+                          FusedAttentionGpuOp<T>);             \
+  REGISTER_KERNEL_BUILDER(Name("BsattnFusedAttentionGrad")     \
+                              .Device(tensorflow::DEVICE_GPU)  \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<float>("Tlse")   \
+                              .HostMemory("row_ptr")           \
+                              .HostMemory("row_entries")       \
+                              .HostMemory("col_ptr")           \
+                              .HostMemory("col_entries")       \
+                              .HostMemory("seed"),             \
+                          FusedAttentionGradGpuOp<T>);
+
+BSATTN_REGISTER_FUSED_GPU(float);
+BSATTN_REGISTER_FUSED_GPU(Eigen::half);
+BSATTN_REGISTER_FUSED_GPU(Eigen::bfloat16);
+#undef BSATTN_REGISTER_FUSED_GPU
+
+}  // namespace bsattn
+
+#endif  // GOOGLE_CUDA

@@ -1,0 +1,117 @@
+#include "ops/cc/kernels/fused_checks.h"
+
+#include <cmath>
+
+#include "ops/cc/kernels/input_checks.h"
+
+namespace bsattn {
+namespace {
+
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+absl::Status Invalid(const std::string& message) { return absl::InvalidArgumentError(message); }
+
+absl::Status CheckShape(const Tensor& t, const char* name, const TensorShape& expected) {
+  if (t.shape() != expected) {
+    return Invalid(absl::StrCat(name, " must have shape ", expected.DebugString(), ", got ",
+                                t.shape().DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* a) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("heads", &a->heads));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("block_size", &a->block_size));
+  TF_RETURN_IF_ERROR(CheckBlockSize(a->block_size, "block_size"));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("scale", &a->scale));
+  if (!std::isfinite(a->scale)) return Invalid(absl::StrCat("scale must be finite, got ", a->scale));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("dropout_rate", &a->dropout_rate));
+  if (!(a->dropout_rate >= 0.0f && a->dropout_rate < 1.0f)) {
+    return Invalid(absl::StrCat("dropout_rate must be in [0, 1), got ", a->dropout_rate));
+  }
+  TF_RETURN_IF_ERROR(ctx->GetAttr("has_key_padding_mask", &a->has_key_padding_mask));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("has_bias", &a->has_bias));
+  if (gradient) TF_RETURN_IF_ERROR(ctx->GetAttr("has_dlse", &a->has_dlse));
+  return absl::OkStatus();
+}
+
+absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& a, FusedDims* d) {
+  const Tensor *q, *k, *v, *row_ptr, *row_entries, *masks, *key_padding_mask, *bias, *seed;
+  TF_RETURN_IF_ERROR(ctx->input("q", &q));
+  TF_RETURN_IF_ERROR(ctx->input("k", &k));
+  TF_RETURN_IF_ERROR(ctx->input("v", &v));
+  TF_RETURN_IF_ERROR(ctx->input("row_ptr", &row_ptr));
+  TF_RETURN_IF_ERROR(ctx->input("row_entries", &row_entries));
+  TF_RETURN_IF_ERROR(ctx->input("masks", &masks));
+  TF_RETURN_IF_ERROR(ctx->input("key_padding_mask", &key_padding_mask));
+  TF_RETURN_IF_ERROR(ctx->input("bias", &bias));
+  TF_RETURN_IF_ERROR(ctx->input("seed", &seed));
+  const int64_t bs = a.block_size;
+  TF_RETURN_IF_ERROR(CheckDense(*q, "q", bs, a.heads));
+  TF_RETURN_IF_ERROR(CheckDense(*k, "k", bs, a.heads));
+  TF_RETURN_IF_ERROR(CheckShape(*v, "v", k->shape()));
+  if (q->dim_size(0) != k->dim_size(0) || q->dim_size(2) != k->dim_size(2)) {
+    return Invalid(absl::StrCat("q and k must have the same batch and width, got ",
+                                q->shape().DebugString(), " and ", k->shape().DebugString()));
+  }
+  if (q->dim_size(2) == 0) return Invalid("q width must be positive (heads * head_dim)");
+  d->batch = q->dim_size(0);
+  d->heads = a.heads;
+  d->width = q->dim_size(2);
+  d->head_dim = d->width / a.heads;
+  d->tq = q->dim_size(1);
+  d->tk = k->dim_size(1);
+  d->block_size = bs;
+  d->n_q_blocks = d->tq / bs;
+  d->n_k_blocks = d->tk / bs;
+
+  TF_RETURN_IF_ERROR(CheckFusedMasks(*masks, bs));
+  TF_RETURN_IF_ERROR(CheckFusedTable(*row_ptr, *row_entries, "row_ptr", "row_entries", a.heads,
+                                     d->n_q_blocks, d->n_k_blocks, masks->dim_size(0)));
+  d->layout_heads = row_ptr->dim_size(0);
+  d->n_masks = masks->dim_size(0);
+  d->mask_words = masks->dim_size(2);
+
+  if (a.has_key_padding_mask) {
+    TF_RETURN_IF_ERROR(CheckShape(*key_padding_mask, "key_padding_mask", TensorShape({d->batch, d->tk})));
+  }
+  d->bias_heads = 0;
+  if (a.has_bias) {
+    if (bias->dims() != 3 || (bias->dim_size(0) != 1 && bias->dim_size(0) != a.heads) ||
+        bias->dim_size(1) != d->tq || bias->dim_size(2) != d->tk) {
+      return Invalid(absl::StrCat("bias must have shape [1 or ", a.heads, ", ", d->tq, ", ", d->tk,
+                                  "], got ", bias->shape().DebugString()));
+    }
+    d->bias_heads = bias->dim_size(0);
+  }
+  if (seed->dims() != 0) return Invalid("seed must be a scalar, got shape " + seed->shape().DebugString());
+  d->seed = seed->scalar<int64_t>()();
+  return absl::OkStatus();
+}
+
+absl::Status CheckFusedGradInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& a,
+                                  const FusedDims& d) {
+  const Tensor *q, *out, *lse, *dout, *dlse, *row_ptr, *row_entries, *col_ptr, *col_entries;
+  TF_RETURN_IF_ERROR(ctx->input("q", &q));
+  TF_RETURN_IF_ERROR(ctx->input("out", &out));
+  TF_RETURN_IF_ERROR(ctx->input("lse", &lse));
+  TF_RETURN_IF_ERROR(ctx->input("dout", &dout));
+  TF_RETURN_IF_ERROR(ctx->input("dlse", &dlse));
+  TF_RETURN_IF_ERROR(ctx->input("row_ptr", &row_ptr));
+  TF_RETURN_IF_ERROR(ctx->input("row_entries", &row_entries));
+  TF_RETURN_IF_ERROR(ctx->input("col_ptr", &col_ptr));
+  TF_RETURN_IF_ERROR(ctx->input("col_entries", &col_entries));
+  const TensorShape stats({d.batch, d.heads, d.tq});
+  TF_RETURN_IF_ERROR(CheckShape(*out, "out", q->shape()));
+  TF_RETURN_IF_ERROR(CheckShape(*dout, "dout", q->shape()));
+  TF_RETURN_IF_ERROR(CheckShape(*lse, "lse", stats));
+  if (a.has_dlse) TF_RETURN_IF_ERROR(CheckShape(*dlse, "dlse", stats));
+  TF_RETURN_IF_ERROR(CheckFusedTable(*col_ptr, *col_entries, "col_ptr", "col_entries", d.heads,
+                                     d.n_k_blocks, d.n_q_blocks, d.n_masks));
+  return CheckFusedTransposed(*row_ptr, *row_entries, *col_ptr, *col_entries);
+}
+
+}  // namespace bsattn

@@ -1,0 +1,46 @@
+// Whole-input validation of the fused attention ops, shared by the CPU kernels and the GPU
+// wrappers: attributes, then every input (shapes, table contents, scalars). Failures are
+// InvalidArgument statuses naming the argument. Tables and seed must be in host memory.
+#ifndef BSATTN_OPS_CC_KERNELS_FUSED_CHECKS_H_
+#define BSATTN_OPS_CC_KERNELS_FUSED_CHECKS_H_
+
+#include <cstdint>
+
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace bsattn {
+
+// The attributes of BsattnFusedAttention and BsattnFusedAttentionGrad (has_dlse: gradient only).
+struct FusedAttrs {
+  int64_t heads = 0;
+  int64_t block_size = 0;
+  float scale = 1.0f;
+  float dropout_rate = 0.0f;
+  bool has_key_padding_mask = false;
+  bool has_bias = false;
+  bool has_dlse = false;
+};
+absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* attrs);
+
+// What the inputs say: sizes, and which layout / bias heads there are.
+struct FusedDims {
+  int64_t batch = 0, heads = 0, head_dim = 0, width = 0, tq = 0, tk = 0;
+  int64_t block_size = 0, n_q_blocks = 0, n_k_blocks = 0;
+  int64_t layout_heads = 1;  // 1 (one layout for every head) or heads
+  int64_t n_masks = 0, mask_words = 1;
+  int64_t bias_heads = 0;    // 0 without a bias
+  int64_t seed = 0;
+};
+
+// The forward's inputs q, k, v, row_ptr, row_entries, masks, key_padding_mask, bias, seed (the
+// gradient has them too, under the same names).
+absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& attrs, FusedDims* dims);
+
+// The gradient's further inputs: out, lse, dout, dlse (when has_dlse) and the column table, which
+// must be the row table transposed.
+absl::Status CheckFusedGradInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& attrs,
+                                  const FusedDims& dims);
+
+}  // namespace bsattn
+
+#endif  // BSATTN_OPS_CC_KERNELS_FUSED_CHECKS_H_

@@ -1,0 +1,462 @@
+// The fused block-sparse attention on the GPU: the launchers of bsattn_cuda.h and the SIMT
+// kernels that serve every dtype, block size (8..128) and head dim (<= 256). float16/bfloat16
+// cases with tensor-core shapes go to fused_attention_mma.cu (forward) and
+// fused_attention_mma_grad.cu (backward) instead.
+//
+// SIMT layout: a CTA holds `rows` = min(bs, 16) rows of one block (one warp per row) and streams
+// the blocks of the row's table entry by entry, 32 keys (or queries) at a time through shared
+// memory, in float32:
+//   forward   a lane scores one key of the chunk; online softmax across the warp; each lane
+//             accumulates the output at head dims lane, lane + 32, ...
+//   dQ        rows are query rows (row table): dS of the chunk's keys, dQ += dS K
+//   dK, dV    rows are key rows (column table): dS of the chunk's queries, dV += (P*Z)^T dO,
+//             dK += dS^T Q; dbias entries are added by the one lane that owns them.
+// Every output element has exactly one writer: no atomics, the same bits on every run.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "ops/cuda/bsattn_cuda.h"
+#include "ops/cuda/cuda_common.cuh"
+#include "ops/cuda/dropout_hash.h"
+#include "ops/cuda/fused_common.cuh"
+
+namespace bsattn_cuda {
+namespace {
+
+constexpr int kChunk = 32;      // keys (forward, dQ) or queries (dK/dV) staged per step
+constexpr int kMaxRows = 16;    // warps per CTA
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float WarpMax(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float WarpSum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float Dot(const float* a, const float* b, int n) {
+  float s = 0.0f;
+#pragma unroll 8
+  for (int d = 0; d < n; ++d) s = fmaf(a[d], b[d], s);
+  return s;
+}
+
+// Row t of head h of x [B, len, H*D] as float into dst[0, D).
+template <typename T>
+__device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, int64_t len, int64_t b,
+                                        int64_t h, int64_t t, float* dst, int lane) {
+  const T* src = static_cast<const T*>(x) + (b * len + t) * p.width + h * p.head_dim;
+  for (int d = lane; d < p.head_dim; d += 32) dst[d] = ToFloat(src[d]);
+}
+
+// Rows [t0, t0 + n) of head h of x (and of y when not null) into dst rows `ld` floats apart.
+template <typename T>
+__device__ __forceinline__ void LoadChunk(const FusedParams& p, const void* x, const void* y,
+                                          int64_t len, int64_t b, int64_t h, int64_t t0, int n,
+                                          float* x_dst, float* y_dst, int ld) {
+  const int D = static_cast<int>(p.head_dim);
+  for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    const int64_t at = (b * len + t0 + r) * p.width + h * D + d;
+    x_dst[r * ld + d] = ToFloat(static_cast<const T*>(x)[at]);
+    if (y != nullptr) y_dst[r * ld + d] = ToFloat(static_cast<const T*>(y)[at]);
+  }
+}
+
+template <typename T, int DC>
+__device__ __forceinline__ void StoreRow(const FusedParams& p, const float (&acc)[DC], float scale,
+                                         void* y, int64_t len, int64_t b, int64_t h, int64_t t, int lane) {
+  T* dst = static_cast<T*>(y) + (b * len + t) * p.width + h * p.head_dim;
+#pragma unroll
+  for (int c = 0; c < DC; ++c) {
+    const int d = lane + 32 * c;
+    if (d < p.head_dim) dst[d] = FromFloat<T>(acc[c] * scale);
+  }
+}
+
+// acc[c] += sum over chunk entries jj < n of w_jj * rows[jj][lane + 32c], with w_jj held by lane jj.
+template <int DC>
+__device__ __forceinline__ void AccumulateRows(float (&acc)[DC], float w, const float* rows, int ld,
+                                               int n, int D, int lane) {
+  for (int jj = 0; jj < n; ++jj) {
+    const float wj = __shfl_sync(kFull, w, jj);
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+      const int d = lane + 32 * c;
+      if (d < D) acc[c] = fmaf(wj, rows[jj * ld + d], acc[c]);
+    }
+  }
+}
+
+// Grid (n_qb * bs / rows, H, B), rows warps. Shared: q [rows][D], k [32][D+1], v [32][D].
+template <typename T, int DC>
+__global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* out, float* lse) {
+  extern __shared__ float smem[];
+  const int rows = blockDim.x / 32, D = static_cast<int>(p.head_dim), kc = p.bs < kChunk ? static_cast<int>(p.bs) : kChunk;
+  float* qs = smem;
+  float* ks = qs + rows * D;
+  float* vs = ks + kChunk * (D + 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t groups = p.bs / rows, qb = blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
+  const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
+  const int64_t qi = qb * p.bs + bi;
+  LoadRow<T>(p, p.q, p.tq, b, h, qi, qs + warp * D, lane);
+
+  float m = -INFINITY, l = 0.0f, acc[DC] = {};
+  const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  for (int e = range.x; e < range.y; ++e) {
+    const int64_t k0 = int64_t{p.row_entries[2 * e]} * p.bs;
+    const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
+    for (int c0 = 0; c0 < p.bs; c0 += kc) {
+      __syncthreads();  // the previous chunk is consumed (and q is loaded, on the first)
+      LoadChunk<T>(p, p.k, nullptr, p.tk, b, h, k0 + c0, kc, ks, nullptr, D + 1);
+      LoadChunk<T>(p, p.v, nullptr, p.tk, b, h, k0 + c0, kc, vs, nullptr, D);
+      __syncthreads();
+      float x = -INFINITY;  // score in log2 units
+      if (lane < kc) {
+        const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
+        x = (s * p.scale + ScoreOffset<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane)) * kLog2e;
+      }
+      const float m_new = fmaxf(m, WarpMax(x));
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
+      const float alpha = exp2f(m - m_use), prob = exp2f(x - m_use);
+      l = l * alpha + WarpSum(prob);  // l sums the undropped probabilities
+      m = m_new;
+      const float kept = p.dropout && lane < kc ? prob * DropoutFactor(p, b, h, qi, k0 + c0 + lane) : prob;
+#pragma unroll
+      for (int c = 0; c < DC; ++c) acc[c] *= alpha;
+      AccumulateRows(acc, kept, vs, D, kc, D, lane);
+    }
+  }
+  const bool empty = !(l > 0.0f);  // no kept key: output 0, lse -inf
+  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, p.tq, b, h, qi, lane);
+  if (lane == 0) lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
+}
+
+// delta[b, h, i] = rowsum(dout * out) - dlse, one warp per (b, i, h) row.
+template <typename T>
+__global__ void DeltaKernel(FusedParams p, const T* out, const T* dout, const float* dlse, float* delta) {
+  const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.batch * p.tq * p.heads) return;
+  const int64_t h = row % p.heads, bt = row / p.heads, b = bt / p.tq, t = bt % p.tq;
+  const int64_t at = bt * p.width + h * p.head_dim;
+  float s = 0.0f;
+  for (int d = lane; d < p.head_dim; d += 32) s = fmaf(ToFloat(dout[at + d]), ToFloat(out[at + d]), s);
+  s = WarpSum(s);
+  if (lane == 0) {
+    const int64_t stat = (b * p.heads + h) * p.tq + t;
+    delta[stat] = s - (dlse != nullptr ? dlse[stat] : 0.0f);
+  }
+}
+
+// The probability (undropped) and dS of one entry, from its raw score s = q.k and dp = dout.v.
+struct EntryGrad {
+  float prob, kept, ds;
+};
+
+template <typename T>
+__device__ __forceinline__ EntryGrad GradAt(const FusedParams& p, int64_t b, int64_t h, int64_t i,
+                                            int64_t j, const uint32_t* mask_row, int bj, float s,
+                                            float dp, float lse, float delta) {
+  EntryGrad g;
+  const float x = s * p.scale + ScoreOffset<T>(p, b, h, i, j, mask_row, bj);
+  g.prob = lse == -INFINITY ? 0.0f : exp2f((x - lse) * kLog2e);
+  const float z = p.dropout ? DropoutFactor(p, b, h, i, j) : 1.0f;
+  g.kept = g.prob * z;
+  g.ds = g.prob * (dp * z - delta);
+  return g;
+}
+
+// dQ over query rows. Grid and warps as ForwardSimt. Shared: q, dout [rows][D]; k, v [32][D+1].
+template <typename T, int DC>
+__global__ void __launch_bounds__(32 * kMaxRows)
+    GradQSimt(FusedParams p, const T* dout, const float* lse, const float* delta, T* dq) {
+  extern __shared__ float smem[];
+  const int rows = blockDim.x / 32, D = static_cast<int>(p.head_dim), kc = p.bs < kChunk ? static_cast<int>(p.bs) : kChunk;
+  float* qs = smem;
+  float* dos = qs + rows * D;
+  float* ks = dos + rows * D;
+  float* vs = ks + kChunk * (D + 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t groups = p.bs / rows, qb = blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
+  const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
+  const int64_t qi = qb * p.bs + bi, stat = (b * p.heads + h) * p.tq + qi;
+  LoadRow<T>(p, p.q, p.tq, b, h, qi, qs + warp * D, lane);
+  LoadRow<T>(p, dout, p.tq, b, h, qi, dos + warp * D, lane);
+  const float row_lse = lse[stat], row_delta = delta[stat];
+
+  float acc[DC] = {};
+  const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  for (int e = range.x; e < range.y; ++e) {
+    const int64_t k0 = int64_t{p.row_entries[2 * e]} * p.bs;
+    const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
+    for (int c0 = 0; c0 < p.bs; c0 += kc) {
+      __syncthreads();
+      LoadChunk<T>(p, p.k, p.v, p.tk, b, h, k0 + c0, kc, ks, vs, D + 1);
+      __syncthreads();
+      float ds = 0.0f;
+      if (lane < kc) {
+        const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
+        const float dp = Dot(dos + warp * D, vs + lane * (D + 1), D);
+        ds = GradAt<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane, s, dp, row_lse, row_delta).ds;
+      }
+      AccumulateRows(acc, ds, ks, D + 1, kc, D, lane);
+    }
+  }
+  StoreRow<T>(p, acc, p.scale, dq, p.tq, b, h, qi, lane);
+}
+
+// dK, dV (and dbias) over key rows. Grid (n_kb * bs / rows, groups), rows warps; a CTA walks the
+// `members` heads (b, h) of its group: one (b, h) without dbias, else every head adding into one
+// bias head, so that each dbias entry has one writer. Shared: k, v [rows][D]; q, dout [32][D+1];
+// lse, delta [32].
+template <typename T, int DC>
+__global__ void __launch_bounds__(32 * kMaxRows)
+    GradKVSimt(FusedParams p, const T* dout, const float* lse, const float* delta, T* dk, T* dv,
+               float* dbias, int64_t members) {
+  extern __shared__ float smem[];
+  const int rows = blockDim.x / 32, D = static_cast<int>(p.head_dim), kc = p.bs < kChunk ? static_cast<int>(p.bs) : kChunk;
+  float* ks = smem;
+  float* vs = ks + rows * D;
+  float* qs = vs + rows * D;
+  float* dos = qs + kChunk * (D + 1);
+  float* lse_s = dos + kChunk * (D + 1);
+  float* delta_s = lse_s + kChunk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t groups = p.bs / rows, kb = blockIdx.x / groups, group = blockIdx.y;
+  const int bj = static_cast<int>((blockIdx.x % groups) * rows) + warp;
+  const int64_t kj = kb * p.bs + bj;
+  for (int64_t member = 0; member < members; ++member) {
+    const int64_t bh = dbias == nullptr ? group
+                       : p.bias_heads == 1 ? member
+                                           : member * p.heads + group;
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    __syncthreads();  // the previous member's rows are consumed
+    LoadRow<T>(p, p.k, p.tk, b, h, kj, ks + warp * D, lane);
+    LoadRow<T>(p, p.v, p.tk, b, h, kj, vs + warp * D, lane);
+    float dk_acc[DC] = {}, dv_acc[DC] = {};
+    const int2 range = TableRange(p.col_ptr, p.shared_layout, h, p.n_kb, kb);
+    for (int e = range.x; e < range.y; ++e) {
+      const int64_t q0 = int64_t{p.col_entries[2 * e]} * p.bs;
+      const int32_t mask_id = p.col_entries[2 * e + 1];
+      for (int c0 = 0; c0 < p.bs; c0 += kc) {
+        __syncthreads();
+        LoadChunk<T>(p, p.q, dout, p.tq, b, h, q0 + c0, kc, qs, dos, D + 1);
+        if (threadIdx.x < kc) {
+          const int64_t stat = (b * p.heads + h) * p.tq + q0 + c0 + threadIdx.x;
+          lse_s[threadIdx.x] = lse[stat];
+          delta_s[threadIdx.x] = delta[stat];
+        }
+        __syncthreads();
+        EntryGrad g = {0.0f, 0.0f, 0.0f};
+        if (lane < kc) {
+          const int64_t qi = q0 + c0 + lane;
+          const float s = Dot(qs + lane * (D + 1), ks + warp * D, D);
+          const float dp = Dot(dos + lane * (D + 1), vs + warp * D, D);
+          g = GradAt<T>(p, b, h, qi, kj, MaskRow(p, mask_id, c0 + lane), bj, s, dp, lse_s[lane],
+                        delta_s[lane]);
+          if (dbias != nullptr) dbias[((p.bias_heads == 1 ? 0 : h) * p.tq + qi) * p.tk + kj] += g.ds;
+        }
+        AccumulateRows(dv_acc, g.kept, dos, D + 1, kc, D, lane);
+        AccumulateRows(dk_acc, g.ds, qs, D + 1, kc, D, lane);
+      }
+    }
+    StoreRow<T>(p, dk_acc, p.scale, dk, p.tk, b, h, kj, lane);
+    StoreRow<T>(p, dv_acc, 1.0f, dv, p.tk, b, h, kj, lane);
+  }
+}
+
+template <typename T>
+__global__ void FloatToKernel(const float* src, T* dst, int64_t n) {
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    dst[i] = FromFloat<T>(src[i]);
+}
+
+// ---- launch ------------------------------------------------------------------------------------
+
+bool IsBlockSize(int64_t bs) { return bs == 8 || bs == 16 || bs == 32 || bs == 64 || bs == 128; }
+
+// Checks what the kernels rely on and derives the launch constants (tables are trusted).
+int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
+  if (a->dtype != BSATTN_FLOAT32 && a->dtype != BSATTN_FLOAT16 && a->dtype != BSATTN_BFLOAT16)
+    return BSATTN_ERROR_DTYPE;
+  if (!IsBlockSize(a->block_size)) return BSATTN_ERROR_BLOCK_SIZE;
+  if (a->head_dim > 256) return BSATTN_ERROR_HEAD_DIM;
+  if (a->batch <= 0 || a->heads <= 0 || a->head_dim <= 0 || a->tq <= 0 || a->tk <= 0 ||
+      a->tq % a->block_size != 0 || a->tk % a->block_size != 0 ||
+      (a->layout_heads != 1 && a->layout_heads != a->heads) ||
+      (a->bias != nullptr && a->bias_heads != 1 && a->bias_heads != a->heads))
+    return BSATTN_ERROR_SHAPE;
+  p->dtype = a->dtype;
+  p->batch = a->batch;
+  p->heads = a->heads;
+  p->head_dim = a->head_dim;
+  p->width = a->heads * a->head_dim;
+  p->tq = a->tq;
+  p->tk = a->tk;
+  p->bs = a->block_size;
+  p->n_qb = a->tq / a->block_size;
+  p->n_kb = a->tk / a->block_size;
+  if (p->n_qb * (a->block_size / std::min<int64_t>(a->block_size, kMaxRows)) > 0x7fffffff ||
+      p->n_kb * a->block_size > 0x7fffffff || a->heads > 65535 || a->batch > 65535)
+    return BSATTN_ERROR_SHAPE;
+  p->q = a->q;
+  p->k = a->k;
+  p->v = a->v;
+  p->shared_layout = a->layout_heads == 1;
+  p->row_ptr = a->row_ptr;
+  p->row_entries = a->row_entries;
+  p->col_ptr = a->col_ptr;
+  p->col_entries = a->col_entries;
+  p->masks = reinterpret_cast<const uint32_t*>(a->masks);
+  p->mask_words = static_cast<int>((a->block_size + 31) / 32);
+  p->key_padding_mask = a->key_padding_mask;
+  p->bias = a->bias;
+  p->bias_heads = a->bias_heads;
+  p->scale = a->scale;
+  p->dropout = a->dropout_rate > 0.0f;
+  if (p->dropout) {
+    p->dropout_key = bsattn::DropoutKey(a->seed);
+    p->dropout_threshold = bsattn::DropoutThreshold(a->dropout_rate);
+    p->dropout_scale = 1.0f / (1.0f - a->dropout_rate);
+  }
+  return 0;
+}
+
+// Calls F<T, DC>::Run(args...) with the dtype's T and DC = ceil(head_dim / 32) rounded up to a
+// power of two (the per-lane accumulator length).
+template <template <typename, int> class F, typename... Args>
+void DispatchSimt(const FusedParams& p, Args... args) {
+  auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    if (p.head_dim <= 32) F<T, 1>::Run(p, args...);
+    else if (p.head_dim <= 64) F<T, 2>::Run(p, args...);
+    else if (p.head_dim <= 128) F<T, 4>::Run(p, args...);
+    else F<T, 8>::Run(p, args...);
+  };
+  switch (p.dtype) {
+    case BSATTN_FLOAT32: by_dim(float()); break;
+    case BSATTN_FLOAT16: by_dim(__half()); break;
+    default: by_dim(__nv_bfloat16()); break;
+  }
+}
+
+int RowsPerCta(const FusedParams& p) { return static_cast<int>(std::min<int64_t>(p.bs, kMaxRows)); }
+
+// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+template <typename Kernel>
+void AllowSharedMemory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, int DC>
+struct ForwardRunner {
+  static void Run(const FusedParams& p, void* out, float* lse, cudaStream_t stream) {
+    const int rows = RowsPerCta(p), D = static_cast<int>(p.head_dim);
+    const size_t smem = sizeof(float) * (rows * D + kChunk * (D + 1) + kChunk * D);
+    AllowSharedMemory(ForwardSimt<T, DC>, smem);
+    const dim3 grid(static_cast<unsigned>(p.n_qb * (p.bs / rows)), p.heads, p.batch);
+    ForwardSimt<T, DC><<<grid, 32 * rows, smem, stream>>>(p, static_cast<T*>(out), lse);
+  }
+};
+
+template <typename T, int DC>
+struct GradRunner {
+  static void Run(const FusedParams& p, const void* out, const void* dout, const float* lse,
+                  const float* dlse, float* delta, void* dq, void* dk, void* dv, float* dbias_acc,
+                  cudaStream_t stream) {
+    const int rows = RowsPerCta(p), D = static_cast<int>(p.head_dim);
+    const int64_t delta_rows = p.batch * p.tq * p.heads;
+    DeltaKernel<T><<<static_cast<unsigned>((delta_rows + 7) / 8), 256, 0, stream>>>(
+        p, static_cast<const T*>(out), static_cast<const T*>(dout), dlse, delta);
+
+    if (LaunchGradMma(p, out, dout, lse, delta, dq, dk, dv, dbias_acc, stream)) return;
+
+    const size_t q_smem = sizeof(float) * (2 * rows * D + 2 * kChunk * (D + 1));
+    AllowSharedMemory(GradQSimt<T, DC>, q_smem);
+    const dim3 q_grid(static_cast<unsigned>(p.n_qb * (p.bs / rows)), p.heads, p.batch);
+    GradQSimt<T, DC><<<q_grid, 32 * rows, q_smem, stream>>>(p, static_cast<const T*>(dout), lse, delta,
+                                                            static_cast<T*>(dq));
+
+    const int64_t groups = dbias_acc == nullptr ? p.batch * p.heads : p.bias_heads;
+    const size_t kv_smem = sizeof(float) * (2 * rows * D + 2 * kChunk * (D + 1) + 2 * kChunk);
+    AllowSharedMemory(GradKVSimt<T, DC>, kv_smem);
+    const dim3 kv_grid(static_cast<unsigned>(p.n_kb * (p.bs / rows)), static_cast<unsigned>(groups));
+    GradKVSimt<T, DC><<<kv_grid, 32 * rows, kv_smem, stream>>>(
+        p, static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
+        dbias_acc, p.batch * p.heads / groups);
+  }
+};
+
+int64_t DeltaBytes(const FusedParams& p) { return ((p.batch * p.heads * p.tq * 4 + 255) / 256) * 256; }
+
+int64_t DbiasAccumulatorBytes(const FusedParams& p) {
+  return p.dtype == BSATTN_FLOAT32 ? 0 : p.bias_heads * p.tq * p.tk * 4;
+}
+
+}  // namespace
+}  // namespace bsattn_cuda
+
+using bsattn_cuda::FusedParams;
+
+extern "C" {
+
+int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, bsattn_stream_t stream) {
+  FusedParams p;
+  if (const int status = bsattn_cuda::MakeParams(args, &p)) return status;
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (!bsattn_cuda::LaunchForwardMma(p, out, lse, s)) {
+    bsattn_cuda::DispatchSimt<bsattn_cuda::ForwardRunner>(p, out, lse, s);
+  }
+  return bsattn_cuda::LastError();
+}
+
+int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias) {
+  FusedParams p;
+  if (bsattn_cuda::MakeParams(args, &p) != 0) return 0;
+  return bsattn_cuda::DeltaBytes(p) + (with_dbias ? bsattn_cuda::DbiasAccumulatorBytes(p) : 0);
+}
+
+int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const float* lse,
+                          const void* dout, const float* dlse, void* dq, void* dk, void* dv,
+                          void* dbias, void* workspace, int64_t workspace_bytes,
+                          bsattn_stream_t stream) {
+  FusedParams p;
+  if (const int status = bsattn_cuda::MakeParams(args, &p)) return status;
+  if (dbias != nullptr && p.bias == nullptr) return BSATTN_ERROR_SHAPE;
+  const int64_t delta_bytes = bsattn_cuda::DeltaBytes(p);
+  const int64_t acc_bytes = dbias != nullptr ? bsattn_cuda::DbiasAccumulatorBytes(p) : 0;
+  if (workspace == nullptr || workspace_bytes < delta_bytes + acc_bytes) return BSATTN_ERROR_WORKSPACE;
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  float* delta = static_cast<float*>(workspace);
+  // dbias sums into float32: dbias itself for float32, else the workspace after delta.
+  float* dbias_acc = nullptr;
+  const int64_t dbias_count = p.bias_heads * p.tq * p.tk;
+  if (dbias != nullptr) {
+    dbias_acc = p.dtype == BSATTN_FLOAT32 ? static_cast<float*>(dbias)
+                                          : reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_bytes);
+    if (const cudaError_t e = cudaMemsetAsync(dbias_acc, 0, dbias_count * sizeof(float), s)) return e;
+  }
+  bsattn_cuda::DispatchSimt<bsattn_cuda::GradRunner>(p, out, dout, lse, dlse, delta, dq, dk, dv, dbias_acc, s);
+  if (dbias != nullptr && p.dtype != BSATTN_FLOAT32) {
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((dbias_count + 255) / 256, 65536));
+    if (p.dtype == BSATTN_FLOAT16)
+      bsattn_cuda::FloatToKernel<__half><<<blocks, 256, 0, s>>>(dbias_acc, static_cast<__half*>(dbias), dbias_count);
+    else
+      bsattn_cuda::FloatToKernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(dbias_acc, static_cast<__nv_bfloat16*>(dbias), dbias_count);
+  }
+  return bsattn_cuda::LastError();
+}
+
+}  // extern "C"

@@ -1,0 +1,244 @@
+// Tensor-core forward of the fused block-sparse attention, float16/bfloat16 (mma.sync m16n8k16,
+// float32 accumulation), flash-attention-2 style.
+//
+// A CTA owns one query block (BS rows) of one head: BS/16 warps, 16 query rows each. Q's
+// fragments stay in registers. The row's key blocks stream through shared memory KN = min(BS, 64)
+// keys at a time (a 128-key block is two steps), double buffered with cp.async: step t+1 loads
+// while step t computes
+//   S = Q K^T (mma, B fragments by ldmatrix), scale/bias/masks in float32, online softmax,
+//   O += P V (P from S's accumulator registers, V fragments by ldmatrix.trans).
+// Shared rows are padded by 16 bytes (D + 8 elements) so that ldmatrix's 8 row addresses fall in
+// distinct banks. CTAs take query blocks from the last one down: in causal-like layouts the long
+// rows start first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda/bsattn_cuda.h"
+#include "ops/cuda/cuda_common.cuh"
+#include "ops/cuda/fused_common.cuh"
+#include "ops/cuda/mma_tiles.cuh"
+
+namespace bsattn_cuda {
+namespace {
+
+template <typename T, int BS, int D>
+struct ForwardMmaShape {
+  static constexpr int kKeys = BS < 64 ? BS : 64;  // keys per step
+  static constexpr int kSteps = BS / kKeys;        // steps per key block
+  static constexpr int kWarps = BS / 16;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kLd = D + 8;                // shared row stride (elements)
+  static constexpr size_t kSharedBytes = sizeof(T) * (BS + 4 * kKeys) * kLd;  // Q, 2 x (K, V)
+};
+
+template <typename T, int BS, int D>
+__global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
+    ForwardMma(FusedParams p, T* out, float* lse) {
+  using Shape = ForwardMmaShape<T, BS, D>;
+  constexpr int kKeys = Shape::kKeys, kSteps = Shape::kSteps, kNT = Shape::kThreads, kLd = Shape::kLd;
+  constexpr int kDSteps = D / 16;   // k-steps of Q K^T
+  constexpr int kSTiles = kKeys / 8;  // n-tiles of S
+  constexpr int kOTiles = D / 8;      // n-tiles of O
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  T* k_s = q_s + BS * kLd;            // [2][kKeys][kLd]
+  T* v_s = k_s + 2 * kKeys * kLd;     // [2][kKeys][kLd]
+
+  const int64_t qb = p.n_qb - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  const int n_steps = (range.y - range.x) * kSteps;
+  const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + qb * BS) * p.width + h * D;
+  const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.width + h * D;
+  const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.width + h * D;
+  auto first_key = [&](int step) {  // absolute key index of a step's first key
+    return int64_t{p.row_entries[2 * (range.x + step / kSteps)]} * BS + (step % kSteps) * kKeys;
+  };
+  auto load_step = [&](int step) {
+    const int buf = step & 1;
+    const int64_t k0 = first_key(step);
+    LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.width, p.width, kKeys);
+    LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.width, p.width, kKeys);
+  };
+
+  LoadTileAsync<T, D, kNT>(q_s, q_g, p.width, BS);
+  if (n_steps > 0) load_step(0);
+  CpAsyncCommit();
+  CpAsyncWait<0>();
+  __syncthreads();
+  uint32_t q_frag[kDSteps][4];
+#pragma unroll
+  for (int kk = 0; kk < kDSteps; ++kk)
+    LoadA(q_frag[kk], q_s, kLd, warp * 16, kk * 16, lane);
+
+  // This thread's two query rows (local to the block): r0 and r0 + 8.
+  const int r0 = warp * 16 + lane / 4;
+  const int64_t qi0 = qb * BS + r0;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[kOTiles][4];
+  Zero(o);
+  const bool plain = p.bias == nullptr && p.key_padding_mask == nullptr;  // only full blocks skip all rules
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int step = 0; step < n_steps; ++step) {
+    if (step + 1 < n_steps) {
+      load_step(step + 1);
+      CpAsyncCommit();
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const int buf = step & 1;
+    const T* ks = k_s + buf * kKeys * kLd;
+    const T* vs = v_s + buf * kKeys * kLd;
+
+    float s[kSTiles][4];
+    Zero(s);
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t bk[4];
+        LoadBTransposed(bk, ks, kLd, np * 16, kk * 16, lane);
+        Mma<T>(s[2 * np], q_frag[kk], bk[0], bk[1]);
+        Mma<T>(s[2 * np + 1], q_frag[kk], bk[2], bk[3]);
+      }
+    }
+
+    // Scores in log2 units, with the bias and the masks.
+    const int entry = range.x + step / kSteps;
+    const int32_t mask_id = p.row_entries[2 * entry + 1];
+    const int64_t k0 = first_key(step);
+    const int bj0 = (step % kSteps) * kKeys;  // first key of the step within its block
+    if (plain && mask_id < 0) {
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[t][e] *= scale_log2;
+    } else {
+      const uint32_t* mask_rows[2] = {MaskRow(p, mask_id, r0), MaskRow(p, mask_id, r0 + 8)};
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
+          const float offset = ScoreOffset<T>(p, b, h, qi0 + 8 * half, k0 + col, mask_rows[half], bj0 + col);
+          s[t][e] = (s[t][e] * p.scale + offset) * kLog2e;
+        }
+    }
+
+    // Online softmax over the step's keys, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * half], s[t][2 * half + 1]));
+      const float m_new = fmaxf(m[half], QuadMax(mx));
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
+      const float alpha = exp2f(m[half] - m_use);
+      float sum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t) {
+        s[t][2 * half] = exp2f(s[t][2 * half] - m_use);
+        s[t][2 * half + 1] = exp2f(s[t][2 * half + 1] - m_use);
+        sum += s[t][2 * half] + s[t][2 * half + 1];
+      }
+      l[half] = l[half] * alpha + sum;  // this thread's columns only; summed over the quad at the end
+      m[half] = m_new;
+#pragma unroll
+      for (int t = 0; t < kOTiles; ++t) {
+        o[t][2 * half] *= alpha;
+        o[t][2 * half + 1] *= alpha;
+      }
+    }
+    if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
+#pragma unroll
+      for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = t * 8 + (lane % 4) * 2 + (e & 1);
+          s[t][e] *= DropoutFactor(p, b, h, qi0 + 8 * (e / 2), k0 + col);
+        }
+    }
+
+    // O += P V: the S accumulators of n-tiles 2kt and 2kt+1 are the A fragment of key step kt.
+#pragma unroll
+    for (int kt = 0; kt < kKeys / 16; ++kt) {
+      uint32_t a[4];
+      AccumulatorsAsA<T>(a, s, kt);
+#pragma unroll
+      for (int dp = 0; dp < kOTiles / 2; ++dp) {
+        uint32_t bv[4];
+        LoadB(bv, vs, kLd, kt * 16, dp * 16, lane);
+        Mma<T>(o[2 * dp], a, bv[0], bv[1]);
+        Mma<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before step + 2 loads into it
+  }
+
+  // out = O / l (0 for a row without kept keys), lse = m + log2(l) in natural units.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float total = QuadSum(l[half]);
+    const bool empty = !(total > 0.0f);
+    const float inv = empty ? 0.0f : 1.0f / total;
+    const int64_t qi = qi0 + 8 * half;
+    T* out_row = out + (b * p.tq + qi) * p.width + h * D;
+#pragma unroll
+    for (int t = 0; t < kOTiles; ++t) {
+      const uint32_t packed = Pack<T>(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out_row + t * 8 + (lane % 4) * 2) = packed;
+    }
+    if (lane % 4 == 0) lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m[half] + log2f(total)) * kLn2;
+  }
+}
+
+template <typename T, int BS, int D>
+void LaunchForward(const FusedParams& p, void* out, float* lse, cudaStream_t stream) {
+  using Shape = ForwardMmaShape<T, BS, D>;
+  auto kernel = ForwardMma<T, BS, D>;
+  if (Shape::kSharedBytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSharedBytes));
+  const dim3 grid(static_cast<unsigned>(p.n_qb), static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  kernel<<<grid, Shape::kThreads, Shape::kSharedBytes, stream>>>(p, static_cast<T*>(out), lse);
+}
+
+template <typename T, int BS>
+bool ByHeadDim(const FusedParams& p, void* out, float* lse, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: LaunchForward<T, BS, 32>(p, out, lse, stream); return true;
+    case 64: LaunchForward<T, BS, 64>(p, out, lse, stream); return true;
+    case 128: LaunchForward<T, BS, 128>(p, out, lse, stream); return true;
+    default: return false;
+  }
+}
+
+template <typename T>
+bool ByBlockSize(const FusedParams& p, void* out, float* lse, cudaStream_t stream) {
+  switch (p.bs) {
+    case 16: return ByHeadDim<T, 16>(p, out, lse, stream);
+    case 32: return ByHeadDim<T, 32>(p, out, lse, stream);
+    case 64: return ByHeadDim<T, 64>(p, out, lse, stream);
+    case 128: return ByHeadDim<T, 128>(p, out, lse, stream);
+    default: return false;
+  }
+}
+
+bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+bool LaunchForwardMma(const FusedParams& p, void* out, float* lse, cudaStream_t stream) {
+  // cp.async moves 16-byte vectors and the output is stored in 4-byte pairs.
+  if (!Aligned16(p.q) || !Aligned16(p.k) || !Aligned16(p.v) || !Aligned16(out)) return false;
+  if (p.dtype == BSATTN_FLOAT16) return ByBlockSize<__half>(p, out, lse, stream);
+  if (p.dtype == BSATTN_BFLOAT16) return ByBlockSize<__nv_bfloat16>(p, out, lse, stream);
+  return false;
+}
+
+}  // namespace bsattn_cuda

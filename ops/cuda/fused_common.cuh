@@ -1,0 +1,87 @@
+// What every fused-attention kernel reads (FusedParams, built once per launch from the C ABI's
+// bsattn_fused_args) and the per-entry rules they share: masking, bias, dropout.
+#ifndef BSATTN_OPS_CUDA_FUSED_COMMON_CUH_
+#define BSATTN_OPS_CUDA_FUSED_COMMON_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda/bsattn_cuda.h"
+#include "ops/cuda/cuda_common.cuh"
+#include "ops/cuda/dropout_hash.h"
+
+namespace bsattn_cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct FusedParams {
+  int dtype = 0;
+  int64_t batch = 0, heads = 0, head_dim = 0, width = 0, tq = 0, tk = 0;
+  int64_t bs = 0, n_qb = 0, n_kb = 0;
+  const void* q = nullptr;  // [B, Tq, H*D]
+  const void* k = nullptr;  // [B, Tk, H*D]
+  const void* v = nullptr;  // [B, Tk, H*D]
+  bool shared_layout = true;  // one layout (L = 1) serves every head
+  const int32_t* row_ptr = nullptr;
+  const int32_t* row_entries = nullptr;
+  const int32_t* col_ptr = nullptr;
+  const int32_t* col_entries = nullptr;
+  const uint32_t* masks = nullptr;  // [P, bs, mask_words]
+  int mask_words = 1;
+  const uint8_t* key_padding_mask = nullptr;  // [B, Tk], nonzero = real key; null = none
+  const void* bias = nullptr;                 // [bias_heads, Tq, Tk]; null = none
+  int64_t bias_heads = 0;
+  float scale = 1.0f;
+  bool dropout = false;
+  uint64_t dropout_key = 0;
+  uint32_t dropout_threshold = 0;
+  float dropout_scale = 1.0f;  // 1 / (1 - rate)
+};
+
+// The row (or column) range of head h in a per-head CSR table with n rows.
+__device__ __forceinline__ int2 TableRange(const int32_t* ptr, bool shared, int64_t h, int64_t n,
+                                           int64_t index) {
+  const int32_t* row = ptr + (shared ? 0 : h) * (n + 1);
+  return make_int2(row[index], row[index + 1]);
+}
+
+// The keep-bit words of query row `bi` of partial block mask `mask_id` (null for a full block).
+__device__ __forceinline__ const uint32_t* MaskRow(const FusedParams& p, int32_t mask_id, int64_t bi) {
+  return mask_id < 0 ? nullptr : p.masks + (int64_t{mask_id} * p.bs + bi) * p.mask_words;
+}
+
+// What entry (query i, key j) of head (b, h) adds to its scaled score, in natural units: -inf
+// when the in-block mask (mask_row, key bj of the block) or the key padding drops it, else the
+// bias (0 without one).
+template <typename T>
+__device__ __forceinline__ float ScoreOffset(const FusedParams& p, int64_t b, int64_t h, int64_t i,
+                                             int64_t j, const uint32_t* mask_row, int bj) {
+  if (mask_row != nullptr && !((mask_row[bj >> 5] >> (bj & 31)) & 1u)) return -INFINITY;
+  if (p.key_padding_mask != nullptr && p.key_padding_mask[b * p.tk + j] == 0) return -INFINITY;
+  if (p.bias == nullptr) return 0.0f;
+  const int64_t hb = p.bias_heads == 1 ? 0 : h;
+  return ToFloat(static_cast<const T*>(p.bias)[(hb * p.tq + i) * p.tk + j]);
+}
+
+// The dropout factor of entry (i, j) of head (b, h): 1 / (1 - rate) if kept, else 0.
+__device__ __forceinline__ float DropoutFactor(const FusedParams& p, int64_t b, int64_t h, int64_t i,
+                                               int64_t j) {
+  const uint64_t counter = static_cast<uint64_t>(((b * p.heads + h) * p.tq + i) * p.tk + j);
+  return bsattn::DropoutKeep(p.dropout_key, counter, p.dropout_threshold) ? p.dropout_scale : 0.0f;
+}
+
+// Tensor-core forward (fused_attention_mma.cu). Returns false, launching nothing, when the case
+// is not one it handles (dtype, block size, head dim, alignment); the SIMT kernel runs instead.
+bool LaunchForwardMma(const FusedParams& p, void* out, float* lse, cudaStream_t stream);
+
+// Tensor-core backward (fused_attention_mma_grad.cu), after delta = rowsum(dout * out) - dlse is
+// in place; dbias (or null) is the float32 accumulator. Returns false, launching nothing, when the
+// case is not one it handles; the SIMT kernels run instead.
+bool LaunchGradMma(const FusedParams& p, const void* out, const void* dout, const float* lse, const float* delta,
+                   void* dq, void* dk, void* dv, float* dbias, cudaStream_t stream);
+
+}  // namespace bsattn_cuda
+
+#endif  // BSATTN_OPS_CUDA_FUSED_COMMON_CUH_

@@ -1,0 +1,136 @@
+// Warp-level tensor-core building blocks of the fused attention kernels (sm_80+): cp.async tile
+// loads, ldmatrix, mma.sync m16n8k16 with float32 accumulators, and quad reductions over the four
+// threads that share an accumulator row.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, 16-bit A/B): lane l holds rows l/4 and l/4 + 8 and
+// columns 2(l%4), 2(l%4)+1 of each 8-column accumulator tile; an A fragment (16x16) is four such
+// register pairs: (rows l/4, cols 0-7), (rows l/4+8, cols 0-7), (l/4, 8-15), (l/4+8, 8-15). So the
+// accumulators of two adjacent n-tiles, packed to 16 bits, are the A fragment of the next product.
+#ifndef BSATTN_OPS_CUDA_MMA_TILES_CUH_
+#define BSATTN_OPS_CUDA_MMA_TILES_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace bsattn_cuda {
+namespace {
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SharedAddress(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void Ldmatrix4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(smem)));
+}
+__device__ __forceinline__ void Ldmatrix4Trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(smem)));
+}
+
+// c += a (16x16, row) * b (16x8, col), float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void Mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void Mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                   uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one register of two T (lo in the low half: the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t Pack(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// cp.async of `rows` rows of D elements (row stride `stride` elements in global memory) into
+// shared rows D + 8 apart, by all NT threads.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void LoadTileAsync(T* dst, const T* src, int64_t stride, int rows) {
+  constexpr int kVec = 8, kPerRow = D / kVec;  // 16-byte vectors per row
+  for (int idx = threadIdx.x; idx < rows * kPerRow; idx += NT) {
+    const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+    CpAsync16(dst + r * (D + 8) + c, src + r * stride + c);
+  }
+}
+
+__device__ __forceinline__ float QuadMax(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float QuadSum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// The A fragment (16 x 16, row-major) at rows [row0, row0 + 16), columns [col0, col0 + 16) of a
+// shared tile with row stride ld.
+template <typename T>
+__device__ __forceinline__ void LoadA(uint32_t (&a)[4], const T* tile, int ld, int row0, int col0, int lane) {
+  Ldmatrix4(a, tile + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
+}
+
+// B fragments of two n-tiles for X Y^T, Y stored [n][k]: n rows [n0, n0 + 16), k columns
+// [k0, k0 + 16). b[0], b[1] serve n-tile n0; b[2], b[3] n-tile n0 + 8.
+template <typename T>
+__device__ __forceinline__ void LoadBTransposed(uint32_t (&b)[4], const T* tile, int ld, int n0, int k0, int lane) {
+  Ldmatrix4(b, tile + (n0 + (lane / 16) * 8 + lane % 8) * ld + k0 + ((lane / 8) % 2) * 8);
+}
+
+// B fragments of two n-tiles for X Y, Y stored [k][n]: k rows [k0, k0 + 16), n columns [n0, n0 + 16).
+template <typename T>
+__device__ __forceinline__ void LoadB(uint32_t (&b)[4], const T* tile, int ld, int k0, int n0, int lane) {
+  Ldmatrix4Trans(b, tile + (k0 + ((lane / 8) % 2) * 8 + lane % 8) * ld + n0 + (lane / 16) * 8);
+}
+
+// The accumulators of n-tiles 2kt and 2kt + 1 as the A fragment of k-step kt.
+template <typename T, int N>
+__device__ __forceinline__ void AccumulatorsAsA(uint32_t (&a)[4], const float (&acc)[N][4], int kt) {
+  a[0] = Pack<T>(acc[2 * kt][0], acc[2 * kt][1]);
+  a[1] = Pack<T>(acc[2 * kt][2], acc[2 * kt][3]);
+  a[2] = Pack<T>(acc[2 * kt + 1][0], acc[2 * kt + 1][1]);
+  a[3] = Pack<T>(acc[2 * kt + 1][2], acc[2 * kt + 1][3]);
+}
+
+template <int N>
+__device__ __forceinline__ void Zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int t = 0; t < N; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+}
+
+}  // namespace
+}  // namespace bsattn_cuda
+
+#endif  // BSATTN_OPS_CUDA_MMA_TILES_CUH_

@@ -1,0 +1,412 @@
+"""GPU harness of the fused attention launchers (bsattn_fused_forward / bsattn_fused_backward).
+
+Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffers:
+
+  checks   every dtype x block size (8..128) x head dim (24: SIMT in every dtype; 32/64/128: tensor
+           cores for float16/bfloat16 at bs >= 16) x feature variant, on fresh random inputs, outputs
+           poisoned with NaN, against bsattn.reference (float64 on the CPU): out, lse, dq, dk, dv, dbias.
+           Variants: plain; key padding + per-head bias + dropout + per-head layouts with different
+           block counts + Tq != Tk; shared bias + key padding + dlse; dropout + partial blocks with
+           fully masked rows + empty rows. Error = max |ours - ref| / max |ref|. float32 must stay
+           under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
+           by torch in that dtype (autograd for the gradients) + one ulp near 1.
+  bench    bf16 forward (and forward+backward) of the fused op against FlexAttention with the same
+           block mask (BlockMask.from_kv_blocks of our tables, full/partial blocks alike) and against
+           dense causal SDPA (flash and cuDNN backends), for causal / local / strided / fixed layouts.
+
+    python tests/device/fused_harness.py --lib build/device/libbsattn_cuda.so [--quick] [--no-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsattn import patterns, reference  # noqa: E402  (NumPy only)
+from bsattn.fused_tables import FusedTables, build_fused_tables, fused_tables_for_pattern  # noqa: E402
+from harness import DTYPES, dev, error, poisoned, stream  # noqa: E402
+
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows")
+I64, PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class FusedArgs(ctypes.Structure):
+    """bsattn_fused_args of ops/cuda/bsattn_cuda.h."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int), ("batch", I64), ("heads", I64), ("head_dim", I64), ("tq", I64), ("tk", I64),
+        ("block_size", I64), ("q", PTR), ("k", PTR), ("v", PTR), ("layout_heads", I64), ("row_ptr", PTR),
+        ("row_entries", PTR), ("col_ptr", PTR), ("col_entries", PTR), ("masks", PTR),
+        ("key_padding_mask", PTR), ("bias", PTR), ("bias_heads", I64), ("scale", ctypes.c_float),
+        ("dropout_rate", ctypes.c_float), ("seed", I64),
+    ]
+
+
+class FusedLaunchers:
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        lib.bsattn_cuda_error_string.restype = ctypes.c_char_p
+        args = ctypes.POINTER(FusedArgs)
+        lib.bsattn_fused_forward.argtypes = [args, PTR, PTR, PTR]
+        lib.bsattn_fused_backward_workspace.argtypes = [args, ctypes.c_int]
+        lib.bsattn_fused_backward_workspace.restype = I64
+        lib.bsattn_fused_backward.argtypes = [args] + [PTR] * 8 + [PTR, I64, PTR]
+        self.lib = lib
+
+    def check(self, code: int, what: str) -> None:
+        if code != 0:
+            raise RuntimeError(f"{what}: {self.lib.bsattn_cuda_error_string(code).decode()}")
+
+
+class DeviceCase:
+    """One case's device buffers (kept referenced while launchers run: a freed temporary's memory would be
+    reused before the kernel reads it) and its FusedArgs. q, k, v: device tensors [B, T, H*D]."""
+
+    def __init__(self, code: int, q, k, v, tables: FusedTables, heads: int, scale: float, kpm=None, bias=None,
+                 dropout_rate: float = 0.0, seed: int = 0):
+        self.tensors = {"q": q, "k": k, "v": v}
+        for name in ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks"):
+            self.tensors[name] = dev(getattr(tables, name))
+        if self.tensors["masks"].numel() == 0:  # a valid pointer even without partial blocks
+            self.tensors["masks"] = torch.zeros(1, dtype=torch.int32, device="cuda")
+        if kpm is not None:
+            self.tensors["kpm"] = dev(np.asarray(kpm, np.uint8))
+        if bias is not None:
+            self.tensors["bias"] = bias
+        ptr = lambda name: self.tensors[name].data_ptr() if name in self.tensors else None  # noqa: E731
+        batch, tq, width = q.shape
+        self.args = FusedArgs(
+            dtype=code, batch=batch, heads=heads, head_dim=width // heads, tq=tq, tk=k.shape[1],
+            block_size=tables.block_size, q=ptr("q"), k=ptr("k"), v=ptr("v"), layout_heads=tables.lut_heads,
+            row_ptr=ptr("row_ptr"), row_entries=ptr("row_entries"), col_ptr=ptr("col_ptr"),
+            col_entries=ptr("col_entries"), masks=ptr("masks"), key_padding_mask=ptr("kpm"), bias=ptr("bias"),
+            bias_heads=0 if bias is None else bias.shape[0], scale=scale, dropout_rate=dropout_rate, seed=seed)
+
+
+def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
+    """Random per-head layouts (block counts differ between heads, some rows empty) with random partial blocks;
+    with masked_rows some partial blocks also drop whole query rows."""
+    active = rng.random((layouts, n_qb, n_kb)) < rng.uniform(0.35, 0.75, (layouts, 1, 1))
+    active[:, 0, :] = False  # an empty query-block row in every head
+    active[:, -1, 0] = True
+    full = active & (rng.random(active.shape) < 0.5)
+
+    def masks(head, qb, kb):
+        keep = rng.random((len(qb), bs, bs)) < 0.7
+        if masked_rows:
+            keep[:, rng.integers(0, bs, 2), :] = False
+        return keep
+
+    return build_fused_tables(active, bs, full, masks)
+
+
+def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
+    """Inputs of one check (float64 arrays holding values exactly representable in dtype)."""
+    cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()  # noqa: E731
+    batch, heads = 2, 2
+    n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows") else (4, 4)
+    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse")
+    tables = random_fused_tables(rng, bs, n_qb, n_kb, heads if per_head else 1, variant == "dropout_masked_rows")
+    tq, tk, width = n_qb * bs, n_kb * bs, heads * head_dim
+    case = {
+        "tables": tables, "heads": heads, "scale": float(np.float32(rng.uniform(0.5, 1.5) / math.sqrt(head_dim))),
+        "q": cast(rng.uniform(-1, 1, (batch, tq, width))), "k": cast(rng.uniform(-1, 1, (batch, tk, width))),
+        "v": cast(rng.uniform(-1, 1, (batch, tk, width))), "dout": cast(rng.uniform(-1, 1, (batch, tq, width))),
+        "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": int(rng.integers(0, 2**62)), "dlse": None,
+    }
+    if variant in ("padding_bias_dropout", "shared_bias_dlse"):
+        case["kpm"] = rng.random((batch, tk)) < 0.8
+        case["bias"] = cast(rng.normal(0, 1, (heads if variant == "padding_bias_dropout" else 1, tq, tk)))
+    if variant in ("padding_bias_dropout", "dropout_masked_rows"):
+        case["dropout_rate"] = 0.25
+    if variant == "shared_bias_dlse":
+        case["dlse"] = rng.normal(0, 0.5, (batch, heads, tq)).astype(np.float32).astype(np.float64)
+    return case
+
+
+def dense_baseline(c: dict, dtype) -> dict:
+    """The same attention computed densely by torch in `dtype` (autograd for the gradients): the error floor."""
+    heads, tables = c["heads"], c["tables"]
+    split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = (dev(c[n], dtype).requires_grad_() for n in ("q", "k", "v"))
+    bias = None if c["bias"] is None else dev(c["bias"], dtype).requires_grad_()
+    keep = dev(tables.token_mask())[None]  # [1, L, Tq, Tk]
+    if c["kpm"] is not None:
+        keep = keep & dev(c["kpm"])[:, None, None, :]
+    s = (split(q) @ split(k).transpose(-1, -2)) * c["scale"]
+    if bias is not None:
+        s = s + bias[None]
+    s = s.masked_fill(~keep, -float("inf"))
+    # A row with no kept key: output 0 and lse -inf, as in the fused op (computed on zeros, so that no NaN
+    # reaches autograd).
+    any_kept = keep.any(-1, keepdim=True)
+    s = torch.where(any_kept, s, 0.0)
+    lse = torch.logsumexp(s.float(), -1)
+    p = torch.softmax(s, -1) * any_kept
+    if c["dropout_rate"]:
+        z = reference.dropout_keep_mask(c["seed"], c["dropout_rate"], *p.shape) / (1 - c["dropout_rate"])
+        p = p * dev(z, dtype)
+    out = (p @ split(v)).transpose(1, 2).reshape(q.shape)
+    loss = (out.float() * dev(c["dout"])).sum()
+    if c["dlse"] is not None:
+        loss = loss + (lse * any_kept[..., 0] * dev(c["dlse"])).sum()
+    loss.backward()
+    lse = torch.where(any_kept[..., 0], lse, -float("inf"))
+    result = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if bias is not None:
+        result["dbias"] = bias.grad
+    return result
+
+
+def lse_error(ours: torch.Tensor, ref: np.ndarray) -> float:
+    got = ours.double().cpu().numpy()
+    empty = np.isneginf(ref)
+    if not np.array_equal(np.isneginf(got), empty) or not np.isfinite(got[~empty]).all():
+        return float("inf")  # an empty row must give -inf exactly, every other row a finite value
+    return float(np.abs(got[~empty] - ref[~empty]).max(initial=0) / max(np.abs(ref[~empty]).max(initial=0), 1e-30))
+
+
+def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim: int, variant: str) -> dict:
+    dtype, code = DTYPES[dtype_name]
+    c = variant_inputs(rng, variant, dtype, bs, head_dim)
+    case = DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
+                      c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype), c["dropout_rate"],
+                      c["seed"])
+    batch, tq, width = c["q"].shape
+    s = stream()
+    out, lse = poisoned((batch, tq, width), dtype), poisoned((batch, c["heads"], tq), torch.float32)
+    launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), s),
+                    "fused_forward")
+    kw = dict(scale=c["scale"], key_padding_mask=c["kpm"], bias=c["bias"], dropout_rate=c["dropout_rate"], seed=c["seed"])
+    ref_out, ref_lse = reference.fused_attention(c["q"], c["k"], c["v"], c["tables"], c["heads"], **kw)
+
+    # The backward reads the forward's own out and lse, as in training.
+    dout_d = dev(c["dout"], dtype)
+    dlse_d = None if c["dlse"] is None else dev(c["dlse"], torch.float32)
+    grads = {n: poisoned(case.tensors[n].shape, dtype) for n in ("q", "k", "v")}
+    dbias = None if c["bias"] is None else poisoned(c["bias"].shape, dtype)
+    with_dbias = int(dbias is not None)
+    ws_bytes = launchers.lib.bsattn_fused_backward_workspace(ctypes.byref(case.args), with_dbias)
+    workspace = torch.full((max(ws_bytes, 4) // 4,), float("nan"), dtype=torch.float32, device="cuda")
+    launchers.check(launchers.lib.bsattn_fused_backward(
+        ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), dout_d.data_ptr(),
+        None if dlse_d is None else dlse_d.data_ptr(), grads["q"].data_ptr(), grads["k"].data_ptr(),
+        grads["v"].data_ptr(), None if dbias is None else dbias.data_ptr(), workspace.data_ptr(), ws_bytes, s),
+        "fused_backward")
+    ref_grads = reference.fused_attention_grad(c["q"], c["k"], c["v"], c["tables"], c["heads"], c["dout"],
+                                               dlse=c["dlse"], **kw)
+    base = dense_baseline(c, dtype)
+    torch.cuda.synchronize()
+    errors = {"out": (error(out, ref_out), error(base["out"], ref_out)),
+              "lse": (lse_error(lse, ref_lse), lse_error(base["lse"], ref_lse))}
+    for name, ours, ref in zip(("dq", "dk", "dv", "dbias"), (grads["q"], grads["k"], grads["v"], dbias), ref_grads):
+        if ref is not None:
+            errors[name] = (error(ours, ref), error(base[name], ref))
+    return errors
+
+
+def passes(dtype_name: str, ours: float, baseline: float) -> bool:
+    if dtype_name == "float32":
+        return ours <= 1e-4
+    floor = 2.0**-11 if dtype_name == "float16" else 2.0**-8  # one ulp near 1
+    return ours <= 2.0 * baseline + floor
+
+
+def check_all(launchers: FusedLaunchers, quick: bool) -> list[dict]:
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
+    rows = []
+    for dtype_name in DTYPES:
+        for bs in (16, 64) if quick else BLOCK_SIZES:
+            for head_dim in (24, 64) if quick else (24, 32, 64, 128):
+                for variant in VARIANTS:
+                    for out_name, (ours, base) in run_check(launchers, rng, dtype_name, bs, head_dim, variant).items():
+                        rows.append({"out": out_name, "dtype": dtype_name, "bs": bs, "D": head_dim, "variant": variant,
+                                     "err": ours, "torch_err": base, "ok": passes(dtype_name, ours, base)})
+    return rows
+
+
+# ---- benchmark -----------------------------------------------------------------------------------------------
+
+
+def bench_patterns(n_ctx: int, heads: int) -> dict:
+    """The benchmark layouts: our pattern and the same predicate as a FlexAttention mask_mod."""
+    seg = n_ctx // 128  # strided after the strided transpose: causal within segments of T/128 tokens
+
+    def causal(b, h, q, kv):
+        return kv <= q
+
+    def local(b, h, q, kv):
+        return (kv <= q) & (q - kv < 1024)
+
+    def strided(b, h, q, kv):
+        return (kv <= q) & (q // seg == kv // seg)
+
+    def fixed(b, h, q, kv):  # own 512-window + the last 128 tokens of every earlier window
+        return (kv <= q) & ((q // 512 == kv // 512) | (kv % 512 >= 384))
+
+    return {
+        "causal": (patterns.Causal(), causal),
+        "local": (patterns.Local(1024), local),
+        "strided": (patterns.Strided(128), strided),
+        "fixed": (patterns.Fixed(512, 1, 1, heads, 128), fixed),
+    }
+
+
+def flex_block_mask(tables: FusedTables, mask_mod, n_ctx: int):
+    """FlexAttention's BlockMask of exactly our active blocks (partial ones evaluate mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = tables.layout[0]
+    full = np.zeros_like(layout)
+    qb, kb, mask_id = tables.block_coords(0)
+    full[qb[mask_id < 0], kb[mask_id < 0]] = True
+    partial = layout & ~full
+
+    def ordered(m):
+        m = torch.from_numpy(m).cuda()
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int32), dim=-1, stable=True).to(torch.int32)
+        return num[None, None].contiguous(), idx[None, None].contiguous()
+
+    kn, ki = ordered(partial)
+    fn, fi = ordered(full)
+    return BlockMask.from_kv_blocks(kn, ki, fn, fi, BLOCK_SIZE=tables.block_size, mask_mod=mask_mod,
+                                    seq_lengths=(n_ctx, n_ctx))
+
+
+def median_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    results = []
+    batch, heads, bs = 1, 16, 128
+    for n_ctx in lengths:
+        for head_dim in dims:
+            width = heads * head_dim
+            q, k, v = (torch.randn(batch, n_ctx, width, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            qh, kh, vh = (x.view(batch, n_ctx, heads, head_dim).transpose(1, 2).contiguous() for x in (q, k, v))
+            dense = {}
+            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        dense[name] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                            qh, kh, vh, is_causal=True))
+                except Exception as exc:  # a backend this build lacks: say so in the table
+                    dense[name] = float("nan")
+                    print(f"sdpa {name}: {type(exc).__name__}: {str(exc)[:120]}")
+            for pname, (pattern, mask_mod) in bench_patterns(n_ctx, heads).items():
+                tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, bs)
+                token_pairs = attended_pairs(tables)
+                case = DeviceCase(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim))
+                args = case.args
+                out = torch.empty_like(q)
+                lse = torch.empty(batch, heads, n_ctx, device="cuda", dtype=torch.float32)
+                s = stream()
+                ours = median_ms(lambda: launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
+                                                                            lse.data_ptr(), s))
+                block_mask = flex_block_mask(tables, mask_mod, n_ctx)
+                flex(qh, kh, vh, block_mask=block_mask)  # compile
+                flex_ms = median_ms(lambda: flex(qh, kh, vh, block_mask=block_mask))
+                ref = flex(qh, kh, vh, block_mask=block_mask).transpose(1, 2).reshape(batch, n_ctx, width)
+                agree = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+                flops = 4.0 * batch * heads * head_dim * token_pairs
+                row = {"T": n_ctx, "D": head_dim, "pattern": pname, "density": tables.density,
+                       "ours_ms": ours, "flex_ms": flex_ms, "ours_tflops": flops / ours / 1e9,
+                       "flex_tflops": flops / flex_ms / 1e9, "ours_vs_flex": flex_ms / ours,
+                       "sdpa_flash_causal_ms": dense["flash"], "sdpa_cudnn_causal_ms": dense["cudnn"],
+                       "max_diff_vs_flex": agree}
+                if with_backward:
+                    row["ours_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse)
+                results.append(row)
+                print(f"bench T={n_ctx} D={head_dim} {pname:8s} ours {ours:8.3f} ms  flex {flex_ms:8.3f} ms  "
+                      f"ratio {flex_ms / ours:5.2f}  ({row['ours_tflops']:.0f} vs {row['flex_tflops']:.0f} TFLOP/s)",
+                      flush=True)
+    return results
+
+
+def attended_pairs(tables: FusedTables) -> int:
+    """Attended (query, key) pairs of layout head 0: bs^2 per full block, the kept bits of each partial one."""
+    _, _, mask_id = tables.block_coords(0)
+    kept = tables.unpacked_masks().sum(axis=(1, 2))
+    return int((mask_id < 0).sum()) * tables.block_size**2 + int(kept[mask_id[mask_id >= 0]].sum())
+
+
+def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse) -> float:
+    args = case.args
+    dout = torch.randn_like(q)
+    grads = [torch.empty_like(q) for _ in range(3)]
+    ws_bytes = launchers.lib.bsattn_fused_backward_workspace(ctypes.byref(args), 0)
+    workspace = torch.empty(max(ws_bytes, 4) // 4, dtype=torch.float32, device="cuda")
+    s = stream()
+
+    def step():
+        launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), s)
+        launchers.lib.bsattn_fused_backward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), None,
+                                            *(g.data_ptr() for g in grads), None, workspace.data_ptr(), ws_bytes, s)
+
+    return median_ms(step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lib", required=True)
+    parser.add_argument("--quick", action="store_true", help="a few cases (for compute-sanitizer)")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--lengths", default="16384,65536")
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    args = parser.parse_args()
+    launchers = FusedLaunchers(args.lib)
+    start = time.time()
+    rows = [] if args.no_check else check_all(launchers, args.quick)
+    failed = [r for r in rows if not r["ok"]]
+    if rows:
+        print(f"checks: {len(rows)} in {time.time() - start:.0f} s")
+        print(f"{'output':>6} {'dtype':>9} {'worst err':>10} {'torch err':>10}  cases  failed")
+        for out_name in ("out", "lse", "dq", "dk", "dv", "dbias"):
+            for dtype_name in DTYPES:
+                sel = [r for r in rows if r["out"] == out_name and r["dtype"] == dtype_name]
+                worst = max(sel, key=lambda r: r["err"])
+                print(f"{out_name:>6} {dtype_name:>9} {worst['err']:10.2e} {worst['torch_err']:10.2e} {len(sel):6d} "
+                      f"{sum(not r['ok'] for r in sel):6d}")
+    timings = []
+    if not args.no_bench:
+        timings = bench(launchers, [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")],
+                        args.backward)
+        print(f"{'T':>6} {'D':>4} {'pattern':>8} {'density':>8} {'ours ms':>9} {'flex ms':>9} {'ours/flex':>9} "
+              f"{'TFLOP/s':>8} {'flash causal':>12} {'cudnn causal':>12}")
+        for t in timings:
+            print(f"{t['T']:6d} {t['D']:4d} {t['pattern']:>8} {t['density']:8.4f} {t['ours_ms']:9.3f} {t['flex_ms']:9.3f} "
+                  f"{t['ours_vs_flex']:9.2f} {t['ours_tflops']:8.0f} {t['sdpa_flash_causal_ms']:12.3f} "
+                  f"{t['sdpa_cudnn_causal_ms']:12.3f}")
+    out = Path(os.environ.get("OUT", "."))
+    (out / ("fused_quick.json" if args.quick else "fused.json")).write_text(
+        json.dumps({"checks": rows, "bench": timings}, indent=1))
+    for r in failed:
+        print("FAILED", r)
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
