@@ -1,10 +1,9 @@
 // Tensor-core forward of the fused block-sparse attention, float16/bfloat16 (mma.sync m16n8k16,
 // float32 accumulation), flash-attention-2 style.
 //
-// A CTA owns one query block (BS rows) of one head: BS/16 warps, 16 query rows each. Q's
-// fragments stay in registers. The row's key blocks stream through shared memory KN = min(BS, 64)
-// keys at a time (a 128-key block is two steps), double buffered with cp.async: step t+1 loads
-// while step t computes
+// A CTA owns one query block (BS rows) of one head: warps of 16 query rows (32 at D = 128). The
+// row's key blocks stream through shared memory 32 or 64 keys at a time (a 128-key block is two or
+// four steps), double buffered with cp.async: step t+1 loads while step t computes
 //   S = Q K^T (mma, B fragments by ldmatrix), scale/bias/masks in float32, online softmax,
 //   O += P V (P from S's accumulator registers, V fragments by ldmatrix.trans).
 // Shared rows are padded by 16 bytes (D + 8 elements) so that ldmatrix's 8 row addresses fall in
@@ -26,11 +25,18 @@ namespace {
 
 template <typename T, int BS, int D>
 struct ForwardMmaShape {
-  static constexpr int kKeys = BS < 64 ? BS : 64;  // keys per step
-  static constexpr int kSteps = BS / kKeys;        // steps per key block
-  static constexpr int kWarps = BS / 16;
+  // Measured on H100 (tests/device/fused_harness.py, T = 16384, bs = 128, bf16): 32 rows per warp
+  // (two m-tiles: each K/V fragment read from shared memory feeds two products) with 32-key steps
+  // is 5-8% faster at D = 128; at D = 64 the same change was 2-20% slower (254 registers, half the
+  // warps per CTA), so D <= 64 keeps 16 rows per warp and 64-key steps. Q's fragments stay in
+  // registers except at 32 rows x D = 128, where the output accumulators need the room.
+  static constexpr int kMTiles = BS >= 64 && D > 64 ? 2 : 1;
+  static constexpr int kWarps = BS / (16 * kMTiles);
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kLd = D + 8;                // shared row stride (elements)
+  static constexpr bool kQInRegisters = kMTiles == 1;
+  static constexpr int kKeys = kMTiles == 2 ? 32 : (BS < 64 ? BS : 64);  // keys per step
+  static constexpr int kSteps = BS / kKeys;  // steps per key block
+  static constexpr int kLd = D + 8;          // shared row stride (elements)
   static constexpr size_t kSharedBytes = sizeof(T) * (BS + 4 * kKeys) * kLd;  // Q, 2 x (K, V)
 };
 
@@ -39,9 +45,11 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     ForwardMma(FusedParams p, T* out, float* lse) {
   using Shape = ForwardMmaShape<T, BS, D>;
   constexpr int kKeys = Shape::kKeys, kSteps = Shape::kSteps, kNT = Shape::kThreads, kLd = Shape::kLd;
-  constexpr int kDSteps = D / 16;   // k-steps of Q K^T
+  constexpr int kMT = Shape::kMTiles;
+  constexpr int kDSteps = D / 16;     // k-steps of Q K^T
   constexpr int kSTiles = kKeys / 8;  // n-tiles of S
   constexpr int kOTiles = D / 8;      // n-tiles of O
+  constexpr int kQFrags = Shape::kQInRegisters ? kDSteps : 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + BS * kLd;            // [2][kKeys][kLd]
@@ -69,17 +77,25 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   CpAsyncCommit();
   CpAsyncWait<0>();
   __syncthreads();
-  uint32_t q_frag[kDSteps][4];
+  const int row_base = warp * 16 * kMT;  // this warp's first row; m-tile mt holds rows + 16 mt
+  uint32_t q_frag[kMT][kQFrags][4];
+  if constexpr (Shape::kQInRegisters) {
 #pragma unroll
-  for (int kk = 0; kk < kDSteps; ++kk)
-    LoadA(q_frag[kk], q_s, kLd, warp * 16, kk * 16, lane);
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk) LoadA(q_frag[mt][kk], q_s, kLd, row_base + 16 * mt, kk * 16, lane);
+  }
 
-  // This thread's two query rows (local to the block): r0 and r0 + 8.
-  const int r0 = warp * 16 + lane / 4;
-  const int64_t qi0 = qb * BS + r0;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[kOTiles][4];
-  Zero(o);
+  // This thread's rows (local to the block): row_base + 16 mt + lane/4 (+ 8 for the second half).
+  const int64_t qi_base = qb * BS + row_base + lane / 4;
+  float m[kMT][2], l[kMT][2];
+  float o[kMT][kOTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.0f;
+    Zero(o[mt]);
+  }
   const bool plain = p.bias == nullptr && p.key_padding_mask == nullptr;  // only full blocks skip all rules
   const float scale_log2 = p.scale * kLog2e;
 
@@ -96,16 +112,26 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     const T* ks = k_s + buf * kKeys * kLd;
     const T* vs = v_s + buf * kKeys * kLd;
 
-    float s[kSTiles][4];
-    Zero(s);
+    float s[kMT][kSTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) Zero(s[mt]);
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
+      uint32_t qa[kMT][4];
+      if constexpr (!Shape::kQInRegisters) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) LoadA(qa[mt], q_s, kLd, row_base + 16 * mt, kk * 16, lane);
+      }
 #pragma unroll
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t bk[4];
         LoadBTransposed(bk, ks, kLd, np * 16, kk * 16, lane);
-        Mma<T>(s[2 * np], q_frag[kk], bk[0], bk[1]);
-        Mma<T>(s[2 * np + 1], q_frag[kk], bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          const uint32_t(&a)[4] = Shape::kQInRegisters ? q_frag[mt][kk % kQFrags] : qa[mt];
+          Mma<T>(s[mt][2 * np], a, bk[0], bk[1]);
+          Mma<T>(s[mt][2 * np + 1], a, bk[2], bk[3]);
+        }
       }
     }
 
@@ -114,68 +140,77 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     const int32_t mask_id = p.row_entries[2 * entry + 1];
     const int64_t k0 = first_key(step);
     const int bj0 = (step % kSteps) * kKeys;  // first key of the step within its block
-    if (plain && mask_id < 0) {
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t)
+    for (int mt = 0; mt < kMT; ++mt) {
+      if (plain && mask_id < 0) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][e] *= scale_log2;
-    } else {
-      const uint32_t* mask_rows[2] = {MaskRow(p, mask_id, r0), MaskRow(p, mask_id, r0 + 8)};
+        for (int t = 0; t < kSTiles; ++t)
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t)
+          for (int e = 0; e < 4; ++e) s[mt][t][e] *= scale_log2;
+      } else {
+        const int r0 = row_base + 16 * mt + lane / 4;
+        const uint32_t* mask_rows[2] = {MaskRow(p, mask_id, r0), MaskRow(p, mask_id, r0 + 8)};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
-          const float offset = ScoreOffset<T>(p, b, h, qi0 + 8 * half, k0 + col, mask_rows[half], bj0 + col);
-          s[t][e] = (s[t][e] * p.scale + offset) * kLog2e;
-        }
-    }
+        for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
+            const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half, k0 + col, mask_rows[half],
+                                                bj0 + col);
+            s[mt][t][e] = (s[mt][t][e] * p.scale + offset) * kLog2e;
+          }
+      }
 
-    // Online softmax over the step's keys, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
+      // Online softmax over the step's keys, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = -INFINITY;
+      for (int half = 0; half < 2; ++half) {
+        float mx = -INFINITY;
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * half], s[t][2 * half + 1]));
-      const float m_new = fmaxf(m[half], QuadMax(mx));
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
-      const float alpha = exp2f(m[half] - m_use);
-      float sum = 0.0f;
+        for (int t = 0; t < kSTiles; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * half], s[mt][t][2 * half + 1]));
+        const float m_new = fmaxf(m[mt][half], QuadMax(mx));
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
+        const float alpha = exp2f(m[mt][half] - m_use);
+        float sum = 0.0f;
 #pragma unroll
-      for (int t = 0; t < kSTiles; ++t) {
-        s[t][2 * half] = exp2f(s[t][2 * half] - m_use);
-        s[t][2 * half + 1] = exp2f(s[t][2 * half + 1] - m_use);
-        sum += s[t][2 * half] + s[t][2 * half + 1];
-      }
-      l[half] = l[half] * alpha + sum;  // this thread's columns only; summed over the quad at the end
-      m[half] = m_new;
-#pragma unroll
-      for (int t = 0; t < kOTiles; ++t) {
-        o[t][2 * half] *= alpha;
-        o[t][2 * half + 1] *= alpha;
-      }
-    }
-    if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
-#pragma unroll
-      for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = t * 8 + (lane % 4) * 2 + (e & 1);
-          s[t][e] *= DropoutFactor(p, b, h, qi0 + 8 * (e / 2), k0 + col);
+        for (int t = 0; t < kSTiles; ++t) {
+          s[mt][t][2 * half] = exp2f(s[mt][t][2 * half] - m_use);
+          s[mt][t][2 * half + 1] = exp2f(s[mt][t][2 * half + 1] - m_use);
+          sum += s[mt][t][2 * half] + s[mt][t][2 * half + 1];
         }
+        l[mt][half] = l[mt][half] * alpha + sum;  // this thread's columns; summed over the quad at the end
+        m[mt][half] = m_new;
+#pragma unroll
+        for (int t = 0; t < kOTiles; ++t) {
+          o[mt][t][2 * half] *= alpha;
+          o[mt][t][2 * half + 1] *= alpha;
+        }
+      }
+      if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
+#pragma unroll
+        for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = t * 8 + (lane % 4) * 2 + (e & 1);
+            s[mt][t][e] *= DropoutFactor(p, b, h, qi_base + 16 * mt + 8 * (e / 2), k0 + col);
+          }
+      }
     }
 
     // O += P V: the S accumulators of n-tiles 2kt and 2kt+1 are the A fragment of key step kt.
 #pragma unroll
     for (int kt = 0; kt < kKeys / 16; ++kt) {
-      uint32_t a[4];
-      AccumulatorsAsA<T>(a, s, kt);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) AccumulatorsAsA<T>(a[mt], s[mt], kt);
 #pragma unroll
       for (int dp = 0; dp < kOTiles / 2; ++dp) {
         uint32_t bv[4];
         LoadB(bv, vs, kLd, kt * 16, dp * 16, lane);
-        Mma<T>(o[2 * dp], a, bv[0], bv[1]);
-        Mma<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma<T>(o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          Mma<T>(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this buffer before step + 2 loads into it
@@ -183,19 +218,23 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
 
   // out = O / l (0 for a row without kept keys), lse = m + log2(l) in natural units.
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float total = QuadSum(l[half]);
-    const bool empty = !(total > 0.0f);
-    const float inv = empty ? 0.0f : 1.0f / total;
-    const int64_t qi = qi0 + 8 * half;
-    T* out_row = out + (b * p.tq + qi) * p.width + h * D;
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int t = 0; t < kOTiles; ++t) {
-      const uint32_t packed = Pack<T>(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
-      *reinterpret_cast<uint32_t*>(out_row + t * 8 + (lane % 4) * 2) = packed;
+    for (int half = 0; half < 2; ++half) {
+      const float total = QuadSum(l[mt][half]);
+      const bool empty = !(total > 0.0f);
+      const float inv = empty ? 0.0f : 1.0f / total;
+      const int64_t qi = qi_base + 16 * mt + 8 * half;
+      T* out_row = out + (b * p.tq + qi) * p.width + h * D;
+#pragma unroll
+      for (int t = 0; t < kOTiles; ++t) {
+        const uint32_t packed = Pack<T>(o[mt][t][2 * half] * inv, o[mt][t][2 * half + 1] * inv);
+        *reinterpret_cast<uint32_t*>(out_row + t * 8 + (lane % 4) * 2) = packed;
+      }
+      if (lane % 4 == 0) {
+        lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m[mt][half] + log2f(total)) * kLn2;
+      }
     }
-    if (lane % 4 == 0) lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m[half] + log2f(total)) * kLn2;
-  }
 }
 
 template <typename T, int BS, int D>

@@ -292,10 +292,16 @@ def median_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool) -> list[dict]:
+def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others: dict | None = None) -> list[dict]:
+    """others: name -> FusedLaunchers of other builds, timed on the same inputs (forward only)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
+    import torch._dynamo
+
+    # Every (pattern, length, head dim) is a new mask_mod closure and shape: one compile each.
+    torch._dynamo.config.recompile_limit = 512
+    torch._dynamo.config.cache_size_limit = 512
     flex = torch.compile(flex_attention, dynamic=False)
     results = []
     batch, heads, bs = 1, 16, 128
@@ -323,6 +329,10 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool) -> list
                 s = stream()
                 ours = median_ms(lambda: launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
                                                                             lse.data_ptr(), s))
+                for name, other in (others or {}).items():
+                    row_other = median_ms(lambda: other.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
+                                                                                 lse.data_ptr(), s))
+                    print(f"  variant {name}: {row_other:.3f} ms (this build {ours:.3f} ms)", flush=True)
                 block_mask = flex_block_mask(tables, mask_mod, n_ctx)
                 flex(qh, kh, vh, block_mask=block_mask)  # compile
                 flex_ms = median_ms(lambda: flex(qh, kh, vh, block_mask=block_mask))
@@ -375,6 +385,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="16384,65536")
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--compare", default="", help="comma list of other builds (.so) to time against --lib")
     args = parser.parse_args()
     launchers = FusedLaunchers(args.lib)
     start = time.time()
@@ -391,8 +402,9 @@ def main() -> None:
                       f"{sum(not r['ok'] for r in sel):6d}")
     timings = []
     if not args.no_bench:
+        others = {Path(path).stem: FusedLaunchers(path) for path in args.compare.split(",") if path}
         timings = bench(launchers, [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")],
-                        args.backward)
+                        args.backward, others)
         print(f"{'T':>6} {'D':>4} {'pattern':>8} {'density':>8} {'ours ms':>9} {'flex ms':>9} {'ours/flex':>9} "
               f"{'TFLOP/s':>8} {'flash causal':>12} {'cudnn causal':>12}")
         for t in timings:
