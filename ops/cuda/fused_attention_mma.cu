@@ -100,14 +100,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   const float scale_log2 = p.scale * kLog2e;
 
   for (int step = 0; step < n_steps; ++step) {
-    if (step + 1 < n_steps) {
-      load_step(step + 1);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
+    AwaitStep(step, n_steps, load_step);
     const int buf = step & 1;
     const T* ks = k_s + buf * kKeys * kLd;
     const T* vs = v_s + buf * kKeys * kLd;

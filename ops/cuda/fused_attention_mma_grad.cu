@@ -140,14 +140,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   Zero(acc);
 
   for (int step = 0; step < n_steps; ++step) {
-    if (step + 1 < n_steps) {
-      load_step(step + 1);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncthreads();
+    AwaitStep(step, n_steps, load_step);
     const int buf = step & 1;
     const T* ks = k_s + buf * kStep * kLd;
     const T* vs = v_s + buf * kStep * kLd;
@@ -228,14 +221,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
     Zero(dv_acc);
 
     for (int step = 0; step < n_steps; ++step) {
-      if (step + 1 < n_steps) {
-        load_step(step + 1);
-        CpAsyncCommit();
-        CpAsyncWait<1>();
-      } else {
-        CpAsyncWait<0>();
-      }
-      __syncthreads();
+      AwaitStep(step, n_steps, load_step);
       const int buf = step & 1;
       const T* qs = q_s + buf * kStep * kLd;
       const T* dos = do_s + buf * kStep * kLd;

@@ -86,6 +86,21 @@ __device__ __forceinline__ void LoadTileAsync(T* dst, const T* src, int64_t stri
   }
 }
 
+// The double-buffered pipeline's step boundary: starts loading step + 1 (into the other buffer)
+// and waits, with the whole CTA, until step's tiles have landed. The caller must end each step
+// with __syncthreads() so that no warp still reads the buffer step + 2 will load into.
+template <typename Load>
+__device__ __forceinline__ void AwaitStep(int step, int n_steps, Load load_step) {
+  if (step + 1 < n_steps) {
+    load_step(step + 1);
+    CpAsyncCommit();
+    CpAsyncWait<1>();
+  } else {
+    CpAsyncWait<0>();
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ float QuadMax(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
