@@ -20,12 +20,6 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
 
-const Tensor& Input(OpKernelContext* ctx, const char* name) {
-  const Tensor* t = nullptr;
-  ctx->input(name, &t).IgnoreError();  // CheckFusedInputs has looked every name up
-  return *t;
-}
-
 // The launchers' arguments for validated inputs, with device copies of the row table (and the
 // column table for the gradient) kept alive in `tables`.
 template <typename T>
@@ -33,7 +27,7 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
                       Tensor tables[4], bsattn_fused_args* args) {
   const char* names[4] = {"row_ptr", "row_entries", "col_ptr", "col_entries"};
   for (int i = 0; i < (gradient ? 4 : 2); ++i) {
-    TF_RETURN_IF_ERROR(HostToDevice(ctx, Input(ctx, names[i]), &tables[i]));
+    TF_RETURN_IF_ERROR(HostToDevice(ctx, FusedInput(ctx, names[i]), &tables[i]));
   }
   *args = bsattn_fused_args{};
   args->dtype = DtypeCode<T>();
@@ -43,9 +37,9 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
   args->tq = d.tq;
   args->tk = d.tk;
   args->block_size = d.block_size;
-  args->q = Input(ctx, "q").data();
-  args->k = Input(ctx, "k").data();
-  args->v = Input(ctx, "v").data();
+  args->q = FusedInput(ctx, "q").data();
+  args->k = FusedInput(ctx, "k").data();
+  args->v = FusedInput(ctx, "v").data();
   args->layout_heads = d.layout_heads;
   args->row_ptr = tables[0].flat<int32_t>().data();
   args->row_entries = tables[1].flat<int32_t>().data();
@@ -53,12 +47,12 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
     args->col_ptr = tables[2].flat<int32_t>().data();
     args->col_entries = tables[3].flat<int32_t>().data();
   }
-  args->masks = Input(ctx, "masks").flat<int32_t>().data();
+  args->masks = FusedInput(ctx, "masks").flat<int32_t>().data();
   if (a.has_key_padding_mask) {
-    args->key_padding_mask = reinterpret_cast<const uint8_t*>(Input(ctx, "key_padding_mask").flat<bool>().data());
+    args->key_padding_mask = reinterpret_cast<const uint8_t*>(FusedInput(ctx, "key_padding_mask").flat<bool>().data());
   }
   if (a.has_bias) {
-    args->bias = Input(ctx, "bias").data();
+    args->bias = FusedInput(ctx, "bias").data();
     args->bias_heads = d.bias_heads;
   }
   args->scale = a.scale;
@@ -105,7 +99,7 @@ class FusedAttentionGradGpuOp : public OpKernel {
     Tensor tables[4];
     bsattn_fused_args args;
     OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, true, tables, &args));
-    const Tensor& bias = Input(ctx, "bias");
+    const Tensor& bias = FusedInput(ctx, "bias");
     Tensor *dq, *dk, *dv, *dbias;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &dq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &dk));
@@ -115,9 +109,9 @@ class FusedAttentionGradGpuOp : public OpKernel {
     Tensor workspace;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({workspace_bytes}), &workspace));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_fused_backward(
-                                         &args, Input(ctx, "out").data(), Input(ctx, "lse").flat<float>().data(),
-                                         Input(ctx, "dout").data(),
-                                         attrs_.has_dlse ? Input(ctx, "dlse").flat<float>().data() : nullptr,
+                                         &args, FusedInput(ctx, "out").data(), FusedInput(ctx, "lse").flat<float>().data(),
+                                         FusedInput(ctx, "dout").data(),
+                                         attrs_.has_dlse ? FusedInput(ctx, "dlse").flat<float>().data() : nullptr,
                                          dq->data(), dk->data(), dv->data(), attrs_.has_bias ? dbias->data() : nullptr,
                                          workspace.data(), workspace_bytes, Stream(ctx)),
                                      "BsattnFusedAttentionGrad"));

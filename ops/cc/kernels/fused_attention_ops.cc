@@ -68,14 +68,14 @@ class FusedAttentionBase : public OpKernel {
     p->n_q_blocks = d.n_q_blocks;
     p->n_k_blocks = d.n_k_blocks;
     p->shared_layout = d.layout_heads == 1;
-    p->row_ptr = Input(ctx, "row_ptr").flat<int32_t>().data();
-    p->row_entries = Input(ctx, "row_entries").flat<int32_t>().data();
-    p->masks = reinterpret_cast<const uint32_t*>(Input(ctx, "masks").flat<int32_t>().data());
+    p->row_ptr = FusedInput(ctx, "row_ptr").flat<int32_t>().data();
+    p->row_entries = FusedInput(ctx, "row_entries").flat<int32_t>().data();
+    p->masks = reinterpret_cast<const uint32_t*>(FusedInput(ctx, "masks").flat<int32_t>().data());
     p->n_masks = d.n_masks;
     p->mask_words = d.mask_words;
-    if (attrs_.has_key_padding_mask) p->key_padding_mask = Input(ctx, "key_padding_mask").flat<bool>().data();
+    if (attrs_.has_key_padding_mask) p->key_padding_mask = FusedInput(ctx, "key_padding_mask").flat<bool>().data();
     if (attrs_.has_bias) {
-      p->bias = Input(ctx, "bias").flat<T>().data();
+      p->bias = FusedInput(ctx, "bias").flat<T>().data();
       p->bias_heads = d.bias_heads;
     }
     p->scale = static_cast<Acc>(attrs_.scale);
@@ -90,12 +90,6 @@ class FusedAttentionBase : public OpKernel {
     return absl::OkStatus();
   }
 
-  // An input by name (CheckFusedInputs has already looked each one up).
-  static const Tensor& Input(OpKernelContext* ctx, const char* name) {
-    const Tensor* t = nullptr;
-    ctx->input(name, &t).IgnoreError();
-    return *t;
-  }
 
   FusedAttrs attrs_;
 };

@@ -114,4 +114,10 @@ absl::Status CheckFusedGradInputs(tensorflow::OpKernelContext* ctx, const FusedA
   return CheckFusedTransposed(*row_ptr, *row_entries, *col_ptr, *col_entries);
 }
 
+const Tensor& FusedInput(tensorflow::OpKernelContext* ctx, const char* name) {
+  const Tensor* t = nullptr;
+  ctx->input(name, &t).IgnoreError();  // the checks have already looked every name up
+  return *t;
+}
+
 }  // namespace bsattn

@@ -41,6 +41,9 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
 absl::Status CheckFusedGradInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& attrs,
                                   const FusedDims& dims);
 
+// The op's input `name`, once CheckFusedInputs / CheckFusedGradInputs have looked it up.
+const tensorflow::Tensor& FusedInput(tensorflow::OpKernelContext* ctx, const char* name);
+
 }  // namespace bsattn
 
 #endif  // BSATTN_OPS_CC_KERNELS_FUSED_CHECKS_H_
