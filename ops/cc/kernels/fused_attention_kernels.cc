@@ -342,6 +342,32 @@ std::vector<int64_t> ChunkBounds(const FusedAttentionParams<T>& p, int64_t chunk
   return bounds;
 }
 
+// The query rows [out[2c], out[2c + 1]) that the columns of chunk c (bounds of ChunkBounds) reach,
+// over all layout heads; [0, 0) for a chunk without blocks.
+template <typename T>
+std::vector<int64_t> ChunkRows(const FusedAttentionParams<T>& p, const std::vector<int64_t>& bounds,
+                               int64_t chunks) {
+  const int64_t layouts = p.shared_layout ? 1 : p.heads, n_kb = p.n_k_blocks;
+  std::vector<int64_t> out(2 * chunks, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t lo = p.n_q_blocks, hi = 0;
+    for (int64_t l = 0; l < layouts; ++l) {
+      const int32_t* ptr = p.col_ptr + l * (n_kb + 1);
+      for (int64_t kb = bounds[l * (chunks + 1) + c]; kb < bounds[l * (chunks + 1) + c + 1]; ++kb) {
+        if (ptr[kb] == ptr[kb + 1]) continue;
+        // Column entries are sorted by query block: the first and last bound the column.
+        lo = std::min<int64_t>(lo, p.col_entries[2 * ptr[kb]]);
+        hi = std::max<int64_t>(hi, p.col_entries[2 * (ptr[kb + 1] - 1)] + 1);
+      }
+    }
+    if (lo < hi) {
+      out[2 * c] = lo * p.block_size;
+      out[2 * c + 1] = hi * p.block_size;
+    }
+  }
+  return out;
+}
+
 // How many column chunks (each with its own partial dQ buffer) the gradient uses: enough units for
 // about four per thread, at most 16 and nKb, and at most 256 MB of partial buffers.
 template <typename T>
@@ -381,16 +407,22 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   // two chunks of different heads would add into the same dbias entries at once.
   const bool shared_bias_grad = dbias != nullptr && p.bias_heads == 1;
   const std::vector<int64_t> bounds = ChunkBounds(p, chunks, shared_bias_grad);
-  const int64_t partial_size = p.batch * p.heads * p.tq * d;  // [chunks, B, H, Tq, D]
+  // Chunk c adds into rows [row_lo[c], row_hi[c]) of dQ only (the query rows its columns reach):
+  // its partial buffer [B, H, row_hi - row_lo, D] starts at offset[c].
+  const std::vector<int64_t> rows = ChunkRows(p, bounds, chunks);
+  std::vector<int64_t> offset(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    offset[c + 1] = offset[c] + p.batch * p.heads * (rows[2 * c + 1] - rows[2 * c]) * d;
+  }
   tensorflow::Tensor partial_tensor;
   const absl::Status status = ctx->allocate_temp(tensorflow::DataTypeToEnum<Acc>::value,
-                                                 tensorflow::TensorShape({chunks * partial_size}), &partial_tensor);
+                                                 tensorflow::TensorShape({offset[chunks]}), &partial_tensor);
   if (!status.ok()) {
     ctx->SetStatus(status);
     return;
   }
   Acc* partial = partial_tensor.flat<Acc>().data();
-  ParallelFor(ctx, chunks * partial_size, 1, [&](int64_t begin, int64_t end) {
+  ParallelFor(ctx, offset[chunks], 1, [&](int64_t begin, int64_t end) {
     std::fill(partial + begin, partial + end, Acc(0));
   });
 
@@ -406,7 +438,8 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
         const int64_t bh = dbias == nullptr ? group : p.bias_heads == 1 ? member : member * p.heads + group;
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h) * (chunks + 1) + chunk;
-        Acc* dq_head = partial + chunk * partial_size + bh * p.tq * d;
+        const int64_t row_lo = rows[2 * chunk], chunk_rows = rows[2 * chunk + 1] - row_lo;
+        Acc* dq_chunk = partial + offset[chunk] + bh * chunk_rows * d;  // its row row_lo first
         for (int64_t kb0 = range[0]; kb0 < range[1]; kb0 += kMaxGroup) {
           const int64_t count = std::min<int64_t>(kMaxGroup, range[1] - kb0);
           for (int64_t g = 0; g < count; ++g) {
@@ -445,7 +478,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               MatMulAccumulateTransposedA(p_used, bs, do_rows, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
               SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
               MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
-              MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_head + q0 * d, d, bs, bs, d);  // dQ += dS K
+              MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
               if (dbias != nullptr) {
                 Acc* db = dbias + ((p.bias_heads == 1 ? 0 : h) * p.tq + q0) * p.tk + k0;
                 for (int64_t i = 0; i < bs; ++i)
@@ -464,16 +497,22 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   const int64_t cost = UnitCost(p, p.batch * TotalEntries(p), groups * chunks, 5);
   ParallelForBalanced(ctx, groups * chunks, cost, work);
 
-  // dq = scale * (sum of the chunks' partial buffers), in chunk order.
+  // dq = scale * (sum of the partial buffers of the chunks that reach the row), in chunk order.
   ParallelFor(ctx, p.batch * p.tq, 2 * chunks * p.width, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.tq, t = row % p.tq;
       for (int64_t h = 0; h < p.heads; ++h) {
-        const Acc* src = partial + ((b * p.heads + h) * p.tq + t) * d;
         T* dst = dq + row * p.width + h * d;
+        std::array<const Acc*, 16> src;  // GradChunks keeps chunks <= 16
+        int64_t n_src = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const int64_t lo = rows[2 * chunk], hi = rows[2 * chunk + 1];
+          if (t < lo || t >= hi) continue;
+          src[n_src++] = partial + offset[chunk] + ((b * p.heads + h) * (hi - lo) + t - lo) * d;
+        }
         for (int64_t c = 0; c < d; ++c) {
           Acc sum = 0;
-          for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += src[chunk * partial_size + c];
+          for (int64_t i = 0; i < n_src; ++i) sum += src[i][c];
           dst[c] = static_cast<T>(p.scale * sum);
         }
       }
