@@ -170,7 +170,6 @@ int64_t UnitCost(const FusedAttentionParams<T>& p, int64_t entries, int64_t unit
   return std::max<int64_t>(1, entries / std::max<int64_t>(1, units)) * per_block + 1000;
 }
 
-
 // The most fixed tiles a work unit takes (see the top of the file).
 constexpr int kMaxGroup = 4;
 
@@ -234,6 +233,7 @@ class MergedRows {
 inline const int32_t* HeadPointers(const int32_t* ptr, bool shared, int64_t h, int64_t n) {
   return ptr + (shared ? 0 : h) * (n + 1);
 }
+
 }  // namespace
 
 template <typename T>
