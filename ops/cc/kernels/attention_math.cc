@@ -29,16 +29,8 @@ BSATTN_INLINE void OnlineSoftmaxStepBody(F* __restrict st, int nk, int nq, F* __
     m[i] = m_new;
   }
   ExpInPlace(alpha, nq);
-  for (int j = 0; j < nk; ++j) {
-    F* row = st + j * nq;
-    for (int i = 0; i < nq; ++i) row[i] -= shift[i];
-  }
-  ExpInPlace(st, nk * nq);
   for (int i = 0; i < nq; ++i) l[i] *= alpha[i];
-  for (int j = 0; j < nk; ++j) {
-    const F* row = st + j * nq;
-    for (int i = 0; i < nq; ++i) l[i] += row[i];
-  }
+  ExpMinusColumnsSum(st, nk, nq, shift, l);
 }
 
 template <typename F>

@@ -1,5 +1,6 @@
 #include "ops/cc/kernels/cpu_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -33,17 +34,32 @@ inline __attribute__((always_inline)) void Store(float* p, typename Lanes<N>::F 
   std::memcpy(p, &v, sizeof(v));
 }
 
-// C[i:i+kRows, j:j+kVecs*N] += A[i:i+kRows, :] * B[:, j:j+kVecs*N]: kRows x kVecs accumulators stay
-// in registers. kTransposeA: A is stored as [k][m] (element (i, p) at a[p * lda + i]).
+// The starting value of C[i][j] for the products below: 0 (overwrite), C[i][j] * row_scale[i], or
+// C[i][j] (row_scale null).
+inline __attribute__((always_inline)) float StartValue(const float* c, const float* row_scale,
+                                                       bool overwrite, int i, int ldc, int j) {
+  if (overwrite) return 0.0f;
+  return row_scale == nullptr ? c[i * ldc + j] : c[i * ldc + j] * row_scale[i];
+}
+
+// C[i:i+kRows, j:j+kVecs*N] = start + A[i:i+kRows, :] * B[:, j:j+kVecs*N]: kRows x kVecs
+// accumulators stay in registers; start as in StartValue. kTransposeA: A is stored as [k][m]
+// (element (i, p) at a[p * lda + i]).
 template <int N, int kRows, int kVecs, bool kTransposeA>
 inline __attribute__((always_inline)) void MatMulStrip(const float* __restrict a, int lda,
                                                       const float* __restrict b, int ldb,
                                                       float* __restrict c, int ldc, int i, int j,
-                                                      int k) {
+                                                      int k, const float* __restrict row_scale,
+                                                      bool overwrite) {
   using Vec = typename Lanes<N>::F;
   Vec acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = Load<N>(c + (i + r) * ldc + j + N * v);
+  for (int r = 0; r < kRows; ++r) {
+    const float f = row_scale == nullptr ? 1.0f : row_scale[i + r];
+    for (int v = 0; v < kVecs; ++v) {
+      acc[r][v] = overwrite ? Vec{} : Load<N>(c + (i + r) * ldc + j + N * v);
+      if (row_scale != nullptr) acc[r][v] *= f;
+    }
+  }
   for (int p = 0; p < k; ++p) {
     Vec bv[kVecs];
     for (int v = 0; v < kVecs; ++v) bv[v] = Load<N>(b + p * ldb + j + N * v);
@@ -56,29 +72,35 @@ inline __attribute__((always_inline)) void MatMulStrip(const float* __restrict a
     for (int v = 0; v < kVecs; ++v) Store<N>(c + (i + r) * ldc + j + N * v, acc[r][v]);
 }
 
-// Register-blocked C += op(A) * B: 4-row strips of 4, 2 or 1 vectors of N lanes, then scalar
-// columns and rows. With N = 16 (AVX-512) a 4 x 64 strip holds 16 zmm accumulators.
+// Register-blocked C = start + op(A) * B (start as in StartValue): 4-row strips of 4, 2 or 1
+// vectors of N lanes, then scalar columns and rows. With N = 16 (AVX-512) a 4 x 64 strip holds 16
+// zmm accumulators.
 template <int N, bool kTransposeA>
 inline __attribute__((always_inline)) void MatMulBody(const float* __restrict a, int lda,
                                                      const float* __restrict b, int ldb,
-                                                     float* __restrict c, int ldc, int m, int k, int n) {
+                                                     float* __restrict c, int ldc, int m, int k, int n,
+                                                     const float* __restrict row_scale, bool overwrite) {
   auto at = [a, lda](int i, int p) { return kTransposeA ? a[p * lda + i] : a[i * lda + p]; };
   constexpr int kRows = 4;
   int i = 0;
   for (; i + kRows <= m; i += kRows) {
     int j = 0;
-    for (; j + 4 * N <= n; j += 4 * N) MatMulStrip<N, kRows, 4, kTransposeA>(a, lda, b, ldb, c, ldc, i, j, k);
-    for (; j + 2 * N <= n; j += 2 * N) MatMulStrip<N, kRows, 2, kTransposeA>(a, lda, b, ldb, c, ldc, i, j, k);
-    for (; j + N <= n; j += N) MatMulStrip<N, kRows, 1, kTransposeA>(a, lda, b, ldb, c, ldc, i, j, k);
+    for (; j + 4 * N <= n; j += 4 * N)
+      MatMulStrip<N, kRows, 4, kTransposeA>(a, lda, b, ldb, c, ldc, i, j, k, row_scale, overwrite);
+    for (; j + 2 * N <= n; j += 2 * N)
+      MatMulStrip<N, kRows, 2, kTransposeA>(a, lda, b, ldb, c, ldc, i, j, k, row_scale, overwrite);
+    for (; j + N <= n; j += N)
+      MatMulStrip<N, kRows, 1, kTransposeA>(a, lda, b, ldb, c, ldc, i, j, k, row_scale, overwrite);
     for (; j < n; ++j) {
       for (int r = 0; r < kRows; ++r) {
-        float s = c[(i + r) * ldc + j];
+        float s = StartValue(c, row_scale, overwrite, i + r, ldc, j);
         for (int p = 0; p < k; ++p) s += at(i + r, p) * b[p * ldb + j];
         c[(i + r) * ldc + j] = s;
       }
     }
   }
   for (; i < m; ++i) {
+    for (int j = 0; j < n; ++j) c[i * ldc + j] = StartValue(c, row_scale, overwrite, i, ldc, j);
     for (int p = 0; p < k; ++p) {
       const float av = at(i, p);
       for (int j = 0; j < n; ++j) c[i * ldc + j] += av * b[p * ldb + j];
@@ -87,64 +109,107 @@ inline __attribute__((always_inline)) void MatMulBody(const float* __restrict a,
 }
 
 // exp(x) = 2^k * exp(r) with k = round(x / ln 2) and |r| <= ln(2) / 2; exp(r) by a degree-7
-// Taylor-like polynomial (Horner), ln 2 split in two parts so that r is exact enough.
+// Taylor-like polynomial (Horner), ln 2 split in two parts so that r is exact enough. k is rounded
+// by adding 1.5 * 2^23 (its low mantissa bits then hold k), which also gives the bits of 2^k without
+// a float -> int conversion. Inputs below -87 (and -inf) give 0.
 template <int N>
-inline __attribute__((always_inline)) void ExpBody(float* x, int n) {
+inline __attribute__((always_inline)) typename Lanes<N>::F ExpVec(typename Lanes<N>::F v) {
   using Vec = typename Lanes<N>::F;
   using IVec = typename Lanes<N>::I;
-  const Vec zero = {}, half = zero + 0.5f, one = zero + 1.0f, high = zero + 88.0f;
-  const Vec low = zero - 87.0f, log2e = zero + 1.44269504088896341f;
+  const Vec zero = {}, one = zero + 1.0f, high = zero + 88.0f, low = zero - 87.0f;
+  const Vec log2e = zero + 1.44269504088896341f, shifter = zero + 12582912.0f;  // 1.5 * 2^23
   const Vec ln2_hi = zero + 0.693359375f, ln2_lo = zero - 2.12194440e-4f;
-  int i = 0;
-  for (; i + N <= n; i += N) {
-    const Vec v = Load<N>(x + i);
-    const IVec underflow = v < low;
-    Vec t = v > high ? high : v;
-    t = t < low ? low : t;
-    Vec kf = __builtin_convertvector(__builtin_convertvector(t * log2e + half, IVec), Vec);
-    kf = kf > t * log2e + half ? kf - one : kf;  // truncation -> floor for negative values
-    const Vec r = t - kf * ln2_hi - kf * ln2_lo;
-    Vec p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + one;
-    const IVec bits = (__builtin_convertvector(kf, IVec) + 127) << 23;  // 2^k
-    Vec scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    const Vec result = p * scale;
-    IVec result_bits;
-    std::memcpy(&result_bits, &result, sizeof(result_bits));
-    result_bits &= ~underflow;  // exp(x < -87) -> 0
-    std::memcpy(x + i, &result_bits, sizeof(result_bits));
-  }
-  for (; i < n; ++i) x[i] = x[i] < -87.0f ? 0.0f : std::exp(x[i]);
+  const IVec underflow = v < low;
+  Vec t = v > high ? high : v;
+  t = t < low ? low : t;
+  const Vec shifted = t * log2e + shifter;
+  const Vec kf = shifted - shifter;
+  const Vec r = t - kf * ln2_hi - kf * ln2_lo;
+  Vec p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + one;
+  IVec bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits + 127) << 23;  // 2^k: the shifter's own bits leave through the top
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const Vec result = p * scale;
+  IVec result_bits;
+  std::memcpy(&result_bits, &result, sizeof(result_bits));
+  result_bits &= ~underflow;  // exp(x < -87) -> 0
+  Vec out;
+  std::memcpy(&out, &result_bits, sizeof(out));
+  return out;
 }
 
-using MatMulFn = void (*)(const float*, int, const float*, int, float*, int, int, int, int);
+inline float ExpScalar(float x) { return x < -87.0f ? 0.0f : std::exp(x); }
+
+template <int N>
+inline __attribute__((always_inline)) void ExpBody(float* x, int n) {
+  int i = 0;
+  for (; i + N <= n; i += N) Store<N>(x + i, ExpVec<N>(Load<N>(x + i)));
+  for (; i < n; ++i) x[i] = ExpScalar(x[i]);
+}
+
+// x[r][c] = exp(x[r][c] - v[c]) and sums[c] += x[r][c], r in order: one pass over the tile.
+template <int N>
+inline __attribute__((always_inline)) void ExpMinusColumnsSumBody(float* __restrict x, int rows,
+                                                                  int cols, const float* __restrict v,
+                                                                  float* __restrict sums) {
+  int c = 0;
+  for (; c + N <= cols; c += N) {
+    const auto shift = Load<N>(v + c);
+    auto sum = Load<N>(sums + c);
+    for (int r = 0; r < rows; ++r) {
+      const auto e = ExpVec<N>(Load<N>(x + r * cols + c) - shift);
+      Store<N>(x + r * cols + c, e);
+      sum += e;
+    }
+    Store<N>(sums + c, sum);
+  }
+  for (; c < cols; ++c) {
+    for (int r = 0; r < rows; ++r) {
+      x[r * cols + c] = ExpScalar(x[r * cols + c] - v[c]);
+      sums[c] += x[r * cols + c];
+    }
+  }
+}
+
+using MatMulFn = void (*)(const float*, int, const float*, int, float*, int, int, int, int,
+                         const float*, bool);
 using ExpFn = void (*)(float*, int);
+using ExpSumFn = void (*)(float*, int, int, const float*, float*);
 
 struct IsaKernels {
   MatMulFn matmul;
   MatMulFn matmul_transposed_a;
   ExpFn exp;
+  ExpSumFn exp_minus_columns_sum;
 };
 
 // One instance of every kernel per ISA level: AVX-512 (16 lanes), AVX2 + FMA and the x86-64
 // baseline (8 lanes; SSE2 pairs there).
 #define BSATTN_ISA_KERNELS(name, target, lanes)                                                 \
   target void MatMul##name(const float* a, int lda, const float* b, int ldb, float* c, int ldc, \
-                           int m, int k, int n) {                                               \
-    MatMulBody<lanes, false>(a, lda, b, ldb, c, ldc, m, k, n);                                  \
+                           int m, int k, int n, const float* row_scale, bool overwrite) {       \
+    MatMulBody<lanes, false>(a, lda, b, ldb, c, ldc, m, k, n, row_scale, overwrite);            \
   }                                                                                             \
   target void MatMulTransposedA##name(const float* a, int lda, const float* b, int ldb,         \
-                                      float* c, int ldc, int m, int k, int n) {                 \
-    MatMulBody<lanes, true>(a, lda, b, ldb, c, ldc, m, k, n);                                   \
+                                      float* c, int ldc, int m, int k, int n,                   \
+                                      const float* row_scale, bool overwrite) {                 \
+    MatMulBody<lanes, true>(a, lda, b, ldb, c, ldc, m, k, n, row_scale, overwrite);             \
   }                                                                                             \
   target void Exp##name(float* x, int n) { ExpBody<lanes>(x, n); }                              \
-  constexpr IsaKernels k##name = {MatMul##name, MatMulTransposedA##name, Exp##name};
+  target void ExpMinusColumnsSum##name(float* x, int rows, int cols, const float* v,            \
+                                       float* sums) {                                           \
+    ExpMinusColumnsSumBody<lanes>(x, rows, cols, v, sums);                                      \
+  }                                                                                             \
+  constexpr IsaKernels k##name = {MatMul##name, MatMulTransposedA##name, Exp##name,             \
+                                  ExpMinusColumnsSum##name};
 
 BSATTN_ISA_KERNELS(Avx512, __attribute__((target("arch=x86-64-v4"))), 16)
 BSATTN_ISA_KERNELS(Avx2, __attribute__((target("arch=x86-64-v3"))), 8)
@@ -178,18 +243,36 @@ const char* CpuIsa() {
 
 void MatMulAccumulate(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m,
                       int k, int n) {
-  Kernels().matmul(a, lda, b, ldb, c, ldc, m, k, n);
+  Kernels().matmul(a, lda, b, ldb, c, ldc, m, k, n, nullptr, false);
+}
+
+void MatMul(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m, int k,
+            int n) {
+  Kernels().matmul(a, lda, b, ldb, c, ldc, m, k, n, nullptr, true);
 }
 
 void MatMulAccumulateTransposedA(const float* a, int lda, const float* b, int ldb, float* c,
-                                 int ldc, int m, int k, int n) {
-  Kernels().matmul_transposed_a(a, lda, b, ldb, c, ldc, m, k, n);
+                                 int ldc, int m, int k, int n, const float* c_row_scale) {
+  Kernels().matmul_transposed_a(a, lda, b, ldb, c, ldc, m, k, n, c_row_scale, false);
 }
 
 void ExpInPlace(float* x, int n) { Kernels().exp(x, n); }
 
 void ExpInPlace(double* x, int n) {
   for (int i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+void ExpMinusColumnsSum(float* x, int rows, int cols, const float* v, float* sums) {
+  Kernels().exp_minus_columns_sum(x, rows, cols, v, sums);
+}
+
+void ExpMinusColumnsSum(double* x, int rows, int cols, const double* v, double* sums) {
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) {
+      x[r * cols + c] = std::exp(x[r * cols + c] - v[c]);
+      sums[c] += x[r * cols + c];
+    }
+  }
 }
 
 void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double* c, int ldc,
@@ -202,8 +285,18 @@ void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double
   }
 }
 
+void MatMul(const double* a, int lda, const double* b, int ldb, double* c, int ldc, int m, int k,
+            int n) {
+  for (int i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, 0.0);
+  MatMulAccumulate(a, lda, b, ldb, c, ldc, m, k, n);
+}
+
 void MatMulAccumulateTransposedA(const double* a, int lda, const double* b, int ldb, double* c,
-                                 int ldc, int m, int k, int n) {
+                                 int ldc, int m, int k, int n, const double* c_row_scale) {
+  if (c_row_scale != nullptr) {
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) c[i * ldc + j] *= c_row_scale[i];
+  }
   for (int p = 0; p < k; ++p) {
     for (int i = 0; i < m; ++i) {
       const double av = a[p * lda + i];

@@ -20,17 +20,29 @@ void MatMulAccumulate(const float* a, int lda, const float* b, int ldb, float* c
 void MatMulAccumulate(const double* a, int lda, const double* b, int ldb, double* c, int ldc,
                       int m, int k, int n);
 
-// C[m][n] += A^T[m][k] * B[k][n] with A stored as [k][m] (row stride lda): the product of a tile
-// that is held transposed (e.g. the probabilities P^T of the fused attention) without copying it.
-// Same register blocking and dispatch as MatMulAccumulate.
+// C[m][n] = A[m][k] * B[k][n] (C is overwritten, not read).
+void MatMul(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m, int k, int n);
+void MatMul(const double* a, int lda, const double* b, int ldb, double* c, int ldc, int m, int k,
+            int n);
+
+// C[m][n] = s[m] * C[m][n] + A^T[m][k] * B[k][n] with A stored as [k][m] (row stride lda): the
+// product of a tile that is held transposed (e.g. the probabilities P^T of the fused attention)
+// without copying it. c_row_scale (s, m values) rescales the rows of C as they are loaded (the
+// online softmax's correction); null means 1. Same register blocking and dispatch as
+// MatMulAccumulate.
 void MatMulAccumulateTransposedA(const float* a, int lda, const float* b, int ldb, float* c, int ldc,
-                                 int m, int k, int n);
+                                 int m, int k, int n, const float* c_row_scale = nullptr);
 void MatMulAccumulateTransposedA(const double* a, int lda, const double* b, int ldb, double* c,
-                                 int ldc, int m, int k, int n);
+                                 int ldc, int m, int k, int n, const double* c_row_scale = nullptr);
 
 // x[i] = exp(x[i]) for i < n; inputs below -87 (and -inf) give 0. Vectorised, ~2 ulp.
 void ExpInPlace(float* x, int n);
 void ExpInPlace(double* x, int n);
+
+// x[r][c] = exp(x[r][c] - v[c]) and sums[c] += x[r][c] (rows added in order), for a rows x cols
+// dense tile: the exponent and the row sum of the online softmax in one pass.
+void ExpMinusColumnsSum(float* x, int rows, int cols, const float* v, float* sums);
+void ExpMinusColumnsSum(double* x, int rows, int cols, const double* v, double* sums);
 
 // Accumulation type of a storage type: float64 for double, float32 for everything else.
 template <typename T>

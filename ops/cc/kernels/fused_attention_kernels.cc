@@ -1,12 +1,15 @@
 // CPU kernels of the fused block-sparse attention (flash style: the weights are never stored).
 //
-// Layout choice. A work unit keeps one tile fixed (the query block in the forward, the key block in
-// the gradient) and walks the blocks of its row or column. The fixed tile is transposed once per
-// unit; the streamed tile of each block is copied into a dense scratch tile (rows H*D apart would
-// fall into a few L1 sets) and feeds the products directly:
-//   forward:   S^T = K (scale Q)^T      [key j][query i]   MatMulAccumulate
-//              O += P V = (P^T)^T V                         MatMulAccumulateTransposedA
-//   gradient:  S = Q (scale K)^T,  dP = dO V^T   [query i][key j]   MatMulAccumulate
+// Layout choice. A work unit keeps a group of up to kMaxGroup consecutive tiles fixed (query blocks
+// in the forward, key blocks in the gradient) and walks the blocks of their rows or columns merged
+// in increasing order, so that each streamed tile is loaded once for every fixed tile that uses it
+// (K and V of a long sequence come from L3 or memory, and per-block copies cost as much as the
+// softmax). The fixed tiles are transposed once per unit; the streamed tile of each block is copied
+// into a dense scratch tile (rows H*D apart would fall into a few L1 sets) and feeds the products
+// directly:
+//   forward:   S^T = K (scale Q)^T      [key j][query i]   MatMul
+//              O = alpha O + P V = (P^T)^T V                MatMulAccumulateTransposedA (row scale)
+//   gradient:  S = Q (scale K)^T,  dP = dO V^T   [query i][key j]   MatMul
 //              dV += P^T dO,  dK += dS^T Q                  MatMulAccumulateTransposedA
 //              dQ += dS K                                   MatMulAccumulate (into a partial buffer)
 // In the forward's transposed layout the softmax statistics (max, sum) are vectors along the
@@ -131,13 +134,6 @@ void StoreScaled(const FusedAttentionParams<T>& p, Acc* tile, Acc scale, int64_t
   StoreTile(tile, p.block_size, p.head_dim, y + (b * len + t0) * p.width + h * p.head_dim, p.width);
 }
 
-// The row or column of head h in a per-head CSR table.
-inline std::pair<int32_t, int32_t> Range(const int32_t* ptr, bool shared, int64_t h, int64_t n,
-                                         int64_t index) {
-  const int32_t* row = ptr + (shared ? 0 : h) * (n + 1);
-  return {row[index], row[index + 1]};
-}
-
 // Blocks over all heads (for the cost estimate only).
 template <typename T>
 int64_t TotalEntries(const FusedAttentionParams<T>& p) {
@@ -174,6 +170,70 @@ int64_t UnitCost(const FusedAttentionParams<T>& p, int64_t entries, int64_t unit
   return std::max<int64_t>(1, entries / std::max<int64_t>(1, units)) * per_block + 1000;
 }
 
+// The most fixed tiles a work unit takes (see the top of the file).
+constexpr int kMaxGroup = 4;
+
+// How many consecutive fixed tiles a unit groups: kMaxGroup, halved while that would leave fewer
+// than 8 units per thread (units of causal rows differ in cost and are balanced dynamically).
+int64_t GroupSize(tensorflow::OpKernelContext* ctx, int64_t heads, int64_t n_blocks) {
+  const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+  int64_t g = kMaxGroup;
+  while (g > 1 && heads * ((n_blocks + g - 1) / g) < 8 * threads) g /= 2;
+  return g;
+}
+
+// The entries of `count` (<= kMaxGroup) consecutive rows [first, first + count) of one layout
+// head's CSR table (ptr points at that head's pointers), visited by increasing block: Block() is
+// the smallest block not yet visited (-1 when done), Entry(g) the entry of row first + g at that
+// block (-1 if the row lacks it), Advance() moves past it.
+class MergedRows {
+ public:
+  MergedRows(const int32_t* ptr, const int32_t* entries, int64_t first, int64_t count)
+      : entries_(entries), count_(count) {
+    for (int64_t g = 0; g < count; ++g) {
+      at_[g] = ptr[first + g];
+      end_[g] = ptr[first + g + 1];
+    }
+    block_ = Smallest(-1);
+  }
+  int32_t Block() const { return block_; }
+  int32_t Entry(int64_t g) const {
+    return at_[g] < end_[g] && entries_[2 * at_[g]] == block_ ? at_[g] : -1;
+  }
+  // The block that follows Block() (-1 if none): the one to prefetch.
+  int32_t NextBlock() const { return Smallest(block_); }
+  void Advance() {
+    for (int64_t g = 0; g < count_; ++g) at_[g] += Entry(g) >= 0;
+    block_ = Smallest(-1);
+  }
+
+ private:
+  // The smallest block > after among the rows' next two entries (-1 if none).
+  int32_t Smallest(int32_t after) const {
+    int32_t best = -1;
+    for (int64_t g = 0; g < count_; ++g) {
+      for (int32_t e = at_[g]; e < end_[g] && e < at_[g] + 2; ++e) {
+        const int32_t block = entries_[2 * e];
+        if (block > after) {
+          if (best < 0 || block < best) best = block;
+          break;
+        }
+      }
+    }
+    return best;
+  }
+
+  const int32_t* entries_;
+  int64_t count_;
+  int32_t block_;
+  std::array<int32_t, kMaxGroup> at_{}, end_{};
+};
+
+// The pointers of layout head h in a per-head CSR table with n rows.
+inline const int32_t* HeadPointers(const int32_t* ptr, bool shared, int64_t h, int64_t n) {
+  return ptr + (shared ? 0 : h) * (n + 1);
+}
+
 }  // namespace
 
 template <typename T>
@@ -182,50 +242,65 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
   using Acc = typename AccumulatorOf<T>::type;
   const int64_t bs = p.block_size, d = p.head_dim, n_qb = p.n_q_blocks;
   const std::vector<uint32_t> masks_t = TransposedMasks(ctx, p);
+  const int64_t group = GroupSize(ctx, p.batch * p.heads, n_qb);
+  const int64_t n_groups = (n_qb + group - 1) / group;
   auto work = [&](int64_t begin, int64_t end) {
-    const int64_t tile = bs * d, square = bs * bs;
-    const auto [qt, st, z, acc, k_tile, v_tile, m, l, alpha] =
-        ThreadScratch<Acc, 9>({tile, square, p.dropout ? square : 0, tile, tile, tile, bs, bs, bs});
+    const int64_t tile = bs * d, square = bs * bs, g_tile = group * tile, g_row = group * bs;
+    // Per query block of the group: qt, acc, m, l, alpha; shared: st, z, k_tile, v_tile.
+    const auto [qt, acc, m, l, alpha, st, z, k_tile, v_tile] = ThreadScratch<Acc, 9>(
+        {g_tile, g_tile, g_row, g_row, g_row, square, p.dropout ? square : 0, tile, tile});
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t qb = unit % n_qb, h = (unit / n_qb) % p.heads, b = unit / (n_qb * p.heads);
-      const int64_t q0 = qb * bs;
-      LoadScaledTranspose(p, p.q, p.tq, b, h, q0, p.scale, qt);
-      std::fill_n(m, bs, -std::numeric_limits<Acc>::infinity());
-      std::fill_n(l, bs, Acc(0));
-      std::fill_n(acc, tile, Acc(0));
-      const auto [first, last] = Range(p.row_ptr, p.shared_layout, h, n_qb, qb);
-      for (int32_t e = first; e < last; ++e) {
-        const int64_t k0 = int64_t{p.row_entries[2 * e]} * bs;
-        if (e + 1 < last) {
-          PrefetchRows(p, p.k, p.tk, b, h, int64_t{p.row_entries[2 * e + 2]} * bs);
-          PrefetchRows(p, p.v, p.tk, b, h, int64_t{p.row_entries[2 * e + 2]} * bs);
-        }
-        std::fill_n(st, square, Acc(0));
-        MatMulAccumulate(CopyRows(p, p.k, p.tk, b, h, k0, k_tile), d, qt, bs, st,
-                         bs, bs, d, bs);
-        ApplyBiasAndMasks<true>(p, masks_t.data(), b, h, q0, k0, p.row_entries[2 * e + 1], st);
-        OnlineSoftmaxStep(st, bs, bs, m, l, alpha);
-        if (e > first) ScaleRows(acc, bs, d, d, alpha);
-        if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
-          DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), 1, p.tk,
-                      p.dropout_threshold, p.dropout_scale);
-          Multiply(st, z, st, bs * bs);
-        }
-        MatMulAccumulateTransposedA(st, bs, CopyRows(p, p.v, p.tk, b, h, k0, v_tile), d,
-                                    acc, d, bs, bs, d);
+      const int64_t qb0 = (unit % n_groups) * group, h = (unit / n_groups) % p.heads;
+      const int64_t b = unit / (n_groups * p.heads), count = std::min(group, n_qb - qb0);
+      for (int64_t g = 0; g < count; ++g) {
+        LoadScaledTranspose(p, p.q, p.tq, b, h, (qb0 + g) * bs, p.scale, qt + g * tile);
       }
-      Acc* lse_row = lse + (b * p.heads + h) * p.tq + q0;
-      for (int64_t i = 0; i < bs; ++i) {
-        const bool empty = !(l[i] > 0);  // no kept key: output 0, lse -inf
-        lse_row[i] = empty ? -std::numeric_limits<Acc>::infinity() : m[i] + std::log(l[i]);
-        alpha[i] = empty ? Acc(0) : 1 / l[i];
+      std::fill_n(m, count * bs, -std::numeric_limits<Acc>::infinity());
+      std::fill_n(l, count * bs, Acc(0));
+      std::fill_n(acc, count * tile, Acc(0));  // alpha = 0 at a row's first block: acc must be finite
+      MergedRows walk(HeadPointers(p.row_ptr, p.shared_layout, h, n_qb), p.row_entries, qb0, count);
+      for (; walk.Block() >= 0; walk.Advance()) {
+        const int64_t k0 = int64_t{walk.Block()} * bs;
+        if (const int32_t next = walk.NextBlock(); next >= 0) {
+          PrefetchRows(p, p.k, p.tk, b, h, int64_t{next} * bs);
+          PrefetchRows(p, p.v, p.tk, b, h, int64_t{next} * bs);
+        }
+        CopyRows(p, p.k, p.tk, b, h, k0, k_tile);
+        CopyRows(p, p.v, p.tk, b, h, k0, v_tile);
+        for (int64_t g = 0; g < count; ++g) {
+          const int32_t e = walk.Entry(g);
+          if (e < 0) continue;
+          const int64_t q0 = (qb0 + g) * bs;
+          Acc *m_g = m + g * bs, *l_g = l + g * bs, *alpha_g = alpha + g * bs;
+          MatMul(k_tile, d, qt + g * tile, bs, st, bs, bs, d, bs);
+          ApplyBiasAndMasks<true>(p, masks_t.data(), b, h, q0, k0, p.row_entries[2 * e + 1], st);
+          OnlineSoftmaxStep(st, bs, bs, m_g, l_g, alpha_g);
+          if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
+            DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), 1, p.tk,
+                        p.dropout_threshold, p.dropout_scale);
+            Multiply(st, z, st, bs * bs);
+          }
+          // acc = alpha acc + P V: the online softmax's rescaling folded into the product.
+          MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
+        }
       }
-      ScaleRows(acc, bs, d, d, alpha);
-      StoreScaled(p, acc, Acc(1), p.tq, b, h, q0, out);
+      for (int64_t g = 0; g < count; ++g) {
+        const int64_t q0 = (qb0 + g) * bs;
+        const Acc *m_g = m + g * bs, *l_g = l + g * bs;
+        Acc* alpha_g = alpha + g * bs;
+        Acc* lse_row = lse + (b * p.heads + h) * p.tq + q0;
+        for (int64_t i = 0; i < bs; ++i) {
+          const bool empty = !(l_g[i] > 0);  // no kept key: output 0, lse -inf
+          lse_row[i] = empty ? -std::numeric_limits<Acc>::infinity() : m_g[i] + std::log(l_g[i]);
+          alpha_g[i] = empty ? Acc(0) : 1 / l_g[i];
+        }
+        ScaleRows(acc + g * tile, bs, d, d, alpha_g);
+        StoreScaled(p, acc + g * tile, Acc(1), p.tq, b, h, q0, out);
+      }
     }
   };
-  const int64_t units = p.batch * p.heads * n_qb;
-  ParallelForBalanced(ctx, units, UnitCost(p, TotalEntries(p), p.heads * n_qb, 2), work);
+  const int64_t units = p.batch * p.heads * n_groups;
+  ParallelForBalanced(ctx, units, UnitCost(p, TotalEntries(p), p.heads * n_groups, 2), work);
 }
 
 namespace {
@@ -267,6 +342,32 @@ std::vector<int64_t> ChunkBounds(const FusedAttentionParams<T>& p, int64_t chunk
   return bounds;
 }
 
+// The query rows [out[2c], out[2c + 1]) that the columns of chunk c (bounds of ChunkBounds) reach,
+// over all layout heads; [0, 0) for a chunk without blocks.
+template <typename T>
+std::vector<int64_t> ChunkRows(const FusedAttentionParams<T>& p, const std::vector<int64_t>& bounds,
+                               int64_t chunks) {
+  const int64_t layouts = p.shared_layout ? 1 : p.heads, n_kb = p.n_k_blocks;
+  std::vector<int64_t> out(2 * chunks, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t lo = p.n_q_blocks, hi = 0;
+    for (int64_t l = 0; l < layouts; ++l) {
+      const int32_t* ptr = p.col_ptr + l * (n_kb + 1);
+      for (int64_t kb = bounds[l * (chunks + 1) + c]; kb < bounds[l * (chunks + 1) + c + 1]; ++kb) {
+        if (ptr[kb] == ptr[kb + 1]) continue;
+        // Column entries are sorted by query block: the first and last bound the column.
+        lo = std::min<int64_t>(lo, p.col_entries[2 * ptr[kb]]);
+        hi = std::max<int64_t>(hi, p.col_entries[2 * (ptr[kb + 1] - 1)] + 1);
+      }
+    }
+    if (lo < hi) {
+      out[2 * c] = lo * p.block_size;
+      out[2 * c + 1] = hi * p.block_size;
+    }
+  }
+  return out;
+}
+
 // How many column chunks (each with its own partial dQ buffer) the gradient uses: enough units for
 // about four per thread, at most 16 and nKb, and at most 256 MB of partial buffers.
 template <typename T>
@@ -306,72 +407,89 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   // two chunks of different heads would add into the same dbias entries at once.
   const bool shared_bias_grad = dbias != nullptr && p.bias_heads == 1;
   const std::vector<int64_t> bounds = ChunkBounds(p, chunks, shared_bias_grad);
-  const int64_t partial_size = p.batch * p.heads * p.tq * d;  // [chunks, B, H, Tq, D]
+  // Chunk c adds into rows [row_lo[c], row_hi[c]) of dQ only (the query rows its columns reach):
+  // its partial buffer [B, H, row_hi - row_lo, D] starts at offset[c].
+  const std::vector<int64_t> rows = ChunkRows(p, bounds, chunks);
+  std::vector<int64_t> offset(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    offset[c + 1] = offset[c] + p.batch * p.heads * (rows[2 * c + 1] - rows[2 * c]) * d;
+  }
   tensorflow::Tensor partial_tensor;
   const absl::Status status = ctx->allocate_temp(tensorflow::DataTypeToEnum<Acc>::value,
-                                                 tensorflow::TensorShape({chunks * partial_size}), &partial_tensor);
+                                                 tensorflow::TensorShape({offset[chunks]}), &partial_tensor);
   if (!status.ok()) {
     ctx->SetStatus(status);
     return;
   }
   Acc* partial = partial_tensor.flat<Acc>().data();
-  ParallelFor(ctx, chunks * partial_size, 1, [&](int64_t begin, int64_t end) {
+  ParallelFor(ctx, offset[chunks], 1, [&](int64_t begin, int64_t end) {
     std::fill(partial + begin, partial + end, Acc(0));
   });
 
   auto work = [&](int64_t begin, int64_t end) {
     const int64_t tile = bs * d, square = bs * bs, dropout = p.dropout ? square : 0;
-    const auto [kt, vt, k_tile, s, dp, pd, z, dk_acc, dv_acc, q_tile, do_tile] = ThreadScratch<Acc, 11>(
-        {tile, tile, tile, square, square, dropout, dropout, tile, tile, tile, tile});
+    const int64_t g_tile = kMaxGroup * tile;
+    // Per key block of a group: kt, vt, k_tile, dk_acc, dv_acc; shared: the rest.
+    const auto [kt, vt, k_tile, dk_acc, dv_acc, s, dp, pd, z, q_tile, do_tile] = ThreadScratch<Acc, 11>(
+        {g_tile, g_tile, g_tile, g_tile, g_tile, square, square, dropout, dropout, tile, tile});
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t chunk = unit % chunks, group = unit / chunks;
       for (int64_t member = 0; member < per_group; ++member) {
         const int64_t bh = dbias == nullptr ? group : p.bias_heads == 1 ? member : member * p.heads + group;
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h) * (chunks + 1) + chunk;
-        Acc* dq_head = partial + chunk * partial_size + bh * p.tq * d;
-        for (int64_t kb = range[0]; kb < range[1]; ++kb) {
-          const int64_t k0 = kb * bs;
-          LoadScaledTranspose(p, p.k, p.tk, b, h, k0, p.scale, kt);
-          LoadScaledTranspose(p, p.v, p.tk, b, h, k0, Acc(1), vt);
-          CopyRows(p, p.k, p.tk, b, h, k0, k_tile);
-          std::fill_n(dk_acc, tile, Acc(0));
-          std::fill_n(dv_acc, tile, Acc(0));
-          const auto [first, last] = Range(p.col_ptr, p.shared_layout, h, n_kb, kb);
-          for (int32_t e = first; e < last; ++e) {
-            const int64_t q0 = int64_t{p.col_entries[2 * e]} * bs;
-            if (e + 1 < last) {
-              PrefetchRows(p, p.q, p.tq, b, h, int64_t{p.col_entries[2 * e + 2]} * bs);
-              PrefetchRows(p, in.dout, p.tq, b, h, int64_t{p.col_entries[2 * e + 2]} * bs);
+        const int64_t row_lo = rows[2 * chunk], chunk_rows = rows[2 * chunk + 1] - row_lo;
+        Acc* dq_chunk = partial + offset[chunk] + bh * chunk_rows * d;  // its row row_lo first
+        for (int64_t kb0 = range[0]; kb0 < range[1]; kb0 += kMaxGroup) {
+          const int64_t count = std::min<int64_t>(kMaxGroup, range[1] - kb0);
+          for (int64_t g = 0; g < count; ++g) {
+            const int64_t k0 = (kb0 + g) * bs;
+            LoadScaledTranspose(p, p.k, p.tk, b, h, k0, p.scale, kt + g * tile);
+            LoadScaledTranspose(p, p.v, p.tk, b, h, k0, Acc(1), vt + g * tile);
+            CopyRows(p, p.k, p.tk, b, h, k0, k_tile + g * tile);
+          }
+          std::fill_n(dk_acc, count * tile, Acc(0));
+          std::fill_n(dv_acc, count * tile, Acc(0));
+          MergedRows walk(HeadPointers(p.col_ptr, p.shared_layout, h, n_kb), p.col_entries, kb0, count);
+          for (; walk.Block() >= 0; walk.Advance()) {
+            const int64_t q0 = int64_t{walk.Block()} * bs;
+            if (const int32_t next = walk.NextBlock(); next >= 0) {
+              PrefetchRows(p, p.q, p.tq, b, h, int64_t{next} * bs);
+              PrefetchRows(p, in.dout, p.tq, b, h, int64_t{next} * bs);
             }
             const Acc* q_rows = CopyRows(p, p.q, p.tq, b, h, q0, q_tile);
             const Acc* do_rows = CopyRows(p, in.dout, p.tq, b, h, q0, do_tile);
             const int64_t stat = bh * p.tq + q0;
-            std::fill_n(s, square, Acc(0));
-            MatMulAccumulate(q_rows, d, kt, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
-            ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, p.col_entries[2 * e + 1], s);
-            ExpMinusRowVector(s, bs, bs, lse_shift + stat);  // P
-            std::fill_n(dp, square, Acc(0));
-            MatMulAccumulate(do_rows, d, vt, bs, dp, bs, bs, d, bs);  // dP = dO V^T
-            const Acc* p_used = s;  // the probabilities that multiplied V in the forward
-            if (p.dropout) {
-              DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), p.tk, 1,
-                          p.dropout_threshold, p.dropout_scale);
-              Multiply(s, z, pd, bs * bs);
-              p_used = pd;
-            }
-            MatMulAccumulateTransposedA(p_used, bs, do_rows, d, dv_acc, d, bs, bs, d);  // dV += P^T dO
-            SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
-            MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc, d, bs, bs, d);  // dK += dS^T Q
-            MatMulAccumulate(dp, bs, k_tile, d, dq_head + q0 * d, d, bs, bs, d);  // dQ += dS K
-            if (dbias != nullptr) {
-              Acc* db = dbias + ((p.bias_heads == 1 ? 0 : h) * p.tq + q0) * p.tk + k0;
-              for (int64_t i = 0; i < bs; ++i)
-                for (int64_t j = 0; j < bs; ++j) db[i * p.tk + j] += dp[i * bs + j];
+            for (int64_t g = 0; g < count; ++g) {
+              const int32_t e = walk.Entry(g);
+              if (e < 0) continue;
+              const int64_t k0 = (kb0 + g) * bs;
+              MatMul(q_rows, d, kt + g * tile, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
+              ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, p.col_entries[2 * e + 1], s);
+              ExpMinusRowVector(s, bs, bs, lse_shift + stat);  // P
+              MatMul(do_rows, d, vt + g * tile, bs, dp, bs, bs, d, bs);  // dP = dO V^T
+              const Acc* p_used = s;  // the probabilities that multiplied V in the forward
+              if (p.dropout) {
+                DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), p.tk, 1,
+                            p.dropout_threshold, p.dropout_scale);
+                Multiply(s, z, pd, bs * bs);
+                p_used = pd;
+              }
+              MatMulAccumulateTransposedA(p_used, bs, do_rows, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
+              SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
+              MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
+              MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
+              if (dbias != nullptr) {
+                Acc* db = dbias + ((p.bias_heads == 1 ? 0 : h) * p.tq + q0) * p.tk + k0;
+                for (int64_t i = 0; i < bs; ++i)
+                  for (int64_t j = 0; j < bs; ++j) db[i * p.tk + j] += dp[i * bs + j];
+              }
             }
           }
-          StoreScaled(p, dk_acc, p.scale, p.tk, b, h, k0, dk);
-          StoreScaled(p, dv_acc, Acc(1), p.tk, b, h, k0, dv);
+          for (int64_t g = 0; g < count; ++g) {
+            StoreScaled(p, dk_acc + g * tile, p.scale, p.tk, b, h, (kb0 + g) * bs, dk);
+            StoreScaled(p, dv_acc + g * tile, Acc(1), p.tk, b, h, (kb0 + g) * bs, dv);
+          }
         }
       }
     }
@@ -379,16 +497,22 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   const int64_t cost = UnitCost(p, p.batch * TotalEntries(p), groups * chunks, 5);
   ParallelForBalanced(ctx, groups * chunks, cost, work);
 
-  // dq = scale * (sum of the chunks' partial buffers), in chunk order.
+  // dq = scale * (sum of the partial buffers of the chunks that reach the row), in chunk order.
   ParallelFor(ctx, p.batch * p.tq, 2 * chunks * p.width, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.tq, t = row % p.tq;
       for (int64_t h = 0; h < p.heads; ++h) {
-        const Acc* src = partial + ((b * p.heads + h) * p.tq + t) * d;
         T* dst = dq + row * p.width + h * d;
+        std::array<const Acc*, 16> src;  // GradChunks keeps chunks <= 16
+        int64_t n_src = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const int64_t lo = rows[2 * chunk], hi = rows[2 * chunk + 1];
+          if (t < lo || t >= hi) continue;
+          src[n_src++] = partial + offset[chunk] + ((b * p.heads + h) * (hi - lo) + t - lo) * d;
+        }
         for (int64_t c = 0; c < d; ++c) {
           Acc sum = 0;
-          for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += src[chunk * partial_size + c];
+          for (int64_t i = 0; i < n_src; ++i) sum += src[i][c];
           dst[c] = static_cast<T>(p.scale * sum);
         }
       }
