@@ -176,9 +176,10 @@ def run_case(launchers: Launchers, rng, dtype_name: str, bs: int, lut_heads: int
     return errors
 
 
-def passes(dtype_name: str, ours: float, baseline: float) -> bool:
+def passes(dtype_name: str, ours: float, baseline: float, float32_bound: float = 1e-5) -> bool:
+    """float32: under float32_bound; float16/bfloat16: within twice torch's own error in that dtype + 1 ulp."""
     if dtype_name == "float32":
-        return ours <= 1e-5
+        return ours <= float32_bound
     floor = 2.0**-11 if dtype_name == "float16" else 2.0**-8  # one ulp near 1
     return ours <= 2.0 * baseline + floor
 
