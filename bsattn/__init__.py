@@ -1,7 +1,11 @@
 """bsattn: block-sparse attention for TensorFlow 2 (OpenAI blocksparse / sparse_attention, revived).
 
-``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.sparsity_config`` and ``bsattn.reference``
-are NumPy only; the rest needs TensorFlow and is imported on first access (so the NumPy parts also work where
+Layout: the shared engine sits at the top (``patterns`` -> ``tables`` / ``fused_tables`` -> op wrappers
+``blocksparse_ops`` / ``fused_attention`` -> ``reference``, ``recompute``), with OpenAI's functions beside it
+(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``.
+
+``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.deepspeed.sparsity_config`` and
+``bsattn.reference`` are NumPy only; the rest needs TensorFlow and is imported on first access (so the NumPy parts also work where
 TensorFlow is absent, e.g. in the GPU device harness). The op library itself loads on the first op call.
 """
 
@@ -23,18 +27,18 @@ _EXPORTS = {
     "split_states": "bsattn.sparse_attention",
     "strided_transpose": "bsattn.sparse_attention",
     "recomputable": "bsattn.recompute",
-    "SparsityConfig": "bsattn.sparsity_config",
-    "DenseSparsityConfig": "bsattn.sparsity_config",
-    "FixedSparsityConfig": "bsattn.sparsity_config",
-    "VariableSparsityConfig": "bsattn.sparsity_config",
-    "BigBirdSparsityConfig": "bsattn.sparsity_config",
-    "BSLongformerSparsityConfig": "bsattn.sparsity_config",
-    "LocalSlidingWindowSparsityConfig": "bsattn.sparsity_config",
-    "sparsity_config_from_json": "bsattn.sparsity_config",
-    "SparseSelfAttention": "bsattn.keras_layers",
-    "BertSparseSelfAttention": "bsattn.keras_layers",
-    "SparseMultiHeadAttention": "bsattn.keras_layers",
-    "deepspeed_sparse_attention": "bsattn.keras_layers",
+    "SparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "DenseSparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "FixedSparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "VariableSparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "BigBirdSparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "BSLongformerSparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "LocalSlidingWindowSparsityConfig": "bsattn.deepspeed.sparsity_config",
+    "sparsity_config_from_json": "bsattn.deepspeed.sparsity_config",
+    "SparseSelfAttention": "bsattn.deepspeed.layers",
+    "BertSparseSelfAttention": "bsattn.deepspeed.layers",
+    "SparseMultiHeadAttention": "bsattn.deepspeed.layers",
+    "deepspeed_sparse_attention": "bsattn.deepspeed.layers",
 }
 _SUBMODULES = (
     "patterns",
@@ -46,9 +50,7 @@ _SUBMODULES = (
     "sparse_attention",
     "transformer",
     "recompute",
-    "sparsity_config",
-    "keras_layers",
-    "bert_utils",
+    "deepspeed",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

@@ -1,4 +1,4 @@
-"""Tests of bsattn.keras_layers: DeepSpeed's masks and rpe, forward and gradients, against a float64 NumPy
+"""Tests of bsattn.deepspeed.layers: DeepSpeed's masks and rpe, forward and gradients, against a float64 NumPy
 reference written from DeepSpeed's documented semantics; the layers' errors, get_config, .keras and SavedModel
 round trips, tf.function, mixed precision and MirroredStrategy."""
 
@@ -13,13 +13,13 @@ import pytest
 import tensorflow as tf
 from conftest import assert_close_rel, f64
 
-from bsattn.keras_layers import (
+from bsattn.deepspeed.layers import (
     BertSparseSelfAttention,
     SparseMultiHeadAttention,
     SparseSelfAttention,
     deepspeed_sparse_attention,
 )
-from bsattn.sparsity_config import (
+from bsattn.deepspeed.sparsity_config import (
     BigBirdSparsityConfig,
     DenseSparsityConfig,
     FixedSparsityConfig,
@@ -29,7 +29,7 @@ from bsattn.sparsity_config import (
 pytestmark = pytest.mark.ops
 
 B, H, T, D, BS = 2, 2, 64, 8, 16
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def deepspeed_reference(q, k, v, keep_tokens, scale, dout, rpe=None, kp=None, kp_mode="add", am=None, am_mode="mul"):
@@ -80,7 +80,7 @@ CONFIGS = {
 def make_features(rng, feature):
     """kwargs of deepspeed_sparse_attention for one feature (NumPy values)."""
     kp_add = np.where(rng.random((B, T)) < 0.25, -10000.0, 0.0)
-    kp_add[:, :16] = 0.0  # every row keeps a key without -10000 (see the precision note of keras_layers)
+    kp_add[:, :16] = 0.0  # every row keeps a key without -10000 (see the precision note of bsattn.deepspeed.layers)
     kp_add[:, 5] = -0.7  # a finite, moderate additive value
     kp_add[0, 9] = -np.inf
     kp_add[1, :] = -np.inf  # batch 1: every key padded -> every row gives 0
@@ -307,8 +307,8 @@ MIRRORED = """
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from bsattn.keras_layers import BertSparseSelfAttention
-from bsattn.sparsity_config import BigBirdSparsityConfig
+from bsattn.deepspeed.layers import BertSparseSelfAttention
+from bsattn.deepspeed.sparsity_config import BigBirdSparsityConfig
 config = BigBirdSparsityConfig(2, block=16, different_layout_per_head=True)
 x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (4, 64, 16)).astype(np.float32))
 results = []

@@ -21,8 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bsattn.keras_layers import SparseMultiHeadAttention
-from bsattn.sparsity_config import SparsityConfig
+from bsattn.deepspeed.layers import SparseMultiHeadAttention
+from bsattn.deepspeed.sparsity_config import SparsityConfig
 
 
 def _check_block(block_size) -> int:

@@ -1,4 +1,4 @@
-"""Tests of bsattn.bert_utils on a small Keras BERT-style encoder (keras.layers.MultiHeadAttention): padding,
+"""Tests of bsattn.deepspeed.bert_utils on a small Keras BERT-style encoder (keras.layers.MultiHeadAttention): padding,
 position-embedding extension, and attention replacement (equal to the original with a Dense config; 8x longer
 sequences with a sparse one)."""
 
@@ -11,15 +11,15 @@ import tensorflow as tf
 from conftest import assert_close_rel, f64
 from keras import ops
 
-from bsattn.bert_utils import (
+from bsattn.deepspeed.bert_utils import (
     extend_position_embedding,
     pad_to_block_size,
     replace_model_self_attention_with_sparse_self_attention,
     unpad_sequence_output,
     update_tokenizer_model_max_length,
 )
-from bsattn.keras_layers import SparseMultiHeadAttention
-from bsattn.sparsity_config import BigBirdSparsityConfig, DenseSparsityConfig
+from bsattn.deepspeed.layers import SparseMultiHeadAttention
+from bsattn.deepspeed.sparsity_config import BigBirdSparsityConfig, DenseSparsityConfig
 
 pytestmark = pytest.mark.ops
 

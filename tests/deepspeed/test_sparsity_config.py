@@ -1,4 +1,4 @@
-"""Tests of bsattn.sparsity_config (NumPy only): DeepSpeed's layouts drawn by hand (the spec's golden grids and
+"""Tests of bsattn.deepspeed.sparsity_config (NumPy only): DeepSpeed's layouts drawn by hand (the spec's golden grids and
 ours where we differ on purpose), token masks, seeded random blocks, validation errors, the JSON factory,
 serialisation and the value semantics that keep one config's tables from another."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bsattn.fused_tables import fused_tables_for_pattern
-from bsattn.sparsity_config import (
+from bsattn.deepspeed.sparsity_config import (
     BigBirdSparsityConfig,
     BSLongformerSparsityConfig,
     DenseSparsityConfig,

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from bsattn.fused_attention import fused_attention, fused_scale
 from bsattn.fused_tables import fused_tables_for_pattern
-from bsattn.sparsity_config import (
+from bsattn.deepspeed.sparsity_config import (
     FixedSparsityConfig,
     SparsityConfig,
     deserialize_sparsity_config,
