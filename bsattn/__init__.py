@@ -2,7 +2,7 @@
 
 Layout: the shared engine sits at the top (``patterns`` -> ``tables`` / ``fused_tables`` -> op wrappers
 ``blocksparse_ops`` / ``fused_attention`` -> ``reference``, ``recompute``), with OpenAI's functions beside it
-(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``.
+(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``, ``bsattn.memory_efficient``.
 
 ``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.deepspeed.sparsity_config`` and
 ``bsattn.reference`` are NumPy only; the rest needs TensorFlow and is imported on first access (so the NumPy parts also work where
@@ -39,6 +39,13 @@ _EXPORTS = {
     "BertSparseSelfAttention": "bsattn.deepspeed.layers",
     "SparseMultiHeadAttention": "bsattn.deepspeed.layers",
     "deepspeed_sparse_attention": "bsattn.deepspeed.layers",
+    "attention": "bsattn.memory_efficient.dense",
+    "memory_efficient_attention": "bsattn.memory_efficient.functions",
+    "flash_attention": "bsattn.memory_efficient.functions",
+    "numerically_unstable_memory_efficient_attention": "bsattn.memory_efficient.functions",
+    "MemoryEfficientAttention": "bsattn.memory_efficient.layers",
+    "FlashAttention": "bsattn.memory_efficient.layers",
+    "CosineSimAttention": "bsattn.memory_efficient.layers",
 }
 _SUBMODULES = (
     "patterns",
@@ -51,6 +58,7 @@ _SUBMODULES = (
     "transformer",
     "recompute",
     "deepspeed",
+    "memory_efficient",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
