@@ -23,7 +23,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from bsattn.memory_efficient.dropout import dropout_key, keep_scale
-from bsattn.memory_efficient.inputs import Inputs
+from bsattn.memory_efficient.inputs import Inputs, zero_masked_keys
 
 
 class _Spec(NamedTuple):
@@ -319,11 +319,12 @@ def chunked_attention(
             seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
         key = dropout_key(seed)
     keep6 = _tiled(x.keep, spec, False)
-    bias_shape = None if x.bias is None else x.bias.shape.as_list()
+    bias_shape = None if x.bias is None else tuple(x.bias.shape.as_list())
 
     def operands(q, k, v, bias):
         q = tf.cast(q, compute) * tf.constant(scale, compute)
         k, v = tf.cast(k, compute), tf.cast(v, compute)
+        k, v = zero_masked_keys(x.keep, k, v)
         bias6 = None if bias is None else _tiled(tf.cast(bias, compute), spec, 0)
         return _Tensors(_chunks(q, n_qc, qb), _chunks(k, n_kc, kb), _chunks(v, n_kc, kb), keep6, bias6, key)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from bsattn.memory_efficient.inputs import Inputs, check_inputs
+from bsattn.memory_efficient.inputs import Inputs, check_inputs, zero_masked_keys
 
 
 def causal_keep(n_q: int, n_k: int) -> tf.Tensor:
@@ -18,7 +18,8 @@ def dense_attention(x: Inputs, causal: bool, scale: float) -> tf.Tensor:
     """``softmax(scale·q·kᵀ + bias, masked)·v`` of checked inputs → ``[b, h, i, d]``; a query with no kept key
     gives 0 (its gradients are 0, not NaN)."""
     dtype = x.q.dtype
-    sim = tf.matmul(x.q * tf.constant(scale, dtype), x.k, transpose_b=True)  # [b, h, i, j]
+    k, v = zero_masked_keys(x.keep, x.k, x.v)
+    sim = tf.matmul(x.q * tf.constant(scale, dtype), k, transpose_b=True)  # [b, h, i, j]
     if x.bias is not None:
         sim = sim + x.bias
     keep = x.keep
@@ -26,11 +27,11 @@ def dense_attention(x: Inputs, causal: bool, scale: float) -> tf.Tensor:
         tri = causal_keep(x.n_q, x.n_k)[None, None]
         keep = tri if keep is None else keep & tri
     if keep is None:
-        return tf.matmul(tf.nn.softmax(sim), x.v)
+        return tf.matmul(tf.nn.softmax(sim), v)
     # The lowest finite value keeps the softmax finite on a fully masked row; the where below zeroes it.
     sim = tf.where(keep, sim, tf.constant(dtype.min, dtype))
     attn = tf.where(keep, tf.nn.softmax(sim), tf.zeros([], dtype))
-    return tf.matmul(attn, x.v)
+    return tf.matmul(attn, v)
 
 
 def attention(

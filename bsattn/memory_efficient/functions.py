@@ -49,9 +49,10 @@ def choose_engine(engine: str | None) -> str:
     return engine
 
 
-def op_scale(scale: float) -> float:
-    """The scale rounded to float32, as the fused op takes it (so both engines use the same value)."""
-    return float(np.float32(scale))
+def op_scale(scale: float, dtype: tf.DType) -> float:
+    """The scale as the fused op uses it, rounded to float32 except for float64 inputs (so that both engines
+    use the same value)."""
+    return float(scale) if dtype == tf.float64 else float(np.float32(scale))
 
 
 def to_flat(x: tf.Tensor) -> tf.Tensor:
@@ -78,7 +79,7 @@ def run_engine(
     seed: int | tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Checked inputs on the chosen engine → ``[b, h, i, d]``."""
-    scale = op_scale(scale)
+    scale = op_scale(scale, x.q.dtype)
     if choose_engine(engine) == "fused":
         out = fused_engine(to_flat(x.q), to_flat(x.k), to_flat(x.v), x.heads, x.keep, x.bias, causal, scale,
                            dropout_rate, seed)  # fmt: skip

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from bsattn.fused_attention import fused_attention
 from bsattn.fused_tables import fused_tables_for_pattern
+from bsattn.memory_efficient.inputs import is_key_mask
 from bsattn.patterns import Causal, Dense
 
 # The block size for long sequences (the CPU kernels' fastest, see the README's CPU benchmark).
@@ -65,6 +66,8 @@ def fused_engine(
     ``q``, as ``check_masks`` returns them; ``causal``: bottom-right aligned.
     """
     n_q, n_k = q.shape[1], k.shape[1]
+    if q.dtype == tf.float64:  # the op's scale is a float32 attr: float64 gets the exact scale applied to q
+        q, scale = q * tf.constant(scale, tf.float64), 1.0
     bs, tq, tk = fused_geometry(n_q, n_k)
     pattern = BottomRightCausal(n_k - n_q) if causal else Dense()
     tables = fused_tables_for_pattern(pattern, tq, tk, bs)
@@ -74,8 +77,10 @@ def fused_engine(
         return tf.pad(x, [[0, 0], [0, length - x.shape[1]], [0, 0]])
 
     key_mask, full = None, keep
-    if keep is not None and keep.shape[1] == 1 and keep.shape[2] == 1:  # a key mask: the op's own input
+    if is_key_mask(keep):  # the op's own input
         key_mask, full = tf.broadcast_to(keep[:, 0, 0], [batch, n_k]), None
+        # A masked key's k and v never matter; zeroed, a NaN there cannot leak through 0·NaN in P·V.
+        k, v = (tf.where(key_mask[..., None], x, tf.zeros([], x.dtype)) for x in (k, v))
     elif tk != n_k:
         key_mask = tf.ones([batch, n_k], tf.bool)
     if key_mask is not None:

@@ -105,12 +105,26 @@ def check_masks(
 
     bias = None
     if attn_bias is not None:
-        attn_bias = tf.convert_to_tensor(attn_bias, dtype_hint=dtype)
+        attn_bias = tf.convert_to_tensor(attn_bias)
         if not attn_bias.dtype.is_floating:
             raise TypeError(f"attn_bias must be a float tensor, got {attn_bias.dtype.name}")
         dims = _full_shape(attn_bias, "attn_bias", target)
         bias = tf.cast(tf.reshape(attn_bias, [-1 if dims[0] is None else dims[0]] + dims[1:]), dtype)
     return keep, bias
+
+
+def is_key_mask(keep: tf.Tensor | None) -> bool:
+    """Whether a checked keep mask only masks keys (``[b|1, 1, 1, j]``)."""
+    return keep is not None and keep.shape[1] == 1 and keep.shape[2] == 1
+
+
+def zero_masked_keys(keep: tf.Tensor | None, k: tf.Tensor, v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``k, v [b, h, j, d]`` with the keys a key mask drops set to 0: they never matter, and zeroed, a NaN
+    there cannot leak through ``0 · NaN`` in ``p · v``."""
+    if not is_key_mask(keep):
+        return k, v
+    kept = keep[:, :, 0, :, None]
+    return tuple(tf.where(kept, x, tf.zeros([], x.dtype)) for x in (k, v))
 
 
 def check_buckets(q_bucket_size, k_bucket_size) -> tuple[int, int]:

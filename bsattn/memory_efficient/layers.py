@@ -70,7 +70,7 @@ class _Projections(keras.layers.Layer):
             raise ValueError(f"{self.name} needs static sequence lengths, got {q.shape} and {k.shape}")
         keep, bias = check_masks(mask, attn_bias, q.shape[0], self.heads, n_q, n_k, q.dtype)
         if memory_efficient and choose_engine(None) == "fused":
-            out = fused_engine(q, k, v, self.heads, keep, bias, self.causal, op_scale(scale), dropout_rate)
+            out = fused_engine(q, k, v, self.heads, keep, bias, self.causal, op_scale(scale, q.dtype), dropout_rate)
         else:
             x = Inputs(*(to_heads(t, self.heads) for t in (q, k, v)), self.heads, n_q, n_k, self.dim_head, keep, bias)
             if memory_efficient:
