@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ATTENTIONS = ("sparse", "dense")
+ATTENTIONS = ("sparse", "dense", "memory_efficient")
 ATTN_MODES = ("all", "local", "strided", "fixed")
 STRIDED_HEADS = ("split", "interleaved")
 POS_EMBDS = ("factorized", "dense")
@@ -43,7 +43,12 @@ class Config:
     n_state: int = _field(128, "model width d")
     n_head: int = _field(2, "attention heads (head size n_state / n_head)")
     mlp_ratio: int = _field(4, "MLP width / n_state")
-    attention: str = _field("sparse", "sparse: bsattn's blocksparse_attention_impl; dense: attention_impl", ATTENTIONS)
+    attention: str = _field(
+        "sparse",
+        "sparse: bsattn's blocksparse_attention_impl; dense: attention_impl; memory_efficient: the dense causal "
+        "model (--attn_mode=all) on bsattn.memory_efficient_attention, O(T) memory",
+        ATTENTIONS,
+    )
     attn_mode: str = _field(
         "fixed", "attention pattern (both engines compute the same mask; 'all' is plain causal)", ATTN_MODES
     )
@@ -106,6 +111,10 @@ class Config:
             raise SettingsError(f"--n_state={self.n_state} must be a multiple of --n_head={self.n_head}")
         if self.n_timesteps % self.blocksize:
             raise SettingsError(f"--n_timesteps={self.n_timesteps} must be a multiple of --blocksize={self.blocksize}")
+        if self.attention == "memory_efficient" and self.attn_mode != "all":
+            raise SettingsError(
+                f"--attention=memory_efficient is the dense causal model: it needs --attn_mode=all, got {self.attn_mode}"
+            )
         if self.attn_mode != "all" and self.local_attn_ctx < 1:
             raise SettingsError(f"--attn_mode={self.attn_mode} needs --local_attn_ctx >= 1")
         if self.attn_mode == "strided" and self.strided_heads == "split" and self.n_head % 2:

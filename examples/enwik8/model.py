@@ -14,7 +14,8 @@ output weights 0. GELU is the paper's x * sigmoid(1.702 x).
 
 Attention reads and writes ``[B, T, H*D]`` (head h owns channels [h*D, (h+1)*D)), the layout of
 ``bsattn.blocksparse_attention_impl`` and of its dense twin ``bsattn.attention_impl``:
-``--attention=sparse|dense`` switches engines over the same mask. ``'fixed'`` is the paper's merged
+``--attention=sparse|dense`` switches engines over the same mask; ``--attention=memory_efficient`` (with
+``--attn_mode=all``) runs the dense causal model on ``bsattn.memory_efficient_attention`` (O(T) memory). ``'fixed'`` is the paper's merged
 fixed pattern (one head sees its stride chunk and the summary columns); ``'strided'`` factorises
 into ``'local'`` and ``'strided'`` heads, either half of the heads each (``split``) or alternating
 blocks (``interleaved``).
@@ -31,7 +32,7 @@ import math
 
 import tensorflow as tf
 
-from bsattn import attention_impl, blocksparse_attention_impl, recomputable
+from bsattn import attention_impl, blocksparse_attention_impl, memory_efficient_attention, recomputable
 from examples.enwik8.config import Config
 
 N_VOCAB = 256
@@ -117,6 +118,11 @@ class Block(tf.Module):
     def attention(self, q: tf.Tensor, k: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
         """``[B, T, H*D] x3 -> [B, T, H*D]`` through bsattn; head groups of different modes use their channels."""
         cfg = self.cfg
+        if cfg.attention == "memory_efficient":  # [B, T, H*D] <-> [B, H, T, D]
+            q, k, v = (tf.transpose(tf.reshape(t, [-1, t.shape[1], cfg.n_head, cfg.d_head]), [0, 2, 1, 3])
+                       for t in (q, k, v))  # fmt: skip
+            out = memory_efficient_attention(q, k, v, causal=True)
+            return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [-1, out.shape[2], cfg.n_state])
         impl = blocksparse_attention_impl if cfg.attention == "sparse" else attention_impl
         outputs, start = [], 0
         for mode, heads in self.modes:
