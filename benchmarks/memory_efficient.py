@@ -79,14 +79,14 @@ def tf_worker(column: str, t: int, limit: float) -> dict:
     rng = np.random.default_rng(0)
     if column == "keras":
         layer = keras.layers.MultiHeadAttention(H, D)
-        x = tf.constant(rng.standard_normal((1, t, H * D)), tf.float32)
+        x = tf.constant(rng.standard_normal((1, t, H * D), dtype=np.float32))
         layer(x[:, :8], x[:, :8])
         inputs = [x]
 
         def attend(x):
             return layer(x, x, use_causal_mask=True)
     else:
-        inputs = [tf.constant(rng.standard_normal((1, H, t, D)), tf.float32) for _ in range(3)]
+        inputs = [tf.constant(rng.standard_normal((1, H, t, D), dtype=np.float32)) for _ in range(3)]
         if column == "dense":
 
             def attend(q, k, v):
@@ -154,7 +154,7 @@ def run_case(python: str, column: str, t: int, limit: float) -> dict:
     """Both modes of one (column, T) in a fresh process → ``{"fwd": ..., "fwd+bwd": ...}``."""
     cmd = [python, str(Path(__file__).resolve()), "--worker", column, str(t), str(limit)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=6 * limit, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=6 * limit, cwd=ROOT, check=False)
     except subprocess.TimeoutExpired:
         failed = {"status": f"timeout > {6 * limit:.0f} s"}
         return {"fwd": failed, "fwd+bwd": failed}
@@ -169,10 +169,20 @@ def run_case(python: str, column: str, t: int, limit: float) -> dict:
 
 def cell(r: dict | None) -> str:
     if r is None:
-        return f"{'-':>21}"
+        return f"{'-':>23}"
     if r["status"] != "ok":
-        return f"{r['status'][:21]:>21}"
+        return f"{r['status'][:23]:>23}"
     return f"{r['seconds']:8.3f}s {r['peak_mb']:6.0f} +{r['peak_mb'] - r['base_mb']:<5.0f}"
+
+
+def table(results: dict, columns: list, lengths: list) -> str:
+    header = "     T | " + " | ".join(f"{c:^23}" for c in columns)
+    lines = [f"seconds, peak RSS MB, +MB over the inputs; B=1 H={H} D={D} float32 causal, {THREADS} threads"]
+    for mode in MODES:
+        lines += ["", f"{mode}:", header]
+        for t in lengths:
+            lines.append(f"{t:6d} | " + " | ".join(cell(results.get(f"{c}|{t}|{mode}")) for c in columns))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -185,7 +195,16 @@ def main() -> None:
     parser.add_argument("--torch-python", default=os.environ.get("BSATTN_TORCH_PYTHON", "/tmp/torchenv/bin/python"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_efficient.json"))
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these result files")
     args = parser.parse_args()
+    if args.table:
+        results = {}
+        for path in args.table:
+            results.update(json.loads(Path(path).read_text())["results"])
+        present = [c for c in COLUMNS if any(key.startswith(f"{c}|") for key in results)]
+        lengths = sorted({int(key.split("|")[1]) for key in results})
+        print(table(results, present, lengths))
+        return
     if args.worker:
         column, t, limit = args.worker[0], int(args.worker[1]), float(args.worker[2])
         worker = torch_worker if column in TORCH_COLUMNS else tf_worker
@@ -195,7 +214,7 @@ def main() -> None:
 
     columns = list(args.columns)
     if any(c in TORCH_COLUMNS for c in columns):
-        probe = subprocess.run([args.torch_python, "-c", "import torch, memory_efficient_attention_pytorch"],
+        probe = subprocess.run([args.torch_python, "-c", "import torch, memory_efficient_attention_pytorch"], check=False,
                                capture_output=True) if Path(args.torch_python).exists() else None  # fmt: skip
         if probe is None or probe.returncode != 0:
             print(f"skipping {', '.join(c for c in columns if c in TORCH_COLUMNS)}: {args.torch_python} cannot import "
@@ -224,14 +243,8 @@ def main() -> None:
                 shown = {k: v for k, v in case[mode].items() if k != "stderr"}
                 print(f"{column}|{t}|{mode}", json.dumps(shown), flush=True)
 
-    header = "     T | " + " | ".join(f"{c:^21}" for c in columns)
-    lines = [f"time, peak RSS MB and +MB over the inputs; B=1 H={H} D={D} float32 causal, {THREADS} threads"]
-    for mode in ("fwd", "fwd+bwd"):
-        lines += ["", f"{mode}:", header]
-        for t in sorted(args.lengths):
-            lines.append(f"{t:6d} | " + " | ".join(cell(results.get(f"{c}|{t}|{mode}")) for c in columns))
-    table = "\n".join(lines)
-    print("\n" + table)
+    text = table(results, columns, sorted(args.lengths))
+    print("\n" + text)
     load = os.getloadavg()
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -241,7 +254,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/memory_efficient.py"] + sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "table": text}, indent=1))
     print(f"\nload average at the end: {load}; wrote {args.out}")
 
 

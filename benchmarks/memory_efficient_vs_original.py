@@ -26,7 +26,9 @@ def original(path: str) -> None:
     """Runs in the torch interpreter: reads ``path/in.npz``, writes ``path/orig.npz``."""
     import torch
     from memory_efficient_attention_pytorch import memory_efficient_attention
-    from memory_efficient_attention_pytorch.flash_attention import FlashAttentionFunction
+    from memory_efficient_attention_pytorch.flash_attention import (
+        FlashAttentionFunction,
+    )
     from memory_efficient_attention_pytorch.memory_efficient_attention import attention
     from memory_efficient_attention_pytorch.memory_efficient_cosine_sim_attention import (
         numerically_unstable_memory_efficient_attention,
@@ -95,7 +97,8 @@ def main() -> None:
     d["mask"][:, 0] = True
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(f"{tmp}/in.npz", **d)
-        proc = subprocess.run([args.torch_python, __file__, "--original", tmp], capture_output=True, text=True)
+        proc = subprocess.run([args.torch_python, __file__, "--original", tmp], capture_output=True, text=True,
+                              check=False)  # fmt: skip
         if proc.returncode:
             sys.exit(f"the original did not run with {args.torch_python}:\n{proc.stderr[-2000:]}")
         orig = dict(np.load(f"{tmp}/orig.npz"))

@@ -212,7 +212,7 @@ def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None):
 
     def row(qi):
         def body(kc, dq, db):
-            pz, ds = _grad_tile(spec, t, g, qi, kc)
+            _, ds = _grad_tile(spec, t, g, qi, kc)
             dq = dq + tf.matmul(ds, t.k[kc])
             if bias_shape is not None:
                 db = db.write(kc, bias_tile(ds)) if cols else db + bias_tile(ds)

@@ -18,7 +18,13 @@ from tensorflow.python.ops import control_flow_util
 from bsattn._loader import OpsLibraryError, load_ops
 from bsattn.memory_efficient.chunked import chunked_attention
 from bsattn.memory_efficient.fused_engine import fused_engine, fused_geometry
-from bsattn.memory_efficient.inputs import Inputs, check_buckets, check_eps, check_inputs, check_rate
+from bsattn.memory_efficient.inputs import (
+    Inputs,
+    check_buckets,
+    check_eps,
+    check_inputs,
+    check_rate,
+)
 
 ENGINES = ("fused", "chunked")
 

@@ -17,9 +17,20 @@ import keras
 import tensorflow as tf
 
 from bsattn.memory_efficient.dense import dense_attention
-from bsattn.memory_efficient.functions import choose_engine, op_scale, run_engine, to_heads
+from bsattn.memory_efficient.functions import (
+    choose_engine,
+    op_scale,
+    run_engine,
+    to_heads,
+)
 from bsattn.memory_efficient.fused_engine import fused_engine
-from bsattn.memory_efficient.inputs import Inputs, check_buckets, check_masks, check_rate, positive_int
+from bsattn.memory_efficient.inputs import (
+    Inputs,
+    check_buckets,
+    check_masks,
+    check_rate,
+    positive_int,
+)
 
 
 class _Projections(keras.layers.Layer):
@@ -34,7 +45,7 @@ class _Projections(keras.layers.Layer):
         self.causal = bool(causal)
         self.q_bucket_size, self.k_bucket_size = check_buckets(q_bucket_size, k_bucket_size)
         inner = self.heads * self.dim_head
-        dense = dict(use_bias=False, dtype=self.dtype_policy)
+        dense = {"use_bias": False, "dtype": self.dtype_policy}
         self.to_q = keras.layers.Dense(inner, name="to_q", **dense)
         self.to_kv = keras.layers.Dense(2 * inner, name="to_kv", **dense)
         self.to_out = keras.layers.Dense(self.dim, name="to_out", **dense)

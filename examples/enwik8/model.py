@@ -32,7 +32,12 @@ import math
 
 import tensorflow as tf
 
-from bsattn import attention_impl, blocksparse_attention_impl, memory_efficient_attention, recomputable
+from bsattn import (
+    attention_impl,
+    blocksparse_attention_impl,
+    memory_efficient_attention,
+    recomputable,
+)
 from examples.enwik8.config import Config
 
 N_VOCAB = 256

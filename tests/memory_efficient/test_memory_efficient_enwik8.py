@@ -13,15 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from examples.enwik8.config import Config, SettingsError  # noqa: E402
-from examples.enwik8.model import SparseTransformer, token_losses  # noqa: E402
+from examples.enwik8.config import Config, SettingsError
+from examples.enwik8.model import SparseTransformer, token_losses
 
 pytestmark = pytest.mark.ops
 
 
 def tiny(**overrides) -> Config:
-    settings = dict(n_layer=2, n_state=32, n_head=2, n_timesteps=64, n_batch=2, blocksize=16, attn_mode="all",
-                    resid_pdrop=0.1)  # fmt: skip
+    settings = {"n_layer": 2, "n_state": 32, "n_head": 2, "n_timesteps": 64, "n_batch": 2, "blocksize": 16,
+                "attn_mode": "all", "resid_pdrop": 0.1}  # fmt: skip
     return Config(**{**settings, **overrides})
 
 

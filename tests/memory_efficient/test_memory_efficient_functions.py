@@ -184,7 +184,7 @@ def test_fully_masked_rows_give_zero_and_finite_gradients(name, rng):
     vn[1] = vn[0, :, 4] = np.nan  # masked keys: their NaNs must not leak
     v = tf.constant(vn)
     for mask, nan in ((full, False), (keys, True)):
-        out, grads = with_grads(lambda m=mask: call(name, q, k, v if nan else tf.zeros_like(v) + 1, m, True, None),
+        out, grads = with_grads(lambda m=mask, n=nan: call(name, q, k, v if n else tf.zeros_like(v) + 1, m, True, None),
                                 [q, k], None)  # fmt: skip
         out = out.numpy()
         assert np.all(out[0, :, : n_q - n_k] == 0)  # causal, bottom-right: these queries precede every key

@@ -72,8 +72,9 @@ def grads_of(layer, x, context, dy, **kw):
 
 LAYERS = {
     "mea-dense": lambda **kw: MemoryEfficientAttention(DIM, HEADS, DH, **kw),
-    "mea": lambda **kw: MemoryEfficientAttention(DIM, HEADS, DH, memory_efficient=True, q_bucket_size=8,
-                                                 k_bucket_size=8, **kw),  # fmt: skip
+    "mea": lambda **kw: MemoryEfficientAttention(
+        DIM, HEADS, DH, memory_efficient=True, q_bucket_size=8, k_bucket_size=8, **kw
+    ),
     "flash": lambda **kw: FlashAttention(DIM, HEADS, DH, q_bucket_size=8, k_bucket_size=8, **kw),
 }
 
@@ -131,7 +132,7 @@ def test_weights_structure_and_interchange(rng):
     mea.set_weights(flash.get_weights())
     cos = CosineSimAttention(DIM, seq_len=N, heads=HEADS, dim_head=DH)
     cos(x)
-    scale = [w for w in cos.weights if w.path.endswith("scale")][0]
+    scale = next(w for w in cos.weights if w.path.endswith("scale"))
     assert tuple(scale.shape) == (HEADS,)
     np.testing.assert_allclose(scale.numpy(), -math.log(math.log2(N**2 - N)), rtol=1e-6)
     assert_close_rel(cos(x), ref_layer(cos, x), name="cosine y")
