@@ -37,7 +37,9 @@ CASES = {
 FUNCTIONS = ["attention", "mea-fused", "mea-chunked", "flash-fused", "flash-chunked", "unstable-fused",
              "unstable-chunked"]  # fmt: skip
 # every case on the main paths; flash and the cosine-sim variant (the same engines) on the telling ones
-PAIRS = [(c, f) for c in CASES for f in FUNCTIONS[:3]] + [
+PAIRS = [(c, f) for c in CASES for f in FUNCTIONS[1:3]] + [
+    (c, "attention") for c in ("full_mask", "causal_short_q", "causal_long_q", "bias_keys", "all")
+] + [
     (c, f) for c in ("key_mask", "causal_long_q", "cross", "all") for f in FUNCTIONS[3:]
 ]
 

@@ -79,8 +79,7 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("causal", "cross"), [(False, True), (True, False)])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_layers_match_reference(name, causal, cross, rng):
     x, context, keys = data(rng)
