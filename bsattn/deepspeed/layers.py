@@ -406,10 +406,10 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
       mask; any other ``attention_mask`` (``[T, S]``, ``[B, T, S]``, ``[B, N, T, S]``) a ``-inf`` bias (shared or
       per head: one op call; per batch entry: one op call per entry). ``use_causal_mask`` and ``sliding_window``
       are intersected with the sparsity pattern, so the blocks they exclude are skipped.
-    - The query mask is propagated to the output as in Keras but masks nothing: a real query's output equals
-      Keras's; a padded query attends the real keys (Keras averages over every key there, its row being fully
-      masked). A real query whose every key is masked gives the output projection's bias (Keras: the average
-      of the values).
+    - The query mask (implicit, as in Keras) masks the rows of the padded queries and is propagated to the
+      output. A query whose every key is masked (a padded one, or one whose keys are all masked) gets what
+      Keras gives it: the average of every value (Keras's dot-product path, ``dropout=0``) or 0 (its manual
+      path, ``dropout > 0``); the op's log-sum-exp tells which rows have no key.
     - Dropout (``training=True``) is the op's: each probability dropped with probability ``dropout`` by a hash
       of a seed drawn from the layer's seed generator, kept ones scaled by ``1 / (1 - dropout)`` as in Keras
       (the same distribution, not the same mask as Keras's).
@@ -500,7 +500,7 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
                 key_keep = m if key_keep is None else key_keep & m
             out, scores = self._compute_attention(
                 q, k, v, attention_mask, training, return_attention_scores,
-                use_causal_mask=use_causal_mask, key_mask=key_keep,
+                use_causal_mask=use_causal_mask, key_mask=key_keep, query_mask=query_mask,
             )  # fmt: skip
         else:  # a subclass's _compute_attention gets Keras's merged mask (its signature may be Keras's older one)
             mask = self._compute_attention_mask(
@@ -531,11 +531,13 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         use_causal_mask=False,
         key_mask=None,
+        query_mask=None,
     ):
         """Attention of projected ``query [B, T, N, key_dim]``, ``key [B, S, N, key_dim]``, ``value [B, S, N,
         value_dim]`` → ``([B, T, N, value_dim], scores [B, N, T, S] or None)``.
 
-        ``attention_mask``: see the class docstring (True/nonzero = attend); ``key_mask``: bool ``[B, S]``.
+        ``attention_mask``: see the class docstring (True/nonzero = attend); ``key_mask [B, S]``, ``query_mask
+        [B, T]``: bool, or nonzero = a real token.
         """
         query, key, value = (tf.convert_to_tensor(x, dtype_hint=self.compute_dtype) for x in (query, key, value))
         t, s = query.shape[1], key.shape[1]
@@ -546,7 +548,11 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         if key_mask is not None:
             km = _rank4_mask(tf.convert_to_tensor(key_mask)[:, None, :], "key_mask")
             mask = km if mask is None else mask & km
+        if query_mask is not None:
+            query_mask = _rank4_mask(tf.convert_to_tensor(query_mask)[:, :, None], "query_mask")  # [B, 1, T, 1]
         if return_attention_scores:
+            if query_mask is not None:
+                mask = query_mask if mask is None else mask & query_mask
             return self._dense_attention(query, key, value, mask, training, use_causal_mask)
         bs = self.sparsity_config.block
         if t is not None and s is not None:
@@ -590,17 +596,30 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
 
         def attend(q, k, v, keep, bias, seed):
             return fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
-                                   dropout_rate=rate, seed=seed)  # fmt: skip
+                                   dropout_rate=rate, seed=seed, return_lse=True)  # fmt: skip
 
         if bias is None or bias.shape[0] == 1:
-            out = attend(q, k, v, keep, None if bias is None else bias[0], seed)
+            out, lse = attend(q, k, v, keep, None if bias is None else bias[0], seed)
         else:  # a per-batch bias: one op call per batch entry (each with its own dropout seed)
             seeds = tf.range(tf.cast(batch, tf.int64)) + (0 if seed is None else seed)
-            out = tf.map_fn(
-                lambda e: attend(e[0][None], e[1][None], e[2][None], e[3][None], e[4], e[5] if rate else None)[0],
-                (q, k, v, keep, bias, seeds), fn_output_signature=tf.TensorSpec([tp, heads * width], q.dtype),
-            )  # fmt: skip
-        out = tf.reshape(out, [batch, tp, heads, width])[:, : tf.shape(query)[1], :, : self._value_dim]
+            one = tf.autograph.experimental.do_not_convert(  # plain TF inside: converting it only costs seconds
+                lambda e: [x[0] for x in attend(e[0][None], e[1][None], e[2][None], e[3][None], e[4],
+                                                e[5] if rate else None)]  # fmt: skip
+            )
+            lse_dtype = tf.float64 if q.dtype == tf.float64 else tf.float32
+            out, lse = tf.map_fn(one, (q, k, v, keep, bias, seeds), fn_output_signature=[
+                tf.TensorSpec([tp, heads * width], q.dtype), tf.TensorSpec([heads, tp], lse_dtype)])  # fmt: skip
+        real_t = tf.shape(query)[1]
+        out = tf.reshape(out, [batch, tp, heads, width])[:, :real_t, :, : self._value_dim]
+        # A query with no key left (masked by the query mask or by every key's mask): Keras's dot-product path
+        # (no dropout) averages every value there, its manual path (dropout > 0) gives 0; so does this layer.
+        empty = tf.transpose(tf.math.is_inf(lse[:, :, :real_t]), [0, 2, 1])[..., None]  # [B, T, N, 1]
+        if query_mask is not None:
+            empty |= ~tf.transpose(query_mask, [0, 2, 1, 3])
+        fill = tf.zeros([], out.dtype)
+        if not self._dropout:
+            fill = tf.cast(tf.reduce_mean(tf.cast(value, tf.float32), axis=1, keepdims=True), out.dtype)
+        out = tf.where(empty, fill, out)  # where: no NaN of a padded query can leak
         return tf.ensure_shape(out, [None, t, heads, self._value_dim]), None
 
     def _dense_attention(self, query, key, value, mask, training, use_causal_mask):
