@@ -48,6 +48,13 @@ int bsattn_dsd(int dtype, int transpose_w, const void* w, const void* x, const i
                int64_t width, int64_t lut_heads, int64_t lut_len, int64_t n_out,
                bsattn_stream_t stream);
 
+/* bsattn_dsd with weights w of dtype w_dtype (BSATTN_FLOAT16 or BSATTN_BFLOAT16) and float32 x and c
+ * (blocksparse's mixed precision), on the SIMT body. */
+int bsattn_dsd_mixed_weights(int w_dtype, int transpose_w, const void* w, const void* x,
+                             const int32_t* lut, void* c, int64_t batch, int64_t heads, int64_t nnz,
+                             int64_t block_size, int64_t x_len, int64_t width, int64_t lut_heads,
+                             int64_t lut_len, int64_t n_out, bsattn_stream_t stream);
+
 /* y = softmax(scale * x) over the kept entries of each query row (all blocks of the row, from
  * nn_lut); masked entries are 0, a row with no kept entry is 0. With autoregressive != 0, key j
  * of query i is also dropped unless j < key or j <= i. */
