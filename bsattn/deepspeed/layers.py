@@ -403,8 +403,8 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
     ``[B, S, dim]`` inputs (other ranks and ``attention_axes`` other than the sequence axis: ``ValueError``):
 
     - value/key masks (implicit or explicit) and an ``attention_mask`` ``[B|1, 1, S]`` become the op's key padding
-      mask; any other ``attention_mask`` (``[T, S]``, ``[B, T, S]``, ``[B, N, T, S]``) a ``-inf`` bias (shared or
-      per head: one op call; per batch entry: one op call per entry). ``use_causal_mask`` and ``sliding_window``
+      mask; any other ``attention_mask`` (``[T, S]``, ``[B, T, S]``, ``[B, N, T, S]``) the op's ``-inf`` bias
+      ``[B|1, N|1, T, S]`` (read inside the active blocks only). ``use_causal_mask`` and ``sliding_window``
       are intersected with the sparsity pattern, so the blocks they exclude are skipped.
     - The query mask (implicit, as in Keras) masks the rows of the padded queries and is propagated to the
       output. A query whose every key is masked (a padded one, or one whose keys are all masked) gets what
@@ -578,37 +578,22 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         keep = tf.broadcast_to(tf.range(sp)[None, :] < real_s, [batch, sp])  # padded keys
         bias = None
         if mask is not None:
-            b, h, tm, _ = mask.shape.as_list()
+            _, h, tm, _ = mask.shape.as_list()
             if h == 1 and tm == 1:  # keys only
                 keep &= _pad_axis(tf.broadcast_to(mask[:, 0, 0], [batch, tf.shape(mask)[-1]]), 1, sp, False)
             else:
                 mask = tf.broadcast_to(mask, tf.stack([tf.shape(mask)[0], tf.shape(mask)[1], tf.shape(query)[1],
                                                        real_s]))  # fmt: skip
                 bias = tf.where(mask, tf.zeros([], q.dtype), tf.constant(-np.inf, q.dtype))
-                bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)  # padded queries / keys: see keep
-                if b != 1:
-                    bias = tf.broadcast_to(bias, tf.stack([batch, tf.shape(bias)[1], tp, sp]))
+                bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)  # [B|1, N|1, Tp, Sp]; padded keys: see keep
         rate = float(self._dropout) if training and self._dropout > 0 else 0.0
         seed = None
         if rate > 0:
             seed = tf.cast(keras.random.randint((), 0, 2**31 - 1, seed=self._dropout_layer.seed_generator), tf.int64)
         scale = self._inverse_sqrt_key_dim
 
-        def attend(q, k, v, keep, bias, seed):
-            return fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
+        out, lse = fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
                                    dropout_rate=rate, seed=seed, return_lse=True)  # fmt: skip
-
-        if bias is None or bias.shape[0] == 1:
-            out, lse = attend(q, k, v, keep, None if bias is None else bias[0], seed)
-        else:  # a per-batch bias: one op call per batch entry (each with its own dropout seed)
-            seeds = tf.range(tf.cast(batch, tf.int64)) + (0 if seed is None else seed)
-            one = tf.autograph.experimental.do_not_convert(  # plain TF inside: converting it only costs seconds
-                lambda e: [x[0] for x in attend(e[0][None], e[1][None], e[2][None], e[3][None], e[4],
-                                                e[5] if rate else None)]  # fmt: skip
-            )
-            lse_dtype = tf.float64 if q.dtype == tf.float64 else tf.float32
-            out, lse = tf.map_fn(one, (q, k, v, keep, bias, seeds), fn_output_signature=[
-                tf.TensorSpec([tp, heads * width], q.dtype), tf.TensorSpec([heads, tp], lse_dtype)])  # fmt: skip
         real_t = tf.shape(query)[1]
         out = tf.reshape(out, [batch, tp, heads, width])[:, :real_t, :, : self._value_dim]
         # A query with no key left (masked by the query mask or by every key's mask): Keras's dot-product path
