@@ -384,6 +384,80 @@ def _rank4_mask(mask, name: str) -> tf.Tensor:
     return mask
 
 
+def _block_sparse_attention(
+    layer: keras.layers.Layer,
+    pattern: Pattern,
+    bs: int,
+    query: tf.Tensor,
+    key: tf.Tensor,
+    value: tf.Tensor,
+    mask: tf.Tensor | None,
+    query_mask: tf.Tensor | None,
+    dropout: float,
+    training,
+    dropout_layer: keras.layers.Dropout,
+    scale: float,
+) -> tf.Tensor:
+    """The fused op behind the Keras layers: projected ``query [B, T, N, Dk]``, ``key [B, S, N, Dk]``, ``value
+    [B, S, N, Dv]`` → ``[B, T, N, Dv]`` over ``pattern`` with blocks of ``bs`` (lengths padded to them).
+
+    ``mask``: bool ``[B|1, N|1, T|1, S]`` (``_rank4_mask``; True = attend); ``query_mask``: bool ``[B, 1, T, 1]``;
+    ``dropout`` under ``training``, seeded from ``dropout_layer``'s seed generator; ``layer`` gives the name
+    and ``max_seq_length`` for errors and dynamic lengths. Rows with no key: see SparseMultiHeadAttention.
+    """
+    t, s = query.shape[1], key.shape[1]
+    if t is not None and s is not None:
+        tp, sp = _round_up(t, bs), _round_up(s, bs)
+    elif layer.max_seq_length is not None:
+        tp = sp = _round_up(layer.max_seq_length, bs)
+        checks = [tf.debugging.assert_less_equal(tf.shape(x)[1], layer.max_seq_length, message=f"{layer.name}: "
+                  "a sequence is longer than max_seq_length") for x in (query, key)]  # fmt: skip
+        with tf.control_dependencies(checks):
+            query = tf.identity(query)
+    else:
+        raise ValueError(
+            f"{layer.name}: the query and key lengths must be known while tracing (got {query.shape} and "
+            f"{key.shape}) to build the block tables; or pass max_seq_length to pad every sequence to it"
+        )
+    tables = fused_tables_for_pattern(pattern, tp, sp, bs)
+
+    batch, heads, key_dim, value_dim = tf.shape(query)[0], query.shape[2], query.shape[3], value.shape[3]
+    width = max(key_dim, value_dim)  # the op takes one head width for q, k and v
+    real_s = tf.shape(key)[1]
+    q, k, v = (_pad_axis(_pad_axis(x, 3, width), 1, n) for x, n in ((query, tp), (key, sp), (value, sp)))
+    q, k, v = (tf.reshape(x, [batch, n, heads * width]) for x, n in ((q, tp), (k, sp), (v, sp)))
+    keep = tf.broadcast_to(tf.range(sp)[None, :] < real_s, [batch, sp])  # padded keys
+    bias = None
+    if mask is not None:
+        _, h, tm, _ = mask.shape.as_list()
+        if h == 1 and tm == 1:  # keys only
+            keep &= _pad_axis(tf.broadcast_to(mask[:, 0, 0], [batch, tf.shape(mask)[-1]]), 1, sp, False)
+        else:
+            mask = tf.broadcast_to(mask, tf.stack([tf.shape(mask)[0], tf.shape(mask)[1], tf.shape(query)[1],
+                                                   real_s]))  # fmt: skip
+            bias = tf.where(mask, tf.zeros([], q.dtype), tf.constant(-np.inf, q.dtype))
+            bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)  # [B|1, N|1, Tp, Sp]; padded keys: see keep
+    rate = dropout if training and dropout > 0 else 0.0
+    seed = None
+    if rate > 0:
+        seed = tf.cast(keras.random.randint((), 0, 2**31 - 1, seed=dropout_layer.seed_generator), tf.int64)
+
+    out, lse = fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
+                               dropout_rate=rate, seed=seed, return_lse=True)  # fmt: skip
+    real_t = tf.shape(query)[1]
+    out = tf.reshape(out, [batch, tp, heads, width])[:, :real_t, :, : value_dim]
+    # A query with no key left (masked by the query mask or by every key's mask): Keras's dot-product path
+    # (no dropout) averages every value there, its manual path (dropout > 0) gives 0; so does this layer.
+    empty = tf.transpose(tf.math.is_inf(lse[:, :, :real_t]), [0, 2, 1])[..., None]  # [B, T, N, 1]
+    if query_mask is not None:
+        empty |= ~tf.transpose(query_mask, [0, 2, 1, 3])
+    fill = tf.zeros([], out.dtype)
+    if not dropout:
+        fill = tf.cast(tf.reduce_mean(tf.cast(value, tf.float32), axis=1, keepdims=True), out.dtype)
+    out = tf.where(empty, fill, out)  # where: no NaN of a padded query can leak
+    return tf.ensure_shape(out, [None, t, heads, value_dim])
+
+
 @keras.saving.register_keras_serializable(package="bsattn")
 class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
     """``keras.layers.MultiHeadAttention`` on the fused block-sparse op: Keras's arguments, weights and call.
@@ -554,58 +628,11 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
             if query_mask is not None:
                 mask = query_mask if mask is None else mask & query_mask
             return self._dense_attention(query, key, value, mask, training, use_causal_mask)
-        bs = self.sparsity_config.block
-        if t is not None and s is not None:
-            tp, sp = _round_up(t, bs), _round_up(s, bs)
-        elif self.max_seq_length is not None:
-            tp = sp = _round_up(self.max_seq_length, bs)
-            checks = [tf.debugging.assert_less_equal(tf.shape(x)[1], self.max_seq_length, message=f"{self.name}: "
-                      "a sequence is longer than max_seq_length") for x in (query, key)]  # fmt: skip
-            with tf.control_dependencies(checks):
-                query = tf.identity(query)
-        else:
-            raise ValueError(
-                f"{self.name}: the query and key lengths must be known while tracing (got {query.shape} and "
-                f"{key.shape}) to build the block tables; or pass max_seq_length to pad every sequence to it"
-            )
-        tables = fused_tables_for_pattern(self._pattern(use_causal_mask), tp, sp, bs)
-
-        batch, heads = tf.shape(query)[0], self._num_heads
-        width = max(self._key_dim, self._value_dim)  # the op takes one head width for q, k and v
-        real_s = tf.shape(key)[1]
-        q, k, v = (_pad_axis(_pad_axis(x, 3, width), 1, n) for x, n in ((query, tp), (key, sp), (value, sp)))
-        q, k, v = (tf.reshape(x, [batch, n, heads * width]) for x, n in ((q, tp), (k, sp), (v, sp)))
-        keep = tf.broadcast_to(tf.range(sp)[None, :] < real_s, [batch, sp])  # padded keys
-        bias = None
-        if mask is not None:
-            _, h, tm, _ = mask.shape.as_list()
-            if h == 1 and tm == 1:  # keys only
-                keep &= _pad_axis(tf.broadcast_to(mask[:, 0, 0], [batch, tf.shape(mask)[-1]]), 1, sp, False)
-            else:
-                mask = tf.broadcast_to(mask, tf.stack([tf.shape(mask)[0], tf.shape(mask)[1], tf.shape(query)[1],
-                                                       real_s]))  # fmt: skip
-                bias = tf.where(mask, tf.zeros([], q.dtype), tf.constant(-np.inf, q.dtype))
-                bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)  # [B|1, N|1, Tp, Sp]; padded keys: see keep
-        rate = float(self._dropout) if training and self._dropout > 0 else 0.0
-        seed = None
-        if rate > 0:
-            seed = tf.cast(keras.random.randint((), 0, 2**31 - 1, seed=self._dropout_layer.seed_generator), tf.int64)
-        scale = self._inverse_sqrt_key_dim
-
-        out, lse = fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
-                                   dropout_rate=rate, seed=seed, return_lse=True)  # fmt: skip
-        real_t = tf.shape(query)[1]
-        out = tf.reshape(out, [batch, tp, heads, width])[:, :real_t, :, : self._value_dim]
-        # A query with no key left (masked by the query mask or by every key's mask): Keras's dot-product path
-        # (no dropout) averages every value there, its manual path (dropout > 0) gives 0; so does this layer.
-        empty = tf.transpose(tf.math.is_inf(lse[:, :, :real_t]), [0, 2, 1])[..., None]  # [B, T, N, 1]
-        if query_mask is not None:
-            empty |= ~tf.transpose(query_mask, [0, 2, 1, 3])
-        fill = tf.zeros([], out.dtype)
-        if not self._dropout:
-            fill = tf.cast(tf.reduce_mean(tf.cast(value, tf.float32), axis=1, keepdims=True), out.dtype)
-        out = tf.where(empty, fill, out)  # where: no NaN of a padded query can leak
-        return tf.ensure_shape(out, [None, t, heads, self._value_dim]), None
+        out = _block_sparse_attention(
+            self, self._pattern(use_causal_mask), self.sparsity_config.block, query, key, value, mask, query_mask,
+            float(self._dropout), training, self._dropout_layer, self._inverse_sqrt_key_dim,
+        )  # fmt: skip
+        return out, None
 
     def _dense_attention(self, query, key, value, mask, training, use_causal_mask):
         """Keras's own attention with the sparsity pattern as a mask (for ``return_attention_scores``)."""
@@ -617,6 +644,69 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         allowed = tf.constant(allowed[None])  # [1, L, T, S]
         mask = allowed if mask is None else mask & allowed
         return super()._compute_attention(query, key, value, mask, training, return_attention_scores=True)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "sparsity_config": None if self._default_config else serialize_sparsity_config(self.sparsity_config),
+            "max_seq_length": self.max_seq_length,
+        }
+
+
+@keras.saving.register_keras_serializable(package="bsattn")
+class SparseGroupedQueryAttention(keras.layers.GroupQueryAttention):
+    """``keras.layers.GroupQueryAttention`` on the fused block-sparse op: Keras's arguments, weights and call,
+    plus ``sparsity_config`` (``num_query_heads`` heads; None: dense, blocks of 16) and ``max_seq_length``.
+
+    STOP-GAP, it copies: Keras's ``call`` repeats each key/value head for its group of query heads
+    (``ops.repeat``, ``num_query_heads / num_key_value_heads`` copies of K and V), and the fused op then runs
+    over ``num_query_heads`` heads. The no-copy path (K/V heads shared inside the op) is not built yet.
+    Keras's ``call`` also merges every mask (implicit, ``attention_mask``, causal, sliding window) into one
+    ``[B, T, S]`` mask before this layer sees it, so it reaches the op as a per-batch ``-inf`` bias (``O(B·T·S)``
+    memory; causal blocks are masked, not skipped). Rows with no key, lengths, dropout and
+    ``return_attention_scores`` (Keras's dense path with the pattern as a mask) as in
+    ``SparseMultiHeadAttention``.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_query_heads: int,
+        num_key_value_heads: int,
+        *args,
+        sparsity_config: SparsityConfig | dict | None = None,
+        max_seq_length: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(head_dim, num_query_heads, num_key_value_heads, *args, **kwargs)
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length < 1):  # fmt: skip
+            raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
+        self.max_seq_length = max_seq_length
+        self._default_config = sparsity_config is None
+        if sparsity_config is None:
+            sparsity_config = DenseSparsityConfig(num_heads=num_query_heads)
+        self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
+        if self.sparsity_config.num_heads != num_query_heads:
+            raise ValueError(
+                f"sparsity_config.num_heads={self.sparsity_config.num_heads} must equal "
+                f"num_query_heads={num_query_heads}"
+            )
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None, use_causal_mask=False):
+        # query [B, T, N, D]; key, value [B, S, N, D] (already repeated to N heads by Keras's call).
+        query, key, value = (tf.convert_to_tensor(x, dtype_hint=self.compute_dtype) for x in (query, key, value))
+        mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
+        pattern: Pattern = self.sparsity_config & Causal() if use_causal_mask else self.sparsity_config
+        if self._return_attention_scores:
+            t, s, bs = query.shape[1], key.shape[1], self.sparsity_config.block
+            allowed = tf.constant(pattern.token_mask(_round_up(t, bs), _round_up(s, bs))[None, :, :t, :s])
+            return super()._compute_attention(query, key, value, allowed if mask is None else mask & allowed, training)
+        out = _block_sparse_attention(
+            self, pattern, self.sparsity_config.block, query, key, value, mask, None, float(self.dropout), training,
+            self._dropout_layer, self._inverse_sqrt_head_dim,
+        )  # fmt: skip
+        return out, None
 
     def get_config(self) -> dict:
         return {

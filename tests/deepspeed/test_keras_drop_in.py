@@ -21,7 +21,7 @@ from absl.testing import parameterized
 from keras.src import backend, testing
 from keras.src.backend.config import disable_flash_attention, enable_flash_attention
 
-from bsattn.deepspeed.layers import SparseMultiHeadAttention
+from bsattn.deepspeed.layers import SparseGroupedQueryAttention, SparseMultiHeadAttention
 from bsattn.deepspeed.sparsity_config import BigBirdSparsityConfig, FixedSparsityConfig
 
 MHA = SparseMultiHeadAttention
@@ -505,3 +505,52 @@ def test_dynamic_lengths_with_max_seq_length(rng):
     run = tf.function(lambda a, b: sparse(a, b), input_signature=[tf.TensorSpec([None, None, 8])] * 2)
     np.testing.assert_allclose(run(q, v), ref(q, v), atol=2e-6)
     np.testing.assert_allclose(run(q[:, :5], v[:, :9]), ref(q[:, :5], v[:, :9]), atol=2e-6)
+
+
+# ---- SparseGroupedQueryAttention (stop-gap: K/V heads repeated) vs keras.layers.GroupQueryAttention ----
+
+
+@pytest.mark.parametrize("t, s, dropout", [(13, 7, 0.0), (9, 21, 0.2)])
+def test_grouped_query_attention_matches_keras(rng, tmp_path, t, s, dropout):
+    q = rng.normal(size=(2, t, 8)).astype("float32")
+    v = rng.normal(size=(2, s, 8)).astype("float32")
+    ref = keras.layers.GroupQueryAttention(4, 4, 2, dropout=dropout)
+    ref(q, v)
+    config = FixedSparsityConfig(4, block=8, different_layout_per_head=True, num_local_blocks=2,
+                                 num_different_global_patterns=2)  # fmt: skip
+    sparse = SparseGroupedQueryAttention(4, 4, 2, dropout=dropout, sparsity_config=config)
+    sparse(q, v)
+    sparse.set_weights(ref.get_weights())
+    allowed = config.token_mask(_round(t), _round(s))[None, :, :t, :s]  # [1, 4, T, S]
+    full = rng.random((2, t, s)) > 0.3
+    full[0, 1] = False  # a query with no key
+    key_mask = np.arange(s)[None] < np.array([[s], [s - 3]])
+    for kwargs in ({}, {"use_causal_mask": True}, {"attention_mask": full}):
+        want_mask = allowed & np.broadcast_to(kwargs.get("attention_mask", True), (2, t, s))[:, None]
+        if kwargs.get("use_causal_mask"):
+            want_mask = want_mask & np.tril(np.ones((t, s), bool))
+        # A per-head pattern: the scores path (Keras's own softmax with the pattern as a mask) puts no weight
+        # outside it, and the fused path gives the same output on rows with a key in every head (on the others
+        # Keras's scores path gives 0, its default path and this layer the mean of the values: checked below).
+        got, scores = sparse(q, v, return_attention_scores=True, **kwargs)
+        assert (np.asarray(scores)[~np.broadcast_to(want_mask, scores.shape)] == 0).all()
+        rows = np.broadcast_to(want_mask, scores.shape).any(-1).all(1)  # [B, T]
+        np.testing.assert_allclose(np.asarray(sparse(q, v, **kwargs))[rows], np.asarray(got)[rows], atol=2e-6)
+    dense = SparseGroupedQueryAttention(4, 4, 2, dropout=dropout)
+    dense(q, v)
+    dense.set_weights(ref.get_weights())
+    masking = keras.layers.Masking(0.0)
+    mv = np.where(key_mask[..., None], v, 0.0)
+    for kwargs in ({}, {"use_causal_mask": True}, {"attention_mask": full}):
+        np.testing.assert_allclose(dense(q, v, **kwargs), ref(q, v, **kwargs), atol=2e-6, err_msg=str(kwargs))
+    np.testing.assert_allclose(dense(q, masking(mv)), ref(q, masking(mv)), atol=2e-6)
+    layer_config = sparse.get_config()
+    assert SparseGroupedQueryAttention.from_config(layer_config).sparsity_config == config
+    inputs = keras.Input((t, 8))
+    model = keras.Model(inputs, sparse(inputs, inputs))
+    model.save(tmp_path / "gqa.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "gqa.keras")(q), model(q))
+
+
+def _round(n, bs=8):
+    return -(-n // bs) * bs
