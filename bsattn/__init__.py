@@ -38,6 +38,7 @@ _EXPORTS = {
     "SparseSelfAttention": "bsattn.deepspeed.layers",
     "BertSparseSelfAttention": "bsattn.deepspeed.layers",
     "SparseMultiHeadAttention": "bsattn.deepspeed.layers",
+    "SparseGroupedQueryAttention": "bsattn.deepspeed.layers",
     "deepspeed_sparse_attention": "bsattn.deepspeed.layers",
     "attention": "bsattn.memory_efficient.dense",
     "memory_efficient_attention": "bsattn.memory_efficient.functions",
