@@ -1,7 +1,9 @@
 """Tests of the PNG pictures: bsattn._png (read back with zlib here) and Pattern.layout_png, pixel by pixel."""
 
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +103,17 @@ def test_layout_image_default_scale():
 def test_layout_image_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_committed_pictures_are_current():
+    """docs/img/ holds what docs/make_pictures.py draws now (re-run it after changing a pattern)."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    sys.path.insert(0, str(docs))
+    try:
+        import make_pictures
+    finally:
+        sys.path.remove(str(docs))
+    drawn = make_pictures.pictures()
+    assert sorted(drawn) == sorted(p.name for p in (docs / "img").glob("*.png") if p.name != "enwik8_compare.png")
+    for name, image in drawn.items():
+        np.testing.assert_array_equal(read_png((docs / "img" / name).read_bytes()), image, err_msg=name)
