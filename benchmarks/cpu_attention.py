@@ -19,8 +19,9 @@ Three parts, every case in a fresh process (2 TF intra-op threads, 1 inter-op; t
     python benchmarks/cpu_attention.py --parts a    # one part
     python benchmarks/cpu_attention.py --parts b --lengths 4096
 
-Prints three tables and writes a JSON (``--out``; default outside the repository, see outputs.py). torch is a benchmark-only
-dependency (``pip install torch==2.13.0``); without it part (a) reports the fused op alone.
+Prints three tables and writes a JSON (``--out``; default outside the repository, see outputs.py).
+torch is a benchmark-only dependency (``pip install torch==2.13.0``); without it part (a) reports the
+fused op alone.
 """
 
 from __future__ import annotations

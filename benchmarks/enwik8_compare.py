@@ -162,11 +162,11 @@ def plot_curves(rows: list[dict], meta: dict, png: str) -> Path:
     """The training bits per byte of every variant (means of 10 steps) against the step → the PNG's path."""
     from png_plot import line_plot
 
-    series = [
-        (f"{r['variant']} {r['valid_bpb']:.3f}", [10 * (i + 1) for i in range(len(r["loss_curve_bpb"]))], r["loss_curve_bpb"])
-        for r in rows
-        if "error" not in r
-    ]
+    series = []
+    for r in rows:
+        if "error" not in r:
+            steps = [10 * (i + 1) for i in range(len(r["loss_curve_bpb"]))]  # each point: the mean of 10 steps
+            series.append((f"{r['variant']} {r['valid_bpb']:.3f}", steps, r["loss_curve_bpb"]))
     title = f"enwik8 example, T={meta['n_timesteps']}: train bits per byte (legend: valid)"
     return line_plot(png, series, title=title, x_label="step", y_label="bpb")
 

@@ -294,6 +294,12 @@ def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, 
     return (bits >> np.uint64(32)) >= np.uint64(threshold)
 
 
+def _bias4(bias: np.ndarray) -> np.ndarray:
+    """The fused op's bias ``[B|1, H|1, Tq, Tk]`` (a rank-3 ``[H|1, Tq, Tk]`` as ``[1, H|1, Tq, Tk]``), float64."""
+    bias = np.asarray(bias, dtype=np.float64)
+    return bias[None] if bias.ndim == 3 else bias
+
+
 def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
     """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale)`` of the fused attention (no dropout), float64."""
     qh, kh = _heads(q, heads), _heads(k, heads)
@@ -307,7 +313,7 @@ def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
         keep = keep & np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
     s = scale * np.einsum("nhid,nhjd->nhij", qh, kh)
     if bias is not None:
-        s = s + np.asarray(bias, dtype=np.float64)[None]
+        s = s + _bias4(bias)
     s = np.where(keep, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -342,7 +348,7 @@ def fused_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
 
-    Scores ``scale·q·kᵀ + bias`` (``bias [1|H, Tq, Tk]``) are kept where the tables' token mask and
+    Scores ``scale·q·kᵀ + bias`` (``bias [B|1, H|1, Tq, Tk]``, or ``[H|1, Tq, Tk]``) are kept where the tables' token mask and
     ``key_padding_mask [B, Tk]`` (True = real key) allow; ``lse`` is their log-sum-exp (-inf for a row with no
     kept key, whose output is 0); ``out = (P ⊙ keep / (1 - rate)) · v`` with the dropout mask of
     ``dropout_keep_mask``. ``scale`` defaults to ``1/sqrt(D)``.
@@ -367,8 +373,8 @@ def fused_attention_grad(
     dlse: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Analytic gradients of ``fused_attention`` for upstream ``dout [B, Tq, H*D]`` (and ``dlse [B, H, Tq]``)
-    → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch, and over the heads
-    for a shared bias), None without a bias."""
+    → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch and/or heads it
+    broadcasts over), None without a bias."""
     p, _, scale = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
     z = _dropout_scale(p, dropout_rate, seed)
     qh, kh, vh, doh = (_heads(x, heads) for x in (q, k, v, dout))
@@ -381,8 +387,7 @@ def fused_attention_grad(
     dq = scale * np.einsum("nhij,nhjd->nhid", ds, kh)
     dk = scale * np.einsum("nhij,nhid->nhjd", ds, qh)
     dbias = None
-    if bias is not None:
-        dbias = ds.sum(axis=0)
-        if np.shape(bias)[0] == 1:
-            dbias = dbias.sum(axis=0, keepdims=True)
+    if bias is not None:  # summed over the dimensions bias broadcasts over, in bias's own shape
+        b4 = _bias4(bias)
+        dbias = ds.sum(axis=tuple(a for a in (0, 1) if b4.shape[a] == 1), keepdims=True).reshape(np.shape(bias))
     return _unheads(dq), _unheads(dk), _unheads(dv), dbias

@@ -46,7 +46,10 @@ def pictures() -> dict[str, np.ndarray]:
         patterns.mode_pattern("fixed", 256, 1, 64, blocksize=32, num_verts=1, vertsize=1),
     ]
     deepspeed = {
-        "ds_fixed": [ds.FixedSparsityConfig(num_heads=1), ds.FixedSparsityConfig(num_heads=1, attention="unidirectional")],
+        "ds_fixed": [
+            ds.FixedSparsityConfig(num_heads=1),
+            ds.FixedSparsityConfig(num_heads=1, attention="unidirectional"),
+        ],
         "ds_variable": [ds.VariableSparsityConfig(num_heads=1, local_window_blocks=[1, 2, 3])],
         "ds_bigbird": [ds.BigBirdSparsityConfig(num_heads=1)],
         "ds_bslongformer": [ds.BSLongformerSparsityConfig(num_heads=1, global_block_indices=[0, 5])],

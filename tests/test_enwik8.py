@@ -378,7 +378,10 @@ def test_entry_point_help_is_quiet_and_exits_0():
 
 
 def test_a_users_log_level_wins():
-    code = "import os, sys; import examples.enwik8; print(os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules)"
+    code = (
+        "import os, sys; import examples.enwik8; "
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,

@@ -57,7 +57,8 @@ def make_tables(rng, kind: str, bs: int = 16, heads: int = H):
     return fused_tables_for_layout(layout, bs, RandomCallback(int(rng.integers(1 << 30)), 0.7, masked_queries=(5,)))
 
 
-def make_inputs(rng, tables, dtype, d=16, heads=H, kpm=False, bias_heads=None, dlse=False):
+def make_inputs(rng, tables, dtype, d=16, heads=H, kpm=False, bias_heads=None, dlse=False, bias_batch=None):
+    """bias: [bias_heads, Tq, Tk] (rank 3, the older form), or [bias_batch, bias_heads, Tq, Tk] with bias_batch."""
     tq, tk = tables.n_q, tables.n_k
     x = {
         "q": uniform(rng, [B, tq, heads * d], dtype),
@@ -75,7 +76,8 @@ def make_inputs(rng, tables, dtype, d=16, heads=H, kpm=False, bias_heads=None, d
         keep[1, 3] = True
         x["kpm"] = keep
     if bias_heads:
-        x["bias"] = tf.constant(0.5 * rng.standard_normal((bias_heads, tq, tk)), dtype)
+        lead = (bias_heads,) if bias_batch is None else (bias_batch, bias_heads)
+        x["bias"] = tf.constant(0.5 * rng.standard_normal((*lead, tq, tk)), dtype)
     if dlse:
         lse_dtype = tf.float64 if dtype == tf.float64 else tf.float32
         x["dlse"] = uniform(rng, [B, heads, tq], lse_dtype)
@@ -128,7 +130,7 @@ def dense_tf(x, tables, heads, dtype, scale, dropout_rate=0.0, seed=0):
     def attention(q, k, v, bias):
         s = tf.matmul(heads_of(q), heads_of(k), transpose_b=True) * tf.constant(scale, dtype)
         if bias is not None:
-            s = s + bias[None]
+            s = s + (bias[None] if bias.shape.rank == 3 else bias)
         s = tf.where(keep_t, s, tf.constant(dtype.min, dtype))
         p = tf.where(tf.reduce_any(keep_t, axis=-1, keepdims=True), tf.nn.softmax(s), tf.zeros_like(s))
         p = p * tf.constant(z, dtype)
@@ -228,6 +230,53 @@ def test_block_sizes_and_head_dims(rng, bs, d):
         run_reference(x, tables, H, dropout_rate=0.2, seed=3),
         tf.float32,
     )
+
+
+BIAS_BROADCASTS = [(B, H), (1, H), (B, 1), (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float32, tf.float16, tf.bfloat16],
+                         ids=["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bias_batch, bias_heads", BIAS_BROADCASTS, ids=[f"{b}x{h}" for b, h in BIAS_BROADCASTS])
+def test_bias_broadcasts(rng, bias_batch, bias_heads, dtype):
+    """bias [B|1, H|1, Tq, Tk] with per-head layouts and key padding: out, lse, dq, dk, dv and dbias (summed over
+    what it broadcasts over) against the float64 reference; 16-bit dtypes within dense TF's error."""
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, dtype, kpm=True, bias_heads=bias_heads, bias_batch=bias_batch)
+    dense = dense_tf(x, tables, H, dtype, 1 / np.sqrt(16)) if dtype in (tf.float16, tf.bfloat16) else None
+    got = run_fused(x, tables, H)
+    assert tuple(got[2][3].shape) == (bias_batch, bias_heads, tables.n_q, tables.n_k)
+    check(got, run_reference(x, tables, H), dtype, dense)
+
+
+@pytest.mark.parametrize("bias_batch, bias_heads", BIAS_BROADCASTS, ids=[f"{b}x{h}" for b, h in BIAS_BROADCASTS])
+def test_bias_broadcasts_in_tf_function(rng, bias_batch, bias_heads):
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, tf.float32, kpm=True, bias_heads=bias_heads, bias_batch=bias_batch, dlse=True)
+    check(run_fused(x, tables, H, mode="function", dropout_rate=0.3, seed=4),
+          run_reference(x, tables, H, dropout_rate=0.3, seed=4), tf.float32)
+
+
+def test_rank3_bias_is_a_batch_broadcast(rng):
+    """The older [H|1, Tq, Tk] bias equals [1, H|1, Tq, Tk]: same outputs, and dbias keeps the rank-3 shape."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, tf.float64, bias_heads=H)
+    three = run_fused(x, tables, H)
+    four = run_fused(dict(x, bias=x["bias"][None]), tables, H)
+    assert three[2][3].shape == x["bias"].shape
+    np.testing.assert_array_equal(three[0], four[0])
+    np.testing.assert_array_equal(three[2][3], four[2][3][0])
+
+
+def test_bias_broadcast_dbias_deterministic(rng):
+    """dbias shared by the batch and the heads, with per-head layouts on 2 threads: the same bits every run
+    (one writer per dbias entry: batch entries and heads are walked in turn by one unit)."""
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, tf.float32, d=32, kpm=True, bias_heads=1, bias_batch=1)
+    first = run_fused(x, tables, H)[2]
+    for _ in range(3):
+        for a, b in zip(first, run_fused(x, tables, H)[2]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_per_head_pattern_with_four_heads(rng):
@@ -440,7 +489,7 @@ def forward_inputs(**changes):
         "row_entries": ROW_ENTRIES,
         "masks": MASKS,
         "key_padding_mask": tf.ones([1, 16], tf.bool),
-        "bias": tf.zeros([1, 16, 16]),
+        "bias": tf.zeros([1, 1, 16, 16]),
         "seed": tf.constant(0, tf.int64),
         "heads": H,
         "block_size": BS,
@@ -514,7 +563,13 @@ FORWARD_ERRORS = {
         {"key_padding_mask": tf.ones([1, 8], tf.bool)},
         r"key_padding_mask must have shape \[1,16\], got \[1,8\]",
     ),
-    "bias_shape": ({"bias": tf.zeros([3, 16, 16])}, r"bias must have shape \[1 or 2, 16, 16\], got \[3,16,16\]"),
+    "bias_heads": (
+        {"bias": tf.zeros([1, 3, 16, 16])},
+        r"bias must have shape \[1 or 1, 1 or 2, 16, 16\], got \[1,3,16,16\]",
+    ),
+    "bias_batch": ({"bias": tf.zeros([2, 1, 16, 16])}, r"bias must have shape \[1 or 1, 1 or 2, 16, 16\], got \[2,1,16,16\]"),
+    "bias_rank": ({"bias": tf.zeros([1, 16, 16])}, r"bias must have shape \[1 or 1, 1 or 2, 16, 16\], got \[1,16,16\]"),
+    "bias_length": ({"bias": tf.zeros([1, 1, 16, 8])}, r"bias must have shape .*got \[1,1,16,8\]"),
     "seed": ({"seed": tf.constant([1, 2], tf.int64)}, r"seed must be a scalar, got shape \[2\]"),
 }
 
@@ -523,11 +578,19 @@ def raises_invalid(match):
     return pytest.raises(tf.errors.InvalidArgumentError, match=match)
 
 
+def test_bias_rank_in_graph_mode():
+    """The shape functions name bias when its rank is not 4."""
+    for op, inputs in (("bsattn_fused_attention", forward_inputs), ("bsattn_fused_attention_grad", grad_inputs)):
+        x = inputs(bias=np.zeros([1, 16, 16], np.float32))
+        with pytest.raises(ValueError, match=r"bias must have rank 4 \[batch or 1, heads or 1, Tq, Tk\]"):
+            tf.function(lambda x=x, op=op: getattr(load_ops(), op)(**x)).get_concrete_function()
+
+
 def test_valid_inputs_run():
     out, lse = load_ops().bsattn_fused_attention(**forward_inputs())
     assert out.shape == (1, 16, 8) and lse.shape == (1, H, 16)
     _dq, _dk, _dv, dbias = load_ops().bsattn_fused_attention_grad(**grad_inputs())
-    assert dbias.shape == (1, 16, 16)
+    assert dbias.shape == (1, 1, 16, 16)
 
 
 @pytest.mark.parametrize("case", list(FORWARD_ERRORS))
@@ -579,10 +642,10 @@ def test_python_errors(rng):
         fused_attention(q, q, q, fused_tables_for_layout(np.ones((2, 4, 4)), 16), 4)
     with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
         fused_attention(q, q, q, tables, 2, dropout_rate=1.0)
-    with pytest.raises(ValueError, match=r"bias must have shape \[\?, 64, 64\]"):
-        fused_attention(q, q, q, tables, 2, bias=tf.zeros([1, 64, 32]))
-    with pytest.raises(ValueError, match=r"bias must be \[1 or 2, 64, 64\]"):
-        fused_attention(q, q, q, tables, 2, bias=tf.zeros([3, 64, 64]))
+    expected = r"bias must have shape \[1 or 1, 1 or 2, 64, 64\] \(or \[1 or 2, 64, 64\]\)"
+    for bad in ([1, 64, 32], [3, 64, 64], [2, 1, 64, 64], [1, 3, 64, 64], [64, 64], [1, 1, 1, 64, 64]):
+        with pytest.raises(ValueError, match=expected + rf", got \({', '.join(map(str, bad))},?\)"):
+            fused_attention(q, q, q, tables, 2, bias=tf.zeros(bad))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[1, 64\]"):
         fused_attention(q, q, q, tables, 2, key_padding_mask=tf.ones([1, 32], tf.bool))
     with pytest.raises(ValueError, match=r"scale must be finite"):

@@ -51,6 +51,13 @@ std::vector<uint32_t> TransposedMasks(tensorflow::OpKernelContext* ctx, const Fu
   return out;
 }
 
+// The offset of the bias's [Tq, Tk] slice that head (b, h) reads (and its dbias slice).
+template <typename T>
+int64_t BiasSlice(const FusedAttentionParams<T>& p, int64_t b, int64_t h) {
+  const int64_t bb = p.bias_batch == 1 ? 0 : b, hb = p.bias_heads == 1 ? 0 : h;
+  return (bb * p.bias_heads + hb) * p.tq * p.tk;
+}
+
 // Adds the bias, then sets the scores of masked entries (in-block mask, key padding) to -inf, on a
 // bs x bs tile of block (q0, k0) stored transposed ([j][i], kTransposed: masks are the transposed
 // ones) or not ([i][j]).
@@ -60,8 +67,7 @@ void ApplyBiasAndMasks(const FusedAttentionParams<T>& p, const uint32_t* masks, 
   const int64_t bs = p.block_size;
   auto at = [bs](int64_t i, int64_t j) { return kTransposed ? j * bs + i : i * bs + j; };
   if (p.bias != nullptr) {
-    const int64_t hb = p.bias_heads == 1 ? 0 : h;
-    const T* bias = p.bias + (hb * p.tq + q0) * p.tk + k0;
+    const T* bias = p.bias + BiasSlice(p, b, h) + q0 * p.tk + k0;
     for (int64_t i = 0; i < bs; ++i)
       for (int64_t j = 0; j < bs; ++j) tile[at(i, j)] += static_cast<Acc>(bias[i * p.tk + j]);
   }
@@ -368,6 +374,17 @@ std::vector<int64_t> ChunkRows(const FusedAttentionParams<T>& p, const std::vect
   return out;
 }
 
+// The head b * H + h of member `member` of gradient group `group`: the group itself without dbias,
+// else the member-th head (batch-major) of those that read dbias slice group = bb * Hb + hb.
+template <typename T>
+int64_t GroupMember(const FusedAttentionParams<T>& p, bool by_bias, int64_t group, int64_t member) {
+  if (!by_bias) return group;
+  const int64_t heads_per_slice = p.heads / p.bias_heads;  // members per batch entry
+  const int64_t b = p.bias_batch == 1 ? member / heads_per_slice : group / p.bias_heads;
+  const int64_t h = p.bias_heads == 1 ? member % heads_per_slice : group % p.bias_heads;
+  return b * p.heads + h;
+}
+
 // How many column chunks (each with its own partial dQ buffer) the gradient uses: enough units for
 // about four per thread, at most 16 and nKb, and at most 256 MB of partial buffers.
 template <typename T>
@@ -398,13 +415,17 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
     DeltaRows(p, in, delta, lse_shift, begin, end);
   });
 
-  // A unit is (group, chunk). A group is one (b, h); with dbias it is one bias head and every (b, h)
-  // adding into it (all of them for a shared bias), so that no two threads write one dbias entry.
-  const int64_t groups = dbias == nullptr ? p.batch * p.heads : p.bias_heads;
+  if (p.batch == 0) return;  // nothing to compute (a broadcast dbias stays 0)
+  // A unit is (group, chunk). A group is one (b, h); with dbias it is one dbias slice and every
+  // (b, h) adding into it (GroupMember), so that no two threads write one dbias entry.
+  const bool by_bias = dbias != nullptr;
+  const int64_t groups = by_bias ? p.bias_batch * p.bias_heads : p.batch * p.heads;
   const int64_t per_group = p.batch * p.heads / groups;
   const int64_t chunks = GradChunks(ctx, p, groups);
-  // A shared bias gets dS from every head: its columns must be split the same way for all heads, or
-  // two chunks of different heads would add into the same dbias entries at once.
+  // A bias shared by the heads gets dS from every head: its columns must be split the same way for
+  // all heads, or two chunks of different heads would add into the same dbias entries at once.
+  // Batch entries of one head share its layout (and so its split), and one unit walks every member
+  // of its group in turn: a bias shared by the batch needs nothing more.
   const bool shared_bias_grad = dbias != nullptr && p.bias_heads == 1;
   const std::vector<int64_t> bounds = ChunkBounds(p, chunks, shared_bias_grad);
   // Chunk c adds into rows [row_lo[c], row_hi[c]) of dQ only (the query rows its columns reach):
@@ -435,7 +456,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t chunk = unit % chunks, group = unit / chunks;
       for (int64_t member = 0; member < per_group; ++member) {
-        const int64_t bh = dbias == nullptr ? group : p.bias_heads == 1 ? member : member * p.heads + group;
+        const int64_t bh = GroupMember(p, by_bias, group, member);
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h) * (chunks + 1) + chunk;
         const int64_t row_lo = rows[2 * chunk], chunk_rows = rows[2 * chunk + 1] - row_lo;
@@ -480,7 +501,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
               MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
               if (dbias != nullptr) {
-                Acc* db = dbias + ((p.bias_heads == 1 ? 0 : h) * p.tq + q0) * p.tk + k0;
+                Acc* db = dbias + BiasSlice(p, b, h) + q0 * p.tk + k0;
                 for (int64_t i = 0; i < bs; ++i)
                   for (int64_t j = 0; j < bs; ++j) db[i * p.tk + j] += dp[i * bs + j];
               }
