@@ -30,6 +30,7 @@ from pathlib import Path
 from outputs import default_out
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's bsattn and examples, whatever is installed
 VARIANTS = ("dense", "fixed", "strided", "sparse_all")
 
 
@@ -72,7 +73,6 @@ def _default_engine() -> str:
 
 def run_variant(variant: str, args) -> dict:
     """Train and evaluate one variant in this process; returns its row."""
-    sys.path.insert(0, str(REPO))
     from examples.enwik8 import data as data_lib
     from examples.enwik8 import train as train_lib
     from examples.enwik8.config import Config

@@ -117,3 +117,45 @@ def test_committed_pictures_are_current():
     assert sorted(drawn) == sorted(p.name for p in (docs / "img").glob("*.png") if p.name != "enwik8_compare.png")
     for name, image in drawn.items():
         np.testing.assert_array_equal(read_png((docs / "img" / name).read_bytes()), image, err_msg=name)
+
+
+def _png_plot():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import png_plot
+    finally:
+        sys.path.pop(0)
+    return png_plot
+
+
+def test_line_plot_draws_each_series_where_it_belongs(tmp_path):
+    plot = _png_plot()
+    path = plot.line_plot(tmp_path / "p.png", [("low", [0, 10], [1, 1]), ("high", [0, 5, 10], [2, 2, 2])], "t", "x", "y")
+    image = read_png(path.read_bytes())
+    height, width = image.shape[:2]
+    plot_area = image[:, : width - 230]  # left of the legend
+    rows = {}
+    for name, colour in zip(("low", "high"), plot.SERIES_COLOURS):
+        ys, xs = np.nonzero((plot_area == colour).all(axis=-1))
+        assert ys.size > 100, name  # a line, not a dot
+        rows[name] = set(ys.tolist())
+        assert xs.min() <= 80 and xs.max() >= width - 232, name  # from x = 0 to x = 10
+    assert max(rows["low"]) - min(rows["low"]) <= 1 and abs(min(rows["low"]) - (height - 62)) <= 1  # y = 1: bottom
+    assert max(rows["high"]) - min(rows["high"]) <= 1 and abs(min(rows["high"]) - 46) <= 1  # y = 2: top
+    ink = (image == plot.BLACK).all(axis=-1)
+    assert ink[:, width - 230 :].any() and ink[:40].any()  # legend labels and the title
+
+
+@pytest.mark.parametrize("lo, hi", [(10, 300), (3.71, 7.93), (0.1, 0.35), (5, 5), (-2, 3)])
+def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
+    ticks = _png_plot().nice_ticks(lo, hi)
+    step = ticks[1] - ticks[0]
+    assert ticks[0] <= lo and ticks[-1] >= hi and len(ticks) <= 8
+    assert np.allclose(np.diff(ticks), step)
+    mantissa = step / 10 ** np.floor(np.log10(step))
+    assert any(np.isclose(mantissa, m) for m in (1, 2, 5))
+
+
+def test_line_plot_rejects_empty_series(tmp_path):
+    with pytest.raises(ValueError, match="series"):
+        _png_plot().line_plot(tmp_path / "p.png", [("a", [], [])])
