@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from outputs import default_out
@@ -237,6 +238,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # the machine may be shared
         **versions,
         **{k: v for k, v in vars(args).items() if k not in ("worker", "out")},
     }
