@@ -8,6 +8,7 @@ directory. Fragments that are not meant to run must use another fence (```text, 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import re
 import sys
@@ -41,6 +42,8 @@ def test_readme_python_block_runs(code, tmp_path, monkeypatch):
     namespace = {"__name__": "__readme__"}
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(compile(code, "<README block>", "exec"), namespace)  # noqa: S102 - the README's own code
+    namespace.clear()  # free the example's tensors now: later tests measure the allocator's peak
+    gc.collect()
     assert not list(tmp_path.iterdir()), "a README example wrote into the working directory"
     if "print(" in code:
         assert out.getvalue().strip(), "the example prints nothing"
