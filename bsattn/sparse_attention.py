@@ -24,6 +24,7 @@ import tensorflow as tf
 from bsattn import patterns
 from bsattn.fused_attention import fused_attention
 from bsattn.fused_tables import fused_tables_for_pattern
+from bsattn.gather_attention import in_xla_context
 from bsattn.recompute import recomputable
 from bsattn.tables import tables_for_pattern
 from bsattn.transformer import BlocksparseTransformer
@@ -187,7 +188,8 @@ def blocksparse_attention_impl(
 
     ``engine='fused'`` (default) runs one flash-style op (``bsattn.fused_attention``: no attention
     weights in memory); ``'unfused'`` runs sparse_attention's three ops (nt → masked softmax → nn) of
-    ``get_blocksparse_obj``. Both give the same result up to rounding.
+    ``get_blocksparse_obj``. Both give the same result up to rounding. Under XLA (``jit_compile=True``) both run
+    the fused op's TensorFlow-ops fallback (``bsattn.gather_attention``), custom ops not compiling there.
     """
     if engine not in ("fused", "unfused"):
         raise ValueError(f"engine must be 'fused' or 'unfused', got {engine!r}")
@@ -196,7 +198,7 @@ def blocksparse_attention_impl(
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
     n_state = shape_list(q)[-1] // heads
-    if engine == "fused":
+    if engine == "fused" or in_xla_context():  # under XLA the unfused ops cannot run: the same attention
         pattern = patterns.mode_pattern(
             attn_mode, n_ctx, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
         )

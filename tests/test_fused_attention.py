@@ -656,3 +656,136 @@ def test_python_errors(rng):
         fused_attention(q, q, q, object(), 2)
     with pytest.raises(ValueError, match=r"engine must be 'fused' or 'unfused'"):
         blocksparse_attention_impl(q, q, q, 2, "all", blocksize=16, engine="flash")
+
+
+# ---- reliability: masked positions never read, NaN rows, empty batches ----------------------------------------
+
+REDUCED = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
+
+
+def poisoned(x, name, index, value=np.nan):
+    """x with x[name][index] = value (a new tensor)."""
+    a = f64(x[name]).copy()
+    a[index] = value
+    return dict(x, **{name: tf.constant(a, x[name].dtype)})
+
+
+def check_ignored(x_clean, x_bad, tables, dtype, **op_args):
+    """The op on x_bad (NaN/Inf only at masked positions) is finite and matches the float64 reference (which
+    never reads masked entries); 16-bit dtypes within dense TF's error on the clean inputs."""
+    dense = None
+    if dtype != tf.float32:
+        dense = dense_tf(x_clean, tables, H, dtype, op_args.get("scale", 1 / np.sqrt(16)))
+    check(run_fused(x_bad, tables, H, **op_args), run_reference(x_bad, tables, H, **op_args), dtype, dense)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+@pytest.mark.parametrize("where", ["v", "k", "bias"])
+def test_nan_at_padded_key_never_read(rng, where, dtype):
+    """NaN / Inf in v, k or the bias of padded keys (key_padding_mask False) reach no output or gradient (it
+    used to make every output of the batch entry NaN, and every dq NaN for k)."""
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, dtype, kpm=True, bias_heads=H, bias_batch=B)
+    padded = np.nonzero(~x["kpm"])
+    if where == "bias":
+        a = f64(x["bias"]).copy()
+        a[padded[0], :, :, padded[1]] = np.nan
+        bad = dict(x, bias=tf.constant(a, dtype))
+    else:
+        a = f64(x[where]).copy()
+        a[padded] = np.where(rng.random((len(padded[0]), 1)) < 0.5, np.nan, -np.inf)
+        bad = dict(x, **{where: tf.constant(a, dtype)})
+    check_ignored(x, bad, tables, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_nan_under_minus_inf_bias_never_read(rng, dtype):
+    """A key column under a -inf bias (a per-example mask given as a bias) with NaN k and v: ignored."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype, bias_heads=1, bias_batch=B)
+    a = f64(x["bias"]).copy()
+    a[0, :, :, 37] = -np.inf
+    a[1, :, 40:, 9] = -np.inf  # part of a column only: rows 40.. ignore key 9
+    x = dict(x, bias=tf.constant(a, dtype))
+    bad = poisoned(poisoned(x, "v", (0, 37)), "k", (0, 37))
+    bad = poisoned(poisoned(bad, "v", (1, 9), np.inf), "k", (1, 9), np.nan)
+    got = run_fused(bad, tables, H)
+    out = f64(got[0])
+    assert np.isfinite(out[0]).all() and np.isfinite(out[1, :9]).all() and np.isfinite(out[1, 40:]).all()
+    assert np.isnan(out[1, 9:40]).all()  # they attend key 9, whose k is NaN
+    assert np.isfinite(f64(got[2][3])[0]).all()  # dbias of batch entry 0
+    assert_nan_aware(got, run_reference(bad, tables, H), dtype)
+
+
+def assert_nan_aware(got, want, dtype):
+    """NaN exactly where the reference has NaN (out, lse, every gradient); the finite values close to it."""
+    names = ("out", "lse", "dq", "dk", "dv", "dbias")
+    for name, g, w in zip(names, [got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        g, w = f64(g), np.asarray(w)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=f"{name}: NaN positions")
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=f"{name}: finite positions")
+        tol = {tf.float32: 1e-5, tf.float16: 1e-2, tf.bfloat16: 8e-2}[dtype]
+        scale = max(np.abs(w[finite]).max(initial=0.0), 1e-30)
+        assert np.abs(g[finite] - w[finite]).max(initial=0.0) <= tol * scale, name
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_nan_value_inside_a_partial_block(rng, dtype):
+    """Causal tables (bs 16) with NaN v[20]: rows 0-19 (earlier blocks, and rows 16-19 of key 20's own block,
+    which mask it) stay finite, dq of rows < 20 too; rows >= 20 attend key 20 and become NaN, as in dense TF."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype)
+    bad = poisoned(x, "v", (0, 20))
+    got, want = run_fused(bad, tables, H), run_reference(bad, tables, H)
+    out, dq = f64(got[0]), f64(got[2][0])
+    assert np.isfinite(out[0, :20]).all() and np.isnan(out[0, 20:]).all() and np.isfinite(out[1]).all()
+    assert np.isfinite(dq[0, :20]).all() and np.isfinite(f64(got[2][2])).all()  # dv: P is finite
+    assert_nan_aware(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_nan_key_inside_a_partial_block(rng, dtype):
+    """NaN k[20] with causal tables: rows 16-19 mask key 20 inside its block, so their out and dq stay finite."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype)
+    bad = poisoned(x, "k", (1, 20))
+    got = run_fused(bad, tables, H)
+    out, dq = f64(got[0]), f64(got[2][0])
+    assert np.isfinite(out[1, :20]).all() and np.isfinite(dq[1, :20]).all() and np.isfinite(out[0]).all()
+    assert np.isnan(out[1, 20:]).all()
+    assert_nan_aware(got, run_reference(bad, tables, H), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_lse_of_a_nan_row_is_nan(rng, dtype):
+    """An attended NaN score (NaN q at row 5, head 0) gives that row NaN output and NaN lse (not -inf, the
+    'no kept key' marker); every other row is unaffected."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype, dlse=True)
+    bad = poisoned(x, "q", (0, 5, slice(0, 16)))
+    got = run_fused(bad, tables, H)
+    lse = f64(got[1])
+    assert np.isnan(lse[0, 0, 5]) and np.isfinite(np.delete(lse[0, 0], 5)).all() and np.isfinite(lse[1]).all()
+    out = f64(got[0])
+    assert np.isnan(out[0, 5, :16]).all() and np.isfinite(out[0, 5, 16:]).all()
+    assert_nan_aware(got, run_reference(bad, tables, H), dtype)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16, tf.float64],
+                         ids=["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("bias", [None, (1, H), (1, 1), (0, H)], ids=["no_bias", "bias_1xH", "bias_1x1", "bias_0xH"])
+def test_batch_zero(rng, bias, dtype):
+    """Batch 0 (the gradient used to divide by zero and kill the process): empty outputs of the right shapes,
+    and a bias broadcast over the (empty) batch gets a zero gradient."""
+    tables = fused_tables_for_pattern(patterns.Causal(), 32, 32, block_size=16)
+    q = tf.zeros([0, 32, 16], dtype)
+    b = None if bias is None else tf.constant(rng.standard_normal((*bias, 32, 32)), dtype)
+    with tf.GradientTape() as tape:
+        tape.watch([q] + ([b] if b is not None else []))
+        out, lse = fused_attention(q, q, q, tables, heads=2, bias=b, return_lse=True)
+        loss = tf.reduce_sum(tf.cast(out, lse.dtype)) + tf.reduce_sum(lse)
+    grads = tape.gradient(loss, [q] + ([b] if b is not None else []))
+    assert out.shape == (0, 32, 16) and lse.shape == (0, 2, 32) and grads[0].shape == (0, 32, 16)
+    if b is not None:
+        assert grads[1].shape == b.shape and not f64(grads[1]).any()
