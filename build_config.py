@@ -43,12 +43,16 @@ HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inc")
 # RunQueue); -Wno-psabi silences GCC's "ABI for passing parameters with 32-byte alignment has changed" note.
 WARNING_FLAGS = ["-Wno-deprecated-declarations", "-Wno-interference-size", "-Wno-psabi"]
 CXX_FLAGS = ["-O3", "-fPIC", *WARNING_FLAGS]
-# (virtual arch, real arch): SASS for A100 and Hopper (sm_90a: wgmma/TMA), plus compute_90 PTX for newer GPUs.
-CUDA_ARCHS = [("compute_80", "sm_80"), ("compute_90a", "sm_90a"), ("compute_90", "compute_90")]
+# (virtual arch, real arch): SASS for A100 (sm_80, also run by sm_86/sm_89) and Hopper (sm_90a: wgmma/TMA).
+# No compute_90 PTX: it would let newer GPUs (Blackwell) JIT the kernels, at a cost measured in the README
+# (Install); add ("compute_90", "compute_90") here for that.
+CUDA_ARCHS = [("compute_80", "sm_80"), ("compute_90a", "sm_90a")]
 GENCODE_FLAGS = [f"-gencode=arch={virt},code={real}" for virt, real in CUDA_ARCHS]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *GENCODE_FLAGS]
 CUDA_LINK_LIBS = ["-ldl", "-lrt", "-lpthread"]  # what libcudart_static.a needs
 DEFAULT_CUDA_HOMES = (Path("/usr/local/cuda"),)
+
+TERMINAL = "/dev/tty"  # the controlling terminal, which pip does not capture
 
 _CUDA_SYMBOL = re.compile(r"_*cuda\w*")  # cudaGetLastError, __cudaRegisterFatBinary, ...
 
@@ -57,8 +61,16 @@ class BuildError(RuntimeError):
     """A build step failed; the message says which and why."""
 
 
-def _log(msg: str) -> None:
+def _log(msg: str, terminal: bool = False) -> None:
+    """``msg`` on stderr; with ``terminal`` also on the controlling terminal when stderr is not one (pip hides
+    a build's output unless -v, even without -q; /dev/tty still reaches the user's screen)."""
     print(f"[bsattn] {msg}", file=sys.stderr, flush=True)
+    if terminal and not sys.stderr.isatty():
+        try:
+            with open(TERMINAL, "a") as tty:
+                tty.write(f"[bsattn] {msg}\n")
+        except OSError:  # no terminal (CI, a detached shell): stderr is all there is
+            pass
 
 
 # --------------------------------------------------------------------------- TensorFlow
@@ -243,7 +255,7 @@ def _run(cmd: Sequence[str], verbose: bool, what: str, rename: tuple[Path, Path]
         _log(shlex.join(cmd))
     t0 = time.monotonic()
     proc = subprocess.run(list(cmd), check=False, capture_output=True, text=True)
-    # Print each job's output in one piece: the two jobs run in parallel.
+    # Print each job's output in one piece: the jobs run in parallel.
     if proc.returncode != 0:
         raise BuildError(f"{what} failed (exit {proc.returncode}):\n{shlex.join(cmd)}\n{proc.stdout}{proc.stderr}")
     if (proc.stdout or proc.stderr).strip():
@@ -261,13 +273,19 @@ def _mtime(p: Path) -> float:
     return p.stat().st_mtime if p.exists() else -1.0
 
 
-def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int = 2, verbose: bool = False, *,
+def default_jobs() -> int:
+    """Parallel compile jobs: ``$BSATTN_JOBS``, else the number of CPU cores."""
+    return max(1, int(os.environ.get("BSATTN_JOBS") or os.cpu_count() or 1))
+
+
+def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int | None = None, verbose: bool = False, *,
                   root: Path | str = ROOT, build_dir: Path | str | None = None,
                   python: str = sys.executable, env: Mapping[str, str] | None = None,
                   builder: str = "dev", tf: TFInfo | None = None) -> BuildResult:
-    """Compile ``ops/`` (incrementally, ``jobs`` in parallel) and link ``out_path``.
+    """Compile ``ops/`` (incrementally, ``jobs`` in parallel, default ``default_jobs()``) and link ``out_path``.
 
-    Also writes ``_build_info.json`` next to ``out_path``. Raises BuildError on any failure.
+    Also writes ``_build_info.json`` next to ``out_path``. Raises BuildError on any failure. With
+    ``builder="pip"`` the first and last lines also go to the terminal (see ``_log``).
     ``tf`` overrides the flags queried from ``python`` (tests use it to build without TensorFlow).
     """
     t_start = time.monotonic()
@@ -289,16 +307,26 @@ def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int = 2, verbose: bo
     def obj_for(src: Path) -> Path:
         return obj_dir / src.relative_to(root).with_suffix(src.suffix + ".o")
 
+    jobs = jobs or default_jobs()
     jobs_todo: list[tuple[Path, list[str]]] = []
     objs = [obj_for(s) for s in sources.cc]
     cu_objs = [obj_for(s) for s in sources.cu] if toolkit else []
-    for src, obj in zip(sources.cc, objs):
-        if _mtime(obj) < max(_mtime(src), dep_mtime):
-            jobs_todo.append((src, cxx_compile_cmd(src, _tmp(obj), tf, bool(toolkit), root)))
+    # The .cu files first: each takes several times as long as a .cc file, so starting them first shortens
+    # the build's critical path.
     for src, obj in zip(sources.cu, cu_objs):
         if _mtime(obj) < max(_mtime(src), dep_mtime):
             jobs_todo.append((src, nvcc_compile_cmd(src, _tmp(obj), toolkit, root)))
+    for src, obj in zip(sources.cc, objs):
+        if _mtime(obj) < max(_mtime(src), dep_mtime):
+            jobs_todo.append((src, cxx_compile_cmd(src, _tmp(obj), tf, bool(toolkit), root)))
 
+    terminal = builder == "pip"
+    if jobs_todo:
+        n_cu = sum(src.suffix == ".cu" for src, _ in jobs_todo)
+        cuda_part = (f" and {n_cu} CUDA files (nvcc, {', '.join(real for _, real in CUDA_ARCHS)}: minutes; "
+                     "BSATTN_CUDA=0 builds CPU-only)") if n_cu else ""
+        _log(f"building the op library: {len(jobs_todo) - n_cu} C++ files{cuda_part}, {jobs} in parallel",
+             terminal)
     for src, _ in jobs_todo:
         obj_for(src).parent.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -334,7 +362,7 @@ def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int = 2, verbose: bo
         info_path.write_text(json.dumps(info, indent=1) + "\n")
     seconds = time.monotonic() - t_start
     _log(f"{out_path} ({'CUDA' if toolkit else 'CPU-only'}, TF {tf.version}): {len(jobs_todo)} compiled, "
-         f"{'linked' if linked else 'up to date'}, {seconds:.1f} s")
+         f"{'linked' if linked else 'up to date'}, {seconds:.1f} s", terminal and bool(jobs_todo))
     return BuildResult(out_path, info, [s for s, _ in jobs_todo], linked, seconds)
 
 
@@ -377,7 +405,7 @@ def bazelrc_text(python: str = sys.executable, env: Mapping[str, str] = os.envir
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, help="library to write (default: %(default)s)")
-    ap.add_argument("-j", "--jobs", type=int, default=2)
+    ap.add_argument("-j", "--jobs", type=int, default=default_jobs(), help="default: $BSATTN_JOBS, else the cores")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     ap.add_argument("--python", default=sys.executable, help="python whose tensorflow to build against")
     ap.add_argument("--print-bazelrc", action="store_true", help="print the .bazelrc for configure.py and exit")

@@ -30,8 +30,7 @@ class BuildOps(build_ext):
     def build_extension(self, ext: Extension) -> None:
         out = Path(self.get_ext_fullpath(ext.name))
         try:
-            build_config.build_library(out, jobs=int(os.environ.get("BSATTN_JOBS", "2")),
-                                       verbose=bool(self.verbose > 1), builder="pip")
+            build_config.build_library(out, verbose=bool(self.verbose > 1), builder="pip")
         except build_config.BuildError as e:
             sys.exit(f"error: building the bsattn op library failed:\n{e}")
 

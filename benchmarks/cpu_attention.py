@@ -19,8 +19,9 @@ Three parts, every case in a fresh process (2 TF intra-op threads, 1 inter-op; t
     python benchmarks/cpu_attention.py --parts a    # one part
     python benchmarks/cpu_attention.py --parts b --lengths 4096
 
-Prints three tables and writes benchmarks/results/cpu_attention.json. torch is a benchmark-only
-dependency (``pip install torch==2.13.0``); without it part (a) reports the fused op alone.
+Prints three tables and writes a JSON (``--out``; default outside the repository, see outputs.py).
+torch is a benchmark-only dependency (``pip install torch==2.13.0``); without it part (a) reports the
+fused op alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from outputs import default_out
 
 FULL = {"a": [2048, 4096, 8192], "b": [4096, 8192, 16384], "c": [16384, 65536]}
 QUICK = {"a": [512, 1024], "b": [1024, 2048], "c": [2048, 8192]}
@@ -276,7 +279,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="TF intra-op threads = torch threads")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", help="override the context lengths of every part")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "cpu_attention.json"))
+    parser.add_argument(
+        "--out", default=default_out("cpu_attention.json"), help="results JSON (default outside the repository)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "T", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:

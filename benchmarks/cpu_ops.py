@@ -4,7 +4,8 @@ For each context length and attn_mode it times ``blocksparse_attention_impl`` (n
 softmax -> nn) and ``attention_impl`` (dense TF, same mask), forward and forward+backward, inside
 ``tf.function``, each case in a fresh process (a case that runs out of memory is reported as such),
 and reports the block density and the GFLOP/s over computed elements (blocks for the sparse path,
-the full T x T matrix for the dense one). Prints a table, writes JSON.
+the full T x T matrix for the dense one). Prints a table, writes a JSON (``--out``; default outside the
+repository, see outputs.py).
 
     python benchmarks/cpu_ops.py                      # T = 1024 ... 16384, all modes
     python benchmarks/cpu_ops.py --lengths 1024 2048 --repeats 2
@@ -27,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import bsattn
+from outputs import default_out
 
 MODES = ("all", "local", "strided", "fixed")
 
@@ -146,7 +148,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--blocksize", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "cpu_ops.json"))
+    parser.add_argument(
+        "--out", default=default_out("cpu_ops.json"), help="results JSON (default outside the repository)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("T", "MODE", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.passthrough = [f"--batch={args.batch}", f"--heads={args.heads}", f"--head-dim={args.head_dim}",

@@ -5,10 +5,13 @@ Trains the same model (same initialisation, same windows, same steps) on the bui
 - ``fixed``:   ``--attention=sparse --attn_mode=fixed`` (the paper's merged fixed pattern, stride l, c = block),
 - ``strided``: ``--attention=sparse --attn_mode=strided`` (half the heads local, half strided, stride sqrt(T)),
 then reports valid/test bits per byte, the median step time and the fraction of the T x T scores each
-computes. Each variant runs in its own process. Prints a table, writes JSON.
+computes. Each variant runs in its own process. Prints a table, writes a JSON and a PNG of the training
+curves (``--out``, default outside the repository, see outputs.py; the README's figures are
+benchmarks/results/enwik8_compare.json and docs/img/enwik8_compare.png, written only on purpose).
 
-    python benchmarks/enwik8_compare.py                            # T=2048, 300 steps each (~11 min, 2 cores)
+    python benchmarks/enwik8_compare.py                            # T=2048, 300 steps each (README: time)
     python benchmarks/enwik8_compare.py --steps 20 --n_timesteps 1024 --eval_bytes 16384   # a smoke run
+    python benchmarks/enwik8_compare.py --plot benchmarks/results/enwik8_compare.json --png docs/img/enwik8_compare.png
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from outputs import default_out
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's bsattn and examples, whatever is installed
 VARIANTS = ("dense", "fixed", "strided", "sparse_all")
 
 
@@ -67,7 +74,6 @@ def _default_engine() -> str:
 
 def run_variant(variant: str, args) -> dict:
     """Train and evaluate one variant in this process; returns its row."""
-    sys.path.insert(0, str(REPO))
     from examples.enwik8 import data as data_lib
     from examples.enwik8 import train as train_lib
     from examples.enwik8.config import Config
@@ -153,6 +159,19 @@ def print_table(rows: list[dict], args) -> None:
         )
 
 
+def plot_curves(rows: list[dict], meta: dict, png: str) -> Path:
+    """The training bits per byte of every variant (means of 10 steps) against the step → the PNG's path."""
+    from png_plot import line_plot
+
+    series = []
+    for r in rows:
+        if "error" not in r:
+            steps = [10 * (i + 1) for i in range(len(r["loss_curve_bpb"]))]  # each point: the mean of 10 steps
+            series.append((f"{r['variant']} {r['valid_bpb']:.3f}", steps, r["loss_curve_bpb"]))
+    title = f"enwik8 example, T={meta['n_timesteps']}: train bits per byte (legend: valid)"
+    return line_plot(png, series, title=title, x_label="step", y_label="bpb")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["dense", "fixed", "strided"], choices=VARIANTS)
@@ -170,14 +189,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval_bytes", type=int, default=0, help="bytes of valid and test to evaluate (0: all)")
     parser.add_argument("--eval_batch", type=int, default=4)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "enwik8_compare.json"))
+    parser.add_argument("--out", default=default_out("enwik8_compare.json"), help="results JSON")
+    parser.add_argument("--png", help="training curves (default: --out with .png)")
+    parser.add_argument("--plot", metavar="JSON", help="only draw the curves of this results JSON into --png")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    png = args.png or str(Path(args.out).with_suffix(".png"))
     if args.worker:
         print("ROW " + json.dumps(run_variant(args.worker, args)), flush=True)
         return
+    if args.plot:
+        results = json.loads(Path(args.plot).read_text())
+        print(f"wrote {plot_curves(results['rows'], results['meta'], png)}")
+        return
 
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--variants") and a not in args.variants]
+    passthrough = [
+        a for a in sys.argv[1:] if not a.startswith(("--variants", "--png")) and a not in (*args.variants, args.png)
+    ]
     rows = []
     for variant in args.variants:
         proc = subprocess.run(
@@ -210,12 +238,14 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # the machine may be shared
         **versions,
         **{k: v for k, v in vars(args).items() if k not in ("worker", "out")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and {plot_curves(rows, meta, png)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ indices (query ``q`` attends key ``k``). Everything else is derived from it:
 - ``block_layout(n_q, n_k, bs)``: bool ``[P, nQb, nKb]``, a block is active iff any of its token pairs is allowed;
 - ``full_blocks(n_q, n_k, bs)``: bool ``[P, nQb, nKb]``, blocks whose token pairs are all allowed;
 - ``block_masks(head, q_blocks, k_blocks, bs, n_q, n_k)``: the in-block masks ``[n, bs, bs]`` of given blocks;
-- ``layout_ascii`` / ``token_ascii``: pictures for the README.
+- ``layout_ascii`` / ``token_ascii`` / ``layout_png``: pictures for the README (text, or a PNG on ``zlib``).
 
 ``P = 1`` means one layout shared by all heads; otherwise head ``h`` uses layout ``h``. Built-in patterns compute
 their block classes analytically from block coordinates (no ``T x T`` array), so ``T = 65536`` at block size 64 is
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -166,6 +167,63 @@ class Pattern:
         """One line per query token: '#' attended key, '.' masked key (for tiny sizes)."""
         mask = self.token_mask(n_q, n_k)[self.layout_index(head)]
         return "\n".join("".join(row) for row in np.where(mask, "#", "."))
+
+    def layout_image(
+        self, n_q: int, n_k: int | None = None, block_size: int = 32, head: int = 0, scale: int | None = None
+    ) -> np.ndarray:
+        """The token mask drawn over the block layout → uint8 RGB ``[H, W, 3]``.
+
+        Each token pair is a ``scale x scale`` square (default: the largest giving at most 512 pixels a side,
+        at least 1): ``LAYOUT_COLOURS["kept"]`` for an attended pair, ``["masked"]`` for a masked pair in a
+        computed block, ``["skipped"]`` inside a block never computed; 1-pixel ``["grid"]`` lines frame every
+        block. Token ``t`` of a side starts at pixel ``1 + (t // block_size) * (block_size * scale + 1) +
+        (t % block_size) * scale`` (``layout_pixel``), so ``H = n_q * scale + n_q / block_size + 1``.
+        """
+        n_k = n_q if n_k is None else n_k
+        active = self.block_layout(n_q, n_k, block_size)[self.layout_index(head)]
+        mask = self.token_mask(n_q, n_k)[self.layout_index(head)]
+        scale = _check_positive_int("scale", scale) if scale is not None else max(1, 512 // max(n_q, n_k))
+        kind = np.where(mask, 2, np.repeat(np.repeat(active, block_size, 0), block_size, 1).astype(np.int8))
+        palette = np.array([LAYOUT_COLOURS[name] for name in ("skipped", "masked", "kept", "grid")], np.uint8)
+        image = np.full((_picture_side(n_q, block_size, scale), _picture_side(n_k, block_size, scale)), 3, np.int8)
+        rows, cols = layout_pixel(np.arange(n_q), block_size, scale), layout_pixel(np.arange(n_k), block_size, scale)
+        offsets = np.arange(scale)
+        image[(rows[:, None] + offsets).reshape(-1, 1), (cols[:, None] + offsets).reshape(1, -1)] = np.repeat(
+            np.repeat(kind, scale, 0), scale, 1
+        )
+        return palette[image]
+
+    def layout_png(
+        self,
+        path: str | Path,
+        n_q: int,
+        n_k: int | None = None,
+        block_size: int = 32,
+        head: int = 0,
+        scale: int | None = None,
+    ) -> Path:
+        """Write ``layout_image(...)`` to ``path`` as a PNG (``zlib``, no other dependency); returns the Path."""
+        from bsattn._png import write_png
+
+        return write_png(path, self.layout_image(n_q, n_k, block_size, head, scale))
+
+
+LAYOUT_COLOURS = {
+    "kept": (31, 78, 153),  # an attended token pair
+    "masked": (198, 216, 240),  # a masked pair inside a computed block
+    "skipped": (255, 255, 255),  # a block the kernels never compute
+    "grid": (160, 160, 160),  # the block boundaries
+}
+
+
+def layout_pixel(token: np.ndarray, block_size: int, scale: int) -> np.ndarray:
+    """The first pixel (row or column) of token ``token`` in ``layout_image`` → int array, same shape."""
+    token = np.asarray(token)
+    return 1 + (token // block_size) * (block_size * scale + 1) + (token % block_size) * scale
+
+
+def _picture_side(n: int, block_size: int, scale: int) -> int:
+    return n * scale + n // block_size + 1
 
 
 def _refine(pattern: Pattern, candidates: np.ndarray, n_q: int, n_k: int, block_size: int, reduce) -> np.ndarray:

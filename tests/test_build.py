@@ -7,6 +7,7 @@ CI runs them for the pip-built and for the Bazel-built library. They never skip:
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import re
@@ -204,6 +205,46 @@ def test_build_library_cuda_path_with_fake_nvcc(tmp_path):
     cpu = bc.build_library(out, root=tmp_path, tf=FAKE_TF, env={**env, "BSATTN_CUDA": "0"})
     assert cpu.build_info["cuda"] is False and cpu.linked
     assert "launch" not in subprocess.run(["nm", "-D", str(out)], check=False, capture_output=True, text=True).stdout
+
+
+def test_pip_build_tells_the_terminal_cuda_first_all_cores(tmp_path, monkeypatch):
+    """Under pip (which hides a build's output) the first and last lines also go to the terminal; the .cu
+    files start first; the default job count is the number of cores."""
+    _mini_tree(tmp_path)
+    _touch(tmp_path / "ops/cuda/k.cu", 'extern "C" int launch() { return 7; }\n')
+    env = {"CUDA_HOME": str(_fake_cuda_home(tmp_path)), "PATH": os.environ.get("PATH", "")}
+    terminal = tmp_path / "tty"
+    monkeypatch.setattr(bc, "TERMINAL", str(terminal))
+    monkeypatch.setattr(bc.sys, "stderr", io.StringIO())  # not a terminal, as under pip
+    started = []
+    real_run = bc._run
+    monkeypatch.setattr(bc, "_run", lambda cmd, *a, **k: started.append(cmd[0]) or real_run(cmd, *a, **k))
+    res = bc.build_library(tmp_path / "pkg" / bc.LIB_NAME, root=tmp_path, tf=FAKE_TF, env=env, builder="pip", jobs=1)
+    assert started[0].endswith("nvcc") and res.build_info["cuda_archs"] == ["sm_80", "sm_90a"]
+    lines = terminal.read_text().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("[bsattn] building the op library: 2 C++ files and 1 CUDA files (nvcc, sm_80, sm_90a")
+    assert "BSATTN_CUDA=0" in lines[0] and "3 compiled, linked" in lines[1]
+    assert "building the op library" in bc.sys.stderr.getvalue()  # stderr keeps everything (pip -v)
+    terminal.unlink()
+    bc.build_library(tmp_path / "pkg" / bc.LIB_NAME, root=tmp_path, tf=FAKE_TF, env=env, builder="pip")
+    assert not terminal.exists()  # nothing to do: nothing on the terminal
+    monkeypatch.delenv("BSATTN_JOBS", raising=False)
+    assert bc.default_jobs() == os.cpu_count()
+    monkeypatch.setenv("BSATTN_JOBS", "3")
+    assert bc.default_jobs() == 3
+
+
+def test_cuda_archs_are_sass_only_and_shared_with_bazel(monkeypatch):
+    """sm_80 and sm_90a cubins, no PTX; configure.py's .bazelrc passes the same list and flags to Bazel."""
+    assert bc.GENCODE_FLAGS == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    tk = bc.CudaToolkit(Path("/cuda/bin/nvcc"), Path("/cuda/lib64/libcudart_static.a"))
+    monkeypatch.setattr(bc, "tf_info", lambda python: FAKE_TF)
+    monkeypatch.setattr(bc, "find_cuda", lambda env: tk)
+    rc = bc.bazelrc_text("python", env={})
+    assert "--repo_env=BSATTN_CUDA_ARCHS='sm_80 sm_90a'" in rc
+    flags = re.search(r"--repo_env=BSATTN_NVCC_FLAGS='([^']*)'", rc).group(1).split()
+    assert flags == bc.NVCC_FLAGS and not any("code=compute_" in f for f in flags)
 
 
 def test_build_library_reports_compile_errors(tmp_path):

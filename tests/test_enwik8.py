@@ -260,6 +260,140 @@ def test_settings_are_checked():
     tiny(n_steps=100, log_every=1).check_resumable(saved)  # bookkeeping may change
 
 
+# ---- the command line: default run folders, --help, logs ----------------------------------------------------------
+
+TINY_FLAGS = [
+    "--n_layer=1",
+    "--n_state=32",
+    "--n_head=2",
+    "--n_timesteps=64",
+    "--local_attn_ctx=32",
+    "--blocksize=16",
+    "--n_steps=4",
+    "--warmup_iters=1",
+    "--eval_every=0",
+    "--ckpt_every=2",
+    "--log_every=2",
+    "--final_eval=false",
+    "--sample_bytes=0",
+]
+
+
+def _parse(argv: list[str]):
+    from absl import flags
+
+    from examples.enwik8 import config as config_lib
+
+    if "n_layer" not in flags.FLAGS:
+        config_lib.define_flags()
+    flags.FLAGS.unparse_flags()
+    config_lib.parse_flags(["train", *argv])
+    return config_lib.from_flags()
+
+
+def _cli(capsys, argv: list[str]) -> str:
+    """``python -m examples.enwik8.train ARGV`` in this process → what it printed."""
+    from absl import flags
+
+    _parse(argv)
+    capsys.readouterr()
+    try:
+        train_lib.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    return capsys.readouterr().out
+
+
+def _model_dir_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("model_dir: "))
+
+
+def test_cli_runs_with_other_settings_train_and_the_same_settings_resume(tmp_path, monkeypatch, capsys, corpus):
+    """No --model_dir: each setting gets its own folder under $BSATTN_ENWIK8_RUNS, so the README's second
+    command (other settings) trains instead of being refused, and the same command resumes its own run."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("BSATTN_ENWIK8_RUNS", str(runs))
+    data = tmp_path / "text.bin"
+    data.write_bytes(corpus.tobytes())
+    base = [f"--data_path={data}", *TINY_FLAGS]
+
+    # A run killed after step 2 (its checkpoint written), then the same command: it resumes there.
+    cfg = _parse(base)
+    train_lib.run(cfg, corpus, until_step=2)
+    first = _cli(capsys, base)
+    assert str(runs / cfg.run_name()) in _model_dir_line(first) and "resuming" in _model_dir_line(first)
+    assert f"resumed from {runs / cfg.run_name() / 'checkpoints' / 'ckpt-2'} at step 2" in first
+    assert "trained steps 3..4" in first
+
+    other = _cli(capsys, [*base, "--attention=dense"])  # other settings, no --model_dir: a fresh run
+    assert "a new run" in _model_dir_line(other) and "trained steps 1..4" in other and "resumed" not in other
+    dense_name = _parse([*base, "--attention=dense"]).run_name()
+    assert sorted(p.name for p in runs.iterdir()) == sorted([cfg.run_name(), dense_name])
+    assert (runs / dense_name / "checkpoints" / "ckpt-4.index").exists()
+
+    again = _cli(capsys, base)  # the first settings once more: that finished run, nothing left to train
+    assert "at step 4" in again and "trained steps" not in again
+
+    # An explicit --model_dir keeps its old meaning, including the refusal of other settings.
+    assert "trained steps 1..4" in _cli(capsys, [*base, f"--model_dir={tmp_path / 'mine'}"])
+    with pytest.raises(SystemExit, match="--n_layer: 1 -> 2"):
+        _cli(capsys, [*base, f"--model_dir={tmp_path / 'mine'}", "--n_layer=2"])
+
+
+def test_run_names_follow_the_resume_settings():
+    name = tiny().run_name()
+    assert name.startswith("sparse-fixed-1x32-T64-") and name == tiny(log_every=1, eval_batch=2).run_name()
+    for change in ({"n_layer": 2}, {"seed": 1}, {"lr": 1e-4}, {"n_steps": 9}, {"data_path": "enwik8.zip"}):
+        assert tiny(**change).run_name() != name, change
+    assert tiny(model_dir="").run_dir.endswith(name) and tiny(model_dir="/x/y").run_dir == "/x/y"
+
+
+def test_cli_flag_errors_and_help_exit_codes(capsys):
+    from absl import app
+
+    app.define_help_flags()
+    with pytest.raises(SystemExit) as stop:
+        _parse(["--help"])
+    assert stop.value.code == 0 and "--helpfull" in capsys.readouterr().out  # absl printed the help
+    with pytest.raises(SystemExit, match="FATAL Flags parsing error.*n_layer"):  # a string: exit status 1
+        _parse(["--n_layer=four"])
+
+
+def test_entry_point_help_is_quiet_and_exits_0():
+    """The real entry point: --help exits 0, explains resuming, and TensorFlow's load-time lines are gone."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.enwik8.train", "--help"],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming:" in result.stdout and "--model_dir" in result.stdout and "BSATTN_ENWIK8_RUNS" in result.stdout
+    for noise in ("I0000", "All log messages before absl::InitializeLog", "cuInit"):
+        assert noise not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_users_log_level_wins():
+    code = (
+        "import os, sys; import examples.enwik8; "
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == ["0", "False"]  # left alone: no quieting, no early TensorFlow import
+
+
 # ---- training ----------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The settings of a run: one dataclass, whose fields are also the command-line flags.
 
 ``Config()`` holds the defaults of the bare ``python -m examples.enwik8.train``: a small model on the
-built-in corpus, about 10 minutes on a 2-core CPU. Names follow blocksparse's
+built-in corpus (timings: README.md, "Results"). Names follow blocksparse's
 ``examples/transformer/enwik8.py`` where they fit (``n_layer``, ``n_state``, ``n_head``,
 ``n_timesteps``, ``n_batch``, ``lr``, ``warmup_iters``, ``clip_norm``, ``resid_pdrop``,
 ``embed_pdrop``, ``recompute``); the sizes are smaller so that the default fits a CPU.
@@ -10,7 +10,9 @@ built-in corpus, about 10 minutes on a 2-core CPU. Names follow blocksparse's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,10 @@ STRIDED_HEADS = ("split", "interleaved")
 POS_EMBDS = ("factorized", "dense")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+DEFAULT_RUNS_DIR = "/tmp/bsattn_enwik8"
+RUNS_ENV = "BSATTN_ENWIK8_RUNS"  # the base folder of the default run directories
 
 
 class SettingsError(ValueError):
@@ -82,7 +88,12 @@ class Config:
     strategy: str = _field("default", "tf.distribute strategy (multi_worker reads TF_CONFIG)", STRATEGIES)
     n_cpu_devices: int = _field(1, "split the CPU into this many logical devices (to try mirrored without GPUs)")
     # ---- bookkeeping
-    model_dir: str = _field("/tmp/bsattn_enwik8", "checkpoints and TensorBoard logs; an existing run there is resumed")
+    model_dir: str = _field(
+        "",
+        "checkpoints and TensorBoard logs; an existing run there is resumed. Empty: RUNS_DIR/<name>-<hash of "
+        "the run's settings>, so the same command resumes and different settings start fresh (RUNS_DIR: "
+        f"${RUNS_ENV}, else {DEFAULT_RUNS_DIR})",
+    )
     ckpt_every: int = _field(400, "save a checkpoint every this many steps (and at the end)")
     log_every: int = _field(50, "write summaries and a log line every this many steps")
     eval_every: int = _field(400, "evaluate on the first eval_bytes of the valid split every this many steps")
@@ -178,6 +189,19 @@ class Config:
         "seed",
     )
 
+    @property
+    def run_dir(self) -> str:
+        """Where this run lives: ``model_dir``, or when that is empty ``runs_dir() / run_name()``."""
+        return self.model_dir or str(runs_dir() / self.run_name())
+
+    def run_name(self) -> str:
+        """``<attention>-<attn_mode>-<n_layer>x<n_state>-T<n_timesteps>-<hash>``: the hash covers the settings that
+        must match for a resume (``RUN_IDENTITY``) and ``n_steps``, so a short trial run is never continued
+        into the full one."""
+        key = {name: getattr(self, name) for name in (*self.RUN_IDENTITY, "n_steps")}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.attention}-{self.attn_mode}-{self.n_layer}x{self.n_state}-T{self.n_timesteps}-{digest}"
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -192,8 +216,20 @@ class Config:
             raise SettingsError(
                 "the run in --model_dir was made with other settings, so it cannot be resumed:\n  "
                 + "\n  ".join(changed)
-                + "\nUse another --model_dir (or delete that one) to start a new run."
+                + "\nUse another --model_dir (or delete that one), or leave --model_dir out (each setting then "
+                "gets its own folder), to start a new run."
             )
+
+
+def runs_dir() -> Path:
+    """The base folder of the default run directories: ``$BSATTN_ENWIK8_RUNS``, else ``/tmp/bsattn_enwik8``."""
+    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def latest_run_dir() -> Path | None:
+    """The run under ``runs_dir()`` whose ``config.json`` was written last, or None."""
+    configs = sorted(runs_dir().glob("*/config.json"), key=lambda path: path.stat().st_mtime)
+    return configs[-1].parent if configs else None
 
 
 def load_saved(model_dir: str | Path) -> dict | None:
@@ -226,3 +262,15 @@ def from_flags() -> Config:
 
     values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Config)}
     return Config(**values)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``, where ``--help`` exits 0 (absl: 1)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        raise SystemExit(f"FATAL Flags parsing error: {err}\nPass --help to see the flags.") from None
+    except SystemExit as stop:  # only absl's help flags exit while parsing, with 1 after printing the help
+        raise SystemExit(0 if stop.code == 1 else stop.code) from None

@@ -1,9 +1,10 @@
 """Bits per byte on a split, and sampling a continuation.
 
 As a script, it restores the latest checkpoint of a run and reports valid/test bits per byte and a
-sample (the settings are read from ``--model_dir/config.json``)::
+sample (the settings are read from ``--model_dir/config.json``; without ``--model_dir``: the run trained
+last under ``$BSATTN_ENWIK8_RUNS``, default ``/tmp/bsattn_enwik8``)::
 
-    python -m examples.enwik8.evaluate --model_dir=/tmp/bsattn_enwik8 --sample_prompt="def main("
+    python -m examples.enwik8.evaluate --sample_prompt="def main("
 """
 
 from __future__ import annotations
@@ -90,10 +91,13 @@ def main(argv: list[str]) -> None:
 
     del argv
     fl = flags.FLAGS
-    saved = config_lib.load_saved(fl.model_dir)
+    model_dir = fl.model_dir or config_lib.latest_run_dir()
+    if model_dir is None:
+        raise SystemExit(f"no run under {config_lib.runs_dir()} (train one first, or pass --model_dir)")
+    saved = config_lib.load_saved(model_dir)
     if saved is None:
-        raise SystemExit(f"--model_dir={fl.model_dir}: no config.json (was a run trained there?)")
-    overrides = {"model_dir": fl.model_dir, "eval_batch": fl.eval_batch, "sample_bytes": fl.sample_bytes}
+        raise SystemExit(f"--model_dir={model_dir}: no config.json (was a run trained there?)")
+    overrides = {"model_dir": str(model_dir), "eval_batch": fl.eval_batch, "sample_bytes": fl.sample_bytes}
     overrides.update(sample_prompt=fl.sample_prompt, sample_temperature=fl.sample_temperature)
     if fl["data_path"].present:
         overrides["data_path"] = fl.data_path
@@ -101,7 +105,7 @@ def main(argv: list[str]) -> None:
     model, step = restore_model(cfg)
     corpus = data_lib.load_bytes(cfg.data_path)
     splits = data_lib.split(corpus)
-    print(f"checkpoint at step {step}; {data_lib.describe(corpus, cfg.data_path)}")
+    print(f"{model_dir}: checkpoint at step {step}; {data_lib.describe(corpus, cfg.data_path)}")
     eval_fn = make_eval_fn(model)
     for name in ("valid", "test"):
         start = time.perf_counter()
@@ -117,10 +121,12 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("model_dir", "/tmp/bsattn_enwik8", "the run to evaluate (its config.json and checkpoints)")
+    flags.DEFINE_string("model_dir", "", "the run to evaluate (its config.json and checkpoints); empty: the latest")
     flags.DEFINE_string("data_path", "", "override the run's data (enwik8 or enwik8.zip; empty: the run's)")
     flags.DEFINE_integer("eval_batch", 16, "evaluation batch size")
     flags.DEFINE_integer("sample_bytes", 200, "bytes to sample (0 = none)")
     flags.DEFINE_string("sample_prompt", "", "prompt; empty: the first 120 bytes of the test split")
     flags.DEFINE_float("sample_temperature", 0.8, "sampling temperature (0 = greedy)")
-    app.run(main)
+    from examples.enwik8 import config as config_lib
+
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -1,13 +1,24 @@
 """Train the Sparse Transformer on bytes; report bits per byte; sample.
 
-    python -m examples.enwik8.train                                  # built-in corpus, ~10 min on 2 CPU cores
+    python -m examples.enwik8.train                                  # built-in corpus (README.md: timings)
     python -m examples.enwik8.train --attention=dense                # the same model on dense TF attention
     python -m examples.enwik8.train --data_path=enwik8.zip --n_layer=30 --n_state=512 --n_head=8 \\
         --n_timesteps=12288 --attn_mode=fixed --local_attn_ctx=128 --recompute --precision=mixed_bfloat16
 
-An existing run in ``--model_dir`` is resumed exactly: the checkpoint holds the model, the optimizer
-(moments, step count, loss scale) and the step; the training windows and the dropout noise are
-functions of ``(seed, step)``, so the continued run sees what the uninterrupted one would have.
+Resuming: a run lives in a folder (``--model_dir``); running the same command again continues it from its last
+checkpoint, and a finished run just reports its numbers again. Without ``--model_dir`` the folder is
+``$BSATTN_ENWIK8_RUNS`` (default ``/tmp/bsattn_enwik8``) ``/<name>-<hash>``, the hash taken over the settings a
+resume needs unchanged (data, model, attention, dropout, precision, optimiser, seed) and ``--n_steps``: the same
+command resumes, different settings start a fresh run in their own folder (printed at the start). With an
+explicit ``--model_dir`` an existing run there is resumed, and other settings of those kinds are refused with
+the list of changed flags (``--n_steps`` may then change, to extend a run).
+
+A resumed run is exact: the checkpoint holds the model, the optimizer (moments, step count, loss scale) and
+the step; the training windows and the dropout noise are functions of ``(seed, step)``, so the continued run
+sees what the uninterrupted one would have.
+
+TensorFlow's C++ start-up logs are hidden (``TF_CPP_MIN_LOG_LEVEL=3`` unless set): run with
+``TF_CPP_MIN_LOG_LEVEL=0`` to see them.
 
 One step (``tf.function``), on every replica: forward, loss = summed cross-entropy / global batch
 tokens (x the loss scale for float16), gradients, all-reduce (sum), clip to ``clip_norm`` by the
@@ -196,7 +207,7 @@ class Trainer:
             self.optimizer = make_optimizer(cfg, self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
-        self.ckpt_dir = Path(cfg.model_dir) / "checkpoints"  # the chief's, which every worker restores from
+        self.ckpt_dir = Path(cfg.run_dir) / "checkpoints"  # the chief's, which every worker restores from
         ckpt_dir = self.ckpt_dir
         if not self.chief:  # every worker writes (the save is collective); only the chief's copy is kept
             ckpt_dir = Path(tempfile.mkdtemp(prefix="enwik8_worker_ckpt_"))
@@ -213,7 +224,7 @@ class Trainer:
         the step."""
         latest = path or tf.train.latest_checkpoint(str(self.ckpt_dir))
         if latest:
-            saved = config_lib.load_saved(self.cfg.model_dir)
+            saved = config_lib.load_saved(self.cfg.run_dir)
             if saved is not None:
                 self.cfg.check_resumable(saved)
             self.checkpoint.restore(latest).assert_existing_objects_matched()
@@ -329,18 +340,18 @@ class Trainer:
 
 
 def restore_model(cfg: Config) -> tuple[SparseTransformer, int]:
-    """The model of the latest checkpoint in ``cfg.model_dir`` (no optimizer), and its step."""
+    """The model of the latest checkpoint in ``cfg.run_dir`` (no optimizer), and its step."""
     model = SparseTransformer(cfg)
     step = tf.Variable(0, dtype=tf.int64, name="step")
-    latest = tf.train.latest_checkpoint(str(Path(cfg.model_dir) / "checkpoints"))
+    latest = tf.train.latest_checkpoint(str(Path(cfg.run_dir) / "checkpoints"))
     if latest is None:
-        raise FileNotFoundError(f"--model_dir={cfg.model_dir}: no checkpoint")
+        raise FileNotFoundError(f"--model_dir={cfg.run_dir}: no checkpoint")
     tf.train.Checkpoint(model=model, step=step).restore(latest).expect_partial()
     return model, int(step.numpy())
 
 
 def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = None) -> dict:
-    """One run: resume or start in ``cfg.model_dir``, train, evaluate, sample. Returns the results.
+    """One run: resume or start in ``cfg.run_dir``, train, evaluate, sample. Returns the results.
 
     ``corpus``: the bytes to split (default: ``load_bytes(cfg.data_path)``); ``until_step``: stop there, as if
     killed after that step's checkpoint (the schedule still ends at ``n_steps``).
@@ -359,11 +370,14 @@ def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = 
         f"model: {cfg.n_layer} layers, d={cfg.n_state}, {cfg.n_head} heads, {trainer.model.n_params():,} parameters; "
         f"attention: {cfg.attention} {cfg.attn_mode}, T={cfg.n_timesteps}; {strategy.num_replicas_in_sync} replica(s)"
     )
-    Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.run_dir)
+    resuming = (run_dir / "config.json").exists()
+    log(f"model_dir: {run_dir} ({'an existing run: resuming' if resuming else 'a new run'})")
+    run_dir.mkdir(parents=True, exist_ok=True)
     start_step = trainer.restore()
     if trainer.chief:
-        (Path(cfg.model_dir) / "config.json").write_text(cfg.to_json())
-        writer = tf.summary.create_file_writer(str(Path(cfg.model_dir) / "logs"))
+        (run_dir / "config.json").write_text(cfg.to_json())
+        writer = tf.summary.create_file_writer(str(run_dir / "logs"))
     else:
         writer = tf.summary.create_noop_writer()
     start = time.perf_counter()
@@ -421,4 +435,4 @@ if __name__ == "__main__":
 
     config_lib.define_flags()
     flags.adopt_module_key_flags(config_lib)  # so that --help lists them
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)
