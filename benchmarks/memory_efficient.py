@@ -21,7 +21,7 @@ A case that fails (out of memory: killed) or whose time or memory is projected p
     python benchmarks/memory_efficient.py                       # T = 1k ... 64k
     python benchmarks/memory_efficient.py --lengths 1024 2048 --columns fused chunked
 
-Prints the table and writes benchmarks/results/memory_efficient.json.
+Prints the table and writes a results JSON (``--out``; default outside the repository, see outputs.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from outputs import default_out
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 COLUMNS = ("dense", "keras", "chunked", "fused", "original", "sdpa")
@@ -193,7 +195,9 @@ def main() -> None:
     parser.add_argument("--max-mb", type=float, default=12000.0,
                         help="skip a case whose memory (x4 per doubling of T) is projected past this (MB)")
     parser.add_argument("--torch-python", default=os.environ.get("BSATTN_TORCH_PYTHON", "/tmp/torchenv/bin/python"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_efficient.json"))
+    parser.add_argument(
+        "--out", default=default_out("memory_efficient.json"), help="results JSON (default outside the repository)"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these result files")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ with the memory after making the inputs as "base").
     python benchmarks/xla_fallback.py            # T = 1024, 4096 (a few minutes)
     python benchmarks/xla_fallback.py --quick    # T = 256: checks that it runs
 
-Writes benchmarks/results/xla_fallback.json.
+Writes a results JSON (``--out``; default outside the repository, see outputs.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from outputs import default_out
 
 B, H, D, BS, STRIDE = 2, 4, 64, 64, 256
 
@@ -71,6 +73,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--case", nargs=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--out", default=default_out("xla_fallback.json"), help="results JSON (default outside the repository)"
+    )
     args = parser.parse_args()
     if args.case:
         print(json.dumps(one_case(int(args.case[0]), args.case[1], args.repeats)))
@@ -88,7 +93,8 @@ def main() -> None:
         print(f"{r['T']:>6} {r['path']:>4} {r['density']:>7.3f} {r['fwd_ms']:>8.1f} {r['fwd_bwd_ms']:>10.1f} "
               f"{r['fwd_bwd_first_s']:>13.2f} {r['peak_mb'] - r['base_mb']:>12.0f}")  # fmt: skip
     if not args.quick:
-        out = Path(__file__).parent / "results" / "xla_fallback.json"
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"B": B, "H": H, "D": D, "block": BS, "rows": rows}, indent=1) + "\n")
 
 
