@@ -11,12 +11,13 @@ object.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import tensorflow as tf
 
 from bsattn._loader import load_ops
-from bsattn._table_constants import table_constants
+from bsattn._table_constants import int32_table, table_constants
 from bsattn.tables import BlockTables
 
 
@@ -30,13 +31,11 @@ class TableTensors(NamedTuple):
 
 
 def table_tensors(tables: BlockTables) -> TableTensors:
-    """The int32 tensors of ``tables`` (cached while eager)."""
-    return table_constants(
-        tables,
-        lambda: TableTensors(
-            *(tf.constant(a, tf.int32) for a in (tables.nt_lut, tables.nn_lut, tables.tn_lut, tables.mask_words))
-        ),
-    )
+    """The int32 tensors of ``tables`` (cached while eager); entries that are not int32 values raise."""
+    if not isinstance(tables, BlockTables):
+        raise TypeError(f"tables must be a BlockTables, got {type(tables).__name__}")
+    names = ("nt_lut", "nn_lut", "tn_lut", "mask_words")
+    return table_constants(tables, lambda: TableTensors(*(int32_table(getattr(tables, n), n) for n in names)))
 
 
 def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor:
@@ -51,6 +50,9 @@ def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor
     a = tf.convert_to_tensor(a)
     b = tf.convert_to_tensor(b, dtype_hint=a.dtype)
     _check_same_dtype(a=a, b=b)
+    _check_heads(heads)
+    _check_dense(a, "a", tables.ctx_blks_q, tables, heads)
+    _check_dense(b, "b", tables.ctx_blks_k, tables, heads)
     return _nt(a, b, tables, heads)
 
 
@@ -66,6 +68,8 @@ def nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     w = tf.convert_to_tensor(w)
     b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
     _check_same_dtype(w=w, b=b)
+    _check_blocks(w, "w", tables)
+    _check_dense(b, "b", tables.ctx_blks_k, tables)
     return _nn(w, b, tables)
 
 
@@ -81,6 +85,8 @@ def tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     w = tf.convert_to_tensor(w)
     b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
     _check_same_dtype(w=w, b=b)
+    _check_blocks(w, "w", tables)
+    _check_dense(b, "b", tables.ctx_blks_q, tables)
     return _tn(w, b, tables)
 
 
@@ -102,6 +108,7 @@ def masked_softmax(
       same shape and dtype as ``x``.
     """
     x = tf.convert_to_tensor(x)
+    _check_blocks(x, "x", tables)
     scale = tf.cast(scale, tf.float32)
     if autoregress_at_key is None:
         key, autoregressive = tf.constant(0, tf.int32), False
@@ -115,6 +122,39 @@ def _check_same_dtype(**tensors: tf.Tensor) -> None:
     if len(set(dtypes.values())) != 1:
         described = ", ".join(f"{name}: {dtype.name}" for name, dtype in dtypes.items())
         raise TypeError(f"inputs must share one dtype, got {described}")
+
+
+def _check_heads(heads: int) -> None:
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+
+
+def _check_dense(x: tf.Tensor, name: str, blocks: int, tables: BlockTables, heads: int | None = None) -> None:
+    """Static check of a dense activation ``[B, blocks * bs, H*D]`` (the layout's length: never cut)."""
+    if x.shape.rank is None:
+        return
+    if x.shape.rank != 3:
+        raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
+    length, width = x.shape[1], x.shape[2]
+    if length is not None and length != blocks * tables.block_size:
+        raise ValueError(
+            f"{name} has length {length} but the layout covers {blocks * tables.block_size} tokens "
+            f"({blocks} blocks of {tables.block_size})"
+        )
+    if heads is not None and width is not None and width % heads:
+        raise ValueError(f"{name} width {width} is not divisible by heads {heads}")
+
+
+def _check_blocks(w: tf.Tensor, name: str, tables: BlockTables) -> None:
+    """Static check of block-sparse ``w [B, H, blocks, bs, bs]`` against the tables."""
+    if w.shape.rank is None:
+        return
+    expected = [None, None, tables.blocks, tables.block_size, tables.block_size]
+    if w.shape.rank != 5 or any(e is not None and d is not None and d != e for d, e in zip(w.shape, expected)):
+        raise ValueError(
+            f"{name} must be [batch, heads, {tables.blocks}, {tables.block_size}, {tables.block_size}] "
+            f"(the tables' blocks), got shape {w.shape}"
+        )
 
 
 def _static_heads(w: tf.Tensor, tables: BlockTables) -> int:
@@ -146,7 +186,10 @@ def _nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tenso
 
     @tf.custom_gradient
     def forward(a, b):
-        c = load_ops().bsattn_nt(a, b, luts.nt_lut, heads=heads, block_size=tables.block_size)
+        c = load_ops().bsattn_nt(
+            a, b, luts.nt_lut, heads=heads, block_size=tables.block_size,
+            q_blocks=tables.ctx_blks_q, k_blocks=tables.ctx_blks_k,
+        )  # fmt: skip
 
         def grad(dc):
             return _nn(dc, b, tables), _tn(dc, a, tables)
@@ -161,7 +204,7 @@ def _nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
 
     @tf.custom_gradient
     def forward(w, b):
-        c = load_ops().bsattn_nn(w, b, luts.nn_lut)
+        c = load_ops().bsattn_nn(w, b, luts.nn_lut, k_blocks=tables.ctx_blks_k)
 
         def grad(dc):
             return _nt(dc, b, tables, _static_heads(w, tables)), _tn(w, dc, tables)
@@ -176,7 +219,7 @@ def _tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
 
     @tf.custom_gradient
     def forward(w, b):
-        c = load_ops().bsattn_tn(w, b, luts.tn_lut)
+        c = load_ops().bsattn_tn(w, b, luts.tn_lut, q_blocks=tables.ctx_blks_q)
 
         def grad(dc):
             return _nt(b, dc, tables, _static_heads(w, tables)), _nn(w, dc, tables)

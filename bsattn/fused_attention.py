@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from bsattn._loader import load_ops
-from bsattn._table_constants import table_constants
+from bsattn._table_constants import int32_table, table_constants
 from bsattn.fused_tables import FusedTables
 
 
@@ -35,12 +35,14 @@ class FusedTableTensors(NamedTuple):
 
 def fused_table_tensors(tables: FusedTables) -> FusedTableTensors:
     """The int32 tensors of ``tables`` (cached while eager)."""
-    arrays = (tables.row_ptr, tables.row_entries, tables.col_ptr, tables.col_entries, tables.masks)
-    return table_constants(tables, lambda: FusedTableTensors(*(tf.constant(a, tf.int32) for a in arrays)))
+    names = ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks")
+    return table_constants(tables, lambda: FusedTableTensors(*(int32_table(getattr(tables, n), n) for n in names)))
 
 
 def fused_scale(head_dim: int, scale: float | None = None) -> float:
     """The softmax scale the op uses: ``scale`` (default ``1/sqrt(head_dim)``) rounded to float32 (an op attr)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     value = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {scale!r}")
@@ -101,6 +103,8 @@ def fused_attention(
     if scale is None and width is None:
         raise ValueError("the default scale 1/sqrt(D) needs a static width of q; pass scale")
     scale = fused_scale(width // heads if width else 1, scale)
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
+        raise TypeError(f"dropout_rate must be a real number in [0, 1), got {dropout_rate!r}")
     dropout_rate = float(dropout_rate)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")

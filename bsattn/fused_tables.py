@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bsattn.patterns import BlockLayout, MaskCallback, Pattern
-from bsattn.tables import BLOCK_SIZES, BlockTables, PatternMasks, _pack_rows
+from bsattn.tables import BLOCK_SIZES, BlockTables, PatternMasks, _pack_rows, check_table_fields
 
 MaskFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 """``mask_fn(layout_head, q_blocks [n], k_blocks [n]) -> bool [n, bs, bs]``: in-block masks of given blocks."""
@@ -47,6 +47,9 @@ class FusedTables:
     col_ptr: np.ndarray  # [L, nKb + 1]
     col_entries: np.ndarray  # [E, 2] (Qb, mask_id)
     masks: np.ndarray  # [P, bs, W]
+
+    def __post_init__(self) -> None:
+        check_table_fields(self, ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks"))
 
     @property
     def n_q(self) -> int:
@@ -118,6 +121,8 @@ def build_fused_tables(
     active = np.asarray(active)
     if active.ndim not in (2, 3):
         raise ValueError(f"active must be [nQb, nKb] or [L, nQb, nKb], got shape {active.shape}")
+    if 0 in active.shape:
+        raise ValueError(f"active must have at least one query and one key block, got shape {active.shape}")
     active = (active != 0).reshape((-1,) + active.shape[-2:])
     full = active if full is None else np.broadcast_to(np.asarray(full, dtype=bool), active.shape) & active
     partial = active & ~full
@@ -213,6 +218,8 @@ def fused_tables_for_layout(
 def from_block_tables(tables: BlockTables) -> FusedTables:
     """The fused tables of existing ``BlockTables`` (e.g. ``BlocksparseTransformer.tables`` or
     ``get_blocksparse_obj(...).tables``): the same blocks and in-block masks (cached per tables object)."""
+    if not isinstance(tables, BlockTables):
+        raise TypeError(f"tables must be a BlockTables (e.g. BlocksparseTransformer.tables), got {type(tables).__name__}")
     bs, n_heads = tables.block_size, tables.lut_heads
     active = np.zeros((n_heads, tables.ctx_blks_q, tables.ctx_blks_k), dtype=bool)
     full = np.zeros_like(active)

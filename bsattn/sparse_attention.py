@@ -58,6 +58,22 @@ def merge_heads(x: tf.Tensor) -> tf.Tensor:
     return merge_states(tf.transpose(x, [0, 2, 1, 3]))
 
 
+def _check_attention_args(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, heads: int, attn_mode: str, local_attn_ctx) -> None:
+    """Argument checks shared by ``attention_impl`` and ``blocksparse_attention_impl`` (before any reshape)."""
+    if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1:
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+    if attn_mode not in patterns.ATTN_MODES:
+        raise ValueError(f"attn_mode={attn_mode!r} is invalid; valid modes: {', '.join(patterns.ATTN_MODES)}")
+    if attn_mode != "all" and local_attn_ctx is None:
+        raise ValueError(f"attn_mode={attn_mode!r} needs local_attn_ctx (a positive integer), got None")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape.rank is not None and x.shape.rank != 3:
+            raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
+        width = x.shape[-1] if x.shape.rank else None
+        if width is not None and width % heads:
+            raise ValueError(f"{name} width {width} is not divisible by heads {heads}")
+
+
 def strided_transpose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int, blocksize: int) -> tf.Tensor:
     """Groups tokens by residue modulo ``local_attn_ctx``: ``[B, T, C] -> [B, T, C]``.
 
@@ -128,6 +144,7 @@ def attention_impl(
     ``'fixed'``.
     """
     q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx)
     q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     n_k = shape_list(k)[2]
     mask = get_attn_mask(
@@ -192,6 +209,7 @@ def blocksparse_attention_impl(
     if engine not in ("fused", "unfused"):
         raise ValueError(f"engine must be 'fused' or 'unfused', got {engine!r}")
     q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx)
     n_ctx = shape_list(q)[1]
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))

@@ -25,12 +25,14 @@ class NtGpuOp : public OpKernel {
   explicit NtGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("heads", &heads_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("q_blocks", &q_blocks_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("k_blocks", &k_blocks_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &a = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
     NtDims d;
-    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, &d));
+    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, q_blocks_, k_blocks_, &d));
     Tensor lut_device, *c = nullptr;
     OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
@@ -43,19 +45,21 @@ class NtGpuOp : public OpKernel {
   }
 
  private:
-  int64_t heads_;
-  int64_t block_size_;
+  int64_t heads_, block_size_, q_blocks_, k_blocks_;
 };
 
 template <typename T, bool kTransposeW>
 class DsdGpuOp : public OpKernel {
  public:
-  explicit DsdGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit DsdGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr(kPartnerAttr, &partner_blocks_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &w = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
     DsdDims d;
-    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", &d));
+    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", partner_blocks_,
+                                        kPartnerAttr, &d));
     Tensor lut_device, *c = nullptr;
     OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({d.batch, d.n_out * d.block_size, d.width}), &c));
@@ -65,6 +69,10 @@ class DsdGpuOp : public OpKernel {
                                                 d.lut_heads, d.lut_len, d.n_out, Stream(ctx)),
                                      kTransposeW ? "BsattnTn" : "BsattnNn"));
   }
+
+ private:
+  static constexpr const char* kPartnerAttr = kTransposeW ? "q_blocks" : "k_blocks";
+  int64_t partner_blocks_;
 };
 
 template <typename T>
