@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from bsattn import _checks as checks
 from bsattn._loader import load_ops
 from bsattn._table_constants import int32_table, table_constants
 from bsattn.tables import BlockTables
@@ -47,10 +48,11 @@ def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor
     Returns:
       ``[B, H, nnz, bs, bs]``: ``c[n, h, blk] = a[n, Qb rows, head h] @ b[n, Kb rows, head h]^T``.
     """
-    a = tf.convert_to_tensor(a)
-    b = tf.convert_to_tensor(b, dtype_hint=a.dtype)
+    checks.instance("tables", tables, BlockTables)
+    a = checks.float_tensor("a", a)
+    b = checks.float_tensor("b", b, a.dtype)
     _check_same_dtype(a=a, b=b)
-    _check_heads(heads)
+    checks.positive_int("heads", heads)
     _check_dense(a, "a", tables.ctx_blks_q, tables, heads)
     _check_dense(b, "b", tables.ctx_blks_k, tables, heads)
     return _nt(a, b, tables, heads)
@@ -65,8 +67,9 @@ def nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     Returns:
       ``[B, nQb*bs, H*D]``; a query-block row with no blocks is 0.
     """
-    w = tf.convert_to_tensor(w)
-    b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
+    checks.instance("tables", tables, BlockTables)
+    w = checks.float_tensor("w", w)
+    b = checks.float_tensor("b", b, w.dtype)
     _check_same_dtype(w=w, b=b)
     _check_blocks(w, "w", tables)
     _check_dense(b, "b", tables.ctx_blks_k, tables)
@@ -82,8 +85,9 @@ def tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     Returns:
       ``[B, nKb*bs, H*D]``; a key-block column with no blocks is 0.
     """
-    w = tf.convert_to_tensor(w)
-    b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
+    checks.instance("tables", tables, BlockTables)
+    w = checks.float_tensor("w", w)
+    b = checks.float_tensor("b", b, w.dtype)
     _check_same_dtype(w=w, b=b)
     _check_blocks(w, "w", tables)
     _check_dense(b, "b", tables.ctx_blks_q, tables)
@@ -107,8 +111,11 @@ def masked_softmax(
     Returns:
       same shape and dtype as ``x``.
     """
-    x = tf.convert_to_tensor(x)
+    checks.instance("tables", tables, BlockTables)
+    x = checks.float_tensor("x", x)
     _check_blocks(x, "x", tables)
+    if not tf.is_tensor(scale) and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a real number or a float32 scalar tensor, got {scale!r}")
     scale = tf.cast(scale, tf.float32)
     if autoregress_at_key is None:
         key, autoregressive = tf.constant(0, tf.int32), False
@@ -122,11 +129,6 @@ def _check_same_dtype(**tensors: tf.Tensor) -> None:
     if len(set(dtypes.values())) != 1:
         described = ", ".join(f"{name}: {dtype.name}" for name, dtype in dtypes.items())
         raise TypeError(f"inputs must share one dtype, got {described}")
-
-
-def _check_heads(heads: int) -> None:
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
-        raise ValueError(f"heads must be a positive integer, got {heads!r}")
 
 
 def _check_dense(x: tf.Tensor, name: str, blocks: int, tables: BlockTables, heads: int | None = None) -> None:
@@ -172,7 +174,10 @@ def _static_heads(w: tf.Tensor, tables: BlockTables) -> int:
 def _checked_key(key: int | tf.Tensor, tables: BlockTables) -> tf.Tensor:
     """``autoregress_at_key`` as an int32 scalar in ``[0, nKb*bs)``, checked now or at run time."""
     key_len = tables.ctx_blks_k * tables.block_size
-    if isinstance(key, int):
+    if not tf.is_tensor(key) and (isinstance(key, bool) or not isinstance(key, numbers.Integral)):
+        raise TypeError(f"autoregress_at_key must be an integer, an int scalar tensor or None, got {key!r}")
+    if isinstance(key, numbers.Integral):
+        key = int(key)
         if not 0 <= key < key_len:
             raise ValueError(f"autoregress_at_key must be in [0, {key_len}), got {key}")
         return tf.constant(key, tf.int32)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from bsattn import _checks as checks
 from bsattn._loader import load_ops
 from bsattn._table_constants import int32_table, table_constants
 from bsattn.fused_tables import FusedTables
@@ -85,18 +86,17 @@ def fused_attention(
     Returns:
       ``out`` or ``(out, lse)``.
     """
-    q = tf.convert_to_tensor(q)
-    k = tf.convert_to_tensor(k, dtype_hint=q.dtype)
-    v = tf.convert_to_tensor(v, dtype_hint=q.dtype)
+    q = checks.float_tensor("q", q)
+    k = checks.float_tensor("k", k, q.dtype)
+    v = checks.float_tensor("v", v, q.dtype)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype.name}, {k.dtype.name}, {v.dtype.name}")
     if q.dtype not in (tf.float32, tf.float16, tf.bfloat16, tf.float64):
         raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype.name}")
-    if not isinstance(tables, FusedTables):
-        raise TypeError(f"tables must be a FusedTables, got {type(tables).__name__}")
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
-        raise ValueError(f"heads must be a positive integer, got {heads!r}")
-    heads = int(heads)
+    checks.instance("tables", tables, FusedTables)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    heads = checks.positive_int("heads", heads)
     if tables.lut_heads not in (1, heads):
         raise ValueError(f"tables have {tables.lut_heads} layout heads; with heads={heads} they need 1 or {heads}")
     width = _check_activations(q, k, v, tables, heads)
@@ -110,7 +110,10 @@ def fused_attention(
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
 
     if key_padding_mask is not None:
-        key_padding_mask = tf.convert_to_tensor(key_padding_mask)
+        try:
+            key_padding_mask = tf.convert_to_tensor(key_padding_mask)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"key_padding_mask must be a [batch, Tk] bool tensor, got {key_padding_mask!r}: {e}") from None
         if key_padding_mask.dtype != tf.bool:
             key_padding_mask = tf.not_equal(key_padding_mask, tf.zeros([], key_padding_mask.dtype))
         _check_static_shape(key_padding_mask, "key_padding_mask", [q.shape[0], tables.n_k])
@@ -121,6 +124,8 @@ def fused_attention(
             raise ValueError(f"bias must be [1 or {heads}, {tables.n_q}, {tables.n_k}], got shape {bias.shape}")
     if seed is None:
         seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
+    if not tf.is_tensor(seed) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an integer, an int scalar tensor or None, got {seed!r}")
     seed = tf.cast(seed, tf.int64)
 
     raw = load_ops()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bsattn import _checks as checks
 from bsattn.patterns import BlockLayout, MaskCallback, Pattern
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -133,8 +134,7 @@ def _check_layout(layout: np.ndarray, block_size: int, heads: int | None) -> np.
     layout = np.asarray(layout)
     if layout.ndim not in (2, 3):
         raise ValueError(f"layout must be [nQb, nKb] or [L, nQb, nKb], got shape {layout.shape}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
     if 0 in layout.shape:
         raise ValueError(f"layout must have at least one query and one key block, got shape {layout.shape}")
     layout = np.ascontiguousarray(layout != 0).reshape((-1,) + layout.shape[-2:])
@@ -248,8 +248,7 @@ def tables_for_pattern(pattern: Pattern, n_q: int, n_k: int, block_size: int, he
     ``lut_heads`` = ``pattern.num_layouts``. Without partially kept blocks (e.g. ``Dense``) the tables have no
     mask (``has_mask`` False), so the unmasked softmax can be used.
     """
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
     active, full = pattern.block_classes(n_q, n_k, block_size)
     if (full == active).all():
         return build_tables(active, block_size, heads)
