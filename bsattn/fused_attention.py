@@ -73,9 +73,11 @@ def fused_attention(
       heads: number of heads ``H``.
       scale: multiplies ``q·kᵀ``; default ``1/sqrt(D)``; used as float32.
       key_padding_mask: ``[B, Tk]``, True (nonzero) = a real key, False = padding, never attended.
-      bias: ``[1 or H, Tq, Tk]`` added to the scaled scores (e.g. a relative-position bias), cast to ``q``'s
-        dtype; read only inside the active blocks; differentiable (its gradient is summed over the batch and,
-        for a shared bias, the heads, and is 0 outside the active blocks).
+      bias: ``[B or 1, H or 1, Tq, Tk]`` (or ``[H or 1, Tq, Tk]``, the same as ``[1, H or 1, Tq, Tk]``) added
+        to the scaled scores (e.g. a relative-position bias or a per-example mask as 0 / -inf), broadcast over
+        the batch and/or the heads where its dimension is 1, cast to ``q``'s dtype; read only inside the active
+        blocks; differentiable (its gradient has its shape: summed over the dimensions it broadcasts over, 0
+        outside the active blocks).
       dropout_rate: attention dropout in ``[0, 1)``: each probability is dropped by a counter-based hash of
         ``(seed, b, h, i, j)`` and the kept ones are scaled by ``1 / (1 - rate)``; the backward pass uses the
         same mask. Row sums (and ``lse``) are those before dropout.
@@ -118,10 +120,7 @@ def fused_attention(
             key_padding_mask = tf.not_equal(key_padding_mask, tf.zeros([], key_padding_mask.dtype))
         _check_static_shape(key_padding_mask, "key_padding_mask", [q.shape[0], tables.n_k])
     if bias is not None:
-        bias = tf.cast(bias, q.dtype)
-        _check_static_shape(bias, "bias", [None, tables.n_q, tables.n_k])
-        if bias.shape[0] is not None and bias.shape[0] not in (1, heads):
-            raise ValueError(f"bias must be [1 or {heads}, {tables.n_q}, {tables.n_k}], got shape {bias.shape}")
+        bias = _bias4(tf.cast(bias, q.dtype), q.shape[0] if q.shape.rank else None, heads, tables)
     if seed is None:
         seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
     if not tf.is_tensor(seed) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -144,7 +143,7 @@ def fused_attention(
     @tf.custom_gradient
     def forward(*inputs):
         q, k, v = inputs[:3]
-        bias_t = inputs[3] if len(inputs) == 4 else tf.zeros([0, 0, 0], q.dtype)
+        bias_t = inputs[3] if len(inputs) == 4 else tf.zeros([0, 0, 0, 0], q.dtype)
         out, lse = raw.bsattn_fused_attention(
             q, k, v, luts.row_ptr, luts.row_entries, luts.masks, padding, bias_t, seed, Tlse=lse_dtype, **attrs
         )
@@ -164,6 +163,28 @@ def fused_attention(
 
     inputs = (q, k, v) if bias is None else (q, k, v, bias)
     return forward(*inputs)
+
+
+def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables) -> tf.Tensor:
+    """``bias`` as the op's ``[B or 1, H or 1, Tq, Tk]`` (a rank-3 ``[H or 1, Tq, Tk]`` gains a batch dimension of
+    1); ValueError naming ``bias`` for any other static shape."""
+    size = f"{tables.n_q}, {tables.n_k}"
+    expected = f"[1 or {batch or 'batch'}, 1 or {heads}, {size}] (or [1 or {heads}, {size}])"
+    given = bias.shape
+    if given.rank is None:
+        return bias  # the op's shape function and kernel check it
+    if given.rank not in (3, 4):
+        raise ValueError(f"bias must have shape {expected}, got {given}")
+    bias = bias[None] if given.rank == 3 else bias
+    b, h, tq, tk = bias.shape.as_list()
+    if (
+        (b is not None and b != 1 and batch is not None and b != batch)
+        or (h is not None and h not in (1, heads))
+        or (tq is not None and tq != tables.n_q)
+        or (tk is not None and tk != tables.n_k)
+    ):
+        raise ValueError(f"bias must have shape {expected}, got {given}")
+    return bias
 
 
 def _check_activations(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int) -> int | None:

@@ -315,8 +315,16 @@ def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, 
     return (bits >> np.uint64(32)) >= np.uint64(threshold)
 
 
+def _bias4(bias: np.ndarray) -> np.ndarray:
+    """The fused op's bias ``[B|1, H|1, Tq, Tk]`` (a rank-3 ``[H|1, Tq, Tk]`` as ``[1, H|1, Tq, Tk]``), float64."""
+    bias = np.asarray(bias, dtype=np.float64)
+    return bias[None] if bias.ndim == 3 else bias
+
+
 def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
-    """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale)`` of the fused attention (no dropout), float64."""
+    """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale, keep [B|1, H, Tq, Tk])`` of the fused attention (no
+    dropout), float64. ``keep``: the attended entries (tables, key padding, bias other than -inf); a NaN
+    score elsewhere is never read, an attended one makes its row NaN (``lse`` too)."""
     qh, kh = _heads(q, heads), _heads(k, heads)
     if qh.shape[2] != tables.n_q or kh.shape[2] != tables.n_k:
         raise ValueError(f"q and k must have {tables.n_q} and {tables.n_k} tokens, got {qh.shape[2]} and {kh.shape[2]}")
@@ -326,18 +334,32 @@ def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
     keep = np.broadcast_to(tables.token_mask()[None], (1, heads, tables.n_q, tables.n_k))
     if key_padding_mask is not None:
         keep = keep & np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
-    s = scale * np.einsum("nhid,nhjd->nhij", qh, kh)
-    if bias is not None:
-        s = s + np.asarray(bias, dtype=np.float64)[None]
-    s = np.where(keep, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(s - m)
-    total = e.sum(axis=-1, keepdims=True)
-    p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(total > 0, m + np.log(total), -np.inf)[..., 0]
-    return p, lse, scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = scale * np.einsum("nhid,nhjd->nhij", qh, kh)
+        if bias is not None:
+            s = s + _bias4(bias)
+            keep = keep & (_bias4(bias) != -np.inf)
+        s = np.where(keep, s, -np.inf)
+        m = s.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.exp(s - m)
+        total = e.sum(axis=-1, keepdims=True)
+        p = np.where(total == 0, 0.0, e / np.where(total == 0, 1.0, total))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(total == 0, -np.inf, m + np.log(total))[..., 0]
+    return p, lse, scale, keep
+
+
+def _kept_product(w: np.ndarray, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``sum_j w[n, h, i, j] · x[n, h, j, :]`` over the attended ``j`` only (``keep``): a non-finite value of
+    ``x`` at a masked entry is never read (``0 · NaN`` would be NaN)."""
+    finite = np.isfinite(x)
+    out = np.einsum("nhij,nhjd->nhid", w, np.where(finite, x, 0.0))
+    keep = np.broadcast_to(keep, w.shape)
+    with np.errstate(invalid="ignore"):
+        for n, h, j, d in zip(*np.nonzero(~finite)):
+            out[n, h, :, d] += np.where(keep[n, h, :, j], w[n, h, :, j] * x[n, h, j, d], 0.0)
+    return out
 
 
 def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int) -> np.ndarray | float:
@@ -363,13 +385,14 @@ def fused_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
 
-    Scores ``scale·q·kᵀ + bias`` (``bias [1|H, Tq, Tk]``) are kept where the tables' token mask and
+    Scores ``scale·q·kᵀ + bias`` (``bias [B|1, H|1, Tq, Tk]``, or ``[H|1, Tq, Tk]``) are kept where the tables' token mask and
     ``key_padding_mask [B, Tk]`` (True = real key) allow; ``lse`` is their log-sum-exp (-inf for a row with no
     kept key, whose output is 0); ``out = (P ⊙ keep / (1 - rate)) · v`` with the dropout mask of
-    ``dropout_keep_mask``. ``scale`` defaults to ``1/sqrt(D)``.
+    ``dropout_keep_mask``. ``scale`` defaults to ``1/sqrt(D)``. Masked entries are never read: NaN/Inf in ``k``, ``v``
+    or ``bias`` there stays out of every result; an attended NaN score makes its row (and ``lse``) NaN.
     """
-    p, lse, _ = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
-    out = np.einsum("nhij,nhjd->nhid", p * _dropout_scale(p, dropout_rate, seed), _heads(v, heads))
+    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
+    out = _kept_product(p * _dropout_scale(p, dropout_rate, seed), _heads(v, heads), keep)
     return _unheads(out), lse
 
 
@@ -388,22 +411,27 @@ def fused_attention_grad(
     dlse: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Analytic gradients of ``fused_attention`` for upstream ``dout [B, Tq, H*D]`` (and ``dlse [B, H, Tq]``)
-    → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch, and over the heads
-    for a shared bias), None without a bias."""
-    p, _, scale = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
+    → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch and/or heads it
+    broadcasts over), None without a bias."""
+    p, _, scale, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
+    # The op computes nothing outside the active blocks (which matters only in a NaN row, where even the
+    # masked entries of its blocks are NaN, as in dense attention).
+    bs = tables.block_size
+    active = np.repeat(np.repeat(tables.layout, bs, axis=1), bs, axis=2)[None]  # [1, L, Tq, Tk]
     z = _dropout_scale(p, dropout_rate, seed)
     qh, kh, vh, doh = (_heads(x, heads) for x in (q, k, v, dout))
+    p = np.where(active, p, 0.0)
     dv = np.einsum("nhij,nhid->nhjd", p * z, doh)
-    dp = np.einsum("nhid,nhjd->nhij", doh, vh) * z
-    delta = (p * dp).sum(axis=-1, keepdims=True)
-    if dlse is not None:
-        delta = delta - np.asarray(dlse, dtype=np.float64)[..., None]  # d lse / d s = p
-    ds = p * (dp - delta)
-    dq = scale * np.einsum("nhij,nhjd->nhid", ds, kh)
-    dk = scale * np.einsum("nhij,nhid->nhjd", ds, qh)
+    with np.errstate(invalid="ignore"):
+        dp = np.where(keep, np.einsum("nhid,nhjd->nhij", doh, vh), 0.0) * z  # masked entries: V never read
+        delta = (p * dp).sum(axis=-1, keepdims=True)
+        if dlse is not None:
+            delta = delta - np.asarray(dlse, dtype=np.float64)[..., None]  # d lse / d s = p
+        ds = np.where(active, p * (dp - delta), 0.0)
+    dq = scale * _kept_product(ds, kh, keep)
+    dk = scale * _kept_product(ds.transpose(0, 1, 3, 2), qh, np.swapaxes(active, 2, 3))
     dbias = None
-    if bias is not None:
-        dbias = ds.sum(axis=0)
-        if np.shape(bias)[0] == 1:
-            dbias = dbias.sum(axis=0, keepdims=True)
+    if bias is not None:  # summed over the dimensions bias broadcasts over, in bias's own shape
+        b4 = _bias4(bias)
+        dbias = ds.sum(axis=tuple(a for a in (0, 1) if b4.shape[a] == 1), keepdims=True).reshape(np.shape(bias))
     return _unheads(dq), _unheads(dk), _unheads(dv), dbias

@@ -57,7 +57,8 @@ def make_tables(rng, kind: str, bs: int = 16, heads: int = H):
     return fused_tables_for_layout(layout, bs, RandomCallback(int(rng.integers(1 << 30)), 0.7, masked_queries=(5,)))
 
 
-def make_inputs(rng, tables, dtype, d=16, heads=H, kpm=False, bias_heads=None, dlse=False):
+def make_inputs(rng, tables, dtype, d=16, heads=H, kpm=False, bias_heads=None, dlse=False, bias_batch=None):
+    """bias: [bias_heads, Tq, Tk] (rank 3, the older form), or [bias_batch, bias_heads, Tq, Tk] with bias_batch."""
     tq, tk = tables.n_q, tables.n_k
     x = {
         "q": uniform(rng, [B, tq, heads * d], dtype),
@@ -75,7 +76,8 @@ def make_inputs(rng, tables, dtype, d=16, heads=H, kpm=False, bias_heads=None, d
         keep[1, 3] = True
         x["kpm"] = keep
     if bias_heads:
-        x["bias"] = tf.constant(0.5 * rng.standard_normal((bias_heads, tq, tk)), dtype)
+        lead = (bias_heads,) if bias_batch is None else (bias_batch, bias_heads)
+        x["bias"] = tf.constant(0.5 * rng.standard_normal((*lead, tq, tk)), dtype)
     if dlse:
         lse_dtype = tf.float64 if dtype == tf.float64 else tf.float32
         x["dlse"] = uniform(rng, [B, heads, tq], lse_dtype)
@@ -128,7 +130,7 @@ def dense_tf(x, tables, heads, dtype, scale, dropout_rate=0.0, seed=0):
     def attention(q, k, v, bias):
         s = tf.matmul(heads_of(q), heads_of(k), transpose_b=True) * tf.constant(scale, dtype)
         if bias is not None:
-            s = s + bias[None]
+            s = s + (bias[None] if bias.shape.rank == 3 else bias)
         s = tf.where(keep_t, s, tf.constant(dtype.min, dtype))
         p = tf.where(tf.reduce_any(keep_t, axis=-1, keepdims=True), tf.nn.softmax(s), tf.zeros_like(s))
         p = p * tf.constant(z, dtype)
@@ -228,6 +230,53 @@ def test_block_sizes_and_head_dims(rng, bs, d):
         run_reference(x, tables, H, dropout_rate=0.2, seed=3),
         tf.float32,
     )
+
+
+BIAS_BROADCASTS = [(B, H), (1, H), (B, 1), (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float32, tf.float16, tf.bfloat16],
+                         ids=["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bias_batch, bias_heads", BIAS_BROADCASTS, ids=[f"{b}x{h}" for b, h in BIAS_BROADCASTS])
+def test_bias_broadcasts(rng, bias_batch, bias_heads, dtype):
+    """bias [B|1, H|1, Tq, Tk] with per-head layouts and key padding: out, lse, dq, dk, dv and dbias (summed over
+    what it broadcasts over) against the float64 reference; 16-bit dtypes within dense TF's error."""
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, dtype, kpm=True, bias_heads=bias_heads, bias_batch=bias_batch)
+    dense = dense_tf(x, tables, H, dtype, 1 / np.sqrt(16)) if dtype in (tf.float16, tf.bfloat16) else None
+    got = run_fused(x, tables, H)
+    assert tuple(got[2][3].shape) == (bias_batch, bias_heads, tables.n_q, tables.n_k)
+    check(got, run_reference(x, tables, H), dtype, dense)
+
+
+@pytest.mark.parametrize("bias_batch, bias_heads", BIAS_BROADCASTS, ids=[f"{b}x{h}" for b, h in BIAS_BROADCASTS])
+def test_bias_broadcasts_in_tf_function(rng, bias_batch, bias_heads):
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, tf.float32, kpm=True, bias_heads=bias_heads, bias_batch=bias_batch, dlse=True)
+    check(run_fused(x, tables, H, mode="function", dropout_rate=0.3, seed=4),
+          run_reference(x, tables, H, dropout_rate=0.3, seed=4), tf.float32)
+
+
+def test_rank3_bias_is_a_batch_broadcast(rng):
+    """The older [H|1, Tq, Tk] bias equals [1, H|1, Tq, Tk]: same outputs, and dbias keeps the rank-3 shape."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, tf.float64, bias_heads=H)
+    three = run_fused(x, tables, H)
+    four = run_fused(dict(x, bias=x["bias"][None]), tables, H)
+    assert three[2][3].shape == x["bias"].shape
+    np.testing.assert_array_equal(three[0], four[0])
+    np.testing.assert_array_equal(three[2][3], four[2][3][0])
+
+
+def test_bias_broadcast_dbias_deterministic(rng):
+    """dbias shared by the batch and the heads, with per-head layouts on 2 threads: the same bits every run
+    (one writer per dbias entry: batch entries and heads are walked in turn by one unit)."""
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, tf.float32, d=32, kpm=True, bias_heads=1, bias_batch=1)
+    first = run_fused(x, tables, H)[2]
+    for _ in range(3):
+        for a, b in zip(first, run_fused(x, tables, H)[2]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_per_head_pattern_with_four_heads(rng):
@@ -440,7 +489,7 @@ def forward_inputs(**changes):
         "row_entries": ROW_ENTRIES,
         "masks": MASKS,
         "key_padding_mask": tf.ones([1, 16], tf.bool),
-        "bias": tf.zeros([1, 16, 16]),
+        "bias": tf.zeros([1, 1, 16, 16]),
         "seed": tf.constant(0, tf.int64),
         "heads": H,
         "block_size": BS,
@@ -514,7 +563,13 @@ FORWARD_ERRORS = {
         {"key_padding_mask": tf.ones([1, 8], tf.bool)},
         r"key_padding_mask must have shape \[1,16\], got \[1,8\]",
     ),
-    "bias_shape": ({"bias": tf.zeros([3, 16, 16])}, r"bias must have shape \[1 or 2, 16, 16\], got \[3,16,16\]"),
+    "bias_heads": (
+        {"bias": tf.zeros([1, 3, 16, 16])},
+        r"bias must have shape \[1 or 1, 1 or 2, 16, 16\], got \[1,3,16,16\]",
+    ),
+    "bias_batch": ({"bias": tf.zeros([2, 1, 16, 16])}, r"bias must have shape \[1 or 1, 1 or 2, 16, 16\], got \[2,1,16,16\]"),
+    "bias_rank": ({"bias": tf.zeros([1, 16, 16])}, r"bias must have shape \[1 or 1, 1 or 2, 16, 16\], got \[1,16,16\]"),
+    "bias_length": ({"bias": tf.zeros([1, 1, 16, 8])}, r"bias must have shape .*got \[1,1,16,8\]"),
     "seed": ({"seed": tf.constant([1, 2], tf.int64)}, r"seed must be a scalar, got shape \[2\]"),
 }
 
@@ -523,11 +578,19 @@ def raises_invalid(match):
     return pytest.raises(tf.errors.InvalidArgumentError, match=match)
 
 
+def test_bias_rank_in_graph_mode():
+    """The shape functions name bias when its rank is not 4."""
+    for op, inputs in (("bsattn_fused_attention", forward_inputs), ("bsattn_fused_attention_grad", grad_inputs)):
+        x = inputs(bias=np.zeros([1, 16, 16], np.float32))
+        with pytest.raises(ValueError, match=r"bias must have rank 4 \[batch or 1, heads or 1, Tq, Tk\]"):
+            tf.function(lambda x=x, op=op: getattr(load_ops(), op)(**x)).get_concrete_function()
+
+
 def test_valid_inputs_run():
     out, lse = load_ops().bsattn_fused_attention(**forward_inputs())
     assert out.shape == (1, 16, 8) and lse.shape == (1, H, 16)
     _dq, _dk, _dv, dbias = load_ops().bsattn_fused_attention_grad(**grad_inputs())
-    assert dbias.shape == (1, 16, 16)
+    assert dbias.shape == (1, 1, 16, 16)
 
 
 @pytest.mark.parametrize("case", list(FORWARD_ERRORS))
@@ -579,10 +642,10 @@ def test_python_errors(rng):
         fused_attention(q, q, q, fused_tables_for_layout(np.ones((2, 4, 4)), 16), 4)
     with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
         fused_attention(q, q, q, tables, 2, dropout_rate=1.0)
-    with pytest.raises(ValueError, match=r"bias must have shape \[\?, 64, 64\]"):
-        fused_attention(q, q, q, tables, 2, bias=tf.zeros([1, 64, 32]))
-    with pytest.raises(ValueError, match=r"bias must be \[1 or 2, 64, 64\]"):
-        fused_attention(q, q, q, tables, 2, bias=tf.zeros([3, 64, 64]))
+    expected = r"bias must have shape \[1 or 1, 1 or 2, 64, 64\] \(or \[1 or 2, 64, 64\]\)"
+    for bad in ([1, 64, 32], [3, 64, 64], [2, 1, 64, 64], [1, 3, 64, 64], [64, 64], [1, 1, 1, 64, 64]):
+        with pytest.raises(ValueError, match=expected + rf", got \({', '.join(map(str, bad))},?\)"):
+            fused_attention(q, q, q, tables, 2, bias=tf.zeros(bad))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[1, 64\]"):
         fused_attention(q, q, q, tables, 2, key_padding_mask=tf.ones([1, 32], tf.bool))
     with pytest.raises(ValueError, match=r"scale must be finite"):
@@ -593,3 +656,136 @@ def test_python_errors(rng):
         fused_attention(q, q, q, object(), 2)
     with pytest.raises(ValueError, match=r"engine must be 'fused' or 'unfused'"):
         blocksparse_attention_impl(q, q, q, 2, "all", blocksize=16, engine="flash")
+
+
+# ---- reliability: masked positions never read, NaN rows, empty batches ----------------------------------------
+
+REDUCED = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
+
+
+def poisoned(x, name, index, value=np.nan):
+    """x with x[name][index] = value (a new tensor)."""
+    a = f64(x[name]).copy()
+    a[index] = value
+    return dict(x, **{name: tf.constant(a, x[name].dtype)})
+
+
+def check_ignored(x_clean, x_bad, tables, dtype, **op_args):
+    """The op on x_bad (NaN/Inf only at masked positions) is finite and matches the float64 reference (which
+    never reads masked entries); 16-bit dtypes within dense TF's error on the clean inputs."""
+    dense = None
+    if dtype != tf.float32:
+        dense = dense_tf(x_clean, tables, H, dtype, op_args.get("scale", 1 / np.sqrt(16)))
+    check(run_fused(x_bad, tables, H, **op_args), run_reference(x_bad, tables, H, **op_args), dtype, dense)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+@pytest.mark.parametrize("where", ["v", "k", "bias"])
+def test_nan_at_padded_key_never_read(rng, where, dtype):
+    """NaN / Inf in v, k or the bias of padded keys (key_padding_mask False) reach no output or gradient (it
+    used to make every output of the batch entry NaN, and every dq NaN for k)."""
+    tables = make_tables(rng, "random")
+    x = make_inputs(rng, tables, dtype, kpm=True, bias_heads=H, bias_batch=B)
+    padded = np.nonzero(~x["kpm"])
+    if where == "bias":
+        a = f64(x["bias"]).copy()
+        a[padded[0], :, :, padded[1]] = np.nan
+        bad = dict(x, bias=tf.constant(a, dtype))
+    else:
+        a = f64(x[where]).copy()
+        a[padded] = np.where(rng.random((len(padded[0]), 1)) < 0.5, np.nan, -np.inf)
+        bad = dict(x, **{where: tf.constant(a, dtype)})
+    check_ignored(x, bad, tables, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_nan_under_minus_inf_bias_never_read(rng, dtype):
+    """A key column under a -inf bias (a per-example mask given as a bias) with NaN k and v: ignored."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype, bias_heads=1, bias_batch=B)
+    a = f64(x["bias"]).copy()
+    a[0, :, :, 37] = -np.inf
+    a[1, :, 40:, 9] = -np.inf  # part of a column only: rows 40.. ignore key 9
+    x = dict(x, bias=tf.constant(a, dtype))
+    bad = poisoned(poisoned(x, "v", (0, 37)), "k", (0, 37))
+    bad = poisoned(poisoned(bad, "v", (1, 9), np.inf), "k", (1, 9), np.nan)
+    got = run_fused(bad, tables, H)
+    out = f64(got[0])
+    assert np.isfinite(out[0]).all() and np.isfinite(out[1, :9]).all() and np.isfinite(out[1, 40:]).all()
+    assert np.isnan(out[1, 9:40]).all()  # they attend key 9, whose k is NaN
+    assert np.isfinite(f64(got[2][3])[0]).all()  # dbias of batch entry 0
+    assert_nan_aware(got, run_reference(bad, tables, H), dtype)
+
+
+def assert_nan_aware(got, want, dtype):
+    """NaN exactly where the reference has NaN (out, lse, every gradient); the finite values close to it."""
+    names = ("out", "lse", "dq", "dk", "dv", "dbias")
+    for name, g, w in zip(names, [got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        g, w = f64(g), np.asarray(w)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=f"{name}: NaN positions")
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=f"{name}: finite positions")
+        tol = {tf.float32: 1e-5, tf.float16: 1e-2, tf.bfloat16: 8e-2}[dtype]
+        scale = max(np.abs(w[finite]).max(initial=0.0), 1e-30)
+        assert np.abs(g[finite] - w[finite]).max(initial=0.0) <= tol * scale, name
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_nan_value_inside_a_partial_block(rng, dtype):
+    """Causal tables (bs 16) with NaN v[20]: rows 0-19 (earlier blocks, and rows 16-19 of key 20's own block,
+    which mask it) stay finite, dq of rows < 20 too; rows >= 20 attend key 20 and become NaN, as in dense TF."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype)
+    bad = poisoned(x, "v", (0, 20))
+    got, want = run_fused(bad, tables, H), run_reference(bad, tables, H)
+    out, dq = f64(got[0]), f64(got[2][0])
+    assert np.isfinite(out[0, :20]).all() and np.isnan(out[0, 20:]).all() and np.isfinite(out[1]).all()
+    assert np.isfinite(dq[0, :20]).all() and np.isfinite(f64(got[2][2])).all()  # dv: P is finite
+    assert_nan_aware(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_nan_key_inside_a_partial_block(rng, dtype):
+    """NaN k[20] with causal tables: rows 16-19 mask key 20 inside its block, so their out and dq stay finite."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype)
+    bad = poisoned(x, "k", (1, 20))
+    got = run_fused(bad, tables, H)
+    out, dq = f64(got[0]), f64(got[2][0])
+    assert np.isfinite(out[1, :20]).all() and np.isfinite(dq[1, :20]).all() and np.isfinite(out[0]).all()
+    assert np.isnan(out[1, 20:]).all()
+    assert_nan_aware(got, run_reference(bad, tables, H), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(REDUCED.values()), ids=list(REDUCED))
+def test_lse_of_a_nan_row_is_nan(rng, dtype):
+    """An attended NaN score (NaN q at row 5, head 0) gives that row NaN output and NaN lse (not -inf, the
+    'no kept key' marker); every other row is unaffected."""
+    tables = make_tables(rng, "causal")
+    x = make_inputs(rng, tables, dtype, dlse=True)
+    bad = poisoned(x, "q", (0, 5, slice(0, 16)))
+    got = run_fused(bad, tables, H)
+    lse = f64(got[1])
+    assert np.isnan(lse[0, 0, 5]) and np.isfinite(np.delete(lse[0, 0], 5)).all() and np.isfinite(lse[1]).all()
+    out = f64(got[0])
+    assert np.isnan(out[0, 5, :16]).all() and np.isfinite(out[0, 5, 16:]).all()
+    assert_nan_aware(got, run_reference(bad, tables, H), dtype)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16, tf.float64],
+                         ids=["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("bias", [None, (1, H), (1, 1), (0, H)], ids=["no_bias", "bias_1xH", "bias_1x1", "bias_0xH"])
+def test_batch_zero(rng, bias, dtype):
+    """Batch 0 (the gradient used to divide by zero and kill the process): empty outputs of the right shapes,
+    and a bias broadcast over the (empty) batch gets a zero gradient."""
+    tables = fused_tables_for_pattern(patterns.Causal(), 32, 32, block_size=16)
+    q = tf.zeros([0, 32, 16], dtype)
+    b = None if bias is None else tf.constant(rng.standard_normal((*bias, 32, 32)), dtype)
+    with tf.GradientTape() as tape:
+        tape.watch([q] + ([b] if b is not None else []))
+        out, lse = fused_attention(q, q, q, tables, heads=2, bias=b, return_lse=True)
+        loss = tf.reduce_sum(tf.cast(out, lse.dtype)) + tf.reduce_sum(lse)
+    grads = tape.gradient(loss, [q] + ([b] if b is not None else []))
+    assert out.shape == (0, 32, 16) and lse.shape == (0, 2, 32) and grads[0].shape == (0, 32, 16)
+    if b is not None:
+        assert grads[1].shape == b.shape and not f64(grads[1]).any()

@@ -69,7 +69,8 @@ int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* d
  *   row_ptr [L, nQb + 1], row_entries [E, 2] (Kb, mask id); col_ptr [L, nKb + 1], col_entries
  *   [E, 2] (Qb, mask id) (backward only); L = layout_heads = 1 or H; masks [P, bs, ceil(bs/32)]
  *   keep bits (mask id -1 = full block); key_padding_mask [B, Tk] bytes (nonzero = real key) or
- *   NULL; bias [bias_heads, Tq, Tk] (dtype) or NULL, added to the scaled scores; dropout of the
+ *   NULL; bias [bias_batch, bias_heads, Tq, Tk] (dtype) or NULL, added to the scaled scores, with
+ *   bias_batch = 1 (one slice for every batch entry) or B and bias_heads = 1 or H; dropout of the
  *   probabilities with the counter hash of ops/cuda/dropout_hash.h (rate 0 = none).
  * Block sizes 8..128 (powers of two); head_dim up to 256. float16/bfloat16 with bs >= 16,
  * head_dim 32, 64 or 128 and 16-byte aligned q/k/v/out run on tensor cores (mma.sync); every
@@ -88,7 +89,8 @@ typedef struct bsattn_fused_args {
   const int32_t* masks;
   const uint8_t* key_padding_mask;
   const void* bias;
-  int64_t bias_heads;
+  int64_t bias_batch; /* 1 or batch: bias entry (b, h, i, j) is at ((b' * bias_heads + h') * Tq + i) * Tk + j */
+  int64_t bias_heads; /* 1 or heads; b' = b or 0, h' = h or 0 */
   float scale;
   float dropout_rate;
   int64_t seed;
@@ -103,9 +105,9 @@ int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, b
 int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias);
 
 /* dq, dk, dv (shapes of q, k, v) from dout [B, Tq, H*D], the forward's out and lse, and dlse
- * [B, H, Tq] float32 or NULL. With dbias (NULL = not wanted; needs a bias) [bias_heads, Tq, Tk]
- * (dtype): the gradient of the bias summed over the batch (and the heads when bias_heads = 1),
- * 0 outside the active blocks. Two passes, no atomics: dq over query-block rows, dk/dv (and dbias)
+ * [B, H, Tq] float32 or NULL. With dbias (NULL = not wanted; needs a bias) [bias_batch,
+ * bias_heads, Tq, Tk] (dtype): the gradient of the bias summed over the batch when bias_batch = 1
+ * and over the heads when bias_heads = 1, 0 outside the active blocks. Two passes, no atomics: dq over query-block rows, dk/dv (and dbias)
  * over key-block columns; the same inputs give the same bits. */
 int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const float* lse,
                           const void* dout, const float* dlse, void* dq, void* dk, void* dv,

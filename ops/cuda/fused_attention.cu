@@ -218,8 +218,8 @@ __global__ void __launch_bounds__(32 * kMaxRows)
 }
 
 // dK, dV (and dbias) over key rows. Grid (n_kb * bs / rows, groups), rows warps; a CTA walks the
-// `members` heads (b, h) of its group: one (b, h) without dbias, else every head adding into one
-// bias head, so that each dbias entry has one writer. Shared: k, v [rows][D]; q, dout [32][D+1];
+// `members` heads (b, h) of its group (GroupMember): one (b, h) without dbias, else every head
+// adding into one dbias slice, so that each dbias entry has one writer. Shared: k, v [rows][D]; q, dout [32][D+1];
 // lse, delta [32].
 template <typename T, int DC>
 __global__ void __launch_bounds__(32 * kMaxRows)
@@ -238,9 +238,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   const int bj = static_cast<int>((blockIdx.x % groups) * rows) + warp;
   const int64_t kj = kb * p.bs + bj;
   for (int64_t member = 0; member < members; ++member) {
-    const int64_t bh = dbias == nullptr ? group
-                       : p.bias_heads == 1 ? member
-                                           : member * p.heads + group;
+    const int64_t bh = GroupMember(p, dbias != nullptr, group, member);
     const int64_t b = bh / p.heads, h = bh % p.heads;
     __syncthreads();  // the previous member's rows are consumed
     LoadRow<T>(p, p.k, p.tk, b, h, kj, ks + warp * D, lane);
@@ -266,7 +264,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
           const float dp = Dot(dos + lane * (D + 1), vs + warp * D, D);
           g = GradAt<T>(p, b, h, qi, kj, MaskRow(p, mask_id, c0 + lane), bj, s, dp, lse_s[lane],
                         delta_s[lane]);
-          if (dbias != nullptr) dbias[((p.bias_heads == 1 ? 0 : h) * p.tq + qi) * p.tk + kj] += g.ds;
+          if (dbias != nullptr) dbias[BiasIndex(p, b, h, qi, kj)] += g.ds;
         }
         AccumulateRows(dv_acc, g.kept, dos, D + 1, kc, D, lane);
         AccumulateRows(dk_acc, g.ds, qs, D + 1, kc, D, lane);
@@ -296,7 +294,8 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   if (a->batch <= 0 || a->heads <= 0 || a->head_dim <= 0 || a->tq <= 0 || a->tk <= 0 ||
       a->tq % a->block_size != 0 || a->tk % a->block_size != 0 ||
       (a->layout_heads != 1 && a->layout_heads != a->heads) ||
-      (a->bias != nullptr && a->bias_heads != 1 && a->bias_heads != a->heads))
+      (a->bias != nullptr && ((a->bias_heads != 1 && a->bias_heads != a->heads) ||
+                              (a->bias_batch != 1 && a->bias_batch != a->batch))))
     return BSATTN_ERROR_SHAPE;
   p->dtype = a->dtype;
   p->batch = a->batch;
@@ -323,6 +322,7 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   p->mask_words = static_cast<int>((a->block_size + 31) / 32);
   p->key_padding_mask = a->key_padding_mask;
   p->bias = a->bias;
+  p->bias_batch = a->bias_batch;
   p->bias_heads = a->bias_heads;
   p->scale = a->scale;
   p->dropout = a->dropout_rate > 0.0f;
@@ -389,7 +389,7 @@ struct GradRunner {
     GradQSimt<T, DC><<<q_grid, 32 * rows, q_smem, stream>>>(p, static_cast<const T*>(dout), lse, delta,
                                                             static_cast<T*>(dq));
 
-    const int64_t groups = dbias_acc == nullptr ? p.batch * p.heads : p.bias_heads;
+    const int64_t groups = GradGroups(p, dbias_acc != nullptr);
     const size_t kv_smem = sizeof(float) * (2 * rows * D + 2 * kChunk * (D + 1) + 2 * kChunk);
     AllowSharedMemory(GradKVSimt<T, DC>, kv_smem);
     const dim3 kv_grid(static_cast<unsigned>(p.n_kb * (p.bs / rows)), static_cast<unsigned>(groups));
@@ -402,7 +402,7 @@ struct GradRunner {
 int64_t DeltaBytes(const FusedParams& p) { return ((p.batch * p.heads * p.tq * 4 + 255) / 256) * 256; }
 
 int64_t DbiasAccumulatorBytes(const FusedParams& p) {
-  return p.dtype == BSATTN_FLOAT32 ? 0 : p.bias_heads * p.tq * p.tk * 4;
+  return p.dtype == BSATTN_FLOAT32 ? 0 : p.bias_batch * p.bias_heads * p.tq * p.tk * 4;
 }
 
 }  // namespace
@@ -442,7 +442,7 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
   float* delta = static_cast<float*>(workspace);
   // dbias sums into float32: dbias itself for float32, else the workspace after delta.
   float* dbias_acc = nullptr;
-  const int64_t dbias_count = p.bias_heads * p.tq * p.tk;
+  const int64_t dbias_count = p.bias_batch * p.bias_heads * p.tq * p.tk;
   if (dbias != nullptr) {
     dbias_acc = p.dtype == BSATTN_FLOAT32 ? static_cast<float*>(dbias)
                                           : reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_bytes);

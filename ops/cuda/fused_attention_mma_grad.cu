@@ -6,7 +6,7 @@
 //   GradKVMma  a CTA per key block (BS keys, BS/16 warps of 16 keys) walks the column table, in
 //              the transposed orientation: S^T = K Q^T, dP^T = V dO^T, dV += (P Z)^T dO,
 //              dK += dS^T Q, and adds dS into the float32 dbias accumulator (one writer per entry:
-//              with dbias a CTA walks every head that shares its bias head).
+//              with dbias a CTA walks every head that reads its dbias slice).
 // Operands stream through shared memory kKeys rows at a time (double buffered with cp.async);
 // fragments are re-read from shared memory with ldmatrix rather than held in registers, so that
 // the float32 accumulators (S, dP, and dQ or dK + dV) fit without spilling at D = 128.
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   const int r0 = warp * 16 + lane / 4;  // this thread's keys r0, r0 + 8 (within the block)
 
   for (int64_t member = 0; member < members; ++member) {
-    const int64_t bh = dbias == nullptr ? group : p.bias_heads == 1 ? member : member * p.heads + group;
+    const int64_t bh = GroupMember(p, dbias != nullptr, group, member);
     const int64_t b = bh / p.heads, h = bh % p.heads;
     const int2 range = TableRange(p.col_ptr, p.shared_layout, h, p.n_kb, kb);
     const int n_steps = (range.y - range.x) * kSteps;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
           const float prob = exp2f(x * kLog2e - lse_s[buf * kStep + col]);
           const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
           const float ds = prob * (dp[t][e] * z - delta_s[buf * kStep + col]);
-          if (dbias != nullptr) dbias[((p.bias_heads == 1 ? 0 : h) * p.tq + qi) * p.tk + kj] += ds;
+          if (dbias != nullptr) dbias[BiasIndex(p, b, h, qi, kj)] += ds;
           s[t][e] = prob * z;  // P Z, for dV
           dp[t][e] = ds;       // dS, for dK
         }
@@ -270,7 +270,7 @@ void LaunchGrad(const FusedParams& p, const void* dout, const float* lse, const 
   const dim3 q_grid(static_cast<unsigned>(p.n_qb), static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
   GradQMma<T, BS, D><<<q_grid, Shape::kThreads, Shape::kSharedBytes, stream>>>(
       p, static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq));
-  const int64_t groups = dbias == nullptr ? p.batch * p.heads : p.bias_heads;
+  const int64_t groups = GradGroups(p, dbias != nullptr);
   const dim3 kv_grid(static_cast<unsigned>(p.n_kb), static_cast<unsigned>(groups));
   GradKVMma<T, BS, D><<<kv_grid, Shape::kThreads, Shape::kSharedBytes, stream>>>(
       p, static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), dbias,

@@ -31,8 +31,8 @@ struct FusedParams {
   const uint32_t* masks = nullptr;  // [P, bs, mask_words]
   int mask_words = 1;
   const uint8_t* key_padding_mask = nullptr;  // [B, Tk], nonzero = real key; null = none
-  const void* bias = nullptr;                 // [bias_heads, Tq, Tk]; null = none
-  int64_t bias_heads = 0;
+  const void* bias = nullptr;                 // [bias_batch, bias_heads, Tq, Tk]; null = none
+  int64_t bias_batch = 0, bias_heads = 0;     // 1 (broadcast) or B, 1 or H
   float scale = 1.0f;
   bool dropout = false;
   uint64_t dropout_key = 0;
@@ -52,6 +52,29 @@ __device__ __forceinline__ const uint32_t* MaskRow(const FusedParams& p, int32_t
   return mask_id < 0 ? nullptr : p.masks + (int64_t{mask_id} * p.bs + bi) * p.mask_words;
 }
 
+// The index of bias (and dbias) entry (i, j) of head (b, h).
+__device__ __forceinline__ int64_t BiasIndex(const FusedParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t bb = p.bias_batch == 1 ? 0 : b, hb = p.bias_heads == 1 ? 0 : h;
+  return ((bb * p.bias_heads + hb) * p.tq + i) * p.tk + j;
+}
+
+// The gradient's CTA groups over (b, h): one head each without dbias, else one per dbias slice
+// (bb, hb), whose members are the heads that read it, walked in turn by one CTA so that each dbias
+// entry has one writer.
+__host__ __device__ __forceinline__ int64_t GradGroups(const FusedParams& p, bool with_dbias) {
+  return with_dbias ? p.bias_batch * p.bias_heads : p.batch * p.heads;
+}
+
+// The head b * H + h of member `member` (of batch * heads / GradGroups) of group `group`.
+__device__ __forceinline__ int64_t GroupMember(const FusedParams& p, bool with_dbias, int64_t group,
+                                               int64_t member) {
+  if (!with_dbias) return group;
+  const int64_t heads_per_slice = p.heads / p.bias_heads;
+  const int64_t b = p.bias_batch == 1 ? member / heads_per_slice : group / p.bias_heads;
+  const int64_t h = p.bias_heads == 1 ? member % heads_per_slice : group % p.bias_heads;
+  return b * p.heads + h;
+}
+
 // What entry (query i, key j) of head (b, h) adds to its scaled score, in natural units: -inf
 // when the in-block mask (mask_row, key bj of the block) or the key padding drops it, else the
 // bias (0 without one).
@@ -61,8 +84,7 @@ __device__ __forceinline__ float ScoreOffset(const FusedParams& p, int64_t b, in
   if (mask_row != nullptr && !((mask_row[bj >> 5] >> (bj & 31)) & 1u)) return -INFINITY;
   if (p.key_padding_mask != nullptr && p.key_padding_mask[b * p.tk + j] == 0) return -INFINITY;
   if (p.bias == nullptr) return 0.0f;
-  const int64_t hb = p.bias_heads == 1 ? 0 : h;
-  return ToFloat(static_cast<const T*>(p.bias)[(hb * p.tq + i) * p.tk + j]);
+  return ToFloat(static_cast<const T*>(p.bias)[BiasIndex(p, b, h, i, j)]);
 }
 
 // The dropout factor of entry (i, j) of head (b, h): 1 / (1 - rate) if kept, else 0.

@@ -5,9 +5,9 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
   checks   every dtype x block size (8..128) x head dim (24: SIMT in every dtype; 32/64/128: tensor
            cores for float16/bfloat16 at bs >= 16) x feature variant, on fresh random inputs, outputs
            poisoned with NaN, against bsattn.reference (float64 on the CPU): out, lse, dq, dk, dv, dbias.
-           Variants: plain; key padding + per-head bias + dropout + per-head layouts with different
-           block counts + Tq != Tk; shared bias + key padding + dlse; dropout + partial blocks with
-           fully masked rows + empty rows. Error = max |ours - ref| / max |ref|. float32 must stay
+           Variants: plain; key padding + bias [B, H] + dropout + per-head layouts with different
+           block counts + Tq != Tk; bias [1, 1] + key padding + dlse; bias [1, H] + dropout + partial
+           blocks with fully masked rows + empty rows; bias [B, 1] + key padding. Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
   bench    bf16 forward (and forward+backward) of the fused op against FlexAttention with the same
@@ -43,7 +43,10 @@ from bsattn.fused_tables import (
 )
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows")
+VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias")
+# The bias shape [Bb, Hb] of each variant (B, H = 2, 2): every broadcast combination appears once.
+BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
+               "batch_bias": (2, 1)}
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -54,7 +57,7 @@ class FusedArgs(ctypes.Structure):
         ("dtype", ctypes.c_int), ("batch", I64), ("heads", I64), ("head_dim", I64), ("tq", I64), ("tk", I64),
         ("block_size", I64), ("q", PTR), ("k", PTR), ("v", PTR), ("layout_heads", I64), ("row_ptr", PTR),
         ("row_entries", PTR), ("col_ptr", PTR), ("col_entries", PTR), ("masks", PTR),
-        ("key_padding_mask", PTR), ("bias", PTR), ("bias_heads", I64), ("scale", ctypes.c_float),
+        ("key_padding_mask", PTR), ("bias", PTR), ("bias_batch", I64), ("bias_heads", I64), ("scale", ctypes.c_float),
         ("dropout_rate", ctypes.c_float), ("seed", I64),
     ]
 
@@ -97,7 +100,8 @@ class DeviceCase:
             block_size=tables.block_size, q=ptr("q"), k=ptr("k"), v=ptr("v"), layout_heads=tables.lut_heads,
             row_ptr=ptr("row_ptr"), row_entries=ptr("row_entries"), col_ptr=ptr("col_ptr"),
             col_entries=ptr("col_entries"), masks=ptr("masks"), key_padding_mask=ptr("kpm"), bias=ptr("bias"),
-            bias_heads=0 if bias is None else bias.shape[0], scale=scale, dropout_rate=dropout_rate, seed=seed)
+            bias_batch=0 if bias is None else bias.shape[0], bias_heads=0 if bias is None else bias.shape[1],
+            scale=scale, dropout_rate=dropout_rate, seed=seed)
 
 
 def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
@@ -131,9 +135,10 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
         "v": cast(rng.uniform(-1, 1, (batch, tk, width))), "dout": cast(rng.uniform(-1, 1, (batch, tq, width))),
         "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": int(rng.integers(0, 2**62)), "dlse": None,
     }
-    if variant in ("padding_bias_dropout", "shared_bias_dlse"):
+    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias"):
         case["kpm"] = rng.random((batch, tk)) < 0.8
-        case["bias"] = cast(rng.normal(0, 1, (heads if variant == "padding_bias_dropout" else 1, tq, tk)))
+    if variant in BIAS_SHAPES:
+        case["bias"] = cast(rng.normal(0, 1, (*BIAS_SHAPES[variant], tq, tk)))
     if variant in ("padding_bias_dropout", "dropout_masked_rows"):
         case["dropout_rate"] = 0.25
     if variant == "shared_bias_dlse":
@@ -152,7 +157,7 @@ def dense_baseline(c: dict, dtype) -> dict:
         keep = keep & dev(c["kpm"])[:, None, None, :]
     s = (split(q) @ split(k).transpose(-1, -2)) * c["scale"]
     if bias is not None:
-        s = s + bias[None]
+        s = s + bias
     s = s.masked_fill(~keep, -float("inf"))
     # A row with no kept key: output 0 and lse -inf, as in the fused op (computed on zeros, so that no NaN
     # reaches autograd).

@@ -53,6 +53,7 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
   }
   if (a.has_bias) {
     args->bias = FusedInput(ctx, "bias").data();
+    args->bias_batch = d.bias_batch;
     args->bias_heads = d.bias_heads;
   }
   args->scale = a.scale;

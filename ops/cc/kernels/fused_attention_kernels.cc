@@ -16,6 +16,15 @@
 // contiguous axis, so the online softmax is plain vector code (attention_math); in the gradient
 // lse and delta are per-row scalars.
 //
+// Masked entries are never read into a result (NaN/Inf at an ignored key stays out; an attended
+// NaN score makes its row NaN, as dense attention does). Scores of masked entries are set to -inf
+// by select, never by adding; K and V rows of padded keys are staged as zeros; a streamed V tile
+// (forward) or K tile (dQ) that still holds a non-finite value takes the exact path: the product
+// runs with those values zeroed and their kept products are added one by one
+// (AddNonFiniteProducts); in the gradient, dP = dO V^T of masked entries is zeroed when the
+// column's V is not finite (it is NaN there; P = 0 makes dS 0). A finiteness scan per staged tile
+// is all that full tiles pay.
+//
 // Per-thread scratch is kept across units and calls; each output tile (and dbias entry) has exactly
 // one writer and sums in a fixed order, so two runs give the same bits.
 #include "ops/cc/kernels/fused_attention_kernels.h"
@@ -51,6 +60,13 @@ std::vector<uint32_t> TransposedMasks(tensorflow::OpKernelContext* ctx, const Fu
   return out;
 }
 
+// The offset of the bias's [Tq, Tk] slice that head (b, h) reads (and its dbias slice).
+template <typename T>
+int64_t BiasSlice(const FusedAttentionParams<T>& p, int64_t b, int64_t h) {
+  const int64_t bb = p.bias_batch == 1 ? 0 : b, hb = p.bias_heads == 1 ? 0 : h;
+  return (bb * p.bias_heads + hb) * p.tq * p.tk;
+}
+
 // Adds the bias, then sets the scores of masked entries (in-block mask, key padding) to -inf, on a
 // bs x bs tile of block (q0, k0) stored transposed ([j][i], kTransposed: masks are the transposed
 // ones) or not ([i][j]).
@@ -59,13 +75,15 @@ void ApplyBiasAndMasks(const FusedAttentionParams<T>& p, const uint32_t* masks, 
                        int64_t q0, int64_t k0, int32_t mask_id, Acc* tile) {
   const int64_t bs = p.block_size;
   auto at = [bs](int64_t i, int64_t j) { return kTransposed ? j * bs + i : i * bs + j; };
-  if (p.bias != nullptr) {
-    const int64_t hb = p.bias_heads == 1 ? 0 : h;
-    const T* bias = p.bias + (hb * p.tq + q0) * p.tk + k0;
-    for (int64_t i = 0; i < bs; ++i)
-      for (int64_t j = 0; j < bs; ++j) tile[at(i, j)] += static_cast<Acc>(bias[i * p.tk + j]);
-  }
   constexpr Acc kMasked = -std::numeric_limits<Acc>::infinity();
+  if (p.bias != nullptr) {  // a -inf bias masks by select: a NaN score there stays out
+    const T* bias = p.bias + BiasSlice(p, b, h) + q0 * p.tk + k0;
+    for (int64_t i = 0; i < bs; ++i)
+      for (int64_t j = 0; j < bs; ++j) {
+        const Acc add = static_cast<Acc>(bias[i * p.tk + j]);
+        tile[at(i, j)] = add == kMasked ? kMasked : tile[at(i, j)] + add;
+      }
+  }
   if (mask_id >= 0) {  // a partial block; full blocks (mask id -1) skip this
     ApplyKeepBits(tile, bs, bs, masks + mask_id * bs * p.mask_words, p.mask_words);
   }
@@ -74,6 +92,74 @@ void ApplyBiasAndMasks(const FusedAttentionParams<T>& p, const uint32_t* masks, 
     for (int64_t j = 0; j < bs; ++j) {
       if (keep[j]) continue;
       for (int64_t i = 0; i < bs; ++i) tile[at(i, j)] = kMasked;
+    }
+  }
+}
+
+// Whether entry (q0 + i, k0 + j) of head (b, h) is attended: kept by the block's mask (mask_id, -1 =
+// full; masks not transposed), the key padding and a bias other than -inf.
+template <typename T>
+bool Kept(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, int64_t k0, int32_t mask_id,
+          int64_t i, int64_t j) {
+  using Acc = typename AccumulatorOf<T>::type;
+  if (mask_id >= 0) {
+    const uint32_t word = p.masks[(mask_id * p.block_size + i) * p.mask_words + (j >> 5)];
+    if (!((word >> (j & 31)) & 1u)) return false;
+  }
+  if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * p.tk + k0 + j]) return false;
+  return p.bias == nullptr ||
+         static_cast<Acc>(p.bias[BiasSlice(p, b, h) + (q0 + i) * p.tk + k0 + j]) !=
+             -std::numeric_limits<Acc>::infinity();
+}
+
+// Whether all n values at x are finite (x - x is 0 exactly for finite x).
+template <typename Acc>
+bool AllFinite(const Acc* x, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= (x[i] - x[i]) == Acc(0);
+  return finite;
+}
+
+// Zeroes the non-finite values of the n values at x.
+template <typename Acc>
+void ZeroNonFinite(Acc* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - x[i]) == Acc(0) ? x[i] : Acc(0);
+}
+
+// Zeroes the rows (kTransposed: columns) of the padded keys [k0, k0 + bs) of batch entry b in a
+// staged bs x D tile (D x bs), so that garbage at padded keys is never read.
+template <bool kTransposed, typename T, typename Acc>
+void ZeroPaddedKeys(const FusedAttentionParams<T>& p, int64_t b, int64_t k0, Acc* tile) {
+  if (p.key_padding_mask == nullptr) return;
+  const bool* keep = p.key_padding_mask + b * p.tk + k0;
+  const int64_t bs = p.block_size, d = p.head_dim;
+  for (int64_t j = 0; j < bs; ++j) {
+    if (keep[j]) continue;
+    if (kTransposed) {
+      for (int64_t c = 0; c < d; ++c) tile[c * bs + j] = 0;
+    } else {
+      std::fill_n(tile + j * d, d, Acc(0));
+    }
+  }
+}
+
+// The exact path of a product out (+)= W X whose staged X (bs x D, rows = keys k0..) had its
+// non-finite values zeroed: adds w(i, j) x[j][c] for each non-finite x[j][c] (read from src, rows
+// H*D apart) and each attended entry (q0 + i, k0 + j), w(i, j) = w[i * wi + j * wj]. Masked entries'
+// values are never read; out rows are ld apart.
+template <typename T, typename Acc>
+void AddNonFiniteProducts(const FusedAttentionParams<T>& p, const Acc* src, int64_t b, int64_t h, int64_t q0,
+                          int64_t k0, int32_t mask_id, const Acc* w, int64_t wi, int64_t wj, Acc* out,
+                          int64_t ld) {
+  const int64_t bs = p.block_size, d = p.head_dim;
+  for (int64_t j = 0; j < bs; ++j) {
+    const Acc* x = src + j * p.width;
+    if (AllFinite(x, d)) continue;
+    for (int64_t i = 0; i < bs; ++i) {
+      if (!Kept(p, b, h, q0, k0, mask_id, i, j)) continue;
+      for (int64_t c = 0; c < d; ++c) {
+        if ((x[c] - x[c]) != Acc(0)) out[i * ld + c] += w[i * wi + j * wj] * x[c];
+      }
     }
   }
 }
@@ -267,13 +353,18 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
         }
         CopyRows(p, p.k, p.tk, b, h, k0, k_tile);
         CopyRows(p, p.v, p.tk, b, h, k0, v_tile);
+        ZeroPaddedKeys<false>(p, b, k0, k_tile);
+        ZeroPaddedKeys<false>(p, b, k0, v_tile);
+        const bool v_finite = AllFinite(v_tile, tile);
+        if (!v_finite) ZeroNonFinite(v_tile, tile);  // their products are added exactly below
         for (int64_t g = 0; g < count; ++g) {
           const int32_t e = walk.Entry(g);
           if (e < 0) continue;
           const int64_t q0 = (qb0 + g) * bs;
           Acc *m_g = m + g * bs, *l_g = l + g * bs, *alpha_g = alpha + g * bs;
           MatMul(k_tile, d, qt + g * tile, bs, st, bs, bs, d, bs);
-          ApplyBiasAndMasks<true>(p, masks_t.data(), b, h, q0, k0, p.row_entries[2 * e + 1], st);
+          const int32_t mask_id = p.row_entries[2 * e + 1];
+          ApplyBiasAndMasks<true>(p, masks_t.data(), b, h, q0, k0, mask_id, st);
           OnlineSoftmaxStep(st, bs, bs, m_g, l_g, alpha_g);
           if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
             DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), 1, p.tk,
@@ -282,6 +373,9 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
           }
           // acc = alpha acc + P V: the online softmax's rescaling folded into the product.
           MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
+          if (!v_finite) {  // st is P^T: w(i, j) = st[j * bs + i]
+            AddNonFiniteProducts(p, Rows(p, p.v, p.tk, b, h, k0), b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile, d);
+          }
         }
       }
       for (int64_t g = 0; g < count; ++g) {
@@ -290,7 +384,8 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
         Acc* alpha_g = alpha + g * bs;
         Acc* lse_row = lse + (b * p.heads + h) * p.tq + q0;
         for (int64_t i = 0; i < bs; ++i) {
-          const bool empty = !(l_g[i] > 0);  // no kept key: output 0, lse -inf
+          // No kept key: output 0, lse -inf. A NaN sum (an attended NaN score) gives NaN for both.
+          const bool empty = l_g[i] == 0;
           lse_row[i] = empty ? -std::numeric_limits<Acc>::infinity() : m_g[i] + std::log(l_g[i]);
           alpha_g[i] = empty ? Acc(0) : 1 / l_g[i];
         }
@@ -368,6 +463,17 @@ std::vector<int64_t> ChunkRows(const FusedAttentionParams<T>& p, const std::vect
   return out;
 }
 
+// The head b * H + h of member `member` of gradient group `group`: the group itself without dbias,
+// else the member-th head (batch-major) of those that read dbias slice group = bb * Hb + hb.
+template <typename T>
+int64_t GroupMember(const FusedAttentionParams<T>& p, bool by_bias, int64_t group, int64_t member) {
+  if (!by_bias) return group;
+  const int64_t heads_per_slice = p.heads / p.bias_heads;  // members per batch entry
+  const int64_t b = p.bias_batch == 1 ? member / heads_per_slice : group / p.bias_heads;
+  const int64_t h = p.bias_heads == 1 ? member % heads_per_slice : group % p.bias_heads;
+  return b * p.heads + h;
+}
+
 // How many column chunks (each with its own partial dQ buffer) the gradient uses: enough units for
 // about four per thread, at most 16 and nKb, and at most 256 MB of partial buffers.
 template <typename T>
@@ -398,13 +504,17 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
     DeltaRows(p, in, delta, lse_shift, begin, end);
   });
 
-  // A unit is (group, chunk). A group is one (b, h); with dbias it is one bias head and every (b, h)
-  // adding into it (all of them for a shared bias), so that no two threads write one dbias entry.
-  const int64_t groups = dbias == nullptr ? p.batch * p.heads : p.bias_heads;
+  if (p.batch == 0) return;  // nothing to compute (a broadcast dbias stays 0)
+  // A unit is (group, chunk). A group is one (b, h); with dbias it is one dbias slice and every
+  // (b, h) adding into it (GroupMember), so that no two threads write one dbias entry.
+  const bool by_bias = dbias != nullptr;
+  const int64_t groups = by_bias ? p.bias_batch * p.bias_heads : p.batch * p.heads;
   const int64_t per_group = p.batch * p.heads / groups;
   const int64_t chunks = GradChunks(ctx, p, groups);
-  // A shared bias gets dS from every head: its columns must be split the same way for all heads, or
-  // two chunks of different heads would add into the same dbias entries at once.
+  // A bias shared by the heads gets dS from every head: its columns must be split the same way for
+  // all heads, or two chunks of different heads would add into the same dbias entries at once.
+  // Batch entries of one head share its layout (and so its split), and one unit walks every member
+  // of its group in turn: a bias shared by the batch needs nothing more.
   const bool shared_bias_grad = dbias != nullptr && p.bias_heads == 1;
   const std::vector<int64_t> bounds = ChunkBounds(p, chunks, shared_bias_grad);
   // Chunk c adds into rows [row_lo[c], row_hi[c]) of dQ only (the query rows its columns reach):
@@ -435,18 +545,25 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t chunk = unit % chunks, group = unit / chunks;
       for (int64_t member = 0; member < per_group; ++member) {
-        const int64_t bh = dbias == nullptr ? group : p.bias_heads == 1 ? member : member * p.heads + group;
+        const int64_t bh = GroupMember(p, by_bias, group, member);
         const int64_t b = bh / p.heads, h = bh % p.heads;
         const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h) * (chunks + 1) + chunk;
         const int64_t row_lo = rows[2 * chunk], chunk_rows = rows[2 * chunk + 1] - row_lo;
         Acc* dq_chunk = partial + offset[chunk] + bh * chunk_rows * d;  // its row row_lo first
         for (int64_t kb0 = range[0]; kb0 < range[1]; kb0 += kMaxGroup) {
           const int64_t count = std::min<int64_t>(kMaxGroup, range[1] - kb0);
+          std::array<bool, kMaxGroup> v_finite{}, k_finite{};  // per key block of the group
           for (int64_t g = 0; g < count; ++g) {
             const int64_t k0 = (kb0 + g) * bs;
             LoadScaledTranspose(p, p.k, p.tk, b, h, k0, p.scale, kt + g * tile);
             LoadScaledTranspose(p, p.v, p.tk, b, h, k0, Acc(1), vt + g * tile);
             CopyRows(p, p.k, p.tk, b, h, k0, k_tile + g * tile);
+            ZeroPaddedKeys<true>(p, b, k0, kt + g * tile);
+            ZeroPaddedKeys<true>(p, b, k0, vt + g * tile);
+            ZeroPaddedKeys<false>(p, b, k0, k_tile + g * tile);
+            v_finite[g] = AllFinite(vt + g * tile, tile);
+            k_finite[g] = AllFinite(k_tile + g * tile, tile);
+            if (!k_finite[g]) ZeroNonFinite(k_tile + g * tile, tile);  // dQ's products added exactly
           }
           std::fill_n(dk_acc, count * tile, Acc(0));
           std::fill_n(dv_acc, count * tile, Acc(0));
@@ -465,7 +582,8 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               if (e < 0) continue;
               const int64_t k0 = (kb0 + g) * bs;
               MatMul(q_rows, d, kt + g * tile, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
-              ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, p.col_entries[2 * e + 1], s);
+              const int32_t mask_id = p.col_entries[2 * e + 1];
+              ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, mask_id, s);
               ExpMinusRowVector(s, bs, bs, lse_shift + stat);  // P
               MatMul(do_rows, d, vt + g * tile, bs, dp, bs, bs, d, bs);  // dP = dO V^T
               const Acc* p_used = s;  // the probabilities that multiplied V in the forward
@@ -476,11 +594,20 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
                 p_used = pd;
               }
               MatMulAccumulateTransposedA(p_used, bs, do_rows, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
+              if (!v_finite[g]) {  // dP = dO V^T may be NaN at masked entries: V is not read there
+                for (int64_t i = 0; i < bs; ++i)
+                  for (int64_t j = 0; j < bs; ++j)
+                    if (!Kept(p, b, h, q0, k0, mask_id, i, j)) dp[i * bs + j] = 0;
+              }
               SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
               MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
               MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
+              if (!k_finite[g]) {
+                AddNonFiniteProducts(p, Rows(p, p.k, p.tk, b, h, k0), b, h, q0, k0, mask_id, dp, bs, 1,
+                                     dq_chunk + (q0 - row_lo) * d, d);
+              }
               if (dbias != nullptr) {
-                Acc* db = dbias + ((p.bias_heads == 1 ? 0 : h) * p.tq + q0) * p.tk + k0;
+                Acc* db = dbias + BiasSlice(p, b, h) + q0 * p.tk + k0;
                 for (int64_t i = 0; i < bs; ++i)
                   for (int64_t j = 0; j < bs; ++j) db[i * p.tk + j] += dp[i * bs + j];
               }

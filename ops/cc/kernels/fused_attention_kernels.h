@@ -35,8 +35,8 @@ struct FusedAttentionParams {
   int64_t mask_words = 1;
 
   const bool* key_padding_mask = nullptr;  // [B, Tk], true = kept; null = none
-  const T* bias = nullptr;                 // [bias_heads, Tq, Tk]; null = none
-  int64_t bias_heads = 0;
+  const T* bias = nullptr;  // [bias_batch, bias_heads, Tq, Tk] (1 or B, 1 or H); null = none
+  int64_t bias_batch = 0, bias_heads = 0;
 
   Acc scale = 1;
   bool dropout = false;
@@ -60,8 +60,8 @@ struct FusedAttentionGradInputs {
   const Acc* dlse = nullptr;  // [B, H, Tq] or null
 };
 
-// dq, dk, dv ([B, T, H*D], fully written) and, when dbias is not null, dbias [bias_heads, Tq, Tk]
-// accumulated into (the caller zeroes it). delta and lse_shift are [B, H, Tq] scratch.
+// dq, dk, dv ([B, T, H*D], fully written) and, when dbias is not null, dbias [bias_batch,
+// bias_heads, Tq, Tk] accumulated into (the caller zeroes it). delta and lse_shift are [B, H, Tq] scratch.
 template <typename T>
 void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
                         const FusedAttentionGradInputs<T>& in, typename AccumulatorOf<T>::type* delta,

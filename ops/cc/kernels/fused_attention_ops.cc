@@ -76,6 +76,7 @@ class FusedAttentionBase : public OpKernel {
     if (attrs_.has_key_padding_mask) p->key_padding_mask = FusedInput(ctx, "key_padding_mask").flat<bool>().data();
     if (attrs_.has_bias) {
       p->bias = FusedInput(ctx, "bias").flat<T>().data();
+      p->bias_batch = d.bias_batch;
       p->bias_heads = d.bias_heads;
     }
     p->scale = static_cast<Acc>(attrs_.scale);
@@ -149,7 +150,7 @@ class FusedAttentionGradOp : public FusedAttentionBase<T> {
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<Acc>::value, stats, &lse_shift));
     Acc* dbias_ptr = nullptr;
     if (this->attrs_.has_bias) {
-      // dbias sums over the batch (and heads): accumulate in Acc, then round once.
+      // dbias sums over the batch and/or the heads it broadcasts over: accumulate in Acc, then round once.
       if constexpr (std::is_same_v<T, Acc>) {
         dbias_ptr = dbias->flat<Acc>().data();
       } else {

@@ -78,14 +78,16 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   if (a.has_key_padding_mask) {
     TF_RETURN_IF_ERROR(CheckShape(*key_padding_mask, "key_padding_mask", TensorShape({d->batch, d->tk})));
   }
-  d->bias_heads = 0;
+  d->bias_batch = d->bias_heads = 0;
   if (a.has_bias) {
-    if (bias->dims() != 3 || (bias->dim_size(0) != 1 && bias->dim_size(0) != a.heads) ||
-        bias->dim_size(1) != d->tq || bias->dim_size(2) != d->tk) {
-      return Invalid(absl::StrCat("bias must have shape [1 or ", a.heads, ", ", d->tq, ", ", d->tk,
-                                  "], got ", bias->shape().DebugString()));
+    if (bias->dims() != 4 || (bias->dim_size(0) != 1 && bias->dim_size(0) != d->batch) ||
+        (bias->dim_size(1) != 1 && bias->dim_size(1) != a.heads) || bias->dim_size(2) != d->tq ||
+        bias->dim_size(3) != d->tk) {
+      return Invalid(absl::StrCat("bias must have shape [1 or ", d->batch, ", 1 or ", a.heads, ", ", d->tq,
+                                  ", ", d->tk, "], got ", bias->shape().DebugString()));
     }
-    d->bias_heads = bias->dim_size(0);
+    d->bias_batch = bias->dim_size(0);
+    d->bias_heads = bias->dim_size(1);
   }
   if (seed->dims() != 0) return Invalid("seed must be a scalar, got shape " + seed->shape().DebugString());
   d->seed = seed->scalar<int64_t>()();

@@ -28,7 +28,7 @@ struct FusedDims {
   int64_t block_size = 0, n_q_blocks = 0, n_k_blocks = 0;
   int64_t layout_heads = 1;  // 1 (one layout for every head) or heads
   int64_t n_masks = 0, mask_words = 1;
-  int64_t bias_heads = 0;    // 0 without a bias
+  int64_t bias_batch = 0, bias_heads = 0;  // bias [1 or B, 1 or H, Tq, Tk]; 0 without a bias
   int64_t seed = 0;
 };
 

@@ -15,8 +15,10 @@
 //                                        word j/32 of row i keeps key j for query i; mask id -1 = full
 // Optional inputs, empty when their has_* attr is false:
 //   key_padding_mask   [B, Tk] bool      true = a real key, false = padding (never attended)
-//   bias               [Hb, Tq, Tk]      added to the scaled scores (Hb = 1 or H), read only at
-//                                        active blocks
+//   bias               [Bb, Hb, Tq, Tk]  added to the scaled scores, broadcast over the batch
+//                                        (Bb = 1) and/or the heads (Hb = 1), else Bb = B, Hb = H;
+//                                        read only at active blocks
+#include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
@@ -27,8 +29,21 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
+// bias (input `index`) must be rank 4 [B|1, H|1, Tq, Tk] when has_bias.
+absl::Status CheckBiasRank(InferenceContext* c, int index) {
+  bool has_bias;
+  TF_RETURN_IF_ERROR(c->GetAttr("has_bias", &has_bias));
+  const ShapeHandle bias = c->input(index);
+  if (has_bias && c->RankKnown(bias) && c->Rank(bias) != 4) {
+    return absl::InvalidArgumentError(absl::StrCat("bias must have rank 4 [batch or 1, heads or 1, Tq, Tk], got shape ",
+                                                   c->DebugString(bias)));
+  }
+  return absl::OkStatus();
+}
+
 // out = q's shape, lse = [B, heads, Tq].
 absl::Status FusedForwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckBiasRank(c, 7));
   ShapeHandle q, k, v;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
@@ -51,6 +66,7 @@ absl::Status FusedGradShape(InferenceContext* c) {
     TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 3, &x));
     c->set_output(i, x);
   }
+  TF_RETURN_IF_ERROR(CheckBiasRank(c, 13));
   bool has_bias;
   TF_RETURN_IF_ERROR(c->GetAttr("has_bias", &has_bias));
   c->set_output(3, has_bias ? c->input(13) : c->MakeShape({0}));
@@ -83,6 +99,7 @@ REGISTER_OP("BsattnFusedAttention")
     .Doc(R"doc(
 Fused block-sparse attention: out = softmax(scale * q k^T + bias, masked) v per head, over the
 active blocks of each query-block row, with an online softmax (the weights are never stored).
+bias (has_bias) is [B or 1, heads or 1, Tq, Tk].
 Dropout (dropout_rate > 0) zeroes probabilities by a counter-based hash of (seed, b, h, i, j) and
 scales the kept ones by 1 / (1 - dropout_rate). Tlse is float64 for float64 inputs, else float32.
 )doc");
@@ -122,8 +139,8 @@ Gradient of BsattnFusedAttention from (q, k, v, out, lse, dout): P is recomputed
 exp(S - lse), delta = rowsum(dout * out) (minus dlse when has_dlse), dS = P * (dP - delta).
 One pass over key-block columns (col_ptr/col_entries) writes dk and dv and adds dS k into
 per-chunk partial dq buffers summed in a fixed order (no atomics; deterministic). dbias
-[Hb, Tq, Tk] (has_bias) is summed over the batch (and the heads when Hb = 1) and is 0 outside the
-active blocks. row_ptr/row_entries are checked against the column table.
+[Bb, Hb, Tq, Tk] (has_bias; the bias's shape) is summed over the batch when Bb = 1 and over the
+heads when Hb = 1, and is 0 outside the active blocks. row_ptr/row_entries are checked against the column table.
 )doc");
 
 }  // namespace tensorflow
