@@ -21,7 +21,7 @@ def choice(name: str, value: Any, choices: Sequence) -> Any:
     comparable = isinstance(value, (str, numbers.Number)) and not isinstance(value, bool)
     if not (comparable and value in choices):
         shown = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {shown}, got {value!r}")
+        raise ValueError(f"{name} must be one of ({shown}), got {value!r}")
     return value
 
 

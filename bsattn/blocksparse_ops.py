@@ -114,9 +114,10 @@ def masked_softmax(
     checks.instance("tables", tables, BlockTables)
     x = checks.float_tensor("x", x)
     _check_blocks(x, "x", tables)
-    if not tf.is_tensor(scale) and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"scale must be a real number or a float32 scalar tensor, got {scale!r}")
-    scale = tf.cast(scale, tf.float32)
+    try:
+        scale = tf.cast(scale, tf.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"scale must be a real number or a float32 scalar tensor, got {scale!r}") from e
     if autoregress_at_key is None:
         key, autoregressive = tf.constant(0, tf.int32), False
     else:

@@ -558,21 +558,20 @@ def _attends(tables: FusedTables, heads: int, padding: np.ndarray) -> np.ndarray
     return mask & padding[:, None, None, :]
 
 
-@BUDGET
-@given(case=fused_cases(), dtype=st.sampled_from((np.float32, np.float64)))
-def test_fused_ignores_nan_at_padded_and_unattended_keys(case, dtype):
-    """NaN in k and v at padded keys and at keys nobody attends, NaN in q at queries with no kept key: the fused
-    op's output, lse and gradients equal the reference computed without those NaN, all finite."""
-    count("fused_nan_masked")
+def _fused_nan_masked(case, dtype, poison_q: bool, poison_kv: bool):
+    """NaN in k and v at padded keys and keys nobody attends (poison_kv), NaN in q at queries with no kept key
+    (poison_q): output, lse and gradients equal the reference computed without those NaN, all finite."""
     case, tables, padding = case
     q, k, v, dout = inputs(case, dtype)
     attends = _attends(tables, case.heads, padding)
     dead_k = ~attends.any(axis=(1, 2))  # [B, Tk]
     dead_q = ~attends.any(axis=(1, 3))  # [B, Tq]
-    want_out, want_lse = reference.fused_attention(q, k, v, tables, case.heads, key_padding_mask=padding)
+    want_out, _ = reference.fused_attention(q, k, v, tables, case.heads, key_padding_mask=padding)
     want = reference.fused_attention_grad(q, k, v, tables, case.heads, dout, key_padding_mask=padding)[:3]
-    q, k, v = np.where(dead_q[..., None], np.nan, q), np.where(dead_k[..., None], np.nan, k), np.where(
-        dead_k[..., None], np.nan, v)
+    if poison_q:
+        q = np.where(dead_q[..., None], np.nan, q)
+    if poison_kv:
+        k, v = np.where(dead_k[..., None], np.nan, k), np.where(dead_k[..., None], np.inf, v)
     qt, kt, vt = (tf.constant(x) for x in (q, k, v))
     with tf.GradientTape() as tape:
         tape.watch([qt, kt, vt])
@@ -582,6 +581,24 @@ def test_fused_ignores_nan_at_padded_and_unattended_keys(case, dtype):
     assert (lse.numpy()[np.broadcast_to(dead_q[:, None], lse.shape)] == -np.inf).all()
     for name, ours, ref in zip(("dq", "dk", "dv"), grads, want):
         assert_close_rel(ours, ref, name=name)
+
+
+@BUDGET
+@given(case=fused_cases(), dtype=st.sampled_from((np.float32, np.float64)))
+def test_fused_ignores_nan_at_padded_and_unattended_keys(case, dtype):
+    """NaN k and +inf v at padded keys and at keys nobody attends never reach a result (fwd and bwd)."""
+    count("fused_nan_masked_keys")
+    _fused_nan_masked(case, dtype, poison_q=False, poison_kv=True)
+
+
+@pytest.mark.xfail(strict=True, reason="fused op: dk = dS^T q reads q of queries with no kept key (0 * NaN); "
+                   "a fused-kernel fix, reported to the fused-op branch: remove this mark when it passes")
+@BUDGET
+@given(case=fused_cases(), dtype=st.sampled_from((np.float32, np.float64)))
+def test_fused_ignores_nan_q_of_fully_masked_queries(case, dtype):
+    """NaN in q at queries with no kept key (padded queries) reaches no result: their output is 0, dk finite."""
+    count("fused_nan_masked_queries")
+    _fused_nan_masked(case, dtype, poison_q=True, poison_kv=True)
 
 
 @BUDGET
