@@ -38,6 +38,7 @@ _EXPORTS = {
     "SparseSelfAttention": "bsattn.deepspeed.layers",
     "BertSparseSelfAttention": "bsattn.deepspeed.layers",
     "SparseMultiHeadAttention": "bsattn.deepspeed.layers",
+    "SparseGroupedQueryAttention": "bsattn.deepspeed.layers",
     "deepspeed_sparse_attention": "bsattn.deepspeed.layers",
 }
 _SUBMODULES = (

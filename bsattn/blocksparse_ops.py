@@ -4,7 +4,9 @@ Layouts (blocksparse's):
   dense        ``[B, T, H*D]``, head ``h`` owns channels ``[h*D, (h+1)*D)``
   block-sparse ``[B, H, nnz, bs, bs]``, block ``b`` = ``tables.nt_lut[lh, b] = (Qb, Kb)``
 
-Every op computes in float32 and returns the dtype of its inputs (float32, float16 or bfloat16).
+Every op computes in float32 and returns the dtype of its inputs (float32, float16 or bfloat16). ``nn`` and
+``tn`` also take float16/bfloat16 weights with float32 activations (blocksparse's mixed precision) and return
+float32 then.
 The tables (``bsattn.tables.BlockTables``) enter the ops as int32 tensors, built once per tables
 object.
 """
@@ -62,15 +64,15 @@ def nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     """Block-sparse ``w @ b`` (DSD).
 
     Args:
-      w: ``[B, H, nnz, bs, bs]``.
+      w: ``[B, H, nnz, bs, bs]``: ``b``'s dtype, or float16/bfloat16 with a float32 ``b``.
       b: ``[B, nKb*bs, H*D]``.
     Returns:
-      ``[B, nQb*bs, H*D]``; a query-block row with no blocks is 0.
+      ``[B, nQb*bs, H*D]`` in ``b``'s dtype; a query-block row with no blocks is 0.
     """
     checks.instance("tables", tables, BlockTables)
     w = checks.float_tensor("w", w)
     b = checks.float_tensor("b", b, w.dtype)
-    _check_same_dtype(w=w, b=b)
+    _check_weight_dtype(w, b)
     _check_blocks(w, "w", tables)
     _check_dense(b, "b", tables.ctx_blks_k, tables)
     return _nn(w, b, tables)
@@ -80,15 +82,15 @@ def tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     """Block-sparse ``w^T @ b`` (DSD transposed).
 
     Args:
-      w: ``[B, H, nnz, bs, bs]``.
+      w: ``[B, H, nnz, bs, bs]``: ``b``'s dtype, or float16/bfloat16 with a float32 ``b``.
       b: ``[B, nQb*bs, H*D]``.
     Returns:
-      ``[B, nKb*bs, H*D]``; a key-block column with no blocks is 0.
+      ``[B, nKb*bs, H*D]`` in ``b``'s dtype; a key-block column with no blocks is 0.
     """
     checks.instance("tables", tables, BlockTables)
     w = checks.float_tensor("w", w)
     b = checks.float_tensor("b", b, w.dtype)
-    _check_same_dtype(w=w, b=b)
+    _check_weight_dtype(w, b)
     _check_blocks(w, "w", tables)
     _check_dense(b, "b", tables.ctx_blks_q, tables)
     return _tn(w, b, tables)
@@ -123,6 +125,14 @@ def masked_softmax(
     else:
         key, autoregressive = _checked_key(autoregress_at_key, tables), True
     return _masked_softmax(x, scale, key, tables, autoregressive)
+
+
+def _check_weight_dtype(w: tf.Tensor, b: tf.Tensor) -> None:
+    """``w`` in ``b``'s dtype, or float16/bfloat16 weights with float32 activations."""
+    if w.dtype != b.dtype and not (b.dtype == tf.float32 and w.dtype in (tf.float16, tf.bfloat16)):
+        raise TypeError(
+            f"w must have b's dtype, or be float16/bfloat16 with a float32 b; got w: {w.dtype.name}, b: {b.dtype.name}"
+        )
 
 
 def _check_same_dtype(**tensors: tf.Tensor) -> None:
@@ -212,8 +222,8 @@ def _nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     def forward(w, b):
         c = load_ops().bsattn_nn(w, b, luts.nn_lut, k_blocks=tables.ctx_blks_k)
 
-        def grad(dc):
-            return _nt(dc, b, tables, _static_heads(w, tables)), _tn(w, dc, tables)
+        def grad(dc):  # dw in w's dtype (computed in b's: dc and b share it)
+            return tf.cast(_nt(dc, b, tables, _static_heads(w, tables)), w.dtype), _tn(w, dc, tables)
 
         return c, grad
 
@@ -228,7 +238,7 @@ def _tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
         c = load_ops().bsattn_tn(w, b, luts.tn_lut, q_blocks=tables.ctx_blks_q)
 
         def grad(dc):
-            return _nt(b, dc, tables, _static_heads(w, tables)), _nn(w, dc, tables)
+            return tf.cast(_nt(b, dc, tables, _static_heads(w, tables)), w.dtype), _nn(w, dc, tables)
 
         return c, grad
 

@@ -7,6 +7,9 @@ weights: memory is O(T·D). The backward pass recomputes the probabilities from 
 Layouts (blocksparse's): ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]``, head ``h`` owns channels
 ``[h*D, (h+1)*D)``; ``Tq = nQb * bs``, ``Tk = nKb * bs``. Computes in float32 (float64 for float64 inputs)
 and returns the dtype of ``q`` (float32, float16, bfloat16 or float64).
+
+Under XLA (``tf.function(jit_compile=True)``, Keras's ``jit_compile``), where custom ops cannot compile, the same
+computation runs in TensorFlow ops instead (``bsattn.gather_attention``: same tables, same dropout hash).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bsattn import _checks as checks
 from bsattn._loader import load_ops
 from bsattn._table_constants import int32_table, table_constants
 from bsattn.fused_tables import FusedTables
+from bsattn.gather_attention import gather_attention, in_xla_context
 
 
 class FusedTableTensors(NamedTuple):
@@ -127,6 +131,8 @@ def fused_attention(
         raise TypeError(f"seed must be an integer, an int scalar tensor or None, got {seed!r}")
     seed = tf.cast(seed, tf.int64)
 
+    if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops
+        return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse)
     raw = load_ops()
     luts = fused_table_tensors(tables)
     attrs = {

@@ -26,7 +26,13 @@ import numpy as np
 
 from bsattn import _checks as checks
 from bsattn.patterns import BlockLayout, MaskCallback, Pattern
-from bsattn.tables import BLOCK_SIZES, BlockTables, PatternMasks, _pack_rows, check_table_fields
+from bsattn.tables import (
+    BLOCK_SIZES,
+    BlockTables,
+    PatternMasks,
+    _pack_rows,
+    check_table_fields,
+)
 
 MaskFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 """``mask_fn(layout_head, q_blocks [n], k_blocks [n]) -> bool [n, bs, bs]``: in-block masks of given blocks."""

@@ -25,6 +25,7 @@ from bsattn import _checks as checks
 from bsattn import patterns
 from bsattn.fused_attention import fused_attention
 from bsattn.fused_tables import fused_tables_for_pattern
+from bsattn.gather_attention import in_xla_context
 from bsattn.recompute import recomputable
 from bsattn.tables import BLOCK_SIZES, tables_for_pattern
 from bsattn.transformer import BlocksparseTransformer
@@ -214,7 +215,8 @@ def blocksparse_attention_impl(
 
     ``engine='fused'`` (default) runs one flash-style op (``bsattn.fused_attention``: no attention
     weights in memory); ``'unfused'`` runs sparse_attention's three ops (nt → masked softmax → nn) of
-    ``get_blocksparse_obj``. Both give the same result up to rounding.
+    ``get_blocksparse_obj``. Both give the same result up to rounding. Under XLA (``jit_compile=True``) both run
+    the fused op's TensorFlow-ops fallback (``bsattn.gather_attention``), custom ops not compiling there.
     """
     checks.choice("engine", engine, ("fused", "unfused"))
     q, k, v = _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx, blocksize)
@@ -222,7 +224,7 @@ def blocksparse_attention_impl(
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
     n_state = shape_list(q)[-1] // heads
-    if engine == "fused":
+    if engine == "fused" or in_xla_context():  # under XLA the unfused ops cannot run: the same attention
         pattern = patterns.mode_pattern(
             attn_mode, n_ctx, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
         )

@@ -295,10 +295,12 @@ def test_cuda_code_present_iff_build_info_says_so():
                                 "BsattnFusedAttention", "BsattnFusedAttentionGrad"])
 def test_gpu_kernels_registered_iff_cuda_build(op):
     # The TF GPU wrappers are compiled and registered exactly when the library was built with nvcc
-    # (float32, float16 and bfloat16 each); the CPU kernels always are.
+    # (float32, float16 and bfloat16 each; Nn/Tn also float16/bfloat16 weights with float32
+    # activations); the CPU kernels always are.
     from tensorflow.python.framework import kernels
 
     _loader.load_ops()
     devices = [k.device_type for k in kernels.get_registered_kernels_for_op(op).kernel]
     assert devices.count("CPU") >= 3
-    assert devices.count("GPU") == (3 if _loader.build_info()["cuda"] else 0)
+    per_dtype = 5 if op in ("BsattnNn", "BsattnTn") else 3
+    assert devices.count("GPU") == (per_dtype if _loader.build_info()["cuda"] else 0)

@@ -29,7 +29,13 @@ from conftest import assert_close_rel
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bsattn import BlocksparseTransformer, attention_impl, blocksparse_attention_impl, patterns, reference
+from bsattn import (
+    BlocksparseTransformer,
+    attention_impl,
+    blocksparse_attention_impl,
+    patterns,
+    reference,
+)
 from bsattn import blocksparse_ops as ops
 from bsattn._loader import load_ops
 from bsattn.fused_attention import fused_attention
@@ -125,8 +131,11 @@ def seeded_case(seed: int) -> Case:
                      int(rng.integers(1, 3)), int(rng.integers(1, 5)))
 
 
+BATCHES = st.integers(1, 2)
+
+
 @st.composite
-def cases(draw, batch=st.integers(1, 2)) -> Case:
+def cases(draw, batch=BATCHES) -> Case:
     bs = draw(st.sampled_from((8, 16)))
     n_qb, n_kb = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     heads = draw(st.sampled_from((1, 2)))
@@ -224,7 +233,10 @@ def test_masked_softmax_nan_rule(case, dtype, scale, specials, autoregress):
     y_in = np.where(finite, ref, 0).astype(dtype)
     dy = np.where(y_in == 0, np.nan, rng.uniform(-1, 1, x.shape)).astype(dtype)
     dx = ops._masked_softmax_grad(tf.constant(dy), tf.constant(y_in), tf.constant(scale, tf.float32), t).numpy()
-    assert_close_rel(dx, reference.masked_softmax_grad(dy, y_in, t, scale), dtype=tf.as_dtype(dtype), name="dx")
+    ref_dx = reference.masked_softmax_grad(dy, y_in, t, scale)
+    tiny = np.finfo(dtype).tiny  # TF's CPU threads flush subnormal results to 0
+    assert_close_rel(np.where(np.abs(dx) < tiny, 0, dx), np.where(np.abs(ref_dx) < tiny, 0, ref_dx),
+                     dtype=tf.as_dtype(dtype), name="dx")
 
 
 # Public functions: valid keyword arguments, and per argument the names its error may use.
@@ -237,25 +249,25 @@ def _api_calls():
     return {
         "fused_attention": (
             fused_attention,
-            dict(q=q, k=q, v=q, tables=t_fused, heads=2, scale=None, key_padding_mask=None, dropout_rate=0.0,
-                 seed=None, return_lse=False),
+            {"q": q, "k": q, "v": q, "tables": t_fused, "heads": 2, "scale": None, "key_padding_mask": None, "dropout_rate": 0.0,
+                 "seed": None, "return_lse": False},
         ),
         "blocksparse_attention_impl": (
             blocksparse_attention_impl,
-            dict(q=q, k=q, v=q, heads=2, attn_mode="local", local_attn_ctx=16, blocksize=16, engine="fused"),
+            {"q": q, "k": q, "v": q, "heads": 2, "attn_mode": "local", "local_attn_ctx": 16, "blocksize": 16, "engine": "fused"},
         ),
-        "attention_impl": (attention_impl, dict(q=q, k=q, v=q, heads=2, attn_mode="local", local_attn_ctx=16)),
-        "nt": (ops.nt, dict(a=q, b=q, tables=t_block, heads=2)),
-        "nn": (ops.nn, dict(w=w, b=q, tables=t_block)),
-        "tn": (ops.tn, dict(w=w, b=q, tables=t_block)),
-        "masked_softmax": (ops.masked_softmax, dict(x=w, tables=t_block, scale=1.0, autoregress_at_key=None)),
-        "build_tables": (build_tables, dict(layout=np.tril(np.ones((2, 2))), block_size=16, heads=None)),
-        "build_fused_tables": (build_fused_tables, dict(active=np.tril(np.ones((2, 2))), block_size=16)),
-        "fused_tables_for_layout": (fused_tables_for_layout, dict(layout=np.tril(np.ones((2, 2))), block_size=16)),
-        "from_block_tables": (from_block_tables, dict(tables=t_block)),
+        "attention_impl": (attention_impl, {"q": q, "k": q, "v": q, "heads": 2, "attn_mode": "local", "local_attn_ctx": 16}),
+        "nt": (ops.nt, {"a": q, "b": q, "tables": t_block, "heads": 2}),
+        "nn": (ops.nn, {"w": w, "b": q, "tables": t_block}),
+        "tn": (ops.tn, {"w": w, "b": q, "tables": t_block}),
+        "masked_softmax": (ops.masked_softmax, {"x": w, "tables": t_block, "scale": 1.0, "autoregress_at_key": None}),
+        "build_tables": (build_tables, {"layout": np.tril(np.ones((2, 2))), "block_size": 16, "heads": None}),
+        "build_fused_tables": (build_fused_tables, {"active": np.tril(np.ones((2, 2))), "block_size": 16}),
+        "fused_tables_for_layout": (fused_tables_for_layout, {"layout": np.tril(np.ones((2, 2))), "block_size": 16}),
+        "from_block_tables": (from_block_tables, {"tables": t_block}),
         "BlocksparseTransformer": (
             BlocksparseTransformer,
-            dict(layout=np.tril(np.ones((2, 2))), block_size=16, heads=2, mask_callback=None),
+            {"layout": np.tril(np.ones((2, 2))), "block_size": 16, "heads": 2, "mask_callback": None},
         ),
     }
 
@@ -421,7 +433,8 @@ def family_hostile_raw_ops():
         op = getattr(load_ops(), name)
         try:
             op(*args, **kwargs)
-        except (tf.errors.InvalidArgumentError, TypeError, ValueError) as e:
+        # NotFoundError: no kernel for that dtype combination (TF's message names the T / TW attrs).
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, TypeError, ValueError) as e:
             assert_names(e, set(_op_arg_names(name)) | set(_RAW_NAMES.get(name, ())))
 
     run()
@@ -532,7 +545,7 @@ def test_in_child_process(group):
         "    family()\n"
         "print('CASES ' + json.dumps(t.CASES))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     output = proc.stdout + proc.stderr
     if proc.returncode < 0:
         pytest.fail(f"{group}: the child process died of signal {-proc.returncode}:\n{output[-4000:]}")
@@ -614,7 +627,7 @@ def test_fused_nan_query_row_propagates(case, dtype):
     if not live.all(axis=1).any():
         return
     b, i = (int(x[0]) for x in np.nonzero(live.all(axis=1)))
-    want_out, want_lse = reference.fused_attention(q, k, v, tables, case.heads, key_padding_mask=padding)
+    want_out, _ = reference.fused_attention(q, k, v, tables, case.heads, key_padding_mask=padding)
     q[b, i] = np.nan
     out, lse = fused_attention(tf.constant(q), tf.constant(k), tf.constant(v), tables, case.heads,
                                key_padding_mask=padding, return_lse=True)

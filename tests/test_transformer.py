@@ -212,6 +212,33 @@ def test_raw_matmuls_shared_layout(rng, dtype):
         assert_close_rel(ours, ref, dense() if dtype != tf.float32 else None, name=name)
 
 
+@pytest.mark.parametrize("w_dtype", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
+def test_reduced_precision_weights_with_float32_activations(rng, w_dtype):
+    """blocksparse's mixed precision: nn_op / tn_op with bf16/fp16 weights and float32 activations (per-head
+    layout, 3x4 blocks), forward and gradients against float64 of the same values; the result is float32."""
+    bs, heads = 16, 2
+    bst = BlocksparseTransformer(np.stack([HEAD0, HEAD1]), block_size=bs, heads=heads, mask_callback=pattern_callback)
+    w = uniform(rng, [B, heads, bst.blocks, bs, bs], w_dtype)
+    for op, ref, rows_in, rows_out in ((bst.nn_op, bst.nn_test, 4, 3), (bst.tn_op, bst.tn_test, 3, 4)):
+        x = uniform(rng, [B, rows_in * bs, heads * STATE], tf.float32)
+        dc = uniform(rng, [B, rows_out * bs, heads * STATE], tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch([w, x])
+            c = op(w, x)
+        dw, dx = tape.gradient(c, [w, x], output_gradients=dc)
+        assert (c.dtype, dw.dtype, dx.dtype) == (tf.float32, w_dtype, tf.float32)
+        assert_close_rel(c, ref(f64(w), f64(x)), name="c")
+        # d/dw of sum(dc * c): nt of (dc, x) for nn, (x, dc) for tn; the float32 result rounded to w's dtype.
+        dw_ref = bst.nt_test(f64(dc), f64(x)) if op == bst.nn_op else bst.nt_test(f64(x), f64(dc))
+        assert_close_rel(dw, dw_ref, tf.cast(tf.constant(dw_ref, tf.float32), w_dtype), grad=True, name="dw")
+        dx_ref = bst.tn_test(f64(w), f64(dc)) if op == bst.nn_op else bst.nn_test(f64(w), f64(dc))
+        assert_close_rel(dx, dx_ref, name="dx")
+    with pytest.raises(TypeError, match="w must have b's dtype, or be float16/bfloat16 with a float32 b"):
+        bst.nn_op(w, tf.zeros([B, 4 * bs, heads * STATE], tf.float16 if w_dtype == tf.bfloat16 else tf.bfloat16))
+    with pytest.raises(TypeError, match="w: float32, b: bfloat16"):
+        bst.tn_op(tf.cast(w, tf.float32), tf.zeros([B, 3 * bs, heads * STATE], tf.bfloat16))
+
+
 def checkerboard(blk_shape, head_idx, qry_idx, key_idx, blk_idx):
     mask = np.ones(blk_shape, dtype=bool)
     mask[::2, 1::2] = mask[1::2, ::2] = False

@@ -187,8 +187,9 @@ def replace_model_self_attention_with_sparse_self_attention(
 ) -> keras.Model:
     """A copy of ``model`` whose every ``keras.layers.MultiHeadAttention`` is sparse (same weights).
 
-    The attention layers must be self-attention (``SparseMultiHeadAttention`` rejects ``T != S``) masked by key
-    padding only (see its docstring); ``max_position`` becomes their ``max_seq_length``.
+    The replacements take the same call (Keras's masks included: implicit ones from ``Embedding(mask_zero=True)``
+    or ``Masking`` reach them as in the original), so with a ``DenseSparsityConfig`` the outputs are the
+    original's up to rounding; ``max_position`` becomes their ``max_seq_length``.
     """
     if not isinstance(sparsity_config, SparsityConfig):
         raise TypeError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}")

@@ -26,18 +26,23 @@ How the masks reach the fused op (exact, O(T·D) memory unless a dense ``[T, T]`
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend import get_keras_mask, set_keras_mask
 
 from bsattn.fused_attention import fused_attention, fused_scale
 from bsattn.fused_tables import fused_tables_for_pattern
 from bsattn.deepspeed.sparsity_config import (
+    DenseSparsityConfig,
     FixedSparsityConfig,
     SparsityConfig,
     deserialize_sparsity_config,
     serialize_sparsity_config,
 )
+from bsattn.patterns import Causal, Pattern
 from bsattn.tables import BLOCK_SIZES
 
 MASK_MODES = ("add", "mul")
@@ -337,98 +342,375 @@ class BertSparseSelfAttention(keras.layers.Layer):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """Keras's ``sliding_window``: query ``i`` attends key ``j`` iff ``|i - j| < window`` (both directions)."""
+
+    window: int
+
+    def allowed(self, head, q, k, n_q, n_k):
+        return np.abs(q - k) < self.window
+
+    def _block_classes(self, head, qb, kb, block_size, n_q, n_k):
+        i0, i1 = qb * block_size, qb * block_size + block_size - 1
+        j0, j1 = kb * block_size, kb * block_size + block_size - 1
+        d_min, d_max = i0 - j1, i1 - j0  # i - j takes every value in [d_min, d_max] inside the block
+        w = self.window
+        return (d_max > -w) & (d_min < w), (d_min > -w) & (d_max < w)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_axis(x: tf.Tensor, axis: int, size, value=0) -> tf.Tensor:
+    """``x`` padded with ``value`` at the end of ``axis`` to ``size`` (static or a scalar tensor)."""
+    pad = size - tf.shape(x)[axis]
+    paddings = [[0, 0]] * axis + [[0, pad]] + [[0, 0]] * (x.shape.rank - axis - 1)
+    return tf.pad(x, paddings, constant_values=value)
+
+
+def _rank4_mask(mask, name: str) -> tf.Tensor:
+    """A Keras attention mask (``[T, S]``, ``[B|1, T|1, S]`` or ``[B|1, N|1, T|1, S]``, any dtype; nonzero = attend)
+    → bool ``[b, h, t, S]``."""
+    mask = tf.convert_to_tensor(mask)
+    if mask.dtype != tf.bool:
+        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    rank = mask.shape.rank
+    if rank not in (2, 3, 4):
+        raise ValueError(f"{name} must be [T, S], [B, T, S] or [B, num_heads, T, S], got shape {mask.shape}")
+    for _ in range(4 - rank):
+        mask = mask[None] if mask.shape.rank == 2 else mask[:, None]
+    return mask
+
+
+def _block_sparse_attention(
+    layer: keras.layers.Layer,
+    pattern: Pattern,
+    bs: int,
+    query: tf.Tensor,
+    key: tf.Tensor,
+    value: tf.Tensor,
+    mask: tf.Tensor | None,
+    query_mask: tf.Tensor | None,
+    dropout: float,
+    training,
+    dropout_layer: keras.layers.Dropout,
+    scale: float,
+) -> tf.Tensor:
+    """The fused op behind the Keras layers: projected ``query [B, T, N, Dk]``, ``key [B, S, N, Dk]``, ``value
+    [B, S, N, Dv]`` → ``[B, T, N, Dv]`` over ``pattern`` with blocks of ``bs`` (lengths padded to them).
+
+    ``mask``: bool ``[B|1, N|1, T|1, S]`` (``_rank4_mask``; True = attend); ``query_mask``: bool ``[B, 1, T, 1]``;
+    ``dropout`` under ``training``, seeded from ``dropout_layer``'s seed generator; ``layer`` gives the name
+    and ``max_seq_length`` for errors and dynamic lengths. Rows with no key: see SparseMultiHeadAttention.
+    """
+    t, s = query.shape[1], key.shape[1]
+    if t is not None and s is not None:
+        tp, sp = _round_up(t, bs), _round_up(s, bs)
+    elif layer.max_seq_length is not None:
+        tp = sp = _round_up(layer.max_seq_length, bs)
+        checks = [tf.debugging.assert_less_equal(tf.shape(x)[1], layer.max_seq_length, message=f"{layer.name}: "
+                  "a sequence is longer than max_seq_length") for x in (query, key)]  # fmt: skip
+        with tf.control_dependencies(checks):
+            query = tf.identity(query)
+    else:
+        raise ValueError(
+            f"{layer.name}: the query and key lengths must be known while tracing (got {query.shape} and "
+            f"{key.shape}) to build the block tables; or pass max_seq_length to pad every sequence to it"
+        )
+    tables = fused_tables_for_pattern(pattern, tp, sp, bs)
+
+    batch, heads, key_dim, value_dim = tf.shape(query)[0], query.shape[2], query.shape[3], value.shape[3]
+    width = max(key_dim, value_dim)  # the op takes one head width for q, k and v
+    real_s = tf.shape(key)[1]
+    q, k, v = (_pad_axis(_pad_axis(x, 3, width), 1, n) for x, n in ((query, tp), (key, sp), (value, sp)))
+    q, k, v = (tf.reshape(x, [batch, n, heads * width]) for x, n in ((q, tp), (k, sp), (v, sp)))
+    keep = tf.broadcast_to(tf.range(sp)[None, :] < real_s, [batch, sp])  # padded keys
+    bias = None
+    if mask is not None:
+        _, h, tm, _ = mask.shape.as_list()
+        if h == 1 and tm == 1:  # keys only
+            keep &= _pad_axis(tf.broadcast_to(mask[:, 0, 0], [batch, tf.shape(mask)[-1]]), 1, sp, False)
+        else:
+            mask = tf.broadcast_to(mask, tf.stack([tf.shape(mask)[0], tf.shape(mask)[1], tf.shape(query)[1],
+                                                   real_s]))  # fmt: skip
+            bias = tf.where(mask, tf.zeros([], q.dtype), tf.constant(-np.inf, q.dtype))
+            bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)  # [B|1, N|1, Tp, Sp]; padded keys: see keep
+    rate = dropout if training and dropout > 0 else 0.0
+    seed = None
+    if rate > 0:
+        seed = tf.cast(keras.random.randint((), 0, 2**31 - 1, seed=dropout_layer.seed_generator), tf.int64)
+
+    out, lse = fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
+                               dropout_rate=rate, seed=seed, return_lse=True)  # fmt: skip
+    real_t = tf.shape(query)[1]
+    out = tf.reshape(out, [batch, tp, heads, width])[:, :real_t, :, : value_dim]
+    # A query with no key left (masked by the query mask or by every key's mask): Keras's dot-product path
+    # (no dropout) averages every value there, its manual path (dropout > 0) gives 0; so does this layer.
+    empty = tf.transpose(tf.math.is_inf(lse[:, :, :real_t]), [0, 2, 1])[..., None]  # [B, T, N, 1]
+    if query_mask is not None:
+        empty |= ~tf.transpose(query_mask, [0, 2, 1, 3])
+    fill = tf.zeros([], out.dtype)
+    if not dropout:
+        fill = tf.cast(tf.reduce_mean(tf.cast(value, tf.float32), axis=1, keepdims=True), out.dtype)
+    out = tf.where(empty, fill, out)  # where: no NaN of a padded query can leak
+    return tf.ensure_shape(out, [None, t, heads, value_dim])
+
+
 @keras.saving.register_keras_serializable(package="bsattn")
 class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
-    """``keras.layers.MultiHeadAttention`` with block-sparse self-attention: the same weights and call.
+    """``keras.layers.MultiHeadAttention`` on the fused block-sparse op: Keras's arguments, weights and call.
 
-    Differences from its parent: self-attention only (``T == S``, one attention axis); ``attention_mask`` (and
-    Keras' implicit input masks) may only mask keys, i.e. be ``[B, S]`` or ``[B, 1, S]`` — any other structure
-    belongs in ``sparsity_config``; ``use_causal_mask=True`` needs a unidirectional config;
-    ``return_attention_scores`` is not supported (the fused op never forms the weights). Dropout is the fused
-    op's (the kept probabilities are scaled by ``1 / (1 - dropout)``, as in Keras).
+    ``SparseMultiHeadAttention(num_heads, key_dim, ..., sparsity_config=None, max_seq_length=None)`` takes every
+    argument of Keras's layer (same order, same checks, same weights and ``get_config``) plus:
+
+    - ``sparsity_config``: a DeepSpeed ``SparsityConfig`` with ``num_heads`` heads (None: every query attends every
+      key, ``DenseSparsityConfig(num_heads)`` with blocks of 16). Cross-attention (``T != S``) uses its top-left
+      ``[T, S]`` corner (``SparsityConfig``); lengths are padded inside to its ``block`` (padded keys are masked,
+      padded queries dropped), so its layout is the one of the padded lengths.
+    - ``max_seq_length``: lengths above it are an error; with a length unknown while tracing, queries and keys are
+      padded to it (so the tables can be built).
+
+    ``call(query, value, key=None, query_mask=None, value_mask=None, key_mask=None, attention_mask=None,
+    return_attention_scores=False, training=None, use_causal_mask=False)`` as Keras's, on ``[B, T, dim]`` /
+    ``[B, S, dim]`` inputs (other ranks and ``attention_axes`` other than the sequence axis: ``ValueError``):
+
+    - value/key masks (implicit or explicit) and an ``attention_mask`` ``[B|1, 1, S]`` become the op's key padding
+      mask; any other ``attention_mask`` (``[T, S]``, ``[B, T, S]``, ``[B, N, T, S]``) the op's ``-inf`` bias
+      ``[B|1, N|1, T, S]`` (read inside the active blocks only). ``use_causal_mask`` and ``sliding_window``
+      are intersected with the sparsity pattern, so the blocks they exclude are skipped.
+    - The query mask (implicit, as in Keras) masks the rows of the padded queries and is propagated to the
+      output. A query whose every key is masked (a padded one, or one whose keys are all masked) gets what
+      Keras gives it: the average of every value (Keras's dot-product path, ``dropout=0``) or 0 (its manual
+      path, ``dropout > 0``); the op's log-sum-exp tells which rows have no key.
+    - Dropout (``training=True``) is the op's: each probability dropped with probability ``dropout`` by a hash
+      of a seed drawn from the layer's seed generator, kept ones scaled by ``1 / (1 - dropout)`` as in Keras
+      (the same distribution, not the same mask as Keras's).
+    - ``value_dim != key_dim``: the narrower of q/k and v gets zero channels up to the wider one.
+    - ``return_attention_scores=True`` runs Keras's dense path with the pattern as a mask: exact Keras semantics
+      (also for padded queries) but ``O(B·N·T·S)`` memory, like Keras.
     """
 
     def __init__(
         self,
-        sparsity_config: SparsityConfig | dict,
         num_heads: int,
         key_dim: int,
+        *args,
+        sparsity_config: SparsityConfig | dict | None = None,
         max_seq_length: int | None = None,
         **kwargs,
     ):
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError("sliding_window is not supported: a sliding window belongs in the sparsity_config")
-        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        super().__init__(num_heads, key_dim, *args, **kwargs)
         if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
                                            or max_seq_length < 1):  # fmt: skip
             raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
         self.max_seq_length = max_seq_length
+        self._default_config = sparsity_config is None
+        if sparsity_config is None:
+            sparsity_config = DenseSparsityConfig(num_heads=num_heads)
         self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
         if self.sparsity_config.num_heads != num_heads:
             raise ValueError(
                 f"sparsity_config.num_heads={self.sparsity_config.num_heads} must equal num_heads={num_heads}"
             )
-        if kwargs.get("value_dim") not in (None, key_dim):
-            raise ValueError(f"value_dim={kwargs['value_dim']} must equal key_dim={key_dim} for the fused op")
-        if kwargs.get("attention_axes") not in (None, (1,), [1], 1, -3):
-            raise ValueError(f"attention_axes={kwargs['attention_axes']!r}: only the sequence axis is supported")
+        axes = self._attention_axes
+        if axes is not None and tuple(a if a >= 0 else 3 + a for a in axes) != (1,):
+            raise ValueError(
+                f"attention_axes={axes!r} is not supported by SparseMultiHeadAttention: only the sequence axis "
+                "(None, 1 or -2) of [batch, T, dim] inputs"
+            )
 
     @classmethod
     def from_multi_head_attention(
-        cls, mha: keras.layers.MultiHeadAttention, sparsity_config: SparsityConfig, max_seq_length: int | None = None
+        cls,
+        mha: keras.layers.MultiHeadAttention,
+        sparsity_config: SparsityConfig | None = None,
+        max_seq_length: int | None = None,
     ) -> SparseMultiHeadAttention:
         """A sparse copy of ``mha``: its config and, if ``mha`` is built, a copy of its weights."""
-        layer = cls(sparsity_config=sparsity_config, max_seq_length=max_seq_length, **mha.get_config())
+        layer = cls(**mha.get_config(), sparsity_config=sparsity_config, max_seq_length=max_seq_length)
         if mha.built:
             layer.build_from_config(mha.get_build_config())
             layer.set_weights(mha.get_weights())
         return layer
 
-    def _compute_attention_mask(self, query, value, query_mask=None, value_mask=None, key_mask=None,
-                                attention_mask=None, use_causal_mask=False):  # fmt: skip
-        # Keys only: a masked query keeps attending the real keys (its output is padding either way; Keras
-        # would average over every key there). Causal structure comes from the sparsity config.
-        del query_mask, use_causal_mask
-        return super()._compute_attention_mask(
-            query, value, value_mask=value_mask, key_mask=key_mask, attention_mask=attention_mask
-        )
+    def build(self, query_shape, value_shape, key_shape=None):
+        self.compute_output_shape(query_shape, value_shape, key_shape)  # Keras's check that key and value agree
+        for name, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
+            if shape is not None and len(shape) != 3:
+                raise ValueError(
+                    f"SparseMultiHeadAttention takes [batch, length, dim] inputs (rank 3), got {name} of shape "
+                    f"{tuple(shape)}: attention over several axes is not supported"
+                )
+        super().build(query_shape, value_shape, key_shape)
 
-    def call(self, query, value, key=None, *args, use_causal_mask=False, return_attention_scores=False, **kwargs):
-        if return_attention_scores:
-            raise ValueError("return_attention_scores is not supported by SparseMultiHeadAttention")
-        if use_causal_mask and not self.sparsity_config.unidirectional:
-            raise ValueError("use_causal_mask=True needs a sparsity_config with attention='unidirectional'")
-        # A unidirectional config is causal per token already.
-        return super().call(query, value, key, *args, use_causal_mask=False, **kwargs)
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        if key is None:
+            key = value
+        # As Keras: the query's own mask is what the output carries; the masks are consumed here.
+        query_mask = get_keras_mask(query)
+        for x in (query, value, key):
+            set_keras_mask(x, None)
+        gate = self._gate_dense(query) if self._use_gate else None
+        q, k, v = self._query_dense(query), self._key_dense(key), self._value_dense(value)
+        if type(self)._compute_attention is SparseMultiHeadAttention._compute_attention:
+            keys = [tf.convert_to_tensor(m) for m in (value_mask, key_mask) if m is not None]
+            key_keep = None
+            for m in keys:
+                m = m if m.dtype == tf.bool else tf.not_equal(m, tf.zeros([], m.dtype))
+                key_keep = m if key_keep is None else key_keep & m
+            out, scores = self._compute_attention(
+                q, k, v, attention_mask, training, return_attention_scores,
+                use_causal_mask=use_causal_mask, key_mask=key_keep, query_mask=query_mask,
+            )  # fmt: skip
+        else:  # a subclass's _compute_attention gets Keras's merged mask (its signature may be Keras's older one)
+            mask = self._compute_attention_mask(
+                query, value, query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
+                attention_mask=attention_mask, use_causal_mask=use_causal_mask,
+            )  # fmt: skip
+            out, scores = self._compute_attention(q, k, v, mask, training, return_attention_scores)
+        out = self._output_dense(out * gate if gate is not None else out)
+        if query_mask is not None:
+            set_keras_mask(out, query_mask)
+        return (out, scores) if return_attention_scores else out
+
+    def _pattern(self, use_causal_mask: bool) -> Pattern:
+        pattern: Pattern = self.sparsity_config
+        if use_causal_mask:
+            pattern = pattern & Causal()
+        if self._sliding_window is not None:
+            pattern = pattern & SlidingWindow(self._sliding_window)
+        return pattern
 
     def _compute_attention(
-        self, query, key, value, attention_mask=None, training=None, return_attention_scores=False, **kwargs
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+        key_mask=None,
+        query_mask=None,
     ):
-        # query, key, value: [B, T, N, H] (EinsumDense outputs).
-        t = query.shape[1]
-        if self.max_seq_length is not None and t is not None and t > self.max_seq_length:
-            raise ValueError(f"{self.name}: T={t} is more than max_seq_length={self.max_seq_length}")
-        keep = None
-        if attention_mask is not None:
-            if attention_mask.shape.rank == 3:
-                if attention_mask.shape[1] != 1:
-                    raise ValueError(
-                        f"attention_mask must mask keys only ([B, S] or [B, 1, S]), got shape {attention_mask.shape}; "
-                        "express other structure in the sparsity_config"
-                    )
-                attention_mask = attention_mask[:, 0]
-            keep = attention_mask
-        rate = self._dropout if training else 0.0
-        out = deepspeed_sparse_attention(
-            tf.transpose(query, [0, 2, 1, 3]), tf.transpose(key, [0, 2, 1, 3]), tf.transpose(value, [0, 2, 1, 3]),
-            self.sparsity_config, key_padding_mask=keep, key_padding_mask_mode="mul",
-            scale=self._inverse_sqrt_key_dim, dropout_rate=rate,
+        """Attention of projected ``query [B, T, N, key_dim]``, ``key [B, S, N, key_dim]``, ``value [B, S, N,
+        value_dim]`` → ``([B, T, N, value_dim], scores [B, N, T, S] or None)``.
+
+        ``attention_mask``: see the class docstring (True/nonzero = attend); ``key_mask [B, S]``, ``query_mask
+        [B, T]``: bool, or nonzero = a real token.
+        """
+        query, key, value = (tf.convert_to_tensor(x, dtype_hint=self.compute_dtype) for x in (query, key, value))
+        t, s = query.shape[1], key.shape[1]
+        for name, n in (("T (query length)", t), ("S (key length)", s)):
+            if self.max_seq_length is not None and n is not None and n > self.max_seq_length:
+                raise ValueError(f"{self.name}: {name}={n} is more than max_seq_length={self.max_seq_length}")
+        mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
+        if key_mask is not None:
+            km = _rank4_mask(tf.convert_to_tensor(key_mask)[:, None, :], "key_mask")
+            mask = km if mask is None else mask & km
+        if query_mask is not None:
+            query_mask = _rank4_mask(tf.convert_to_tensor(query_mask)[:, :, None], "query_mask")  # [B, 1, T, 1]
+        if return_attention_scores:
+            if query_mask is not None:
+                mask = query_mask if mask is None else mask & query_mask
+            return self._dense_attention(query, key, value, mask, training, use_causal_mask)
+        out = _block_sparse_attention(
+            self, self._pattern(use_causal_mask), self.sparsity_config.block, query, key, value, mask, query_mask,
+            float(self._dropout), training, self._dropout_layer, self._inverse_sqrt_key_dim,
         )  # fmt: skip
-        return tf.transpose(out, [0, 2, 1, 3]), None
+        return out, None
+
+    def _dense_attention(self, query, key, value, mask, training, use_causal_mask):
+        """Keras's own attention with the sparsity pattern as a mask (for ``return_attention_scores``)."""
+        t, s = query.shape[1], key.shape[1]
+        if t is None or s is None:
+            raise ValueError(f"{self.name}: return_attention_scores needs static lengths, got {query.shape}, {key.shape}")
+        bs = self.sparsity_config.block
+        allowed = self._pattern(use_causal_mask).token_mask(_round_up(t, bs), _round_up(s, bs))[:, :t, :s]
+        allowed = tf.constant(allowed[None])  # [1, L, T, S]
+        mask = allowed if mask is None else mask & allowed
+        return super()._compute_attention(query, key, value, mask, training, return_attention_scores=True)
 
     def get_config(self) -> dict:
         return {
             **super().get_config(),
-            "sparsity_config": serialize_sparsity_config(self.sparsity_config),
+            "sparsity_config": None if self._default_config else serialize_sparsity_config(self.sparsity_config),
+            "max_seq_length": self.max_seq_length,
+        }
+
+
+@keras.saving.register_keras_serializable(package="bsattn")
+class SparseGroupedQueryAttention(keras.layers.GroupQueryAttention):
+    """``keras.layers.GroupQueryAttention`` on the fused block-sparse op: Keras's arguments, weights and call,
+    plus ``sparsity_config`` (``num_query_heads`` heads; None: dense, blocks of 16) and ``max_seq_length``.
+
+    STOP-GAP, it copies: Keras's ``call`` repeats each key/value head for its group of query heads
+    (``ops.repeat``, ``num_query_heads / num_key_value_heads`` copies of K and V), and the fused op then runs
+    over ``num_query_heads`` heads. The no-copy path (K/V heads shared inside the op) is not built yet.
+    Keras's ``call`` also merges every mask (implicit, ``attention_mask``, causal, sliding window) into one
+    ``[B, T, S]`` mask before this layer sees it, so it reaches the op as a per-batch ``-inf`` bias (``O(B·T·S)``
+    memory; causal blocks are masked, not skipped). Rows with no key, lengths, dropout and
+    ``return_attention_scores`` (Keras's dense path with the pattern as a mask) as in
+    ``SparseMultiHeadAttention``.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_query_heads: int,
+        num_key_value_heads: int,
+        *args,
+        sparsity_config: SparsityConfig | dict | None = None,
+        max_seq_length: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(head_dim, num_query_heads, num_key_value_heads, *args, **kwargs)
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length < 1):  # fmt: skip
+            raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
+        self.max_seq_length = max_seq_length
+        self._default_config = sparsity_config is None
+        if sparsity_config is None:
+            sparsity_config = DenseSparsityConfig(num_heads=num_query_heads)
+        self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
+        if self.sparsity_config.num_heads != num_query_heads:
+            raise ValueError(
+                f"sparsity_config.num_heads={self.sparsity_config.num_heads} must equal "
+                f"num_query_heads={num_query_heads}"
+            )
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None, use_causal_mask=False):
+        # query [B, T, N, D]; key, value [B, S, N, D] (already repeated to N heads by Keras's call).
+        query, key, value = (tf.convert_to_tensor(x, dtype_hint=self.compute_dtype) for x in (query, key, value))
+        mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
+        pattern: Pattern = self.sparsity_config & Causal() if use_causal_mask else self.sparsity_config
+        if self._return_attention_scores:
+            t, s, bs = query.shape[1], key.shape[1], self.sparsity_config.block
+            allowed = tf.constant(pattern.token_mask(_round_up(t, bs), _round_up(s, bs))[None, :, :t, :s])
+            return super()._compute_attention(query, key, value, allowed if mask is None else mask & allowed, training)
+        out = _block_sparse_attention(
+            self, pattern, self.sparsity_config.block, query, key, value, mask, None, float(self.dropout), training,
+            self._dropout_layer, self._inverse_sqrt_head_dim,
+        )  # fmt: skip
+        return out, None
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "sparsity_config": None if self._default_config else serialize_sparsity_config(self.sparsity_config),
             "max_seq_length": self.max_seq_length,
         }

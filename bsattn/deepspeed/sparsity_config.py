@@ -125,8 +125,11 @@ class SparsityConfig(Pattern):
     Subclass it and implement ``make_layout(seq_len) -> [num_heads, nb, nb]`` (nonzero = active block) to add a
     pattern; set ``self.attention = 'unidirectional'`` to make it causal per token. The subclass is then a bsattn
     pattern too: ``token_mask``, ``block_layout`` and the tables of every op follow from ``make_layout``.
-    As a pattern it is self-attention only (``n_q == n_k``); any op block size works (the layout's own ``block``
-    gives the analytic block classes, another size is derived token by token).
+    As a pattern it also serves cross-attention (``n_q != n_k``): queries and keys share one position axis and the
+    pattern is the top-left ``[n_q, n_k]`` corner of the square one of ``max(n_q, n_k)`` tokens (block rows
+    ``< n_q / block`` of ``make_layout(max(n_q, n_k))``, columns ``< n_k / block``; unidirectional: ``k <= q``).
+    Any op block size works (the layout's own ``block`` gives the analytic block classes, another size is derived
+    token by token).
     """
 
     def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False):
@@ -209,20 +212,23 @@ class SparsityConfig(Pattern):
 
     def validate(self, n_q, n_k, block_size=None):
         super().validate(n_q, n_k, block_size)
-        if n_k != n_q:
-            raise ValueError(f"n_k={n_k} must equal n_q={n_q}: DeepSpeed sparsity configs describe self-attention")
-        if n_q % self.block:
-            raise ValueError(f"Sequence Length, {n_q}, needs to be dividable by Block size {self.block}!")
+        for name, n in (("n_q", n_q), ("n_k", n_k)):
+            if n % self.block:
+                raise ValueError(f"Sequence Length, {n} ({name}), needs to be dividable by Block size {self.block}!")
+
+    def _corner(self, n_q: int, n_k: int) -> np.ndarray:
+        """The layout's top-left ``[num_heads, n_q / block, n_k / block]`` corner at ``max(n_q, n_k)`` tokens."""
+        return self.layout(max(n_q, n_k))[:, : n_q // self.block, : n_k // self.block]
 
     def allowed(self, head, q, k, n_q, n_k):
-        layout = self.layout(n_q)[self.layout_index(head)]
+        layout = self._corner(n_q, n_k)[self.layout_index(head)]
         keep = layout[q // self.block, k // self.block]
         return keep & (k <= q) if self.unidirectional else keep
 
     def _block_classes(self, head, qb, kb, block_size, n_q, n_k):
         if block_size != self.block:
             return None  # derived token by token (Pattern._scan_block_rows)
-        active = self.layout(n_q)[head]
+        active = self._corner(n_q, n_k)[head]
         # Unidirectional: diagonal blocks keep their lower triangle only; the layout is lower triangular.
         full = active & (kb < qb) if self.unidirectional else active
         return active, full

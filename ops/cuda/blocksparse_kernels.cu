@@ -68,11 +68,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // One CTA per (output block row r, 64-wide slice of head_dim, h, n). For each entry (blk, p) of
 // the row, op(w[blk]) (bs x bs) times the partner rows x[p] (bs x 64) is accumulated, staged
-// through shared memory kInner columns of w at a time. A zero weight is a structural zero (masked
-// key, fully masked query): its product with a NaN/Inf in x is 0 (both DSD bodies).
-template <typename T, int BS, bool kTransposeW>
+// through shared memory kInner columns of w at a time. w may have its own dtype TW (converted to
+// float on load like x). A zero weight is a structural zero (masked key, fully masked query): its
+// product with a NaN/Inf in x is 0 (both DSD bodies).
+template <typename TW, typename T, int BS, bool kTransposeW>
 __global__ void __launch_bounds__(kThreads)
-    DsdKernel(const T* w, const T* x, const int32_t* lut, T* c, int64_t heads, int64_t nnz,
+    DsdKernel(const TW* w, const T* x, const int32_t* lut, T* c, int64_t heads, int64_t nnz,
               int64_t x_len, int64_t width, int64_t head_dim, bool shared_lut, int64_t lut_len,
               int64_t n_out, int64_t c_len) {
   constexpr int kSlice = 64;
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   float acc[kPerThread] = {};
   for (int32_t e = offset; e < offset + count; ++e) {
     const int64_t blk = table[2 * e], partner = table[2 * e + 1];
-    const T* w_block = w + ((n * heads + h) * nnz + blk) * BS * BS;
+    const TW* w_block = w + ((n * heads + h) * nnz + blk) * BS * BS;
     const T* x_rows = x + (n * x_len + partner * BS) * width + h * head_dim + d_base;
     for (int j0 = 0; j0 < BS; j0 += kInner) {
       for (int idx = threadIdx.x; idx < BS * kInner; idx += kThreads) {
@@ -442,12 +443,26 @@ void LaunchDsd(bool transpose_w, const void* w, const void* x, const int32_t* lu
                int64_t lut_heads, int64_t lut_len, int64_t n_out, cudaStream_t stream) {
   const int64_t head_dim = width / heads, slices = (head_dim + 63) / 64;
   const dim3 grid(n_out * slices, heads, batch);
-  auto kernel = transpose_w ? DsdKernel<T, BS, true> : DsdKernel<T, BS, false>;
+  auto kernel = transpose_w ? DsdKernel<T, T, BS, true> : DsdKernel<T, T, BS, false>;
   if constexpr (kWmmaType<T, BS>) {
     if (WmmaShapes(head_dim)) kernel = transpose_w ? DsdWmmaKernel<T, BS, true> : DsdWmmaKernel<T, BS, false>;
   }
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(w), static_cast<const T*>(x), lut,
                                         static_cast<T*>(c), heads, nnz, x_len, width, head_dim,
+                                        lut_heads == 1, lut_len, n_out, n_out * BS);
+}
+
+// Float32 x and c, weights of dtype TW: the SIMT body only (the WMMA one needs one 16-bit dtype).
+template <typename TW, int BS>
+void LaunchDsdMixedWeights(bool transpose_w, const void* w, const void* x, const int32_t* lut,
+                           void* c, int64_t batch, int64_t heads, int64_t nnz, int64_t x_len,
+                           int64_t width, int64_t lut_heads, int64_t lut_len, int64_t n_out,
+                           cudaStream_t stream) {
+  const int64_t head_dim = width / heads, slices = (head_dim + 63) / 64;
+  const dim3 grid(n_out * slices, heads, batch);
+  auto kernel = transpose_w ? DsdKernel<TW, float, BS, true> : DsdKernel<TW, float, BS, false>;
+  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const TW*>(w), static_cast<const float*>(x), lut,
+                                        static_cast<float*>(c), heads, nnz, x_len, width, head_dim,
                                         lut_heads == 1, lut_len, n_out, n_out * BS);
 }
 
@@ -485,6 +500,12 @@ struct DsdRunner {
   static void Run(Args... args) { LaunchDsd<T, BS>(args...); }
 };
 
+template <typename TW, int BS>
+struct DsdMixedWeightsRunner {
+  template <typename... Args>
+  static void Run(Args... args) { LaunchDsdMixedWeights<TW, BS>(args...); }
+};
+
 bool IsBlockSize(int64_t bs) { return bs == 8 || bs == 16 || bs == 32 || bs == 64 || bs == 128; }
 
 }  // namespace
@@ -517,6 +538,18 @@ int bsattn_dsd(int dtype, int transpose_w, const void* w, const void* x, const i
   const int status = Dispatch<DsdRunner>(dtype, block_size, transpose_w != 0, w, x, lut, c, batch,
                                          heads, nnz, x_len, width, lut_heads, lut_len, n_out,
                                          cudaStream_t(stream));
+  return status ? status : LastError();
+}
+
+int bsattn_dsd_mixed_weights(int w_dtype, int transpose_w, const void* w, const void* x,
+                             const int32_t* lut, void* c, int64_t batch, int64_t heads, int64_t nnz,
+                             int64_t block_size, int64_t x_len, int64_t width, int64_t lut_heads,
+                             int64_t lut_len, int64_t n_out, bsattn_stream_t stream) {
+  if (w_dtype != BSATTN_FLOAT16 && w_dtype != BSATTN_BFLOAT16) return BSATTN_ERROR_DTYPE;
+  if (!GridFits(n_out * ((width / heads + 63) / 64), heads, batch)) return BSATTN_ERROR_SHAPE;
+  const int status = Dispatch<DsdMixedWeightsRunner>(w_dtype, block_size, transpose_w != 0, w, x, lut,
+                                                     c, batch, heads, nnz, x_len, width, lut_heads,
+                                                     lut_len, n_out, cudaStream_t(stream));
   return status ? status : LastError();
 }
 

@@ -28,7 +28,7 @@ enum bsattn_dtype { BSATTN_FLOAT32 = 0, BSATTN_FLOAT16 = 1, BSATTN_BFLOAT16 = 2 
 enum bsattn_error {
   BSATTN_ERROR_DTYPE = 10001,      /* dtype not one of bsattn_dtype */
   BSATTN_ERROR_BLOCK_SIZE = 10002, /* block size not 8, 16, 32, 64 or 128 */
-  BSATTN_ERROR_SHAPE = 10003,      /* a size is zero, negative or too large for the grid */
+  BSATTN_ERROR_SHAPE = 10003,      /* a size is negative, zero (heads, head_dim) or too large for the grid */
   BSATTN_ERROR_HEAD_DIM = 10004,   /* fused attention: head_dim over 256 */
   BSATTN_ERROR_WORKSPACE = 10005,  /* fused backward: workspace missing or too small */
 };
@@ -47,6 +47,13 @@ int bsattn_dsd(int dtype, int transpose_w, const void* w, const void* x, const i
                int64_t batch, int64_t heads, int64_t nnz, int64_t block_size, int64_t x_len,
                int64_t width, int64_t lut_heads, int64_t lut_len, int64_t n_out,
                bsattn_stream_t stream);
+
+/* bsattn_dsd with weights w of dtype w_dtype (BSATTN_FLOAT16 or BSATTN_BFLOAT16) and float32 x and c
+ * (blocksparse's mixed precision), on the SIMT body. */
+int bsattn_dsd_mixed_weights(int w_dtype, int transpose_w, const void* w, const void* x,
+                             const int32_t* lut, void* c, int64_t batch, int64_t heads, int64_t nnz,
+                             int64_t block_size, int64_t x_len, int64_t width, int64_t lut_heads,
+                             int64_t lut_len, int64_t n_out, bsattn_stream_t stream);
 
 /* y = softmax(scale * x) over the kept entries of each query row (all blocks of the row, from
  * nn_lut); masked entries are 0, a row with no kept entry is 0. With autoregressive != 0, key j
@@ -72,6 +79,9 @@ int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* d
  *   NULL; bias [bias_batch, bias_heads, Tq, Tk] (dtype) or NULL, added to the scaled scores, with
  *   bias_batch = 1 (one slice for every batch entry) or B and bias_heads = 1 or H; dropout of the
  *   probabilities with the counter hash of ops/cuda/dropout_hash.h (rate 0 = none).
+ * batch, Tq and Tk may be 0 (no kernel runs: outputs of Tk = 0 are 0 with lse -inf, gradients 0).
+ * Masked entries (in-block mask, key padding, a -inf bias) are never read into a result: NaN/Inf
+ * in q, k, v or bias there reaches no output; an attended NaN score makes its row and lse NaN.
  * Block sizes 8..128 (powers of two); head_dim up to 256. float16/bfloat16 with bs >= 16,
  * head_dim 32, 64 or 128 and 16-byte aligned q/k/v/out run on tensor cores (mma.sync); every
  * other case runs a SIMT kernel with float32 arithmetic. */
@@ -97,7 +107,7 @@ typedef struct bsattn_fused_args {
 } bsattn_fused_args;
 
 /* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose
- * output is 0). */
+ * output is 0; NaN for a row with an attended NaN score). */
 int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, bsattn_stream_t stream);
 
 /* Bytes of device workspace bsattn_fused_backward needs (delta rows, and a float32 dbias

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 
@@ -84,12 +85,14 @@ __device__ __forceinline__ void StoreRow(const FusedParams& p, const float (&acc
   }
 }
 
-// acc[c] += sum over chunk entries jj < n of w_jj * rows[jj][lane + 32c], with w_jj held by lane jj.
+// acc[c] += sum over chunk entries jj < n that bit jj of `kept` keeps of w_jj * rows[jj][lane + 32c],
+// with w_jj held by lane jj (the rows of masked entries are never read).
 template <int DC>
 __device__ __forceinline__ void AccumulateRows(float (&acc)[DC], float w, const float* rows, int ld,
-                                               int n, int D, int lane) {
+                                               int n, int D, int lane, unsigned kept = kFull) {
   for (int jj = 0; jj < n; ++jj) {
     const float wj = __shfl_sync(kFull, w, jj);
+    if (!((kept >> jj) & 1u)) continue;  // uniform across the warp
 #pragma unroll
     for (int c = 0; c < DC; ++c) {
       const int d = lane + 32 * c;
@@ -125,20 +128,21 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
       float x = -INFINITY;  // score in log2 units
       if (lane < kc) {
         const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
-        x = (s * p.scale + ScoreOffset<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane)) * kLog2e;
+        x = ScaledScore(s, p.scale, ScoreOffset<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane)) * kLog2e;
       }
+      const unsigned kept = __ballot_sync(kFull, x != -INFINITY);
       const float m_new = fmaxf(m, WarpMax(x));
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
       const float alpha = exp2f(m - m_use), prob = exp2f(x - m_use);
       l = l * alpha + WarpSum(prob);  // l sums the undropped probabilities
       m = m_new;
-      const float kept = p.dropout && lane < kc ? prob * DropoutFactor(p, b, h, qi, k0 + c0 + lane) : prob;
+      const float weight = p.dropout && lane < kc ? prob * DropoutFactor(p, b, h, qi, k0 + c0 + lane) : prob;
 #pragma unroll
       for (int c = 0; c < DC; ++c) acc[c] *= alpha;
-      AccumulateRows(acc, kept, vs, D, kc, D, lane);
+      AccumulateRows(acc, weight, vs, D, kc, D, lane, kept);
     }
   }
-  const bool empty = !(l > 0.0f);  // no kept key: output 0, lse -inf
+  const bool empty = l == 0.0f;  // no kept key: output 0, lse -inf (a NaN sum: an attended NaN score)
   StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, p.tq, b, h, qi, lane);
   if (lane == 0) lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
 }
@@ -160,9 +164,11 @@ __global__ void DeltaKernel(FusedParams p, const T* out, const T* dout, const fl
   }
 }
 
-// The probability (undropped) and dS of one entry, from its raw score s = q.k and dp = dout.v.
+// The probability (undropped), the dropped-out one, dS, and whether the entry is attended, from its
+// raw score s = q.k and dp = dout.v (not read at a masked entry).
 struct EntryGrad {
   float prob, kept, ds;
+  bool attended;
 };
 
 template <typename T>
@@ -170,11 +176,12 @@ __device__ __forceinline__ EntryGrad GradAt(const FusedParams& p, int64_t b, int
                                             int64_t j, const uint32_t* mask_row, int bj, float s,
                                             float dp, float lse, float delta) {
   EntryGrad g;
-  const float x = s * p.scale + ScoreOffset<T>(p, b, h, i, j, mask_row, bj);
-  g.prob = lse == -INFINITY ? 0.0f : exp2f((x - lse) * kLog2e);
+  const float offset = ScoreOffset<T>(p, b, h, i, j, mask_row, bj);
+  g.attended = offset != -INFINITY;
+  g.prob = lse == -INFINITY ? 0.0f : exp2f((ScaledScore(s, p.scale, offset) - lse) * kLog2e);
   const float z = p.dropout ? DropoutFactor(p, b, h, i, j) : 1.0f;
   g.kept = g.prob * z;
-  g.ds = g.prob * (dp * z - delta);
+  g.ds = g.prob * ((g.attended ? dp : 0.0f) * z - delta);
   return g;
 }
 
@@ -205,13 +212,13 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       __syncthreads();
       LoadChunk<T>(p, p.k, p.v, p.tk, b, h, k0 + c0, kc, ks, vs, D + 1);
       __syncthreads();
-      float ds = 0.0f;
+      EntryGrad g = {0.0f, 0.0f, 0.0f, false};
       if (lane < kc) {
         const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
         const float dp = Dot(dos + warp * D, vs + lane * (D + 1), D);
-        ds = GradAt<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane, s, dp, row_lse, row_delta).ds;
+        g = GradAt<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane, s, dp, row_lse, row_delta);
       }
-      AccumulateRows(acc, ds, ks, D + 1, kc, D, lane);
+      AccumulateRows(acc, g.ds, ks, D + 1, kc, D, lane, __ballot_sync(kFull, g.attended));
     }
   }
   StoreRow<T>(p, acc, p.scale, dq, p.tq, b, h, qi, lane);
@@ -257,7 +264,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
           delta_s[threadIdx.x] = delta[stat];
         }
         __syncthreads();
-        EntryGrad g = {0.0f, 0.0f, 0.0f};
+        EntryGrad g = {0.0f, 0.0f, 0.0f, false};
         if (lane < kc) {
           const int64_t qi = q0 + c0 + lane;
           const float s = Dot(qs + lane * (D + 1), ks + warp * D, D);
@@ -275,6 +282,18 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   }
 }
 
+__global__ void FillKernel(float* dst, float value, int64_t n) {
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    dst[i] = value;
+}
+
+unsigned GridFor(int64_t n) { return static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65536)); }
+
+// A case with a zero size (batch, Tq or Tk) launches no kernel.
+bool Empty(const FusedParams& p) { return p.batch == 0 || p.tq == 0 || p.tk == 0; }
+
+int64_t DtypeBytes(const FusedParams& p) { return p.dtype == BSATTN_FLOAT32 ? 4 : 2; }
+
 template <typename T>
 __global__ void FloatToKernel(const float* src, T* dst, int64_t n) {
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
@@ -291,7 +310,7 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
     return BSATTN_ERROR_DTYPE;
   if (!IsBlockSize(a->block_size)) return BSATTN_ERROR_BLOCK_SIZE;
   if (a->head_dim > 256) return BSATTN_ERROR_HEAD_DIM;
-  if (a->batch <= 0 || a->heads <= 0 || a->head_dim <= 0 || a->tq <= 0 || a->tk <= 0 ||
+  if (a->batch < 0 || a->heads <= 0 || a->head_dim <= 0 || a->tq < 0 || a->tk < 0 ||
       a->tq % a->block_size != 0 || a->tk % a->block_size != 0 ||
       (a->layout_heads != 1 && a->layout_heads != a->heads) ||
       (a->bias != nullptr && ((a->bias_heads != 1 && a->bias_heads != a->heads) ||
@@ -416,6 +435,13 @@ int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, b
   FusedParams p;
   if (const int status = bsattn_cuda::MakeParams(args, &p)) return status;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (bsattn_cuda::Empty(p)) {  // Tk = 0: every row has no kept key (output 0, lse -inf)
+    const int64_t rows = p.batch * p.heads * p.tq;
+    if (rows == 0) return 0;
+    if (const cudaError_t e = cudaMemsetAsync(out, 0, p.batch * p.tq * p.width * bsattn_cuda::DtypeBytes(p), s)) return e;
+    bsattn_cuda::FillKernel<<<bsattn_cuda::GridFor(rows), 256, 0, s>>>(lse, -INFINITY, rows);
+    return bsattn_cuda::LastError();
+  }
   if (!bsattn_cuda::LaunchForwardMma(p, out, lse, s)) {
     bsattn_cuda::DispatchSimt<bsattn_cuda::ForwardRunner>(p, out, lse, s);
   }
@@ -435,10 +461,21 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
   FusedParams p;
   if (const int status = bsattn_cuda::MakeParams(args, &p)) return status;
   if (dbias != nullptr && p.bias == nullptr) return BSATTN_ERROR_SHAPE;
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (bsattn_cuda::Empty(p)) {  // every gradient is 0 (or empty)
+    const int64_t bytes = bsattn_cuda::DtypeBytes(p);
+    for (const auto& [ptr, n] : {std::pair<void*, int64_t>{dq, p.batch * p.tq * p.width},
+                                 {dk, p.batch * p.tk * p.width}, {dv, p.batch * p.tk * p.width},
+                                 {dbias, dbias != nullptr ? p.bias_batch * p.bias_heads * p.tq * p.tk : 0}}) {
+      if (n > 0) {
+        if (const cudaError_t e = cudaMemsetAsync(ptr, 0, n * bytes, s)) return e;
+      }
+    }
+    return 0;
+  }
   const int64_t delta_bytes = bsattn_cuda::DeltaBytes(p);
   const int64_t acc_bytes = dbias != nullptr ? bsattn_cuda::DbiasAccumulatorBytes(p) : 0;
   if (workspace == nullptr || workspace_bytes < delta_bytes + acc_bytes) return BSATTN_ERROR_WORKSPACE;
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   float* delta = static_cast<float*>(workspace);
   // dbias sums into float32: dbias itself for float32, else the workspace after delta.
   float* dbias_acc = nullptr;
@@ -450,7 +487,7 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
   }
   bsattn_cuda::DispatchSimt<bsattn_cuda::GradRunner>(p, out, dout, lse, dlse, delta, dq, dk, dv, dbias_acc, s);
   if (dbias != nullptr && p.dtype != BSATTN_FLOAT32) {
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((dbias_count + 255) / 256, 65536));
+    const unsigned blocks = bsattn_cuda::GridFor(dbias_count);
     if (p.dtype == BSATTN_FLOAT16)
       bsattn_cuda::FloatToKernel<__half><<<blocks, 256, 0, s>>>(dbias_acc, static_cast<__half*>(dbias), dbias_count);
     else

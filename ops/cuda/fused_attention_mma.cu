@@ -97,13 +97,20 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     Zero(o[mt]);
   }
   const bool plain = p.bias == nullptr && p.key_padding_mask == nullptr;  // only full blocks skip all rules
+  uint32_t kept_bits[kMT][2] = {};  // the exact path's per-step bits (see AddNonFiniteTerms)
   const float scale_log2 = p.scale * kLog2e;
 
   for (int step = 0; step < n_steps; ++step) {
-    AwaitStep(step, n_steps, load_step);
     const int buf = step & 1;
     const T* ks = k_s + buf * kKeys * kLd;
-    const T* vs = v_s + buf * kKeys * kLd;
+    T* vs = v_s + buf * kKeys * kLd;
+    // A V tile with a non-finite value (rare: CTA-uniform) takes the exact path: P V runs with those
+    // values zeroed and the kept entries' products of them are added after (AddNonFiniteTerms).
+    const bool v_bad = AwaitStepNonFinite<T, D, kNT>(step, n_steps, load_step, vs, kKeys);
+    if (v_bad) {
+      ZeroOwnNonFinite<T, D, kNT>(vs, kKeys);
+      __syncthreads();
+    }
 
     float s[kMT][kSTiles][4];
 #pragma unroll
@@ -150,8 +157,16 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
             const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
             const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half, k0 + col, mask_rows[half],
                                                 bj0 + col);
-            s[mt][t][e] = (s[mt][t][e] * p.scale + offset) * kLog2e;
+            s[mt][t][e] = ScaledScore(s[mt][t][e], p.scale, offset) * kLog2e;
           }
+      }
+
+      if (v_bad) {  // kept entries (slot 2t + (e & 1) of rows `half`)
+#pragma unroll
+        for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (s[mt][t][e] != -INFINITY) kept_bits[mt][e / 2] |= 1u << (2 * t + (e & 1));
       }
 
       // Online softmax over the step's keys, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
@@ -189,6 +204,16 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       }
     }
 
+    if (v_bad) {  // nonzero (dropped-out or underflowed) probabilities of the kept entries
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (s[mt][t][e] != 0.0f) kept_bits[mt][e / 2] |= 1u << (16 + 2 * t + (e & 1));
+    }
+
     // O += P V: the S accumulators of n-tiles 2kt and 2kt+1 are the A fragment of key step kt.
 #pragma unroll
     for (int kt = 0; kt < kKeys / 16; ++kt) {
@@ -206,6 +231,18 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
         }
       }
     }
+    if (v_bad) {  // key j of the step is held by lane 4 * (lane / 4) + (j % 8) / 2 in slot 2 (j / 8) + j % 2
+      const T* v_rows = v_g + first_key(step) * p.width;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          AddNonFiniteTerms<T, kOTiles>(
+              o[mt], half, kept_bits[mt][half], 0u, v_rows, p.width, kKeys, lane,
+              [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
+          kept_bits[mt][half] = 0;
+        }
+    }
     __syncthreads();  // every warp is done with this buffer before step + 2 loads into it
   }
 
@@ -215,7 +252,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float total = QuadSum(l[mt][half]);
-      const bool empty = !(total > 0.0f);
+      const bool empty = total == 0.0f;  // no kept key (a NaN sum: an attended NaN score, NaN row)
       const float inv = empty ? 0.0f : 1.0f / total;
       const int64_t qi = qi_base + 16 * mt + 8 * half;
       T* out_row = out + (b * p.tq + qi) * p.width + h * D;

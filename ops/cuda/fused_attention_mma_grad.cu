@@ -138,14 +138,23 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   }
   float acc[D / 8][4];
   Zero(acc);
+  uint32_t ds_bits[2] = {}, ds_negative[2] = {};  // the exact path's per-step bits (AddNonFiniteTerms)
 
   for (int step = 0; step < n_steps; ++step) {
-    AwaitStep(step, n_steps, load_step);
     const int buf = step & 1;
-    const T* ks = k_s + buf * kStep * kLd;
+    T* ks = k_s + buf * kStep * kLd;
     const T* vs = v_s + buf * kStep * kLd;
+    // A K tile with a non-finite value (CTA-uniform) takes the exact path for dQ += dS K: S reads K
+    // as it is, then the product runs with those values zeroed and the kept entries' products of
+    // them are added after (AddNonFiniteTerms).
+    const bool k_bad = AwaitStepNonFinite<T, D, kNT>(step, n_steps, load_step, ks, kStep);
     float s[kNTiles][4], dp[kNTiles][4];
     TwoProducts<T, D, kNTiles>(s, dp, q_s, do_s, ks, vs, kLd, warp * 16, lane);
+    if (k_bad) {
+      __syncthreads();  // every warp has read K for S
+      ZeroOwnNonFinite<T, D, kNT>(ks, kStep);
+      __syncthreads();
+    }
 
     const int entry = range.x + step / kSteps;
     const int32_t mask_id = p.row_entries[2 * entry + 1];
@@ -158,12 +167,28 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
       for (int e = 0; e < 4; ++e) {
         const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
         const int64_t qi = q0 + r0 + 8 * half, kj = k0 + col;
-        const float x = s[t][e] * p.scale + ScoreOffset<T>(p, b, h, qi, kj, mask_rows[half], bj0 + col);
-        const float prob = exp2f(x * kLog2e - lse2[half]);
+        const float offset = ScoreOffset<T>(p, b, h, qi, kj, mask_rows[half], bj0 + col);
+        const float prob = exp2f(ScaledScore(s[t][e], p.scale, offset) * kLog2e - lse2[half]);
         const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
-        s[t][e] = prob * (dp[t][e] * z - row_delta[half]);  // dS
+        const bool kept = offset != -INFINITY;
+        s[t][e] = prob * ((kept ? dp[t][e] : 0.0f) * z - row_delta[half]);  // dS; V is not read at masked entries
+        if (k_bad && kept) {  // slot 2t + (e & 1) of rows `half`: kept, nonzero, negative
+          const uint32_t bit = 1u << (2 * t + (e & 1));
+          ds_bits[half] |= bit | (s[t][e] != 0.0f ? bit << 16 : 0u);
+          ds_negative[half] |= s[t][e] < 0.0f ? bit : 0u;
+        }
       }
     AccumulateProduct<T, D, kNTiles>(acc, s, ks, kLd, lane);  // dQ += dS K
+    if (k_bad) {
+      const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + k0) * p.width + h * D;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        AddNonFiniteTerms<T, D / 8>(
+            acc, half, ds_bits[half], ds_negative[half], k_rows, p.width, kStep, lane,
+            [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
+        ds_bits[half] = ds_negative[half] = 0;
+      }
+    }
     __syncthreads();
   }
   CpAsyncWait<0>();  // a row without blocks still committed its Q / dO loads
@@ -238,10 +263,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
         for (int e = 0; e < 4; ++e) {
           const int bj = r0 + 8 * (e / 2), col = t * 8 + (lane % 4) * 2 + (e & 1);
           const int64_t qi = qs0 + col, kj = k0 + bj;
-          const float x = s[t][e] * p.scale + ScoreOffset<T>(p, b, h, qi, kj, MaskRow(p, mask_id, bi0 + col), bj);
-          const float prob = exp2f(x * kLog2e - lse_s[buf * kStep + col]);
+          const float offset = ScoreOffset<T>(p, b, h, qi, kj, MaskRow(p, mask_id, bi0 + col), bj);
+          const float prob = exp2f(ScaledScore(s[t][e], p.scale, offset) * kLog2e - lse_s[buf * kStep + col]);
           const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
-          const float ds = prob * (dp[t][e] * z - delta_s[buf * kStep + col]);
+          const float dp_kept = offset == -INFINITY ? 0.0f : dp[t][e];  // V is not read at masked entries
+          const float ds = prob * (dp_kept * z - delta_s[buf * kStep + col]);
           if (dbias != nullptr) dbias[BiasIndex(p, b, h, qi, kj)] += ds;
           s[t][e] = prob * z;  // P Z, for dV
           dp[t][e] = ds;       // dS, for dK

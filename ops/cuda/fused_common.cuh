@@ -1,5 +1,12 @@
 // What every fused-attention kernel reads (FusedParams, built once per launch from the C ABI's
 // bsattn_fused_args) and the per-entry rules they share: masking, bias, dropout.
+//
+// The masking rule (as in the CPU kernels): masked entries are never read into a result. Their
+// scores are -inf by select (ScaledScore), their dP is taken as 0, and no product reads a K or V
+// value of a masked entry: the SIMT kernels skip masked keys, the tensor-core kernels run the
+// product with the non-finite values of a streamed tile zeroed (a per-step flag; full tiles pay only
+// the check) and add the kept entries' products of those values one by one. An attended NaN score
+// makes its row NaN (lse too), as dense attention does.
 #ifndef BSATTN_OPS_CUDA_FUSED_COMMON_CUH_
 #define BSATTN_OPS_CUDA_FUSED_COMMON_CUH_
 
@@ -85,6 +92,12 @@ __device__ __forceinline__ float ScoreOffset(const FusedParams& p, int64_t b, in
   if (p.key_padding_mask != nullptr && p.key_padding_mask[b * p.tk + j] == 0) return -INFINITY;
   if (p.bias == nullptr) return 0.0f;
   return ToFloat(static_cast<const T*>(p.bias)[BiasIndex(p, b, h, i, j)]);
+}
+
+// The scaled score of an entry from its raw score s = q.k and ScoreOffset: -inf for a masked entry
+// by select, so that a NaN score there (NaN/Inf in k at a padded or masked key) stays out.
+__device__ __forceinline__ float ScaledScore(float s, float scale, float offset) {
+  return offset == -INFINITY ? -INFINITY : s * scale + offset;
 }
 
 // The dropout factor of entry (i, j) of head (b, h): 1 / (1 - rate) if kept, else 0.

@@ -14,6 +14,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "ops/cuda/cuda_common.cuh"
 
 namespace bsattn_cuda {
 namespace {
@@ -86,11 +89,10 @@ __device__ __forceinline__ void LoadTileAsync(T* dst, const T* src, int64_t stri
   }
 }
 
-// The double-buffered pipeline's step boundary: starts loading step + 1 (into the other buffer)
-// and waits, with the whole CTA, until step's tiles have landed. The caller must end each step
-// with __syncthreads() so that no warp still reads the buffer step + 2 will load into.
+// Starts loading step + 1 (into the other buffer) and waits until this thread's copies of step's
+// tiles have landed (visible to this thread only).
 template <typename Load>
-__device__ __forceinline__ void AwaitStep(int step, int n_steps, Load load_step) {
+__device__ __forceinline__ void AwaitOwnCopies(int step, int n_steps, Load load_step) {
   if (step + 1 < n_steps) {
     load_step(step + 1);
     CpAsyncCommit();
@@ -98,7 +100,77 @@ __device__ __forceinline__ void AwaitStep(int step, int n_steps, Load load_step)
   } else {
     CpAsyncWait<0>();
   }
+}
+
+// The double-buffered pipeline's step boundary: starts loading step + 1 (into the other buffer)
+// and waits, with the whole CTA, until step's tiles have landed. The caller must end each step
+// with __syncthreads() so that no warp still reads the buffer step + 2 will load into.
+template <typename Load>
+__device__ __forceinline__ void AwaitStep(int step, int n_steps, Load load_step) {
+  AwaitOwnCopies(step, n_steps, load_step);
   __syncthreads();
+}
+
+// Whether the 8 16-bit values of a 16-byte vector are all finite (exponent bits not all ones).
+template <typename T>
+__device__ __forceinline__ bool Finite8(uint4 w) {
+  constexpr uint32_t kExp = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+  bool finite = true;
+  for (const uint32_t x : {w.x, w.y, w.z, w.w}) finite &= (x & kExp) != kExp && ((x >> 16) & kExp) != kExp;
+  return finite;
+}
+
+// AwaitStep that also returns, to every thread, whether `tile` (rows x D, loaded for step by
+// LoadTileAsync<T, D, NT>) holds a non-finite value: each thread checks the vectors it copied.
+template <typename T, int D, int NT, typename Load>
+__device__ __forceinline__ bool AwaitStepNonFinite(int step, int n_steps, Load load_step, const T* tile, int rows) {
+  AwaitOwnCopies(step, n_steps, load_step);
+  constexpr int kVec = 8, kPerRow = D / kVec;
+  bool finite = true;
+  for (int idx = threadIdx.x; idx < rows * kPerRow; idx += NT) {
+    finite &= Finite8<T>(*reinterpret_cast<const uint4*>(tile + (idx / kPerRow) * (D + 8) + (idx % kPerRow) * kVec));
+  }
+  return __syncthreads_or(!finite);
+}
+
+// Zeroes the non-finite values of the vectors this thread copied into `tile` (as above); the
+// caller synchronises before the tile is read.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void ZeroOwnNonFinite(T* tile, int rows) {
+  constexpr int kVec = 8, kPerRow = D / kVec;
+  for (int idx = threadIdx.x; idx < rows * kPerRow; idx += NT) {
+    T* x = tile + (idx / kPerRow) * (D + 8) + (idx % kPerRow) * kVec;
+    for (int i = 0; i < kVec; ++i) {
+      if (!isfinite(ToFloat(x[i]))) x[i] = FromFloat<T>(0.0f);
+    }
+  }
+}
+
+// The exact path of acc (+)= W X for a product that ran with the non-finite values of X zeroed:
+// adds w * x for each non-finite x = X[j][col] (X in global memory, rows ld apart, j < n) of each
+// entry (row, j) that W keeps, for this thread's accumulator columns col = 8t + 2(lane % 4) + c of
+// accumulator rows `half` (acc[t][2 half + c]). Only the signs and zeroness of the weights matter
+// (the non-finite term decides the sum), so W arrives as bits: the lane owner_of(j) holds entry
+// (row, j) in slot slot_of(j) of `bits` (kept: bit slot, nonzero: bit 16 + slot) and `negative`
+// (bit slot). Every lane of the warp must call (the bits are shuffled).
+template <typename T, int kTiles, typename OwnerOf, typename SlotOf>
+__device__ __forceinline__ void AddNonFiniteTerms(float (&acc)[kTiles][4], int half, uint32_t bits, uint32_t negative,
+                                                  const T* x, int64_t ld, int n, int lane, OwnerOf owner_of,
+                                                  SlotOf slot_of) {
+  for (int j = 0; j < n; ++j) {
+    const uint32_t kept = __shfl_sync(0xffffffffu, bits, owner_of(j));
+    const uint32_t neg = __shfl_sync(0xffffffffu, negative, owner_of(j));
+    const int slot = slot_of(j);
+    if (!((kept >> slot) & 1u)) continue;
+    const float w = (kept >> (16 + slot)) & 1u ? ((neg >> slot) & 1u ? -1.0f : 1.0f) : 0.0f;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float v = ToFloat(x[j * ld + t * 8 + (lane % 4) * 2 + c]);
+        if (!isfinite(v)) acc[t][2 * half + c] += w * v;
+      }
+  }
 }
 
 __device__ __forceinline__ float QuadMax(float x) {

@@ -145,3 +145,17 @@ def test_sparse_model_runs_eight_times_longer(rng):
     h = tf.zeros([1, long_len + BS, HIDDEN])
     with pytest.raises(ValueError, match="more than max_seq_length=256"):
         sparse.get_layer("attention_0")(h, h)
+
+
+def test_replace_keeps_implicit_masks(rng):
+    # Keras's masks from Embedding(mask_zero=True) reach the sparse layers of the converted model (no explicit
+    # attention_mask anywhere; the residual drops them before the second layer): outputs are the original's.
+    ids = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB, HIDDEN, mask_zero=True)(ids)
+    for i in range(2):
+        h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(HEADS, 8, name=f"mha_{i}")(h, h))
+    model = keras.Model(ids, h)
+    x, _, _ = inputs(rng, 3, 21, [21, 13, 2])
+    expected = model(x).numpy()
+    sparse = replace_model_self_attention_with_sparse_self_attention(model, MAX_POS, DenseSparsityConfig(HEADS, BS))
+    np.testing.assert_allclose(sparse(x).numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -359,8 +359,8 @@ ERRORS = {
     "local_attention": (lambda: LocalSlidingWindowSparsityConfig(2, attention="x"), NotImplementedError, "uni/bi"),
     "seq_len_divisible": (lambda: DenseSparsityConfig(2, block=16).make_layout(40), ValueError,
                           "Sequence Length, 40, needs to be dividable by Block size 16!"),
-    "pattern_self_attention": (lambda: DenseSparsityConfig(2, block=4).token_mask(8, 12), ValueError,
-                               "n_k=12 must equal n_q=8"),
+    "pattern_n_k_divisible": (lambda: DenseSparsityConfig(2, block=4).token_mask(8, 10), ValueError,
+                              "Sequence Length, 10 (n_k), needs to be dividable by Block size 4!"),
     "abstract_base": (lambda: SparsityConfig(2).make_layout(32), NotImplementedError, "implement make_layout"),
     "seed": (lambda: BigBirdSparsityConfig(2, seed=-1), ValueError, "seed must be an integer >= 0"),
 }  # fmt: skip
@@ -454,3 +454,14 @@ def test_json_errors():
         sparsity_config_from_json({"num_local_blocks": "4"}, 2)
     with pytest.raises(TypeError, match="horizontal_global_attention must be True or False"):
         sparsity_config_from_json({"horizontal_global_attention": "yes"}, 2)
+
+
+@pytest.mark.parametrize("n_q, n_k", [(8, 20), (20, 8)])
+@pytest.mark.parametrize("attention", ["bidirectional", "unidirectional"])
+def test_cross_attention_is_the_corner_of_the_square_pattern(n_q, n_k, attention):
+    config = FixedSparsityConfig(2, block=4, num_local_blocks=2, num_global_blocks=1, attention=attention)
+    square = config.token_mask(max(n_q, n_k))
+    np.testing.assert_array_equal(config.token_mask(n_q, n_k), square[:, :n_q, :n_k])
+    active, full = config.block_classes(n_q, n_k, 4)
+    np.testing.assert_array_equal(active, config.block_layout(max(n_q, n_k), max(n_q, n_k), 4)[:, : n_q // 4, : n_k // 4])
+    assert full.sum() < active.sum() if attention == "unidirectional" else (full == active).all()

@@ -7,7 +7,9 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
            poisoned with NaN, against bsattn.reference (float64 on the CPU): out, lse, dq, dk, dv, dbias.
            Variants: plain; key padding + bias [B, H] + dropout + per-head layouts with different
            block counts + Tq != Tk; bias [1, 1] + key padding + dlse; bias [1, H] + dropout + partial
-           blocks with fully masked rows + empty rows; bias [B, 1] + key padding. Error = max |ours - ref| / max |ref|. float32 must stay
+           blocks with fully masked rows + empty rows; bias [B, 1] + key padding; NaN/Inf in v, k and
+           bias at padded keys and under -inf bias columns (must reach nothing) and at attended keys
+           (NaN, +inf and -inf exactly where the float64 reference has them). Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
   bench    bf16 forward (and forward+backward) of the fused op against FlexAttention with the same
@@ -43,10 +45,10 @@ from bsattn.fused_tables import (
 )
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias")
-# The bias shape [Bb, Hb] of each variant (B, H = 2, 2): every broadcast combination appears once.
+VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias", "nan_masked")
+# The bias shape [Bb, Hb] of each variant (B, H = 2, 2): every broadcast combination appears.
 BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
-               "batch_bias": (2, 1)}
+               "batch_bias": (2, 1), "nan_masked": (2, 2)}
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -126,7 +128,7 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
     cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
     batch, heads = 2, 2
     n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows") else (4, 4)
-    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse")
+    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse", "nan_masked")
     tables = random_fused_tables(rng, bs, n_qb, n_kb, heads if per_head else 1, variant == "dropout_masked_rows")
     tq, tk, width = n_qb * bs, n_kb * bs, heads * head_dim
     case = {
@@ -135,10 +137,12 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
         "v": cast(rng.uniform(-1, 1, (batch, tk, width))), "dout": cast(rng.uniform(-1, 1, (batch, tq, width))),
         "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": int(rng.integers(0, 2**62)), "dlse": None,
     }
-    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias"):
+    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias", "nan_masked"):
         case["kpm"] = rng.random((batch, tk)) < 0.8
     if variant in BIAS_SHAPES:
         case["bias"] = cast(rng.normal(0, 1, (*BIAS_SHAPES[variant], tq, tk)))
+    if variant == "nan_masked":
+        poison_masked(rng, case, bs)
     if variant in ("padding_bias_dropout", "dropout_masked_rows"):
         case["dropout_rate"] = 0.25
     if variant == "shared_bias_dlse":
@@ -146,9 +150,34 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
     return case
 
 
+def poison_masked(rng, case: dict, bs: int) -> None:
+    """NaN/Inf where nothing may read them: v, k and bias of padded keys, a key column under a -inf bias
+    (whole for batch entry 0, the lower half of the rows for entry 1); plus a NaN v inside a partial block,
+    which the rows attending it turn NaN (the reference says which). case["clean"] keeps the inputs before."""
+    kpm, k, v, bias = case["kpm"], case["k"], case["v"], case["bias"]
+    tq, tk = bias.shape[2:]
+    kpm[:, 1] = False
+    cols = rng.choice(np.flatnonzero(kpm.all(0)), 2, replace=False)
+    bias[0, :, :, cols[0]] = -np.inf  # masks, not poison: part of the clean case
+    bias[1, :, tq // 2 :, cols[1]] = -np.inf
+    case["clean"] = {n: case[n].copy() for n in ("q", "k", "v", "bias")}
+    padded = np.argwhere(~kpm)
+    for b, j in padded[rng.permutation(len(padded))[:4]]:
+        v[b, j] = np.nan
+        k[b, j] = rng.choice([np.nan, np.inf, -np.inf])
+        bias[b, :, :, j] = np.nan
+    v[0, cols[0]] = np.nan
+    k[0, cols[0]] = np.nan
+    v[1, cols[1], rng.integers(v.shape[2])] = np.nan  # attended by the upper rows only: they turn NaN
+    head = rng.integers(case["heads"])
+    width = v.shape[2] // case["heads"]
+    v[0, rng.integers(bs, tk), head * width : (head + 1) * width] = np.nan
+
+
 def dense_baseline(c: dict, dtype) -> dict:
     """The same attention computed densely by torch in `dtype` (autograd for the gradients): the error floor."""
     heads, tables = c["heads"], c["tables"]
+    c = dict(c, **c.get("clean", {}))  # the error floor of the same case without poison
     split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
     q, k, v = (dev(c[n], dtype).requires_grad_() for n in ("q", "k", "v"))
     bias = None if c["bias"] is None else dev(c["bias"], dtype).requires_grad_()
@@ -188,6 +217,18 @@ def lse_error(ours: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.abs(got[~empty] - ref[~empty]).max(initial=0) / max(np.abs(ref[~empty]).max(initial=0), 1e-30))
 
 
+def nan_error(ours: torch.Tensor, ref: np.ndarray, pattern: bool = True) -> float:
+    """error() over the entries where the reference is finite; with pattern, inf unless NaN, +inf and -inf
+    sit exactly where the reference has them (masked positions must not leak, attended ones must)."""
+    got = ours.double().cpu().numpy()
+    finite = np.isfinite(ref)
+    if pattern and not all(np.array_equal(f(got), f(ref)) for f in (np.isnan, np.isposinf, np.isneginf)):
+        return float("inf")
+    if not np.isfinite(got[finite]).all():
+        return float("inf")
+    return float(np.abs(got[finite] - ref[finite]).max(initial=0) / max(np.abs(ref[finite]).max(initial=0), 1e-30))
+
+
 def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim: int, variant: str) -> dict:
     dtype, code = DTYPES[dtype_name]
     c = variant_inputs(rng, variant, dtype, bs, head_dim)
@@ -220,11 +261,15 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
                                                dlse=c["dlse"], **kw)
     base = dense_baseline(c, dtype)
     torch.cuda.synchronize()
-    errors = {"out": (error(out, ref_out), error(base["out"], ref_out)),
-              "lse": (lse_error(lse, ref_lse), lse_error(base["lse"], ref_lse))}
+    if "clean" in c:  # poisoned inputs: NaN/Inf exactly where the reference has them
+        err = lse_err = nan_error
+    else:
+        err, lse_err = (lambda x, ref, pattern=True: error(x, ref)), (lambda x, ref, pattern=True: lse_error(x, ref))
+    errors = {"out": (err(out, ref_out), err(base["out"], ref_out, False)),
+              "lse": (lse_err(lse, ref_lse), lse_err(base["lse"], ref_lse, False))}
     for name, ours, ref in zip(("dq", "dk", "dv", "dbias"), (grads["q"], grads["k"], grads["v"], dbias), ref_grads):
         if ref is not None:
-            errors[name] = (error(ours, ref), error(base[name], ref))
+            errors[name] = (err(ours, ref), err(base[name], ref, False))
     return errors
 
 

@@ -4,6 +4,8 @@
 // error code becomes the op's status. No CUDA header is needed here.
 #if GOOGLE_CUDA
 
+#include <type_traits>
+
 #include "ops/cc/kernels/blocksparse_checks.h"
 #include "ops/cc/kernels/gpu_launch.h"
 #include "ops/cuda/bsattn_cuda.h"
@@ -48,7 +50,8 @@ class NtGpuOp : public OpKernel {
   int64_t heads_, block_size_, q_blocks_, k_blocks_;
 };
 
-template <typename T, bool kTransposeW>
+// TW = T, or half/bfloat16 weights with float activations (bsattn_dsd_mixed_weights).
+template <typename TW, typename T, bool kTransposeW>
 class DsdGpuOp : public OpKernel {
  public:
   explicit DsdGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -63,11 +66,16 @@ class DsdGpuOp : public OpKernel {
     Tensor lut_device, *c = nullptr;
     OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({d.batch, d.n_out * d.block_size, d.width}), &c));
-    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_dsd(DtypeCode<T>(), kTransposeW, w.data(), b.data(),
-                                                lut_device.flat<int32_t>().data(), c->data(), d.batch,
-                                                d.heads, d.nnz, d.block_size, d.b_len, d.width,
-                                                d.lut_heads, d.lut_len, d.n_out, Stream(ctx)),
-                                     kTransposeW ? "BsattnTn" : "BsattnNn"));
+    const int32_t* lut_ptr = lut_device.flat<int32_t>().data();
+    const int status =
+        std::is_same_v<TW, T>
+            ? bsattn_dsd(DtypeCode<T>(), kTransposeW, w.data(), b.data(), lut_ptr, c->data(), d.batch,
+                         d.heads, d.nnz, d.block_size, d.b_len, d.width, d.lut_heads, d.lut_len,
+                         d.n_out, Stream(ctx))
+            : bsattn_dsd_mixed_weights(DtypeCode<TW>(), kTransposeW, w.data(), b.data(), lut_ptr,
+                                       c->data(), d.batch, d.heads, d.nnz, d.block_size, d.b_len,
+                                       d.width, d.lut_heads, d.lut_len, d.n_out, Stream(ctx));
+    OP_REQUIRES_OK(ctx, LaunchStatus(status, kTransposeW ? "BsattnTn" : "BsattnNn"));
   }
 
  private:
@@ -128,22 +136,26 @@ class MaskedSoftmaxGradGpuOp : public OpKernel {
 
 }  // namespace
 
+#define BSATTN_REGISTER_DSD_GPU(TW, T)                                                           \
+  REGISTER_KERNEL_BUILDER(Name("BsattnNn")                                                       \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<TW>("TW")                                          \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("nn_lut"),                                             \
+                          DsdGpuOp<TW, T, false>);                                               \
+  REGISTER_KERNEL_BUILDER(Name("BsattnTn")                                                       \
+                              .Device(tensorflow::DEVICE_GPU)                                    \
+                              .TypeConstraint<TW>("TW")                                          \
+                              .TypeConstraint<T>("T")                                            \
+                              .HostMemory("tn_lut"),                                             \
+                          DsdGpuOp<TW, T, true>);
 #define BSATTN_REGISTER_GPU(T)                                                                   \
   REGISTER_KERNEL_BUILDER(Name("BsattnNt")                                                       \
                               .Device(tensorflow::DEVICE_GPU)                                    \
                               .TypeConstraint<T>("T")                                            \
                               .HostMemory("nt_lut"),                                             \
                           NtGpuOp<T>);                                                           \
-  REGISTER_KERNEL_BUILDER(Name("BsattnNn")                                                       \
-                              .Device(tensorflow::DEVICE_GPU)                                    \
-                              .TypeConstraint<T>("T")                                            \
-                              .HostMemory("nn_lut"),                                             \
-                          DsdGpuOp<T, false>);                                                   \
-  REGISTER_KERNEL_BUILDER(Name("BsattnTn")                                                       \
-                              .Device(tensorflow::DEVICE_GPU)                                    \
-                              .TypeConstraint<T>("T")                                            \
-                              .HostMemory("tn_lut"),                                             \
-                          DsdGpuOp<T, true>);                                                    \
+  BSATTN_REGISTER_DSD_GPU(T, T)                                                                  \
   REGISTER_KERNEL_BUILDER(Name("BsattnMaskedSoftmax")                                            \
                               .Device(tensorflow::DEVICE_GPU)                                    \
                               .TypeConstraint<T>("T")                                            \
@@ -161,7 +173,10 @@ class MaskedSoftmaxGradGpuOp : public OpKernel {
 BSATTN_REGISTER_GPU(float);
 BSATTN_REGISTER_GPU(Eigen::half);
 BSATTN_REGISTER_GPU(Eigen::bfloat16);
+BSATTN_REGISTER_DSD_GPU(Eigen::half, float);
+BSATTN_REGISTER_DSD_GPU(Eigen::bfloat16, float);
 #undef BSATTN_REGISTER_GPU
+#undef BSATTN_REGISTER_DSD_GPU
 
 }  // namespace bsattn
 

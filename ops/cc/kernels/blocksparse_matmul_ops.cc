@@ -96,10 +96,12 @@ bool AllFinite(const std::vector<Acc>& values) {
 
 // Shared body of Nn and Tn. For each output block row r of head h, with entries (blk, p) of the
 // row table: c[n, r rows, h] = sum over entries of op(w[n, h, blk]) * b[n, p rows, h], where op is
-// the identity (Nn) or the transpose (Tn). A row without entries is written as zeros. A zero weight
-// is a structural zero (a masked key or a fully masked query): its product with a NaN/Inf partner
-// row is 0, not NaN. Tiles without a non-finite partner value (the common case) take the fast path.
-template <typename T, bool kTransposeW>
+// the identity (Nn) or the transpose (Tn). A row without entries is written as zeros. The weights
+// may have their own dtype TW (half/bfloat16 weights with float activations); tiles are converted
+// to the accumulator type of the activations' dtype T, and c has dtype T. A zero weight is a
+// structural zero (a masked key or a fully masked query): its product with a NaN/Inf partner row is
+// 0, not NaN. Tiles without a non-finite partner value (the common case) take the fast path.
+template <typename TW, typename T, bool kTransposeW>
 class DsdOp : public OpKernel {
  public:
   explicit DsdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -118,7 +120,7 @@ class DsdOp : public OpKernel {
     const int64_t n_out = dims.n_out, c_len = n_out * bs;
     Tensor* c = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, c_len, width}), &c));
-    const T* w_ptr = w.flat<T>().data();
+    const TW* w_ptr = w.flat<TW>().data();
     const T* b_ptr = b.flat<T>().data();
     T* c_ptr = c->flat<T>().data();
     const int32_t* lut_ptr = lut.flat<int32_t>().data();
@@ -135,7 +137,7 @@ class DsdOp : public OpKernel {
         std::fill(c_tile.begin(), c_tile.end(), Acc(0));
         for (int32_t e = offset; e < offset + count; ++e) {
           const int64_t blk = table[2 * e], partner = table[2 * e + 1];
-          const T* w_block = w_ptr + ((n * heads + h) * nnz + blk) * bs * bs;
+          const TW* w_block = w_ptr + ((n * heads + h) * nnz + blk) * bs * bs;
           if (kTransposeW) {
             LoadTileTransposed(w_block, bs, bs, bs, w_tile.data());
           } else {
@@ -165,20 +167,30 @@ class DsdOp : public OpKernel {
   int64_t partner_blocks_;
 };
 
+#define BSATTN_REGISTER_DSD(TW, T)                                                        \
+  REGISTER_KERNEL_BUILDER(Name("BsattnNn")                                                \
+                              .Device(tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<TW>("TW")                                   \
+                              .TypeConstraint<T>("T"),                                    \
+                          DsdOp<TW, T, false>);                                           \
+  REGISTER_KERNEL_BUILDER(Name("BsattnTn")                                                \
+                              .Device(tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<TW>("TW")                                   \
+                              .TypeConstraint<T>("T"),                                    \
+                          DsdOp<TW, T, true>);
 #define BSATTN_REGISTER_MATMULS(T)                                                      \
   REGISTER_KERNEL_BUILDER(                                                              \
       Name("BsattnNt").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), NtOp<T>); \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("BsattnNn").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),           \
-      DsdOp<T, false>);                                                                 \
-  REGISTER_KERNEL_BUILDER(                                                              \
-      Name("BsattnTn").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),           \
-      DsdOp<T, true>);
+  BSATTN_REGISTER_DSD(T, T)
 
 BSATTN_REGISTER_MATMULS(float);
 BSATTN_REGISTER_MATMULS(Eigen::half);
 BSATTN_REGISTER_MATMULS(Eigen::bfloat16);
 BSATTN_REGISTER_MATMULS(double);
+// blocksparse's mixed precision: reduced-precision weights, float32 activations.
+BSATTN_REGISTER_DSD(Eigen::half, float);
+BSATTN_REGISTER_DSD(Eigen::bfloat16, float);
 #undef BSATTN_REGISTER_MATMULS
+#undef BSATTN_REGISTER_DSD
 
 }  // namespace bsattn

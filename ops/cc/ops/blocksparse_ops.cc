@@ -113,29 +113,33 @@ c: [B, H, nnz, bs, bs], accumulated in float32.
 )doc");
 
 REGISTER_OP("BsattnNn")
-    .Input("w: T")
+    .Input("w: TW")
     .Input("b: T")
     .Input("nn_lut: int32")
     .Output("c: T")
     .Attr("T: {float, half, bfloat16, double}")
+    .Attr("TW: {float, half, bfloat16, double}")
     .Attr("k_blocks: int >= 1")
     .SetShapeFn(DsdShape<kNnLut, kKBlocks>)
     .Doc(R"doc(
 Dense C = W * B (DSD). w: [B, H, nnz, bs, bs], b: [B, nKb*bs, H*D] with nKb = k_blocks,
-nn_lut: [L, nQb + nnz, 2]. c: [B, nQb*bs, H*D]; a query-block row without blocks is 0.
+nn_lut: [L, nQb + nnz, 2]. c: [B, nQb*bs, H*D] in b's dtype; a query-block row without blocks is 0.
+TW = T, or half/bfloat16 weights with float activations (blocksparse's mixed precision).
 )doc");
 
 REGISTER_OP("BsattnTn")
-    .Input("w: T")
+    .Input("w: TW")
     .Input("b: T")
     .Input("tn_lut: int32")
     .Output("c: T")
     .Attr("T: {float, half, bfloat16, double}")
+    .Attr("TW: {float, half, bfloat16, double}")
     .Attr("q_blocks: int >= 1")
     .SetShapeFn(DsdShape<kTnLut, kQBlocks>)
     .Doc(R"doc(
 Dense C = W^T * B (DSD transposed). w: [B, H, nnz, bs, bs], b: [B, nQb*bs, H*D] with nQb = q_blocks,
-tn_lut: [L, nKb + nnz, 2]. c: [B, nKb*bs, H*D]; a key-block column without blocks is 0.
+tn_lut: [L, nKb + nnz, 2]. c: [B, nKb*bs, H*D] in b's dtype; a key-block column without blocks is 0.
+TW = T, or half/bfloat16 weights with float activations.
 )doc");
 
 REGISTER_OP("BsattnMaskedSoftmax")

@@ -5,7 +5,10 @@
 //   k, v               [B, Tk, H*D]      Tk = nKb * bs
 //   out                [B, Tq, H*D]
 //   lse                [B, H, Tq]        log-sum-exp of each query row's scores; -inf for a row with
-//                                        no kept key (its output is 0)
+//                                        no kept key (its output is 0), NaN for a row with an
+//                                        attended NaN score (its output is NaN)
+// Masked entries (layout, in-block mask, key padding, a -inf bias) are never read: NaN/Inf in q,
+// k, v or bias there reaches no output or gradient. B, Tq and Tk may be 0.
 // Tables (bsattn/fused_tables.py; per-head CSR, block counts may differ between heads):
 //   row_ptr            [L, nQb + 1]      global offsets into row_entries, L = 1 (shared) or H
 //   row_entries        [E, 2]            (Kb, mask id), Kb strictly increasing along a row

@@ -1,0 +1,114 @@
+"""The TF GPU kernels of the fused op (ops/cc/kernels/fused_attention_gpu_ops.cc) against its CPU kernels, in one
+process on the device machine (TensorFlow from /work/shared/tools/tf-on-device, the op library built with CUDA).
+
+Every case runs the same inputs through ``fused_attention`` (forward, lse, and dq, dk, dv, dbias by GradientTape)
+once under ``/GPU:0`` and once under ``/CPU:0`` and compares: NaN/±inf at the same places, the finite values within
+1e-4 (float32), 5e-3 (float16) or 4e-2 (bfloat16) of the CPU's largest magnitude. Cases: bias ``[B|1, H|1, Tq, Tk]``
+(all four broadcasts, and the rank-3 form) with key padding and dropout, tensor-core shapes (D = 64, bs = 32) and
+SIMT ones (D = 24, bs = 8, per-head layouts), NaN/Inf in k, v and bias at padded keys and under a -inf bias column,
+an attended NaN value, batch 0.
+
+    source /tmp/tf/env.sh && python3 tests/device/tf_fused_gpu.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bsattn import patterns
+from bsattn.fused_attention import fused_attention
+from bsattn.fused_tables import fused_tables_for_pattern
+
+TOL = {tf.float32: 1e-4, tf.float16: 5e-3, tf.bfloat16: 4e-2}
+NAMES = ("out", "lse", "dq", "dk", "dv", "dbias")
+
+
+def run(device: str, x: dict, tables, heads: int, dtype, dropout_rate: float) -> list[np.ndarray]:
+    """out, lse and the gradients (dbias when there is a bias) of one call placed on `device`."""
+    with tf.device(device):
+        q, k, v, dout = (tf.constant(x[n], dtype) for n in ("q", "k", "v", "dout"))
+        bias = None if x["bias"] is None else tf.constant(x["bias"], dtype)
+        watched = [q, k, v] + ([bias] if bias is not None else [])
+        with tf.GradientTape() as tape:
+            tape.watch(watched)
+            out, lse = fused_attention(q, k, v, tables, heads, key_padding_mask=x["kpm"], bias=bias,
+                                       dropout_rate=dropout_rate, seed=7, return_lse=True)
+        grads = tape.gradient(out, watched, output_gradients=dout)
+        return [np.asarray(tf.cast(t, tf.float64)) for t in (out, lse, *grads)]
+
+
+def compare(gpu: list[np.ndarray], cpu: list[np.ndarray], dtype) -> dict[str, float]:
+    """Per output: the relative difference of the finite values, inf where the non-finite patterns differ."""
+    result = {}
+    for name, g, c in zip(NAMES, gpu, cpu):
+        same = all(np.array_equal(f(g), f(c)) for f in (np.isnan, np.isposinf, np.isneginf))
+        finite = np.isfinite(c)
+        diff = np.abs(g[finite] - c[finite]).max(initial=0.0) / max(np.abs(c[finite]).max(initial=0.0), 1e-30)
+        result[name] = float(diff) if same else float("inf")
+    return result
+
+
+def make(rng, tables, heads: int, d: int, batch: int = 2, bias_shape=None, kpm: bool = True) -> dict:
+    tq, tk = tables.n_q, tables.n_k
+    x = {n: rng.uniform(-1, 1, (batch, t, heads * d)) for n, t in (("q", tq), ("k", tk), ("v", tk), ("dout", tq))}
+    x["kpm"] = rng.random((batch, tk)) < 0.8 if kpm else None
+    if kpm and batch:
+        x["kpm"][:, 3] = False
+    x["bias"] = None if bias_shape is None else rng.normal(0, 1, (*bias_shape, tq, tk))
+    return x
+
+
+def cases(rng):
+    """(name, x, tables, heads, dropout_rate)."""
+    causal32 = fused_tables_for_pattern(patterns.Causal(), 128, 128, 32)
+    per_head8 = fused_tables_for_pattern(patterns.Fixed(32, 4, 1, 4, 8), 64, 64, 8)
+    for bb, hb in ((2, 2), (1, 2), (2, 1), (1, 1)):
+        yield f"mma bias[{bb},{hb}] kpm dropout", make(rng, causal32, 2, 64, bias_shape=(bb, hb)), causal32, 2, 0.1
+        yield f"simt bias[{bb},{hb}] per-head kpm", make(rng, per_head8, 4, 24, bias_shape=(bb, 4 if hb == 2 else 1)), \
+            per_head8, 4, 0.0
+    yield "rank-3 bias", make(rng, causal32, 2, 64, bias_shape=(2,)), causal32, 2, 0.0
+    x = make(rng, causal32, 2, 64, bias_shape=(2, 1))
+    padded = np.argwhere(~x["kpm"])
+    x["v"][padded[:, 0], padded[:, 1]] = np.nan
+    x["k"][padded[:, 0], padded[:, 1]] = np.inf
+    x["bias"][padded[:, 0], :, :, padded[:, 1]] = np.nan
+    x["bias"][0, :, :, 40] = -np.inf
+    x["v"][0, 40] = np.nan
+    x["k"][0, 40] = np.nan
+    yield "NaN/Inf at padded keys and a -inf bias column", x, causal32, 2, 0.0
+    x = make(rng, causal32, 2, 64, bias_shape=(1, 2))
+    x["v"][1, 70, :5] = np.nan  # attended by rows >= 70 of batch entry 1: they turn NaN on both devices
+    yield "attended NaN value", x, causal32, 2, 0.0
+    yield "batch 0", make(rng, causal32, 2, 64, batch=0, bias_shape=(1, 2), kpm=False), causal32, 2, 0.0
+
+
+def main() -> None:
+    gpus = tf.config.list_physical_devices("GPU")
+    print("GPUs:", gpus)
+    if not gpus:
+        sys.exit("no GPU")
+    # Without soft placement an op lacking a GPU kernel fails instead of silently running on the CPU.
+    tf.config.set_soft_device_placement(False)
+    rng = np.random.default_rng(0)
+    failed = 0
+    total = 0
+    for name, x, tables, heads, rate in cases(rng):
+        for dtype, tol in TOL.items():
+            total += 1
+            diffs = compare(run("/GPU:0", x, tables, heads, dtype, rate), run("/CPU:0", x, tables, heads, dtype, rate),
+                            dtype)
+            ok = all(v <= tol for v in diffs.values())
+            failed += not ok
+            shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {dtype.name:9s} {shown}", flush=True)
+    print(f"{total - failed} of {total} GPU == CPU")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
