@@ -50,6 +50,13 @@ CUDA_ARCHS = [("compute_80", "sm_80"), ("compute_90a", "sm_90a")]
 GENCODE_FLAGS = [f"-gencode=arch={virt},code={real}" for virt, real in CUDA_ARCHS]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *GENCODE_FLAGS]
 CUDA_LINK_LIBS = ["-ldl", "-lrt", "-lpthread"]  # what libcudart_static.a needs
+# The sanitizer build (CPU only, `--sanitize`, CI's sanitizer job): ASan + UBSan. GCC 12 with TF's headers
+# needs the four -fno-sanitize checks off: TF/absl/Eigen headers trip null/nonnull/vptr checks in their own inline
+# code (e.g. Eigen's nullptr-offset maps, protobuf's RTTI-less classes), which are not ours to fix.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined",
+                  "-fno-sanitize=null,vptr,nonnull-attribute,returns-nonnull-attribute",
+                  "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
+SANITIZE_OUT = ROOT / "build" / "sanitize" / LIB_NAME
 DEFAULT_CUDA_HOMES = (Path("/usr/local/cuda"),)
 
 TERMINAL = "/dev/tty"  # the controlling terminal, which pip does not capture
@@ -208,10 +215,12 @@ def cxx() -> str:
     return os.environ.get("CXX", "g++")
 
 
-def cxx_compile_cmd(src: Path, obj: Path, tf: TFInfo, cuda: bool, root: Path = ROOT) -> list[str]:
+def cxx_compile_cmd(src: Path, obj: Path, tf: TFInfo, cuda: bool, root: Path = ROOT,
+                    sanitize: bool = False) -> list[str]:
     defines = ["-DGOOGLE_CUDA=1"] if cuda else []
+    extra = SANITIZE_FLAGS if sanitize else []
     # -I root: sources may include "ops/cc/..." or "ops/cuda/..." headers, as under Bazel.
-    return [cxx(), "-c", *CXX_FLAGS, *defines, *tf.compile_flags, f"-I{root}", str(src), "-o", str(obj)]
+    return [cxx(), "-c", *CXX_FLAGS, *extra, *defines, *tf.compile_flags, f"-I{root}", str(src), "-o", str(obj)]
 
 
 def nvcc_compile_cmd(src: Path, obj: Path, toolkit: CudaToolkit, root: Path = ROOT) -> list[str]:
@@ -219,13 +228,15 @@ def nvcc_compile_cmd(src: Path, obj: Path, toolkit: CudaToolkit, root: Path = RO
 
 
 def link_cmd(objs: Sequence[Path], cu_objs: Sequence[Path], out: Path, tf: TFInfo,
-             toolkit: CudaToolkit | None) -> list[str]:
+             toolkit: CudaToolkit | None, sanitize: bool = False) -> list[str]:
     cuda_part: list[str] = []
     if toolkit:
         cuda_part = [*map(str, cu_objs), str(toolkit.cudart_static), *CUDA_LINK_LIBS]
     # ORDER MATTERS: libtensorflow_framework.so.2 exports cuda* (TF's CUDA 12 stub); anything after it
     # would bind our nvcc-13 kernels to that stub. So CUDA objects + static cudart come first.
-    return [cxx(), "-shared", "-o", str(out), *map(str, objs), *cuda_part, *tf.link_flags, "-Wl,--no-undefined"]
+    # A sanitized library leaves the runtimes' symbols to the LD_PRELOADed libasan/libubsan.
+    tail = SANITIZE_FLAGS[:1] if sanitize else ["-Wl,--no-undefined"]
+    return [cxx(), "-shared", "-o", str(out), *map(str, objs), *cuda_part, *tf.link_flags, *tail]
 
 
 def undefined_cuda_symbols(lib: Path) -> list[str]:
@@ -281,12 +292,13 @@ def default_jobs() -> int:
 def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int | None = None, verbose: bool = False, *,
                   root: Path | str = ROOT, build_dir: Path | str | None = None,
                   python: str = sys.executable, env: Mapping[str, str] | None = None,
-                  builder: str = "dev", tf: TFInfo | None = None) -> BuildResult:
+                  builder: str = "dev", tf: TFInfo | None = None, sanitize: bool = False) -> BuildResult:
     """Compile ``ops/`` (incrementally, ``jobs`` in parallel, default ``default_jobs()``) and link ``out_path``.
 
     Also writes ``_build_info.json`` next to ``out_path``. Raises BuildError on any failure. With
     ``builder="pip"`` the first and last lines also go to the terminal (see ``_log``).
     ``tf`` overrides the flags queried from ``python`` (tests use it to build without TensorFlow).
+    ``sanitize``: a CPU-only ASan + UBSan build (SANITIZE_FLAGS), objects in their own variant directory.
     """
     t_start = time.monotonic()
     root, out_path = Path(root).resolve(), Path(out_path).resolve()
@@ -294,12 +306,14 @@ def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int | None = None, v
     sources = discover_sources(root)
     if not sources.cc:
         raise BuildError(f"no sources match {root / CC_GLOB}")
-    toolkit = resolve_cuda(sources, env)
+    toolkit = None if sanitize else resolve_cuda(sources, env)
     tf = tf or tf_info(python)
 
     # Objects of different flag sets (CPU/CUDA, another TF) live in different dirs: switching is never stale.
-    flag_key = json.dumps([CXX_FLAGS, NVCC_FLAGS, tf.compile_flags, bool(toolkit), str(toolkit), cxx()])
-    variant = ("cuda-" if toolkit else "cpu-") + hashlib.sha1(flag_key.encode()).hexdigest()[:10]
+    flag_key = json.dumps([CXX_FLAGS, NVCC_FLAGS, tf.compile_flags, bool(toolkit), str(toolkit), cxx()]
+                          + ([SANITIZE_FLAGS] if sanitize else []))
+    kind = "sanitize-" if sanitize else "cuda-" if toolkit else "cpu-"
+    variant = kind + hashlib.sha1(flag_key.encode()).hexdigest()[:10]
     obj_dir = Path(build_dir or root / "build" / "obj") / variant
     # An object is stale when its source, any ops/ header, or this file (the flags) is newer.
     dep_mtime = max([_mtime(h) for h in sources.headers] + [_mtime(Path(__file__))])
@@ -318,7 +332,7 @@ def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int | None = None, v
             jobs_todo.append((src, nvcc_compile_cmd(src, _tmp(obj), toolkit, root)))
     for src, obj in zip(sources.cc, objs):
         if _mtime(obj) < max(_mtime(src), dep_mtime):
-            jobs_todo.append((src, cxx_compile_cmd(src, _tmp(obj), tf, bool(toolkit), root)))
+            jobs_todo.append((src, cxx_compile_cmd(src, _tmp(obj), tf, bool(toolkit), root, sanitize)))
 
     terminal = builder == "pip"
     if jobs_todo:
@@ -353,7 +367,7 @@ def build_library(out_path: Path | str = DEFAULT_OUT, jobs: int | None = None, v
     if linked:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp(out_path)
-        _run(link_cmd(objs, cu_objs, tmp, tf, toolkit), verbose, f"linking {out_path.name}")
+        _run(link_cmd(objs, cu_objs, tmp, tf, toolkit, sanitize), verbose, f"linking {out_path.name}")
         if toolkit and (bad := undefined_cuda_symbols(tmp)):
             tmp.unlink()
             raise BuildError(f"{out_path.name} has undefined CUDA symbols {bad[:8]}: they would bind to "
@@ -410,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable, help="python whose tensorflow to build against")
     ap.add_argument("--print-bazelrc", action="store_true", help="print the .bazelrc for configure.py and exit")
     ap.add_argument("--check-nm", type=Path, metavar="LIB", help="fail if LIB has undefined cuda* symbols")
+    ap.add_argument("--sanitize", action="store_true",
+                    help=f"CPU-only ASan+UBSan build, by default to {SANITIZE_OUT.relative_to(ROOT)} (not the main library)")
     args = ap.parse_args(argv)
     try:
         if args.print_bazelrc:
@@ -419,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise BuildError(f"{args.check_nm} has undefined CUDA symbols: {' '.join(bad)}")
             print(f"{args.check_nm}: no undefined cuda symbols")
         else:
-            build_library(args.out, args.jobs, args.verbose, python=args.python)
+            out = SANITIZE_OUT if args.sanitize and args.out == DEFAULT_OUT else args.out
+            build_library(out, args.jobs, args.verbose, python=args.python, sanitize=args.sanitize,
+                          builder="sanitize" if args.sanitize else "dev")
     except BuildError as e:
         _log(f"ERROR: {e}")
         return 1

@@ -57,6 +57,6 @@ setup(
     ext_modules=[Extension("bsattn._bsattn_ops", sources=[])],  # sources: see build_config.discover_sources
     cmdclass={"build_ext": BuildOps},
     install_requires=["tensorflow==2.21.0", "numpy", "absl-py"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "hypothesis"]},
     zip_safe=False,
 )

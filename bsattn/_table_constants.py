@@ -8,6 +8,8 @@ from typing import Callable, TypeVar
 
 import tensorflow as tf
 
+from bsattn.tables import check_int32_table
+
 Tensors = TypeVar("Tensors")
 
 # Eager constants live as long as their tables object (the table builders cache the recent ones).
@@ -25,3 +27,9 @@ def table_constants(tables: object, make: Callable[[], Tensors]) -> Tensors:
         if tensors is None:
             tensors = _cache[tables] = make()
         return tensors
+
+
+
+def int32_table(array: object, name: str) -> tf.Tensor:
+    """``array`` as an int32 constant, checked by ``tables.check_int32_table`` (never truncated or wrapped)."""
+    return tf.constant(check_int32_table(array, name))

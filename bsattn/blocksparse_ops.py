@@ -13,12 +13,14 @@ object.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import tensorflow as tf
 
+from bsattn import _checks as checks
 from bsattn._loader import load_ops
-from bsattn._table_constants import table_constants
+from bsattn._table_constants import int32_table, table_constants
 from bsattn.tables import BlockTables
 
 
@@ -32,13 +34,11 @@ class TableTensors(NamedTuple):
 
 
 def table_tensors(tables: BlockTables) -> TableTensors:
-    """The int32 tensors of ``tables`` (cached while eager)."""
-    return table_constants(
-        tables,
-        lambda: TableTensors(
-            *(tf.constant(a, tf.int32) for a in (tables.nt_lut, tables.nn_lut, tables.tn_lut, tables.mask_words))
-        ),
-    )
+    """The int32 tensors of ``tables`` (cached while eager); entries that are not int32 values raise."""
+    if not isinstance(tables, BlockTables):
+        raise TypeError(f"tables must be a BlockTables, got {type(tables).__name__}")
+    names = ("nt_lut", "nn_lut", "tn_lut", "mask_words")
+    return table_constants(tables, lambda: TableTensors(*(int32_table(getattr(tables, n), n) for n in names)))
 
 
 def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor:
@@ -50,9 +50,13 @@ def nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tensor
     Returns:
       ``[B, H, nnz, bs, bs]``: ``c[n, h, blk] = a[n, Qb rows, head h] @ b[n, Kb rows, head h]^T``.
     """
-    a = tf.convert_to_tensor(a)
-    b = tf.convert_to_tensor(b, dtype_hint=a.dtype)
+    checks.instance("tables", tables, BlockTables)
+    a = checks.float_tensor("a", a)
+    b = checks.float_tensor("b", b, a.dtype)
     _check_same_dtype(a=a, b=b)
+    checks.positive_int("heads", heads)
+    _check_dense(a, "a", tables.ctx_blks_q, tables, heads)
+    _check_dense(b, "b", tables.ctx_blks_k, tables, heads)
     return _nt(a, b, tables, heads)
 
 
@@ -65,9 +69,12 @@ def nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     Returns:
       ``[B, nQb*bs, H*D]`` in ``b``'s dtype; a query-block row with no blocks is 0.
     """
-    w = tf.convert_to_tensor(w)
-    b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
+    checks.instance("tables", tables, BlockTables)
+    w = checks.float_tensor("w", w)
+    b = checks.float_tensor("b", b, w.dtype)
     _check_weight_dtype(w, b)
+    _check_blocks(w, "w", tables)
+    _check_dense(b, "b", tables.ctx_blks_k, tables)
     return _nn(w, b, tables)
 
 
@@ -80,9 +87,12 @@ def tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
     Returns:
       ``[B, nKb*bs, H*D]`` in ``b``'s dtype; a key-block column with no blocks is 0.
     """
-    w = tf.convert_to_tensor(w)
-    b = tf.convert_to_tensor(b, dtype_hint=w.dtype)
+    checks.instance("tables", tables, BlockTables)
+    w = checks.float_tensor("w", w)
+    b = checks.float_tensor("b", b, w.dtype)
     _check_weight_dtype(w, b)
+    _check_blocks(w, "w", tables)
+    _check_dense(b, "b", tables.ctx_blks_q, tables)
     return _tn(w, b, tables)
 
 
@@ -103,8 +113,13 @@ def masked_softmax(
     Returns:
       same shape and dtype as ``x``.
     """
-    x = tf.convert_to_tensor(x)
-    scale = tf.cast(scale, tf.float32)
+    checks.instance("tables", tables, BlockTables)
+    x = checks.float_tensor("x", x)
+    _check_blocks(x, "x", tables)
+    try:
+        scale = tf.cast(scale, tf.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"scale must be a real number or a float32 scalar tensor, got {scale!r}") from e
     if autoregress_at_key is None:
         key, autoregressive = tf.constant(0, tf.int32), False
     else:
@@ -127,6 +142,34 @@ def _check_same_dtype(**tensors: tf.Tensor) -> None:
         raise TypeError(f"inputs must share one dtype, got {described}")
 
 
+def _check_dense(x: tf.Tensor, name: str, blocks: int, tables: BlockTables, heads: int | None = None) -> None:
+    """Static check of a dense activation ``[B, blocks * bs, H*D]`` (the layout's length: never cut)."""
+    if x.shape.rank is None:
+        return
+    if x.shape.rank != 3:
+        raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
+    length, width = x.shape[1], x.shape[2]
+    if length is not None and length != blocks * tables.block_size:
+        raise ValueError(
+            f"{name} has length {length} but the layout covers {blocks * tables.block_size} tokens "
+            f"({blocks} blocks of {tables.block_size})"
+        )
+    if heads is not None and width is not None and width % heads:
+        raise ValueError(f"{name} width {width} is not divisible by heads {heads}")
+
+
+def _check_blocks(w: tf.Tensor, name: str, tables: BlockTables) -> None:
+    """Static check of block-sparse ``w [B, H, blocks, bs, bs]`` against the tables."""
+    if w.shape.rank is None:
+        return
+    expected = [None, None, tables.blocks, tables.block_size, tables.block_size]
+    if w.shape.rank != 5 or any(e is not None and d is not None and d != e for d, e in zip(w.shape, expected)):
+        raise ValueError(
+            f"{name} must be [batch, heads, {tables.blocks}, {tables.block_size}, {tables.block_size}] "
+            f"(the tables' blocks), got shape {w.shape}"
+        )
+
+
 def _static_heads(w: tf.Tensor, tables: BlockTables) -> int:
     """The head count of blocks ``w`` as a Python int (the nt op of the gradient needs it)."""
     if w.shape[1] is not None:
@@ -142,7 +185,10 @@ def _static_heads(w: tf.Tensor, tables: BlockTables) -> int:
 def _checked_key(key: int | tf.Tensor, tables: BlockTables) -> tf.Tensor:
     """``autoregress_at_key`` as an int32 scalar in ``[0, nKb*bs)``, checked now or at run time."""
     key_len = tables.ctx_blks_k * tables.block_size
-    if isinstance(key, int):
+    if not tf.is_tensor(key) and (isinstance(key, bool) or not isinstance(key, numbers.Integral)):
+        raise TypeError(f"autoregress_at_key must be an integer, an int scalar tensor or None, got {key!r}")
+    if isinstance(key, numbers.Integral):
+        key = int(key)
         if not 0 <= key < key_len:
             raise ValueError(f"autoregress_at_key must be in [0, {key_len}), got {key}")
         return tf.constant(key, tf.int32)
@@ -156,7 +202,10 @@ def _nt(a: tf.Tensor, b: tf.Tensor, tables: BlockTables, heads: int) -> tf.Tenso
 
     @tf.custom_gradient
     def forward(a, b):
-        c = load_ops().bsattn_nt(a, b, luts.nt_lut, heads=heads, block_size=tables.block_size)
+        c = load_ops().bsattn_nt(
+            a, b, luts.nt_lut, heads=heads, block_size=tables.block_size,
+            q_blocks=tables.ctx_blks_q, k_blocks=tables.ctx_blks_k,
+        )  # fmt: skip
 
         def grad(dc):
             return _nn(dc, b, tables), _tn(dc, a, tables)
@@ -171,7 +220,7 @@ def _nn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
 
     @tf.custom_gradient
     def forward(w, b):
-        c = load_ops().bsattn_nn(w, b, luts.nn_lut)
+        c = load_ops().bsattn_nn(w, b, luts.nn_lut, k_blocks=tables.ctx_blks_k)
 
         def grad(dc):  # dw in w's dtype (computed in b's: dc and b share it)
             return tf.cast(_nt(dc, b, tables, _static_heads(w, tables)), w.dtype), _tn(w, dc, tables)
@@ -186,7 +235,7 @@ def _tn(w: tf.Tensor, b: tf.Tensor, tables: BlockTables) -> tf.Tensor:
 
     @tf.custom_gradient
     def forward(w, b):
-        c = load_ops().bsattn_tn(w, b, luts.tn_lut)
+        c = load_ops().bsattn_tn(w, b, luts.tn_lut, q_blocks=tables.ctx_blks_q)
 
         def grad(dc):
             return tf.cast(_nt(b, dc, tables, _static_heads(w, tables)), w.dtype), _nn(w, dc, tables)

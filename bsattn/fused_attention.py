@@ -21,8 +21,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from bsattn import _checks as checks
 from bsattn._loader import load_ops
-from bsattn._table_constants import table_constants
+from bsattn._table_constants import int32_table, table_constants
 from bsattn.fused_tables import FusedTables
 from bsattn.gather_attention import gather_attention, in_xla_context
 
@@ -39,12 +40,14 @@ class FusedTableTensors(NamedTuple):
 
 def fused_table_tensors(tables: FusedTables) -> FusedTableTensors:
     """The int32 tensors of ``tables`` (cached while eager)."""
-    arrays = (tables.row_ptr, tables.row_entries, tables.col_ptr, tables.col_entries, tables.masks)
-    return table_constants(tables, lambda: FusedTableTensors(*(tf.constant(a, tf.int32) for a in arrays)))
+    names = ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks")
+    return table_constants(tables, lambda: FusedTableTensors(*(int32_table(getattr(tables, n), n) for n in names)))
 
 
 def fused_scale(head_dim: int, scale: float | None = None) -> float:
     """The softmax scale the op uses: ``scale`` (default ``1/sqrt(head_dim)``) rounded to float32 (an op attr)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     value = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {scale!r}")
@@ -89,30 +92,34 @@ def fused_attention(
     Returns:
       ``out`` or ``(out, lse)``.
     """
-    q = tf.convert_to_tensor(q)
-    k = tf.convert_to_tensor(k, dtype_hint=q.dtype)
-    v = tf.convert_to_tensor(v, dtype_hint=q.dtype)
+    q = checks.float_tensor("q", q)
+    k = checks.float_tensor("k", k, q.dtype)
+    v = checks.float_tensor("v", v, q.dtype)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype.name}, {k.dtype.name}, {v.dtype.name}")
     if q.dtype not in (tf.float32, tf.float16, tf.bfloat16, tf.float64):
         raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype.name}")
-    if not isinstance(tables, FusedTables):
-        raise TypeError(f"tables must be a FusedTables, got {type(tables).__name__}")
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
-        raise ValueError(f"heads must be a positive integer, got {heads!r}")
-    heads = int(heads)
+    checks.instance("tables", tables, FusedTables)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    heads = checks.positive_int("heads", heads)
     if tables.lut_heads not in (1, heads):
         raise ValueError(f"tables have {tables.lut_heads} layout heads; with heads={heads} they need 1 or {heads}")
     width = _check_activations(q, k, v, tables, heads)
     if scale is None and width is None:
         raise ValueError("the default scale 1/sqrt(D) needs a static width of q; pass scale")
     scale = fused_scale(width // heads if width else 1, scale)
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
+        raise TypeError(f"dropout_rate must be a real number in [0, 1), got {dropout_rate!r}")
     dropout_rate = float(dropout_rate)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
 
     if key_padding_mask is not None:
-        key_padding_mask = tf.convert_to_tensor(key_padding_mask)
+        try:
+            key_padding_mask = tf.convert_to_tensor(key_padding_mask)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"key_padding_mask must be a [batch, Tk] bool tensor, got {key_padding_mask!r}: {e}") from None
         if key_padding_mask.dtype != tf.bool:
             key_padding_mask = tf.not_equal(key_padding_mask, tf.zeros([], key_padding_mask.dtype))
         _check_static_shape(key_padding_mask, "key_padding_mask", [q.shape[0], tables.n_k])
@@ -120,6 +127,8 @@ def fused_attention(
         bias = _bias4(tf.cast(bias, q.dtype), q.shape[0] if q.shape.rank else None, heads, tables)
     if seed is None:
         seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
+    if not tf.is_tensor(seed) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an integer, an int scalar tensor or None, got {seed!r}")
     seed = tf.cast(seed, tf.int64)
 
     if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops

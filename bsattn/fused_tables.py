@@ -24,8 +24,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bsattn import _checks as checks
 from bsattn.patterns import BlockLayout, MaskCallback, Pattern
-from bsattn.tables import BLOCK_SIZES, BlockTables, PatternMasks, _pack_rows
+from bsattn.tables import (
+    BLOCK_SIZES,
+    BlockTables,
+    PatternMasks,
+    _pack_rows,
+    check_table_fields,
+)
 
 MaskFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 """``mask_fn(layout_head, q_blocks [n], k_blocks [n]) -> bool [n, bs, bs]``: in-block masks of given blocks."""
@@ -47,6 +54,9 @@ class FusedTables:
     col_ptr: np.ndarray  # [L, nKb + 1]
     col_entries: np.ndarray  # [E, 2] (Qb, mask_id)
     masks: np.ndarray  # [P, bs, W]
+
+    def __post_init__(self) -> None:
+        check_table_fields(self, ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks"))
 
     @property
     def n_q(self) -> int:
@@ -113,11 +123,12 @@ def build_fused_tables(
     masks come from ``mask_fn(layout_head, q_blocks, k_blocks) -> bool [n, bs, bs]`` (required when some block
     is partial). Not cached: see ``fused_tables_for_pattern`` / ``fused_tables_for_layout``.
     """
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
     active = np.asarray(active)
     if active.ndim not in (2, 3):
         raise ValueError(f"active must be [nQb, nKb] or [L, nQb, nKb], got shape {active.shape}")
+    if 0 in active.shape:
+        raise ValueError(f"active must have at least one query and one key block, got shape {active.shape}")
     active = (active != 0).reshape((-1,) + active.shape[-2:])
     full = active if full is None else np.broadcast_to(np.asarray(full, dtype=bool), active.shape) & active
     partial = active & ~full
@@ -190,8 +201,7 @@ def fused_tables_for_pattern(pattern: Pattern, n_q: int, n_k: int, block_size: i
     Full blocks come from the pattern's analytic ``block_classes``; only partial blocks are evaluated token by
     token, so ``T = 65536`` at block size 64 takes well under a second for the built-in patterns.
     """
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
     active, full = pattern.block_classes(n_q, n_k, block_size)
     return build_fused_tables(active, block_size, full, PatternMasks(pattern, n_q, n_k, block_size))
 
@@ -202,17 +212,21 @@ def fused_tables_for_layout(
     """The tables of a raw block ``layout`` (``[nQb, nKb]`` or ``[L, nQb, nKb]``, nonzero = active; heads may have
     different block counts) plus an optional blocksparse ``mask_callback(blk_shape, head_idx, qry_idx, key_idx,
     blk_idx)``. Cached by layout content and the callback's identity."""
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
     pattern = BlockLayout(layout, block_size, mask_callback)
     n_q, n_k = pattern.layout.shape[1] * block_size, pattern.layout.shape[2] * block_size
     return fused_tables_for_pattern(pattern, n_q, n_k, block_size)
 
 
-@functools.lru_cache(maxsize=32)
 def from_block_tables(tables: BlockTables) -> FusedTables:
     """The fused tables of existing ``BlockTables`` (e.g. ``BlocksparseTransformer.tables`` or
     ``get_blocksparse_obj(...).tables``): the same blocks and in-block masks (cached per tables object)."""
+    checks.instance("tables", tables, BlockTables, " (e.g. BlocksparseTransformer.tables)")
+    return _from_block_tables(tables)
+
+
+@functools.lru_cache(maxsize=32)
+def _from_block_tables(tables: BlockTables) -> FusedTables:
     bs, n_heads = tables.block_size, tables.lut_heads
     active = np.zeros((n_heads, tables.ctx_blks_q, tables.ctx_blks_k), dtype=bool)
     full = np.zeros_like(active)

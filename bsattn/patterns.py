@@ -512,8 +512,12 @@ class BlockLayout(Pattern):
 
     def __post_init__(self):
         layout = np.asarray(self.layout)
-        if layout.ndim not in (2, 3):
-            raise ValueError(f"layout must be [nQb, nKb] or [H, nQb, nKb], got shape {layout.shape}")
+        if layout.ndim not in (2, 3) or 0 in layout.shape or layout.dtype.kind not in "biuf":
+            raise ValueError(
+                f"layout must be a non-empty numeric [nQb, nKb] or [H, nQb, nKb], got {layout.dtype} {layout.shape}"
+            )
+        if self.mask_callback is not None and not callable(self.mask_callback):
+            raise TypeError(f"mask_callback must be callable or None, got {type(self.mask_callback).__name__}")
         layout = np.array(layout != 0, dtype=bool).reshape((-1,) + layout.shape[-2:])
         layout.flags.writeable = False
         object.__setattr__(self, "layout", layout)
@@ -610,7 +614,7 @@ def _require_ctx(attn_mode: str, local_attn_ctx) -> int:
 
 
 def _check_mode(attn_mode: str) -> None:
-    if attn_mode not in ATTN_MODES:
+    if not isinstance(attn_mode, str) or attn_mode not in ATTN_MODES:
         raise ValueError(f"attn_mode={attn_mode!r} is invalid; valid modes: {', '.join(ATTN_MODES)}")
 
 

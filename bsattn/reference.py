@@ -65,13 +65,27 @@ def nt(a: np.ndarray, b: np.ndarray, tables: BlockTables, heads: int) -> np.ndar
     return np.einsum("nhbid,nhbjd->nhbij", _gather(a5, qb), _gather(b5, kb))
 
 
+def _block_products(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``w [B, H, blocks, m, k] @ x [B, H, blocks, k, D]`` with zero weights as structural zeros: ``0 * NaN``
+    and ``0 * inf`` count as 0 (the kernels' rule for masked keys / fully masked queries)."""
+    x = x.astype(np.float64)
+    finite = np.isfinite(x)
+    out = np.einsum("nhbij,nhbjd->nhbid", w, np.where(finite, x, 0.0))
+    if not finite.all():  # add the non-finite partners' products with the nonzero weights only
+        bad = np.where(finite, 0.0, x)[..., None, :, :]  # [B, H, blocks, 1, k, D]
+        nonzero = (w != 0)[..., None]  # [B, H, blocks, m, k, 1]
+        products = np.where(nonzero & ~finite[..., None, :, :], w[..., None] * bad, 0.0)
+        out = out + products.sum(axis=-2)
+    return out
+
+
 def nn(w: np.ndarray, b: np.ndarray, tables: BlockTables) -> np.ndarray:
     """Block-sparse ``w · b``: ``w [B, H, blocks, bs, bs]``, ``b [B, Tk, H*D]`` → ``[B, Tq, H*D]``
     (``Tq = ctx_blks_q * bs``; query rows without blocks are 0)."""
     w = _check_blocks(w, tables).astype(np.float64)
     heads = w.shape[1]
     qb, kb = _block_coords(tables, heads)
-    parts = np.einsum("nhbij,nhbjd->nhbid", w, _gather(_split(b, "b", tables.ctx_blks_k, tables, heads), kb))
+    parts = _block_products(w, _gather(_split(b, "b", tables.ctx_blks_k, tables, heads), kb))
     return _merge(_scatter_sum(parts, qb, tables.ctx_blks_q))
 
 
@@ -81,7 +95,7 @@ def tn(w: np.ndarray, b: np.ndarray, tables: BlockTables) -> np.ndarray:
     w = _check_blocks(w, tables).astype(np.float64)
     heads = w.shape[1]
     qb, kb = _block_coords(tables, heads)
-    parts = np.einsum("nhbij,nhbid->nhbjd", w, _gather(_split(b, "b", tables.ctx_blks_q, tables, heads), qb))
+    parts = _block_products(w.swapaxes(-1, -2), _gather(_split(b, "b", tables.ctx_blks_q, tables, heads), qb))
     return _merge(_scatter_sum(parts, kb, tables.ctx_blks_k))
 
 
@@ -133,7 +147,8 @@ def masked_softmax(
     """blocksparse's masked softmax: ``x [B, H, blocks, bs, bs]`` → ``[B, H, blocks, bs, bs]``.
 
     ``softmax(scale * x)`` over every kept key of the query row, across all blocks of the row. Masked entries
-    are exactly 0, and so is a fully masked row (the original kernel gives NaN there). With
+    are exactly 0, and so is a fully masked row (the original kernel gives NaN there) or one whose kept scores are
+    all -inf; a NaN or +inf kept score makes the row's kept entries NaN. With
     ``autoregress_at_key``, query i keeps key j iff the mask keeps it and (``j < autoregress_at_key`` or
     ``j <= i``), absolute indices: bidirectional over a prefix, causal after it.
     """
@@ -149,26 +164,32 @@ def masked_softmax(
         i = (qb * tables.block_size)[..., None, None] + offsets[:, None]
         j = (kb * tables.block_size)[..., None, None] + offsets[None, :]
         keep = keep & ((j < autoregress_at_key) | (j <= i))
-    scores = _scatter_blocks(np.where(keep, scale * x, -np.inf), tables, -np.inf)
+    kept_scores = np.where(keep, scale * x, -np.inf)
+    scores = _scatter_blocks(kept_scores, tables, -np.inf)
+    # A NaN or +inf kept score poisons its row (NaN at the kept entries, as a dense softmax); -inf = masked.
+    poisoned = (np.isnan(scores) | (scores == np.inf)).any(axis=-1, keepdims=True)
+    scores = np.where(poisoned, -np.inf, scores)
     row_max = scores.max(axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # fully masked row: exp(-inf) = 0 everywhere
     e = np.exp(scores - row_max)
     total = e.sum(axis=-1, keepdims=True)
-    y = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-    return blocks_from_dense(y, tables)
+    y = blocks_from_dense(np.divide(e, total, out=np.zeros_like(e), where=total > 0), tables)
+    row_poisoned = blocks_from_dense(np.broadcast_to(poisoned, e.shape).astype(np.float64), tables) > 0
+    return np.where(row_poisoned & (kept_scores != -np.inf), np.nan, y)
 
 
 def masked_softmax_grad(dy: np.ndarray, y: np.ndarray, tables: BlockTables, scale: float = 1.0) -> np.ndarray:
     """Gradient of ``masked_softmax``: ``scale * y * (dy - Σ_row dy·y)``, the sum over the whole query row
-    (all its blocks); masked entries need no mask since ``y = 0`` there. ``dy, y [B, H, blocks, bs, bs]``."""
+    (all its blocks); entries with ``y = 0`` (masked) contribute nothing and get 0, whatever ``dy`` holds. ``dy, y [B, H, blocks, bs, bs]``."""
     dy = _check_blocks(dy, tables, "dy").astype(np.float64)
     y = _check_blocks(y, tables, "y").astype(np.float64)
+    dy = np.where(y == 0, 0.0, dy)  # y = 0 entries are structural: a NaN dy there does not reach the row
     row_sum = dense_from_blocks(dy * y, tables).sum(axis=-1)  # [B, H, Tq]
     bs = tables.block_size
     qb, _ = _block_coords(tables, y.shape[1])
     rows = (qb * bs)[..., None] + np.arange(bs)  # [H, blocks, bs]: query token of each block row
     per_block = row_sum[:, np.arange(y.shape[1])[:, None, None], rows]  # [B, H, blocks, bs]
-    return scale * y * (dy - per_block[..., None])
+    return np.where(y == 0, 0.0, scale * y * (dy - per_block[..., None]))
 
 
 def blocksparse_attention(

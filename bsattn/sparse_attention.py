@@ -21,12 +21,13 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from bsattn import _checks as checks
 from bsattn import patterns
 from bsattn.fused_attention import fused_attention
 from bsattn.fused_tables import fused_tables_for_pattern
 from bsattn.gather_attention import in_xla_context
 from bsattn.recompute import recomputable
-from bsattn.tables import tables_for_pattern
+from bsattn.tables import BLOCK_SIZES, tables_for_pattern
 from bsattn.transformer import BlocksparseTransformer
 
 
@@ -57,6 +58,32 @@ def split_heads(x: tf.Tensor, n: int) -> tf.Tensor:
 def merge_heads(x: tf.Tensor) -> tf.Tensor:
     """``[B, H, T, D] -> [B, T, H*D]``."""
     return merge_states(tf.transpose(x, [0, 2, 1, 3]))
+
+
+def _check_attention_args(q, k, v, heads: int, attn_mode: str, local_attn_ctx, blocksize: int = 32) -> tuple:
+    """Argument checks shared by ``attention_impl`` and ``blocksparse_attention_impl`` (before any reshape)
+    → ``(q, k, v)`` as tensors."""
+    q = checks.float_tensor("q", q)
+    k = checks.float_tensor("k", k, q.dtype)
+    v = checks.float_tensor("v", v, q.dtype)
+    checks.positive_int("heads", heads)
+    checks.choice("attn_mode", attn_mode, patterns.ATTN_MODES)
+    checks.choice("blocksize", blocksize, BLOCK_SIZES)
+    if attn_mode != "all":
+        if local_attn_ctx is None:
+            raise ValueError(f"attn_mode={attn_mode!r} needs local_attn_ctx (a positive integer), got None")
+        checks.positive_int("local_attn_ctx", local_attn_ctx)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape.rank is not None and x.shape.rank != 3:
+            raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
+        width = x.shape[-1] if x.shape.rank else None
+        if width is not None and width % heads:
+            raise ValueError(f"{name} width {width} is not divisible by heads {heads}")
+        if x.shape.rank and q.shape.rank and None not in (x.shape[1], q.shape[1]) and x.shape[1] != q.shape[1]:
+            raise ValueError(f"{name} has length {x.shape[1]} but q has {q.shape[1]}: q, k and v must have one length")
+        if x.dtype != q.dtype:
+            raise TypeError(f"q, k and v must share one dtype, got q: {q.dtype.name}, {name}: {x.dtype.name}")
+    return q, k, v
 
 
 def strided_transpose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int, blocksize: int) -> tf.Tensor:
@@ -128,7 +155,7 @@ def attention_impl(
     in float32 for float16/bfloat16 inputs. ``blocksize``/``num_verts``/``vertsize`` only matter for
     ``'fixed'``.
     """
-    q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    q, k, v = _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx, blocksize)
     q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     n_k = shape_list(k)[2]
     mask = get_attn_mask(
@@ -191,9 +218,8 @@ def blocksparse_attention_impl(
     ``get_blocksparse_obj``. Both give the same result up to rounding. Under XLA (``jit_compile=True``) both run
     the fused op's TensorFlow-ops fallback (``bsattn.gather_attention``), custom ops not compiling there.
     """
-    if engine not in ("fused", "unfused"):
-        raise ValueError(f"engine must be 'fused' or 'unfused', got {engine!r}")
-    q, k, v = (tf.convert_to_tensor(t) for t in (q, k, v))
+    checks.choice("engine", engine, ("fused", "unfused"))
+    q, k, v = _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx, blocksize)
     n_ctx = shape_list(q)[1]
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bsattn import _checks as checks
 from bsattn.patterns import BlockLayout, MaskCallback, Pattern
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
@@ -30,6 +31,31 @@ MaskFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 # Blocks per mask_fn call: bounds the temporary [n, bs, bs] masks to a few MB.
 _MASK_CHUNK_ELEMS = 1 << 22
 _SOFTMAX_MASK_DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def check_int32_table(array: object, name: str) -> np.ndarray:
+    """``array`` as int32; a table of another kind (floats, booleans, entries outside int32) is a ``ValueError``
+    naming it, instead of being truncated or wrapped by a conversion. Packed masks may be uint32 (bit patterns)."""
+    a = np.asarray(array)
+    if a.dtype == np.uint32 and name in ("mask_words", "masks"):
+        a = a.view(np.int32)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"table {name} must hold integers, got dtype {a.dtype}")
+    if a.size and (int(a.min()) < _INT32.min or int(a.max()) > _INT32.max):
+        raise ValueError(
+            f"table {name} has entries outside the int32 range [{_INT32.min}, {_INT32.max}]: "
+            f"min {int(a.min())}, max {int(a.max())}"
+        )
+    return a.astype(np.int32, copy=False)
+
+
+def check_table_fields(tables: object, names: tuple[str, ...]) -> None:
+    """``check_int32_table`` on the named array fields of a tables dataclass (hand-built ones included)."""
+    for name in names:
+        check_int32_table(getattr(tables, name), name)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,6 +75,9 @@ class BlockTables:
     mask_words: np.ndarray  # [L, blocks, bs, ceil(bs/32)]
     full_blocks: np.ndarray  # bool [L, blocks]
     has_mask: bool  # False when built without mask_fn / callback: every block is fully kept
+
+    def __post_init__(self) -> None:
+        check_table_fields(self, ("nt_lut", "nn_lut", "tn_lut", "mask_words"))
 
     @property
     def layout(self) -> np.ndarray:
@@ -105,8 +134,9 @@ def _check_layout(layout: np.ndarray, block_size: int, heads: int | None) -> np.
     layout = np.asarray(layout)
     if layout.ndim not in (2, 3):
         raise ValueError(f"layout must be [nQb, nKb] or [L, nQb, nKb], got shape {layout.shape}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
+    if 0 in layout.shape:
+        raise ValueError(f"layout must have at least one query and one key block, got shape {layout.shape}")
     layout = np.ascontiguousarray(layout != 0).reshape((-1,) + layout.shape[-2:])
     if heads is not None and layout.shape[0] not in (1, heads):
         raise ValueError(f"layout has {layout.shape[0]} heads; with heads={heads} it must have 1 or {heads}")
@@ -218,8 +248,7 @@ def tables_for_pattern(pattern: Pattern, n_q: int, n_k: int, block_size: int, he
     ``lut_heads`` = ``pattern.num_layouts``. Without partially kept blocks (e.g. ``Dense``) the tables have no
     mask (``has_mask`` False), so the unmasked softmax can be used.
     """
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    checks.choice("block_size", block_size, BLOCK_SIZES)
     active, full = pattern.block_classes(n_q, n_k, block_size)
     if (full == active).all():
         return build_tables(active, block_size, heads)

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from bsattn import _checks as checks
 from bsattn import blocksparse_ops, reference
 from bsattn.tables import BlockTables, build_tables, tables_for_callback
 
@@ -46,6 +47,12 @@ class BlocksparseTransformer:
         _tables: BlockTables | None = None,
     ):
         layout = np.asarray(layout)
+        if layout.dtype.kind not in "biuf":
+            raise TypeError(f"layout must be a numeric array, got dtype {layout.dtype}")
+        if heads is not None:
+            heads = checks.positive_int("heads", heads)
+        if mask_callback is not None and not callable(mask_callback):
+            raise TypeError(f"mask_callback must be callable or None, got {type(mask_callback).__name__}")
         if layout.ndim == 2:
             if heads is None:
                 raise ValueError("heads must be explicitly specified when using shared layouts per head")

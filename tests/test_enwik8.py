@@ -513,3 +513,58 @@ def test_mirrored_matches_default(tmp_path):
     np.testing.assert_allclose(out["mirrored"]["losses"], out["default"]["losses"], rtol=1e-5)
     np.testing.assert_allclose(out["mirrored"]["embed"], out["default"]["embed"], rtol=1e-4, atol=1e-6)
     assert out["mirrored"]["valid"] == pytest.approx(out["default"]["valid"], rel=1e-5)
+
+
+_KILLED_CHILD = """
+import json, os, signal, sys, threading
+sys.path.insert(0, {root!r})
+import tensorflow as tf
+from tensorflow.python.checkpoint import checkpoint_management
+from examples.enwik8 import data as data_lib, train as train_lib
+from examples.enwik8.config import Config
+
+mode, at = sys.argv[1], int(sys.argv[2])
+die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+if mode == "after_step":  # right after step `at`, before its checkpoint
+    update = train_lib.Progress.update
+    train_lib.Progress.update = lambda self, step, *a: die() if step == at else update(self, step, *a)
+elif mode == "in_save":  # during the save of step `at`: the data files are being written
+    save = train_lib.Trainer.save
+    def killing_save(self):
+        if int(self.step.numpy()) == at:
+            threading.Timer(0.002, die).start()
+        return save(self)
+    train_lib.Trainer.save = killing_save
+elif mode == "before_state":  # step `at`'s files written, the manager's state file not yet updated
+    record = checkpoint_management.update_checkpoint_state_internal
+    def killing_record(*args, **kwargs):
+        if "ckpt-%d" % at in str(kwargs.get("model_checkpoint_path", args[1] if len(args) > 1 else "")):
+            die()
+        return record(*args, **kwargs)
+    checkpoint_management.update_checkpoint_state_internal = killing_record
+cfg = Config(**json.loads({settings!r}))
+results = train_lib.run(cfg, data_lib.load_bytes(None)[:400_000])
+print("RESULT " + json.dumps({{"start": results["start_step"], "losses": [float(x) for x in results["losses"]]}}))
+"""
+
+
+def test_sigkill_at_any_moment_resumes_the_same_loss_curve(tmp_path, corpus):
+    """A run killed (SIGKILL) in the middle of a checkpoint write, and between writing a checkpoint's files and
+    recording it, resumes each time from the last complete checkpoint; the run that
+    finally completes has exactly the losses of an uninterrupted run from there on."""
+    settings = dict(tiny(tmp_path / "run").__dict__, ckpt_every=2, n_steps=8, resid_pdrop=0.1)
+    expected = train_lib.Trainer(tiny(tmp_path / "straight", **{k: settings[k] for k in ("ckpt_every", "resid_pdrop")}),
+                                 data_lib.split(corpus), log=quiet).train()
+    assert len(expected) == 8
+    script = _KILLED_CHILD.format(root=str(Path(__file__).resolve().parents[1]), settings=json.dumps(settings))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for mode, at in (("in_save", 4), ("before_state", 6)):
+        proc = subprocess.run([sys.executable, "-c", script, mode, str(at)], capture_output=True, text=True, env=env, check=False)
+        assert proc.returncode == -9, f"{mode}: expected SIGKILL, got {proc.returncode}:\n{proc.stderr[-2000:]}"
+    proc = subprocess.run([sys.executable, "-c", script, "none", "0"], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ")[-1])
+    # The last complete checkpoint before the kill at step 6's state update is ckpt-4 (or ckpt-6 had the kill come
+    # after the state file): never a half-written one.
+    assert result["start"] in (4, 6)
+    np.testing.assert_allclose(result["losses"], expected[result["start"]:], rtol=1e-6)

@@ -6,6 +6,8 @@ removed (the ``match`` pins the message of the check meant, not of a later one).
 ``ValueError`` / ``TypeError`` before any op runs.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,9 +50,9 @@ def raises_invalid(match):
 def test_valid_inputs_run():
     """The baseline of every case below runs without error."""
     raw = load_ops()
-    raw.bsattn_nt(dense(), dense(), NT_LUT, heads=HEADS, block_size=BS)
-    raw.bsattn_nn(blocks(), dense(), NN_LUT)
-    raw.bsattn_tn(blocks(), dense(), TN_LUT)
+    raw.bsattn_nt(dense(), dense(), NT_LUT, heads=HEADS, block_size=BS, q_blocks=2, k_blocks=2)
+    raw.bsattn_nn(blocks(), dense(), NN_LUT, k_blocks=2)
+    raw.bsattn_tn(blocks(), dense(), TN_LUT, q_blocks=2)
     y = raw.bsattn_masked_softmax(blocks(), 1.0, NN_LUT, MASK, 0, autoregressive=True)
     raw.bsattn_masked_softmax_grad(blocks(), y, 1.0, NN_LUT)
     tables = build_tables(LAYOUT, BS)
@@ -74,7 +76,12 @@ NT_CASES = {
     "lut_heads": ({"lut": np.repeat(NT_LUT, 3, axis=0)}, r"nt_lut has 3 layouts; expected 1 \(shared\) or heads = 2"),
     "lut_qb": ({"lut": np.array([[[0, 0], [2, 0], [1, 1]]])}, r"nt_lut\[0, 1\] = \(2, 0\) is outside the block grid"),
     "lut_kb_negative": ({"lut": np.array([[[0, -1], [1, 0], [1, 1]]])}, r"nt_lut\[0, 0\] = \(0, -1\) is outside"),
-    "lut_kb_short_b": ({"b": dense((1, 8, 8))}, r"nt_lut\[0, 2\] = \(1, 1\) is outside the block grid \[2, 1\]"),
+    "lut_kb_short_b": (
+        {"b": dense((1, 8, 8)), "k_blocks": 1},
+        r"nt_lut\[0, 2\] = \(1, 1\) is outside the block grid \[2, 1\]",
+    ),
+    "a_layout_length": ({"a": dense((1, 24, 8))}, r"a has length 24 but the layout covers 16 tokens \(q_blocks = 2"),
+    "b_layout_length": ({"b": dense((1, 8, 8))}, r"b has length 8 but the layout covers 16 tokens \(k_blocks = 2"),
     "lut_empty": ({"lut": np.zeros((1, 0, 2), np.int32)}, r"nt_lut is empty.*no active block"),
     "block_size": ({"block_size": 12}, r"block_size = 12 is not a supported block size"),
 }
@@ -83,10 +90,11 @@ NT_CASES = {
 @pytest.mark.parametrize("case", sorted(NT_CASES))
 def test_nt_kernel_checks(case):
     change, match = NT_CASES[case]
-    args = {"a": dense(), "b": dense(), "lut": NT_LUT, "heads": HEADS, "block_size": BS} | change
-    args["lut"] = tf.constant(args["lut"], tf.int32)
+    args = {"a": dense(), "b": dense(), "lut": NT_LUT, "heads": HEADS, "block_size": BS, "q_blocks": 2, "k_blocks": 2}
+    args |= change
+    lut = tf.constant(args.pop("lut"), tf.int32)
     with raises_invalid(match):
-        load_ops().bsattn_nt(args["a"], args["b"], args["lut"], heads=args["heads"], block_size=args["block_size"])
+        load_ops().bsattn_nt(args.pop("a"), args.pop("b"), lut, **args)
 
 
 # ---- BsattnNn / BsattnTn ------------------------------------------------------------------------------------
@@ -108,6 +116,7 @@ DSD_CASES = {
     "b_length": ({"b": dense((1, 12, 8))}, r"b length 12 is not a multiple of block_size 8"),
     "b_width_heads": ({"b": dense((1, 16, 9))}, r"b width 9 is not divisible by heads 2"),
     "batch": ({"b": dense((2, 16, 8))}, r"b batch 2 does not match w batch 1"),
+    "b_layout_length": ({"b": dense((1, 24, 8))}, r"b has length 24 but the layout covers 16 tokens \({blocks} = 2"),
     "lut_pairs": ({"lut": lambda lut: np.zeros((1, 5, 3), np.int32)}, r"{lut} must have shape \[L, n, 2\]"),
     "lut_heads": ({"lut": lambda lut: np.repeat(lut, 3, axis=0)}, r"{lut} has 3 layouts; expected 1 \(shared\)"),
     "lut_no_header": ({"lut": lambda lut: lut[:, 2:]}, r"{lut} has 3 entries; expected a header"),
@@ -135,9 +144,9 @@ def test_nn_tn_kernel_checks(op, case):
     valid_lut, name = (NN_LUT, "nn_lut") if op == "nn" else (TN_LUT, "tn_lut")
     args = {"w": blocks(), "b": dense(), "lut": valid_lut} | change
     lut = args["lut"](valid_lut) if callable(args["lut"]) else args["lut"]
-    raw = load_ops().bsattn_nn if op == "nn" else load_ops().bsattn_tn
-    with raises_invalid(match.format(lut=name)):
-        raw(args["w"], args["b"], tf.constant(lut, tf.int32))
+    raw, attr = (load_ops().bsattn_nn, "k_blocks") if op == "nn" else (load_ops().bsattn_tn, "q_blocks")
+    with raises_invalid(match.format(lut=name, blocks=attr)):
+        raw(args["w"], args["b"], tf.constant(lut, tf.int32), **{attr: 2})
 
 
 # ---- BsattnMaskedSoftmax / BsattnMaskedSoftmaxGrad ----------------------------------------------------------
@@ -202,18 +211,33 @@ def test_shape_functions_check_ranks_at_trace_time():
     raw = load_ops()
     lut = tf.constant(NT_LUT)
 
-    with pytest.raises(ValueError, match=r"Shape must be rank 3 but is rank 2"):
-        tf.function(lambda a: raw.bsattn_nt(a, a, lut, heads=HEADS, block_size=BS)).get_concrete_function(
-            tf.TensorSpec([16, 8])
-        )
-    with pytest.raises(ValueError, match=r"Shape must be rank 5 but is rank 4"):
-        tf.function(lambda w: raw.bsattn_nn(w, dense(), tf.constant(NN_LUT))).get_concrete_function(
+    nt = functools.partial(raw.bsattn_nt, heads=HEADS, block_size=BS, q_blocks=2, k_blocks=2)
+    with pytest.raises(ValueError, match=r"a must be \[batch, time, heads\*head_dim\] \(rank 3\), got shape \[16,8\]"):
+        tf.function(lambda a: nt(a, a, lut)).get_concrete_function(tf.TensorSpec([16, 8]))
+    with pytest.raises(ValueError, match=r"b must be \[batch, time, heads\*head_dim\] \(rank 3\)"):
+        tf.function(lambda b: nt(dense(), b, lut)).get_concrete_function(tf.TensorSpec([1, 16, 8, 1]))
+    with pytest.raises(ValueError, match=r"nt_lut must be \[L, n, 2\] \(rank 3\)"):
+        tf.function(lambda t: nt(dense(), dense(), t)).get_concrete_function(tf.TensorSpec([3, 2], tf.int32))
+    with pytest.raises(ValueError, match=r"w must be \[batch, heads, blocks, bs, bs\] \(rank 5\), got shape \[1,2,3,8\]"):
+        tf.function(lambda w: raw.bsattn_nn(w, dense(), tf.constant(NN_LUT), k_blocks=2)).get_concrete_function(
             tf.TensorSpec([1, 2, 3, 8])
         )
-    with pytest.raises(ValueError, match=r"Dimensions must be equal"):
-        tf.function(lambda a: raw.bsattn_nt(a, dense(), lut, heads=HEADS, block_size=BS)).get_concrete_function(
-            tf.TensorSpec([2, 16, 8])
+    with pytest.raises(ValueError, match=r"x must be \[batch, heads, blocks, bs, bs\] \(rank 5\)"):
+        tf.function(
+            lambda x: raw.bsattn_masked_softmax(x, 1.0, tf.constant(NN_LUT), tf.constant(MASK), 0)
+        ).get_concrete_function(tf.TensorSpec([1, 2, 3, 8]))
+    with pytest.raises(ValueError, match=r"dy must be \[batch, heads, blocks, bs, bs\] \(rank 5\)"):
+        tf.function(
+            lambda dy: raw.bsattn_masked_softmax_grad(dy, blocks(), 1.0, tf.constant(NN_LUT))
+        ).get_concrete_function(tf.TensorSpec([1, 2, 3, 8]))
+    with pytest.raises(ValueError, match=r"a has length 24; expected 16 \(the layout's q_blocks \* block_size\)"):
+        tf.function(lambda a: nt(a, dense(), lut)).get_concrete_function(tf.TensorSpec([1, 24, 8]))
+    with pytest.raises(ValueError, match=r"b has length 24; expected 16 \(the layout's k_blocks \* bs\)"):
+        tf.function(lambda b: raw.bsattn_nn(blocks(), b, tf.constant(NN_LUT), k_blocks=2)).get_concrete_function(
+            tf.TensorSpec([1, 24, 8])
         )
+    with pytest.raises(ValueError, match=r"Dimensions must be equal"):
+        tf.function(lambda a: nt(a, dense(), lut)).get_concrete_function(tf.TensorSpec([2, 16, 8]))
 
 
 # ---- Python wrappers ----------------------------------------------------------------------------------------
@@ -301,7 +325,7 @@ def test_transformer_autoregress_needs_callback():
 
 def test_transformer_width_not_divisible_by_heads():
     bst = BlocksparseTransformer(LAYOUT, block_size=BS, heads=3)
-    with raises_invalid(r"a width 8 is not divisible by heads 3"):
+    with pytest.raises(ValueError, match=r"a width 8 is not divisible by heads 3"):
         bst.query_key_op(dense(), dense())
 
 
@@ -319,12 +343,12 @@ def test_attention_heads_not_dividing_width():
 
 @pytest.mark.parametrize("fn", [blocksparse_attention_impl, attention_impl], ids=["blocksparse", "dense"])
 def test_unknown_attn_mode(fn):
-    with pytest.raises(ValueError, match=r"attn_mode='diagonal'"):
+    with pytest.raises(ValueError, match=r"attn_mode.*'diagonal'"):
         fn(*qkv(), 2, "diagonal", local_attn_ctx=8)
 
 
 def test_get_attn_mask_unknown_mode():
-    with pytest.raises(ValueError, match=r"attn_mode='diagonal'"):
+    with pytest.raises(ValueError, match=r"attn_mode.*'diagonal'"):
         get_attn_mask(16, "diagonal")
 
 

@@ -654,7 +654,7 @@ def test_python_errors(rng):
         fused_attention(q, tf.ones([1, 64, 32], tf.float16), q, tables, 2)
     with pytest.raises(TypeError, match=r"tables must be a FusedTables"):
         fused_attention(q, q, q, object(), 2)
-    with pytest.raises(ValueError, match=r"engine must be 'fused' or 'unfused'"):
+    with pytest.raises(ValueError, match=r"engine must be one of \('fused', 'unfused'\)"):
         blocksparse_attention_impl(q, q, q, 2, "all", blocksize=16, engine="flash")
 
 

@@ -28,6 +28,7 @@ global norm, AdamW (its learning rate: linear warm-up, then cosine decay to 0).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 import time
@@ -222,14 +223,33 @@ class Trainer:
     def restore(self, path: str | None = None) -> int:
         """Restore checkpoint ``path`` (default: the latest, if any) after checking the run's settings; returns
         the step."""
-        latest = path or tf.train.latest_checkpoint(str(self.ckpt_dir))
-        if latest:
+        candidates = [path] if path else self._complete_checkpoints()
+        if candidates:
             saved = config_lib.load_saved(self.cfg.run_dir)
             if saved is not None:
                 self.cfg.check_resumable(saved)
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            self.log(f"resumed from {latest} at step {int(self.step.numpy())}")
+        for i, candidate in enumerate(candidates):
+            try:
+                self.checkpoint.restore(candidate).assert_existing_objects_matched()
+            except (tf.errors.OpError, ValueError, AssertionError) as e:
+                if path or i + 1 == len(candidates):
+                    raise
+                self.log(f"checkpoint {candidate} is unreadable ({type(e).__name__}); trying the one before")
+                continue
+            self.log(f"resumed from {candidate} at step {int(self.step.numpy())}")
+            break
         return int(self.step.numpy())
+
+    def _complete_checkpoints(self) -> list[str]:
+        """Checkpoints newest first. The manager's state file is replaced atomically only after a save's files
+        are complete (TF writes them to temporaries and renames), so after a kill at any moment, even inside
+        ``save``, the state names complete checkpoints only; a damaged one (e.g. a disk error) falls back to the
+        one before in ``restore``."""
+        state = tf.train.get_checkpoint_state(str(self.ckpt_dir))
+        if state is None:
+            return []
+        listed = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
+        return [p for p in reversed(listed) if tf.io.gfile.exists(p + ".index")]
 
     def save(self) -> str:
         return self.manager.save(checkpoint_number=int(self.step.numpy()))
@@ -376,7 +396,9 @@ def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = 
     run_dir.mkdir(parents=True, exist_ok=True)
     start_step = trainer.restore()
     if trainer.chief:
-        (run_dir / "config.json").write_text(cfg.to_json())
+        config_path = run_dir / "config.json"  # atomic: a kill never leaves half a file
+        config_path.with_suffix(".json.tmp").write_text(cfg.to_json())
+        os.replace(config_path.with_suffix(".json.tmp"), config_path)
         writer = tf.summary.create_file_writer(str(run_dir / "logs"))
     else:
         writer = tf.summary.create_noop_writer()

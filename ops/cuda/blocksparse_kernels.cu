@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kThreads)
 // One CTA per (output block row r, 64-wide slice of head_dim, h, n). For each entry (blk, p) of
 // the row, op(w[blk]) (bs x bs) times the partner rows x[p] (bs x 64) is accumulated, staged
 // through shared memory kInner columns of w at a time. w may have its own dtype TW (converted to
-// float on load like x).
+// float on load like x). A zero weight is a structural zero (masked key, fully masked query): its
+// product with a NaN/Inf in x is 0 (both DSD bodies).
 template <typename TW, typename T, int BS, bool kTransposeW>
 __global__ void __launch_bounds__(kThreads)
     DsdKernel(const TW* w, const T* x, const int32_t* lut, T* c, int64_t heads, int64_t nnz,
@@ -94,19 +95,26 @@ __global__ void __launch_bounds__(kThreads)
         const int i = idx / kInner, jj = idx % kInner;
         w_s[i][jj] = ToFloat(kTransposeW ? w_block[(j0 + jj) * BS + i] : w_block[i * BS + j0 + jj]);
       }
+      bool non_finite = false;
       for (int idx = threadIdx.x; idx < kInner * kSlice; idx += kThreads) {
         const int jj = idx / kSlice, d = idx % kSlice;
         x_s[jj][d] = d_base + d < head_dim ? ToFloat(x_rows[(j0 + jj) * width + d]) : 0.0f;
+        non_finite = non_finite || !isfinite(x_s[jj][d]);
       }
-      __syncthreads();
+      // The barrier that publishes the tiles also tells every thread whether x holds a NaN/Inf.
+      const bool skip_zeros = __syncthreads_or(non_finite);
 #pragma unroll
       for (int k = 0; k < kPerThread; ++k) {
         const int idx = threadIdx.x + k * kThreads;
         if (idx < BS * kSlice) {
           const int i = idx / kSlice, d = idx % kSlice;
           float s = 0.0f;
+          if (skip_zeros) {  // rare: a zero weight is a structural zero, 0 * NaN must stay 0
+            for (int jj = 0; jj < kInner; ++jj) s += w_s[i][jj] != 0.0f ? w_s[i][jj] * x_s[jj][d] : 0.0f;
+          } else {
 #pragma unroll 8
-          for (int jj = 0; jj < kInner; ++jj) s += w_s[i][jj] * x_s[jj][d];
+            for (int jj = 0; jj < kInner; ++jj) s += w_s[i][jj] * x_s[jj][d];
+          }
           acc[k] += s;
         }
       }
@@ -179,6 +187,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// acc += op(w)[ti rows, k0..k0+16) * x[k0..k0+16, tj cols) with zero weights skipped, in float32 by
+// the warp's lanes: acc goes through the warp's staging tile (fragment element order is opaque).
+template <typename T, int BS, bool kTransposeW, typename Fragment>
+__device__ void AddSkippingZeros(Fragment& acc, float* staging, const T* w_block, const T* x_rows,
+                                 int64_t width, int ti, int tj, int k0) {
+  nvcuda::wmma::store_matrix_sync(staging, acc, kFrag, nvcuda::wmma::mem_row_major);
+  __syncwarp();
+  for (int e = threadIdx.x % 32; e < kFrag * kFrag; e += 32) {
+    const int i = ti * kFrag + e / kFrag, d = tj * kFrag + e % kFrag;
+    float s = staging[e];
+    for (int jj = 0; jj < kFrag; ++jj) {
+      const int j = k0 + jj;
+      const float wv = ToFloat(kTransposeW ? w_block[j * BS + i] : w_block[i * BS + j]);
+      if (wv != 0.0f) s += wv * ToFloat(x_rows[j * width + d]);
+    }
+    staging[e] = s;
+  }
+  __syncwarp();
+  nvcuda::wmma::load_matrix_sync(acc, staging, kFrag, nvcuda::wmma::mem_row_major);
+  __syncwarp();
+}
+
 // nn / tn on tensor cores: one CTA per (output block row, 64-wide slice of head_dim); the
 // (bs/16) x 4 output fragments are spread over the warps. w fragments load row-major (nn) or
 // column-major (tn: w^T) from the block, x fragments row-major from the partner rows.
@@ -211,9 +241,18 @@ __global__ void __launch_bounds__(kThreads)
         if (tile < kRowTiles * kColTiles && d_base + tj * kFrag < head_dim) {
           wmma::fragment<wmma::matrix_a, kFrag, kFrag, kFrag, T, ALayout> fa;
           wmma::fragment<wmma::matrix_b, kFrag, kFrag, kFrag, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, kTransposeW ? w_block + k0 * BS + ti * kFrag : w_block + ti * kFrag * BS + k0, BS);
           wmma::load_matrix_sync(fb, x_rows + k0 * width + tj * kFrag, width);
-          wmma::mma_sync(acc[f], fa, fb, acc[f]);
+          bool non_finite = false;
+#pragma unroll
+          for (int t = 0; t < fb.num_elements; ++t) non_finite = non_finite || !isfinite(ToFloat(fb.x[t]));
+          if (__any_sync(0xffffffffu, non_finite)) {
+            // Rare: x holds a NaN/Inf. Add this 16x16x16 step through the staging tile with zero
+            // weights skipped (tensor cores would give 0 * NaN = NaN).
+            AddSkippingZeros<T, BS, kTransposeW>(acc[f], staging[warp], w_block, x_rows, width, ti, tj, k0);
+          } else {
+            wmma::load_matrix_sync(fa, kTransposeW ? w_block + k0 * BS + ti * kFrag : w_block + ti * kFrag * BS + k0, BS);
+            wmma::mma_sync(acc[f], fa, fb, acc[f]);
+          }
         }
       }
     }
@@ -316,12 +355,16 @@ __global__ void __launch_bounds__(32 * kRowsPerCta)
     return at;
   };
   float m = -INFINITY, l = 0.0f;  // this lane's running max and sum of exp(. - m)
+  bool poisoned = false;          // a kept score of this lane is NaN or +inf
   for (int t = lane; t < n_vecs; t += 32) {
     float v[kV];
     logits(t, v);
     float m_new = m;
 #pragma unroll
-    for (int u = 0; u < kV; ++u) m_new = fmaxf(m_new, v[u]);
+    for (int u = 0; u < kV; ++u) {
+      poisoned = poisoned || isnan(v[u]) || v[u] == INFINITY;
+      m_new = fmaxf(m_new, v[u]);  // fmaxf ignores NaN
+    }
     if (m_new == -INFINITY) continue;
     l *= __expf(m - m_new);
 #pragma unroll
@@ -331,12 +374,17 @@ __global__ void __launch_bounds__(32 * kRowsPerCta)
   const float row_max = WarpMax(m);
   const float sum = WarpSum(m == -INFINITY ? 0.0f : l * __expf(m - row_max));
   const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;  // a fully masked row gives zeros
+  // A NaN / +inf kept score makes the row NaN at its kept entries (as a dense softmax); masked stay 0.
+  const bool row_poisoned = __any_sync(0xffffffffu, poisoned);
   for (int t = lane; t < n_vecs; t += 32) {
     float v[kV];
     const int64_t at = logits(t, v);
     Vec<T> out;
 #pragma unroll
-    for (int u = 0; u < kV; ++u) out.v[u] = FromFloat<T>(sum > 0.0f ? __expf(v[u] - row_max) * inv_sum : 0.0f);
+    for (int u = 0; u < kV; ++u) {
+      const float p = sum > 0.0f ? __expf(v[u] - row_max) * inv_sum : 0.0f;
+      out.v[u] = FromFloat<T>(row_poisoned ? (v[u] == -INFINITY ? 0.0f : NAN) : p);
+    }
     out.Store(y + at);
   }
 }
@@ -353,14 +401,18 @@ __global__ void __launch_bounds__(32 * kRowsPerCta)
   for (int t = lane; t < n_vecs; t += 32) {
     const Vec<T> g = Vec<T>::Load(dy + at(t)), p = Vec<T>::Load(y + at(t));
 #pragma unroll
-    for (int u = 0; u < kV; ++u) dot += ToFloat(g.v[u]) * ToFloat(p.v[u]);
+    for (int u = 0; u < kV; ++u) dot += ToFloat(p.v[u]) != 0.0f ? ToFloat(g.v[u]) * ToFloat(p.v[u]) : 0.0f;
   }
   dot = WarpSum(dot);
   for (int t = lane; t < n_vecs; t += 32) {
     const Vec<T> g = Vec<T>::Load(dy + at(t)), p = Vec<T>::Load(y + at(t));
     Vec<T> out;
 #pragma unroll
-    for (int u = 0; u < kV; ++u) out.v[u] = FromFloat<T>(scale * ToFloat(p.v[u]) * (ToFloat(g.v[u]) - dot));
+    for (int u = 0; u < kV; ++u) {
+      // y = 0 (masked) entries contribute nothing and get 0: a NaN dy there must not leak.
+      const float yv = ToFloat(p.v[u]);
+      out.v[u] = FromFloat<T>(yv != 0.0f ? scale * yv * (ToFloat(g.v[u]) - dot) : 0.0f);
+    }
     out.Store(dx + at(t));
   }
 }

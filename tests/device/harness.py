@@ -92,6 +92,75 @@ def error(ours: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+def nan_error(ours: torch.Tensor, ref: np.ndarray) -> float:
+    """Like error(), for references with NaN: the NaN positions must match exactly, the rest within the bound."""
+    got = ours.double().cpu().numpy()
+    if not (np.isnan(got) == np.isnan(ref)).all():
+        return float("inf")
+    fin = ~np.isnan(ref)
+    if not np.isfinite(got[fin]).all():
+        return float("inf")
+    return float(np.abs(got[fin] - ref[fin]).max(initial=0.0) / max(np.abs(ref[fin]).max(initial=0.0), 1e-30))
+
+
+def run_nan_case(launchers: Launchers, rng, dtype_name: str, bs: int, lut_heads: int, head_dim: int) -> dict:
+    """NaN where it must be ignored: at masked softmax entries, at dy where y = 0, in value rows whose every
+    weight is 0 (nn) and in query rows whose every weight is 0 (tn); plus a NaN at one kept score, which must
+    make exactly its row NaN (the rule of the CPU kernels and bsattn.reference)."""
+    dtype, code = DTYPES[dtype_name]
+    batch, heads, n_qb, n_kb = 2, 2, 4, 3
+    width = heads * head_dim
+    tables = random_tables(rng, bs, n_qb, n_kb, lut_heads)
+    nnz, s = tables.blocks, stream()
+    cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()  # noqa: E731
+    luts = {name: dev(getattr(tables, name)) for name in ("nn_lut", "tn_lut", "mask_words")}
+    keep = np.broadcast_to(tables.keep_masks(), (heads, nnz, bs, bs))[None]  # [1, H, nnz, bs, bs]
+    errors = {}
+
+    x = cast(rng.normal(0, 2, (batch, heads, nnz, bs, bs)))
+    x = np.where(keep, x, np.nan)  # NaN at every masked entry
+    poison = (0, 0, int(rng.integers(nnz)), int(rng.integers(bs)))
+    kept = np.flatnonzero(keep[(0,) + poison[1:]])
+    x[poison + (int(kept[0]),)] = np.nan  # one kept NaN: its whole row turns NaN
+    x_d, y = dev(x, dtype), poisoned(x.shape, dtype)
+    launchers.check(launchers.lib.bsattn_masked_softmax(code, x_d.data_ptr(), y.data_ptr(), 0.75,
+                                                        luts["nn_lut"].data_ptr(), luts["mask_words"].data_ptr(), 0, 0,
+                                                        batch, heads, nnz, bs, lut_heads, lut_heads, n_qb + nnz, n_qb,
+                                                        s), "masked_softmax")
+    ref_y = reference.masked_softmax(x, tables, 0.75)
+    errors["nan_softmax"] = nan_error(y, ref_y)
+
+    y_in = cast(np.nan_to_num(ref_y, nan=0.0))
+    dy = np.where(y_in == 0, np.nan, cast(rng.uniform(-1, 1, x.shape)))  # NaN wherever y = 0
+    dx, dy_d, y_d = poisoned(x.shape, dtype), dev(dy, dtype), dev(y_in, dtype)
+    launchers.check(launchers.lib.bsattn_masked_softmax_grad(code, dy_d.data_ptr(), y_d.data_ptr(), dx.data_ptr(), 0.75,
+                                                             luts["nn_lut"].data_ptr(), batch, heads, nnz, bs,
+                                                             lut_heads, n_qb + nnz, n_qb, s), "softmax_grad")
+    errors["nan_softmax_grad"] = nan_error(dx, reference.masked_softmax_grad(dy, y_in, tables, 0.75))
+
+    qb, kb = (np.broadcast_to(tables.nt_lut[..., c], (heads, nnz)) for c in (0, 1))
+    w = cast(rng.uniform(-1, 1, (batch, heads, nnz, bs, bs)))
+    for name, transpose, n_out, n_in, blk_of, axis in (("nan_nn", 0, n_qb, n_kb, kb, -1), ("nan_tn", 1, n_kb, n_qb, qb, -2)):
+        bad = rng.choice(n_in * bs, size=3, replace=False)  # input rows (keys for nn, queries for tn) set to NaN
+        x_in = cast(rng.uniform(-1, 1, (batch, n_in * bs, width)))
+        x_in[:, bad] = np.nan
+        wz = w.copy()
+        for t in bad:  # every weight that meets row t is 0
+            sel = blk_of == t // bs  # [H, nnz]
+            index = [slice(None), sel] + [slice(None)] * 2
+            index[axis] = t % bs
+            wz[tuple(index)] = 0.0
+        out = poisoned((batch, n_out * bs, width), dtype)
+        wz_d, x_d = dev(wz, dtype), dev(x_in, dtype)
+        launchers.check(launchers.lib.bsattn_dsd(code, transpose, wz_d.data_ptr(), x_d.data_ptr(),
+                                                 luts[f"{name[4:]}_lut"].data_ptr(), out.data_ptr(), batch, heads, nnz,
+                                                 bs, n_in * bs, width, lut_heads, n_out + nnz, n_out, s), name)
+        ref = getattr(reference, name[4:])(wz, x_in, tables)
+        errors[name] = nan_error(out, ref) if np.isfinite(ref).all() else float("inf")  # ref must be NaN-free
+    torch.cuda.synchronize()
+    return errors
+
+
 def dense_nt_baseline(a, b, tables, heads, dtype) -> np.ndarray:
     """nt done by torch in `dtype` on the gathered tiles: the error floor of that dtype."""
     bs = tables.block_size
@@ -198,6 +267,11 @@ def check_all(launchers: Launchers, quick: bool) -> list[dict]:
                     for op, (ours, base) in errors.items():
                         rows.append({"op": op, "dtype": dtype_name, "bs": bs, "lut_heads": lut_heads, "D": head_dim,
                                      "err": ours, "torch_err": base, "ok": passes(dtype_name, ours, base)})
+                    # NaN cases: the finite entries within the float32 bound, or within 1% (16-bit outputs).
+                    for op, ours in run_nan_case(launchers, rng, dtype_name, bs, lut_heads, head_dim).items():
+                        bound = 1e-5 if dtype_name == "float32" else 1e-2
+                        rows.append({"op": op, "dtype": dtype_name, "bs": bs, "lut_heads": lut_heads, "D": head_dim,
+                                     "err": ours, "torch_err": 0.0, "ok": ours <= bound})
     return rows
 
 
@@ -256,12 +330,12 @@ def main() -> None:
     launchers = Launchers(args.lib)
     rows = check_all(launchers, args.quick)
     failed = [r for r in rows if not r["ok"]]
-    print(f"{'op':>13} {'dtype':>9} {'worst err':>10} {'torch err':>10}  cases  failed")
-    for op in ("nt", "nn", "tn", "softmax", "softmax_grad"):
+    print(f"{'op':>16} {'dtype':>9} {'worst err':>10} {'torch err':>10}  cases  failed")
+    for op in ("nt", "nn", "tn", "softmax", "softmax_grad", "nan_softmax", "nan_softmax_grad", "nan_nn", "nan_tn"):
         for dtype_name in DTYPES:
             sel = [r for r in rows if r["op"] == op and r["dtype"] == dtype_name]
             worst = max(sel, key=lambda r: r["err"])
-            print(f"{op:>13} {dtype_name:>9} {worst['err']:10.2e} {worst['torch_err']:10.2e} {len(sel):6d} "
+            print(f"{op:>16} {dtype_name:>9} {worst['err']:10.2e} {worst['torch_err']:10.2e} {len(sel):6d} "
                   f"{sum(not r['ok'] for r in sel):6d}")
     timings = [] if args.no_bench else bench(launchers)
     for t in timings:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine (PyTorch, no TensorFlow): build the CUDA launchers of ops/cuda with nvcc, check
-# every launcher against the float64 references, run compute-sanitizer (memcheck and racecheck) on
-# small cases, and time the ops. Logs and JSON go to $OUT.
+# every launcher against the float64 references, run compute-sanitizer (memcheck, racecheck,
+# initcheck, synccheck) on the quick sets, and time the ops. Logs and JSON go to $OUT.
 #   bash tests/device/run.sh                      # everything
 #   STEPS="fused sanitizer" FUSED_ARGS="--lengths 16384" bash tests/device/run.sh
 #   PREBUILT=1 ...                                 # skip the build: build/device/libbsattn_cuda.so exists
+#   STEPS=sanitizer [TOOLS="memcheck initcheck"] ... # compute-sanitizer only
 # STEPS picks among: unfused (harness.py), fused (fused_harness.py), sanitizer (both, --quick).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -38,15 +39,26 @@ if step fused; then
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if step sanitizer; then
+  # compute-sanitizer's four tools over both harnesses' quick sets (every launcher, NaN cases included),
+  # all eight runs in parallel on the one GPU; any report fails the step. Logs: $OUT/<harness>.<tool>.log.
+  TOOLS=${TOOLS:-"memcheck racecheck initcheck synccheck"}
+  start=$SECONDS
+  pids=()
   for script in harness fused_harness; do
-    for tool in memcheck racecheck; do
-      if timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-          python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench >"$OUT/$script.$tool.log" 2>&1; then
-        echo "compute-sanitizer $tool $script: clean ($(tail -1 "$OUT/$script.$tool.log"))"
-      else
-        echo "compute-sanitizer $tool $script: FAILED"; tail -25 "$OUT/$script.$tool.log"; rc=1
-      fi
+    for tool in $TOOLS; do
+      timeout "${SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench >"$OUT/$script.$tool.log" 2>&1 &
+      pids+=("$!:$script:$tool")
     done
   done
+  for entry in "${pids[@]}"; do
+    IFS=: read -r pid script tool <<<"$entry"
+    if wait "$pid"; then
+      echo "compute-sanitizer $tool $script: clean ($(grep -h 'ERROR SUMMARY' "$OUT/$script.$tool.log" | tail -1); $(grep -E '^[0-9]+ passed' "$OUT/$script.$tool.log" | tail -1))"
+    else
+      echo "compute-sanitizer $tool $script: FAILED"; tail -25 "$OUT/$script.$tool.log"; rc=1
+    fi
+  done
+  echo "compute-sanitizer: $((SECONDS - start)) s"
 fi
 exit $rc

@@ -10,11 +10,28 @@ namespace bsattn {
 
 using tensorflow::Tensor;
 
+namespace {
+
+// The layout's length of a dense input: name's length must be blocks * block_size.
+absl::Status CheckLayoutLength(const Tensor& t, const char* name, int64_t blocks, int64_t block_size,
+                               const char* blocks_attr) {
+  if (t.dim_size(1) != blocks * block_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has length ", t.dim_size(1), " but the layout covers ", blocks * block_size,
+                     " tokens (", blocks_attr, " = ", blocks, " blocks of ", block_size, ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status CheckNtInputs(const Tensor& a, const Tensor& b, const Tensor& lut, int64_t heads,
-                           int64_t block_size, NtDims* dims) {
+                           int64_t block_size, int64_t q_blocks, int64_t k_blocks, NtDims* dims) {
   TF_RETURN_IF_ERROR(CheckBlockSize(block_size, "block_size"));
   TF_RETURN_IF_ERROR(CheckDense(a, "a", block_size, heads));
   TF_RETURN_IF_ERROR(CheckDense(b, "b", block_size, heads));
+  TF_RETURN_IF_ERROR(CheckLayoutLength(a, "a", q_blocks, block_size, "q_blocks"));
+  TF_RETURN_IF_ERROR(CheckLayoutLength(b, "b", k_blocks, block_size, "k_blocks"));
   if (a.dim_size(0) != b.dim_size(0) || a.dim_size(2) != b.dim_size(2)) {
     return absl::InvalidArgumentError(absl::StrCat("a and b must have the same batch and width, got ",
                                                    a.shape().DebugString(), " and ",
@@ -32,7 +49,7 @@ absl::Status CheckNtInputs(const Tensor& a, const Tensor& b, const Tensor& lut, 
 }
 
 absl::Status CheckDsdInputs(const Tensor& w, const Tensor& b, const Tensor& lut, const char* lut_name,
-                            DsdDims* dims) {
+                            int64_t partner_blocks, const char* partner_attr, DsdDims* dims) {
   TF_RETURN_IF_ERROR(CheckBlocks(w, "w"));
   const int64_t batch = w.dim_size(0), heads = w.dim_size(1), nnz = w.dim_size(2);
   const int64_t bs = w.dim_size(3);
@@ -41,6 +58,7 @@ absl::Status CheckDsdInputs(const Tensor& w, const Tensor& b, const Tensor& lut,
     return absl::InvalidArgumentError(
         absl::StrCat("b batch ", b.dim_size(0), " does not match w batch ", batch));
   }
+  TF_RETURN_IF_ERROR(CheckLayoutLength(b, "b", partner_blocks, bs, partner_attr));
   int64_t n_out = 0;
   TF_RETURN_IF_ERROR(CheckRowLut(lut, lut_name, heads, nnz, b.dim_size(1) / bs, &n_out));
   *dims = {batch, heads, nnz, bs, b.dim_size(1), b.dim_size(2), lut.dim_size(0), lut.dim_size(1), n_out};

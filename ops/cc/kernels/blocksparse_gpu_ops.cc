@@ -27,12 +27,14 @@ class NtGpuOp : public OpKernel {
   explicit NtGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("heads", &heads_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("q_blocks", &q_blocks_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("k_blocks", &k_blocks_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &a = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
     NtDims d;
-    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, &d));
+    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, q_blocks_, k_blocks_, &d));
     Tensor lut_device, *c = nullptr;
     OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
@@ -45,20 +47,22 @@ class NtGpuOp : public OpKernel {
   }
 
  private:
-  int64_t heads_;
-  int64_t block_size_;
+  int64_t heads_, block_size_, q_blocks_, k_blocks_;
 };
 
 // TW = T, or half/bfloat16 weights with float activations (bsattn_dsd_mixed_weights).
 template <typename TW, typename T, bool kTransposeW>
 class DsdGpuOp : public OpKernel {
  public:
-  explicit DsdGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit DsdGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr(kPartnerAttr, &partner_blocks_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor &w = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
     DsdDims d;
-    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", &d));
+    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", partner_blocks_,
+                                        kPartnerAttr, &d));
     Tensor lut_device, *c = nullptr;
     OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({d.batch, d.n_out * d.block_size, d.width}), &c));
@@ -73,6 +77,10 @@ class DsdGpuOp : public OpKernel {
                                        d.width, d.lut_heads, d.lut_len, d.n_out, Stream(ctx));
     OP_REQUIRES_OK(ctx, LaunchStatus(status, kTransposeW ? "BsattnTn" : "BsattnNn"));
   }
+
+ private:
+  static constexpr const char* kPartnerAttr = kTransposeW ? "q_blocks" : "k_blocks";
+  int64_t partner_blocks_;
 };
 
 template <typename T>

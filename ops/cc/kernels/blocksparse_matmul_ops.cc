@@ -2,6 +2,7 @@
 // Tiles are converted to float32 scratch (float64 for double), multiplied with MatMulAccumulate, and stored back in the
 // input dtype. Work is split over (batch, head, block) for Nt and (batch, head, output block row)
 // for Nn/Tn, so every output tile has one writer and no atomics are needed.
+#include <cmath>
 #include <vector>
 
 #include "ops/cc/kernels/cpu_math.h"
@@ -26,6 +27,8 @@ class NtOp : public OpKernel {
   explicit NtOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("heads", &heads_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("q_blocks", &q_blocks_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("k_blocks", &k_blocks_));
     OP_REQUIRES_OK(ctx, CheckBlockSize(block_size_, "block_size"));
   }
 
@@ -34,7 +37,7 @@ class NtOp : public OpKernel {
     const Tensor& b = ctx->input(1);
     const Tensor& lut = ctx->input(2);
     NtDims dims;
-    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, &dims));
+    OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, q_blocks_, k_blocks_, &dims));
     const int64_t bs = dims.block_size, batch = dims.batch, width = dims.width, nnz = dims.nnz;
     const int64_t head_dim = width / heads_;
 
@@ -67,26 +70,51 @@ class NtOp : public OpKernel {
   }
 
  private:
-  int64_t heads_;
-  int64_t block_size_;
+  int64_t heads_, block_size_, q_blocks_, k_blocks_;
 };
+
+// c[i][:] += sum over p with w[i][p] != 0 of w[i][p] * b[p][:] (w: m x k, b: k x n, row-major): the
+// product with a zero weight skipped, so that a non-finite b row meets only the nonzero weights.
+template <typename Acc>
+void MatMulAccumulateSkipZeros(const Acc* w, const Acc* b, Acc* c, int64_t m, int64_t k, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t p = 0; p < k; ++p) {
+      const Acc wv = w[i * k + p];
+      if (wv == 0) continue;
+      for (int64_t j = 0; j < n; ++j) c[i * n + j] += wv * b[p * n + j];
+    }
+  }
+}
+
+template <typename Acc>
+bool AllFinite(const std::vector<Acc>& values) {
+  for (const Acc v : values) {
+    if (!std::isfinite(v)) return false;
+  }
+  return true;
+}
 
 // Shared body of Nn and Tn. For each output block row r of head h, with entries (blk, p) of the
 // row table: c[n, r rows, h] = sum over entries of op(w[n, h, blk]) * b[n, p rows, h], where op is
 // the identity (Nn) or the transpose (Tn). A row without entries is written as zeros. The weights
 // may have their own dtype TW (half/bfloat16 weights with float activations); tiles are converted
-// to the accumulator type of the activations' dtype T, and c has dtype T.
+// to the accumulator type of the activations' dtype T, and c has dtype T. A zero weight is a
+// structural zero (a masked key or a fully masked query): its product with a NaN/Inf partner row is
+// 0, not NaN. Tiles without a non-finite partner value (the common case) take the fast path.
 template <typename TW, typename T, bool kTransposeW>
 class DsdOp : public OpKernel {
  public:
-  explicit DsdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit DsdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr(kPartnerAttr, &partner_blocks_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& w = ctx->input(0);
     const Tensor& b = ctx->input(1);
     const Tensor& lut = ctx->input(2);
     DsdDims dims;
-    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", &dims));
+    OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", partner_blocks_,
+                                        kPartnerAttr, &dims));
     const int64_t batch = dims.batch, heads = dims.heads, nnz = dims.nnz, bs = dims.block_size;
     const int64_t width = dims.width, head_dim = width / heads, b_len = dims.b_len;
     const int64_t n_out = dims.n_out, c_len = n_out * bs;
@@ -117,8 +145,12 @@ class DsdOp : public OpKernel {
           }
           LoadTile(b_ptr + (n * b_len + partner * bs) * width + h * head_dim, width, bs, head_dim,
                    b_tile.data());
-          MatMulAccumulate(w_tile.data(), bs, b_tile.data(), head_dim, c_tile.data(), head_dim, bs,
-                           bs, head_dim);
+          if (AllFinite(b_tile)) {
+            MatMulAccumulate(w_tile.data(), bs, b_tile.data(), head_dim, c_tile.data(), head_dim, bs,
+                             bs, head_dim);
+          } else {
+            MatMulAccumulateSkipZeros(w_tile.data(), b_tile.data(), c_tile.data(), bs, bs, head_dim);
+          }
         }
         StoreTile(c_tile.data(), bs, head_dim, c_ptr + (n * c_len + r * bs) * width + h * head_dim,
                   width);
@@ -128,6 +160,11 @@ class DsdOp : public OpKernel {
     const int64_t cost = 2 * bs * bs * head_dim * std::max<int64_t>(1, nnz / n_out);
     ParallelFor(ctx, batch * heads * n_out, cost, work);
   }
+
+ private:
+  // b's blocks: key blocks for Nn (w @ v), query blocks for Tn (w^T @ q).
+  static constexpr const char* kPartnerAttr = kTransposeW ? "q_blocks" : "k_blocks";
+  int64_t partner_blocks_;
 };
 
 #define BSATTN_REGISTER_DSD(TW, T)                                                        \

@@ -20,8 +20,9 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
-// y = softmax(scale * x) over the kept entries of each query row; masked entries are 0 and a row
-// with no kept entry is all 0 (never NaN).
+// y = softmax(scale * x) over the kept entries of each query row; masked entries are 0, a row with
+// no kept entry (or only -inf scores) is all 0, and a row with a NaN or +inf kept score is NaN at its
+// kept entries.
 template <typename T>
 class MaskedSoftmaxOp : public OpKernel {
  public:
@@ -64,6 +65,7 @@ class MaskedSoftmaxOp : public OpKernel {
         for (int64_t i = 0; i < bs; ++i) {
           const int64_t query = qb * bs + i;
           Acc row_max = kMasked;
+          bool poisoned = false;  // a kept score is NaN or +inf
           for (int32_t e = 0; e < count; ++e) {
             const int64_t blk = table[2 * (offset + e)], kb = table[2 * (offset + e) + 1];
             const T* xs = x_ptr + ((block_base + blk) * bs + i) * bs;
@@ -74,21 +76,31 @@ class MaskedSoftmaxOp : public OpKernel {
               bool keep = (bits[j >> 5] >> (j & 31)) & 1u;
               if (autoregressive) keep = keep && (k < key || k <= query);
               out[j] = keep ? scale * static_cast<Acc>(xs[j]) : kMasked;
-              row_max = std::max(row_max, out[j]);
+              // !(v <= max) is true for NaN; a kept -inf equals kMasked and counts as masked.
+              if (!(out[j] <= row_max)) {
+                poisoned = poisoned || std::isnan(out[j]) || out[j] == -kMasked;
+                if (!std::isnan(out[j])) row_max = out[j];
+              }
             }
           }
+          // A NaN / +inf kept score makes the row's kept entries NaN (as a dense softmax does); masked
+          // entries stay 0. A row without a finite kept score is all 0.
           Acc sum = 0;
-          if (row_max != kMasked) {
+          if (!poisoned && row_max != kMasked) {
             for (Acc& v : row) v -= row_max;
             ExpInPlace(row.data(), static_cast<int>(row.size()));  // masked: exp(-inf) = 0
             for (const Acc v : row) sum += v;
           }
-          const Acc inv_sum = sum > 0 ? 1 / sum : 0;  // fully masked row -> zeros
+          const Acc inv_sum = sum > 0 ? 1 / sum : 0;
+          constexpr Acc kNaN = std::numeric_limits<Acc>::quiet_NaN();
           for (int32_t e = 0; e < count; ++e) {
             const int64_t blk = table[2 * (offset + e)];
             T* ys = y_ptr + ((block_base + blk) * bs + i) * bs;
             const Acc* in = row.data() + e * bs;
-            for (int64_t j = 0; j < bs; ++j) ys[j] = static_cast<T>(sum > 0 ? in[j] * inv_sum : Acc(0));
+            for (int64_t j = 0; j < bs; ++j) {
+              const Acc value = sum > 0 ? in[j] * inv_sum : Acc(0);  // in[] is still -inf if not exp'd
+              ys[j] = static_cast<T>(poisoned ? (in[j] == kMasked ? Acc(0) : kNaN) : value);
+            }
           }
         }
       }
@@ -100,7 +112,9 @@ class MaskedSoftmaxOp : public OpKernel {
   bool autoregressive_;
 };
 
-// dx = scale * y * (dy - sum_row(dy * y)) with rows as in the forward.
+// dx = scale * y * (dy - sum_row(dy * y)) with rows as in the forward. An entry with y == 0 (masked,
+// or underflowed) contributes exactly 0 and gets dx = 0, whatever dy holds there: a NaN dy at a
+// masked key (e.g. from a NaN value vector) must not reach the row.
 template <typename T>
 class MaskedSoftmaxGradOp : public OpKernel {
  public:
@@ -141,14 +155,15 @@ class MaskedSoftmaxGradOp : public OpKernel {
           for (int32_t e = offset; e < offset + count; ++e) {
             const int64_t at = ((block_base + table[2 * e]) * bs + i) * bs;
             for (int64_t j = 0; j < bs; ++j) {
-              dot += static_cast<Acc>(dy_ptr[at + j]) * static_cast<Acc>(y_ptr[at + j]);
+              const Acc yv = static_cast<Acc>(y_ptr[at + j]);
+              if (yv != 0) dot += static_cast<Acc>(dy_ptr[at + j]) * yv;
             }
           }
           for (int32_t e = offset; e < offset + count; ++e) {
             const int64_t at = ((block_base + table[2 * e]) * bs + i) * bs;
             for (int64_t j = 0; j < bs; ++j) {
               const Acc yv = static_cast<Acc>(y_ptr[at + j]);
-              dx_ptr[at + j] = static_cast<T>(scale * yv * (static_cast<Acc>(dy_ptr[at + j]) - dot));
+              dx_ptr[at + j] = static_cast<T>(yv == 0 ? Acc(0) : scale * yv * (static_cast<Acc>(dy_ptr[at + j]) - dot));
             }
           }
         }
