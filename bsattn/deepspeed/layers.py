@@ -65,6 +65,20 @@ def _check_config(sparsity_config) -> SparsityConfig:
     return sparsity_config
 
 
+def _set_sparse_settings(layer, sparsity_config, max_seq_length, heads: int, heads_name: str) -> None:
+    """Validate and set ``max_seq_length``, ``sparsity_config`` (default: dense over ``heads``) on a Keras drop-in."""
+    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                       or max_seq_length < 1):  # fmt: skip
+        raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
+    layer.max_seq_length = max_seq_length
+    layer._default_config = sparsity_config is None
+    if sparsity_config is None:
+        sparsity_config = DenseSparsityConfig(num_heads=heads)
+    layer.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
+    if layer.sparsity_config.num_heads != heads:
+        raise ValueError(f"sparsity_config.num_heads={layer.sparsity_config.num_heads} must equal {heads_name}={heads}")
+
+
 def _squeeze_mask(x: tf.Tensor, name: str, keep_batch: bool, t: int) -> tf.Tensor:
     """``x`` without its size-1 dimensions (the first is kept if ``keep_batch``) → ``[B, T]`` or ``[T, T]``."""
     if x.shape.rank is None:
@@ -502,18 +516,7 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         **kwargs,
     ):
         super().__init__(num_heads, key_dim, *args, **kwargs)
-        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
-                                           or max_seq_length < 1):  # fmt: skip
-            raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
-        self.max_seq_length = max_seq_length
-        self._default_config = sparsity_config is None
-        if sparsity_config is None:
-            sparsity_config = DenseSparsityConfig(num_heads=num_heads)
-        self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
-        if self.sparsity_config.num_heads != num_heads:
-            raise ValueError(
-                f"sparsity_config.num_heads={self.sparsity_config.num_heads} must equal num_heads={num_heads}"
-            )
+        _set_sparse_settings(self, sparsity_config, max_seq_length, num_heads, "num_heads")
         axes = self._attention_axes
         if axes is not None and tuple(a if a >= 0 else 3 + a for a in axes) != (1,):
             raise ValueError(
@@ -679,19 +682,7 @@ class SparseGroupedQueryAttention(keras.layers.GroupQueryAttention):
         **kwargs,
     ):
         super().__init__(head_dim, num_query_heads, num_key_value_heads, *args, **kwargs)
-        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
-                                           or max_seq_length < 1):  # fmt: skip
-            raise ValueError(f"max_seq_length must be a positive integer or None, got {max_seq_length!r}")
-        self.max_seq_length = max_seq_length
-        self._default_config = sparsity_config is None
-        if sparsity_config is None:
-            sparsity_config = DenseSparsityConfig(num_heads=num_query_heads)
-        self.sparsity_config = _check_config(deserialize_sparsity_config(sparsity_config))
-        if self.sparsity_config.num_heads != num_query_heads:
-            raise ValueError(
-                f"sparsity_config.num_heads={self.sparsity_config.num_heads} must equal "
-                f"num_query_heads={num_query_heads}"
-            )
+        _set_sparse_settings(self, sparsity_config, max_seq_length, num_query_heads, "num_query_heads")
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None, use_causal_mask=False):
         # query [B, T, N, D]; key, value [B, S, N, D] (already repeated to N heads by Keras's call).
