@@ -4,8 +4,10 @@
 the active blocks of ``tables`` (``bsattn.fused_tables.FusedTables``) without materialising the attention
 weights: memory is O(T·D). The backward pass recomputes the probabilities from the saved log-sum-exp.
 
-Layouts (blocksparse's): ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]``, head ``h`` owns channels
-``[h*D, (h+1)*D)``; ``Tq = nQb * bs``, ``Tk = nKb * bs``. Computes in float32 (float64 for float64 inputs)
+Layouts (blocksparse's): ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]``, head ``h`` owns channels
+``[h*D, (h+1)*D)``; ``Tq = nQb * bs``, ``Tk = nKb * bs``. With ``kv_heads = KVH < H`` (grouped-query, or
+multi-query for 1) query head ``h`` reads K/V head ``h // (H // KVH)``, with no copy of K/V. Packed sequences:
+``q_segment_ids [B, Tq]`` / ``k_segment_ids [B, Tk]`` restrict each query to the keys of its own segment. Computes in float32 (float64 for float64 inputs)
 and returns the dtype of ``q`` (float32, float16, bfloat16 or float64).
 
 Under XLA (``tf.function(jit_compile=True)``, Keras's ``jit_compile``), where custom ops cannot compile, the same
@@ -66,12 +68,15 @@ def fused_attention(
     dropout_rate: float = 0.0,
     seed: int | tf.Tensor | None = None,
     return_lse: bool = False,
+    kv_heads: int | None = None,
+    q_segment_ids: tf.Tensor | None = None,
+    k_segment_ids: tf.Tensor | None = None,
 ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-    """Block-sparse attention in one op: ``[B, Tq, H*D], [B, Tk, H*D] x2 -> [B, Tq, H*D]``.
+    """Block-sparse attention in one op: ``[B, Tq, H*D], [B, Tk, KVH*D] x2 -> [B, Tq, H*D]``.
 
     Args:
       q: ``[B, Tq, H*D]``; ``Tq = tables.n_q``.
-      k, v: ``[B, Tk, H*D]``, the dtype of ``q``; ``Tk = tables.n_k``.
+      k, v: ``[B, Tk, KVH*D]``, the dtype of ``q``; ``Tk = tables.n_k``; ``KVH = kv_heads``.
       tables: the active blocks and in-block masks (``fused_tables_for_pattern`` / ``_for_layout`` /
         ``from_block_tables``); ``tables.lut_heads`` must be 1 or ``heads``.
       heads: number of heads ``H``.
@@ -89,6 +94,12 @@ def fused_attention(
         if the forward is recomputed, e.g. under ``recompute=True``).
       return_lse: also return the log-sum-exp ``[B, H, Tq]`` (float32; float64 for float64 inputs), -inf for
         a query with no kept key (whose output is 0); differentiable.
+      kv_heads: K/V heads ``KVH`` dividing ``heads`` (grouped-query attention; 1 = multi-query); None = ``heads``.
+        Query head ``h`` reads K/V head ``h // (heads // KVH)``; the gradients of ``k`` and ``v`` sum over each
+        K/V head's group of query heads (deterministic).
+      q_segment_ids, k_segment_ids: int ``[B, Tq]`` and ``[B, Tk]`` (both or neither): packed sequences; query
+        ``i`` attends key ``j`` only if their ids are equal (on top of the tables, masks and bias). Blocks whose
+        segments cannot meet are skipped per batch entry; a query with no key of its segment gives 0.
     Returns:
       ``out`` or ``(out, lse)``.
     """
@@ -103,9 +114,12 @@ def fused_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     heads = checks.positive_int("heads", heads)
+    kv_heads = heads if kv_heads is None else checks.positive_int("kv_heads", kv_heads)
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
     if tables.lut_heads not in (1, heads):
         raise ValueError(f"tables have {tables.lut_heads} layout heads; with heads={heads} they need 1 or {heads}")
-    width = _check_activations(q, k, v, tables, heads)
+    width = _check_activations(q, k, v, tables, heads, kv_heads)
     if scale is None and width is None:
         raise ValueError("the default scale 1/sqrt(D) needs a static width of q; pass scale")
     scale = fused_scale(width // heads if width else 1, scale)
@@ -125,6 +139,8 @@ def fused_attention(
         _check_static_shape(key_padding_mask, "key_padding_mask", [q.shape[0], tables.n_k])
     if bias is not None:
         bias = _bias4(tf.cast(bias, q.dtype), q.shape[0] if q.shape.rank else None, heads, tables)
+    q_segment_ids, k_segment_ids = _segment_ids(q_segment_ids, k_segment_ids, q.shape[0] if q.shape.rank else None,
+                                                tables)
     if seed is None:
         seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
     if not tf.is_tensor(seed) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -132,11 +148,17 @@ def fused_attention(
     seed = tf.cast(seed, tf.int64)
 
     if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops
-        return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse)
+        return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse,
+                                kv_heads=kv_heads, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
     raw = load_ops()
     luts = fused_table_tensors(tables)
+    has_segments = q_segment_ids is not None
+    if not has_segments:
+        q_segment_ids = k_segment_ids = tf.zeros([0, 0], tf.int32)
     attrs = {
         "heads": heads,
+        "kv_heads": kv_heads,
+        "has_segment_ids": has_segments,
         "block_size": tables.block_size,
         "scale": scale,
         "dropout_rate": dropout_rate,
@@ -151,7 +173,8 @@ def fused_attention(
         q, k, v = inputs[:3]
         bias_t = inputs[3] if len(inputs) == 4 else tf.zeros([0, 0, 0, 0], q.dtype)
         out, lse = raw.bsattn_fused_attention(
-            q, k, v, luts.row_ptr, luts.row_entries, luts.masks, padding, bias_t, seed, Tlse=lse_dtype, **attrs
+            q, k, v, luts.row_ptr, luts.row_entries, luts.masks, padding, bias_t, q_segment_ids, k_segment_ids,
+            seed, Tlse=lse_dtype, **attrs,
         )
 
         def grad(dout, dlse=None):
@@ -159,7 +182,7 @@ def fused_attention(
             dq, dk, dv, dbias = raw.bsattn_fused_attention_grad(
                 q, k, v, out, lse, dout, dlse if has_dlse else tf.zeros([0, 0, 0], lse.dtype),
                 luts.row_ptr, luts.row_entries, luts.col_ptr, luts.col_entries, luts.masks,
-                padding, bias_t, seed, has_dlse=has_dlse, **attrs,
+                padding, bias_t, q_segment_ids, k_segment_ids, seed, has_dlse=has_dlse, **attrs,
             )  # fmt: skip
             return (dq, dk, dv) + ((dbias,) if len(inputs) == 4 else ())
 
@@ -193,19 +216,47 @@ def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables) 
     return bias
 
 
-def _check_activations(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int) -> int | None:
-    """Static checks of ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → the width ``H*D`` if known."""
+def _segment_ids(
+    q_ids: tf.Tensor | None, k_ids: tf.Tensor | None, batch: int | None, tables: FusedTables
+) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+    """``(q_segment_ids [B, Tq], k_segment_ids [B, Tk])`` as int32 tensors (or both None); ValueError/TypeError
+    naming the argument for one without the other, a non-integer dtype or a wrong static shape."""
+    if (q_ids is None) != (k_ids is None):
+        given, missing = ("q_segment_ids", "k_segment_ids") if k_ids is None else ("k_segment_ids", "q_segment_ids")
+        raise ValueError(f"{given} was given without {missing}: pass both or neither")
+    if q_ids is None:
+        return None, None
+    out = []
+    for name, ids, n in (("q_segment_ids", q_ids, tables.n_q), ("k_segment_ids", k_ids, tables.n_k)):
+        try:
+            ids = tf.convert_to_tensor(ids)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be an integer [batch, {n}] tensor, got {ids!r}: {e}") from None
+        if not ids.dtype.is_integer:
+            raise TypeError(f"{name} must be an integer [batch, {n}] tensor, got dtype {ids.dtype.name}")
+        _check_static_shape(ids, name, [batch, n])
+        out.append(tf.cast(ids, tf.int32))
+    return out[0], out[1]
+
+
+def _check_activations(
+    q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int, kv_heads: int
+) -> int | None:
+    """Static checks of ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]`` → the width ``H*D`` if known."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape.rank is not None and x.shape.rank != 3:
             raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
     _check_static_shape(q, "q", [None, tables.n_q, None])
-    _check_static_shape(
-        k, "k", [q.shape[0] if q.shape.rank else None, tables.n_k, q.shape[-1] if q.shape.rank else None]
-    )
-    _check_static_shape(v, "v", k.shape.as_list() if k.shape.rank else [None, tables.n_k, None])
     width = q.shape[-1] if q.shape.rank else None
     if width is not None and width % heads:
         raise ValueError(f"q width {width} is not divisible by heads {heads}")
+    kv_width = width // heads * kv_heads if width is not None else None
+    if k.shape.rank and k.shape[-1] is not None and kv_width is not None and k.shape[-1] != kv_width:
+        raise ValueError(
+            f"k must have width kv_heads * head_dim = {kv_heads} * {width // heads} = {kv_width}, got shape {k.shape}"
+        )
+    _check_static_shape(k, "k", [q.shape[0] if q.shape.rank else None, tables.n_k, kv_width])
+    _check_static_shape(v, "v", k.shape.as_list() if k.shape.rank else [None, tables.n_k, None])
     if width == 0:
         raise ValueError("q width must be positive (heads * head_dim)")
     return width

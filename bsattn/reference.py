@@ -216,6 +216,30 @@ def _heads(x: np.ndarray, heads: int) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3)
 
 
+def _kv_heads(x: np.ndarray, heads: int, kv_heads: int | None) -> np.ndarray:
+    """K or V ``[B, T, KVH*D]`` → float64 ``[B, H, T, D]``: K/V head ``h // (H // KVH)`` for query head ``h``."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+    return np.repeat(_heads(x, kv_heads), heads // kv_heads, axis=1)
+
+
+def _sum_groups(x: np.ndarray, kv_heads: int | None) -> np.ndarray:
+    """``[B, H, T, D]`` → ``[B, KVH, T, D]``: the sum over each K/V head's group of query heads."""
+    if kv_heads is None or kv_heads == x.shape[1]:
+        return x
+    return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:]).sum(axis=2)
+
+
+def _segment_keep(q_segment_ids, k_segment_ids) -> np.ndarray | bool:
+    """bool ``[B, 1, Tq, Tk]``: query i and key j share a segment (True without segment ids)."""
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("q_segment_ids and k_segment_ids: pass both or neither")
+    if q_segment_ids is None:
+        return True
+    return np.asarray(q_segment_ids)[:, None, :, None] == np.asarray(k_segment_ids)[:, None, None, :]
+
+
 def _unheads(x: np.ndarray) -> np.ndarray:
     """``[B, H, T, D]`` → ``[B, T, H*D]``."""
     return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
@@ -321,11 +345,12 @@ def _bias4(bias: np.ndarray) -> np.ndarray:
     return bias[None] if bias.ndim == 3 else bias
 
 
-def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
+def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, kv_heads=None, q_segment_ids=None,
+                 k_segment_ids=None):
     """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale, keep [B|1, H, Tq, Tk])`` of the fused attention (no
     dropout), float64. ``keep``: the attended entries (tables, key padding, bias other than -inf); a NaN
     score elsewhere is never read, an attended one makes its row NaN (``lse`` too)."""
-    qh, kh = _heads(q, heads), _heads(k, heads)
+    qh, kh = _heads(q, heads), _kv_heads(k, heads, kv_heads)
     if qh.shape[2] != tables.n_q or kh.shape[2] != tables.n_k:
         raise ValueError(f"q and k must have {tables.n_q} and {tables.n_k} tokens, got {qh.shape[2]} and {kh.shape[2]}")
     if tables.lut_heads not in (1, heads):
@@ -334,6 +359,7 @@ def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias):
     keep = np.broadcast_to(tables.token_mask()[None], (1, heads, tables.n_q, tables.n_k))
     if key_padding_mask is not None:
         keep = keep & np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
+    keep = keep & _segment_keep(q_segment_ids, k_segment_ids)
     with np.errstate(invalid="ignore", over="ignore"):
         s = scale * np.einsum("nhid,nhjd->nhij", qh, kh)
         if bias is not None:
@@ -382,8 +408,14 @@ def fused_attention(
     bias: np.ndarray | None = None,
     dropout_rate: float = 0.0,
     seed: int = 0,
+    kv_heads: int | None = None,
+    q_segment_ids: np.ndarray | None = None,
+    k_segment_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
+    """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
+
+    ``kv_heads`` (None = ``heads``): query head ``h`` reads K/V head ``h // (H // KVH)``. ``q_segment_ids [B, Tq]``,
+    ``k_segment_ids [B, Tk]`` (both or neither): query ``i`` attends key ``j`` only if their ids are equal.
 
     Scores ``scale·q·kᵀ + bias`` (``bias [B|1, H|1, Tq, Tk]``, or ``[H|1, Tq, Tk]``) are kept where the tables' token mask and
     ``key_padding_mask [B, Tk]`` (True = real key) allow; ``lse`` is their log-sum-exp (-inf for a row with no
@@ -391,8 +423,9 @@ def fused_attention(
     ``dropout_keep_mask``. ``scale`` defaults to ``1/sqrt(D)``. Masked entries are never read: NaN/Inf in ``k``, ``v``
     or ``bias`` there stays out of every result; an attended NaN score makes its row (and ``lse``) NaN.
     """
-    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
-    out = _kept_product(p * _dropout_scale(p, dropout_rate, seed), _heads(v, heads), keep)
+    segments = (kv_heads, q_segment_ids, k_segment_ids)
+    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments)
+    out = _kept_product(p * _dropout_scale(p, dropout_rate, seed), _kv_heads(v, heads, kv_heads), keep)
     return _unheads(out), lse
 
 
@@ -409,19 +442,24 @@ def fused_attention_grad(
     dropout_rate: float = 0.0,
     seed: int = 0,
     dlse: np.ndarray | None = None,
+    kv_heads: int | None = None,
+    q_segment_ids: np.ndarray | None = None,
+    k_segment_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Analytic gradients of ``fused_attention`` for upstream ``dout [B, Tq, H*D]`` (and ``dlse [B, H, Tq]``)
     → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch and/or heads it
-    broadcasts over), None without a bias."""
-    p, _, scale, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias)
-    # The op computes nothing outside the active blocks (which matters only in a NaN row, where even the
-    # masked entries of its blocks are NaN, as in dense attention).
-    bs = tables.block_size
-    active = np.repeat(np.repeat(tables.layout, bs, axis=1), bs, axis=2)[None]  # [1, L, Tq, Tk]
+    broadcasts over), None without a bias. ``dk``, ``dv`` are ``[B, Tk, KVH*D]``, summed over each K/V head's group
+    of query heads. A query with no kept key contributes nothing (NaN in its q or dout included)."""
+    segments = (kv_heads, q_segment_ids, k_segment_ids)
+    p, _, scale, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments)
+    # Masked entries (other segments included) are never read, even in a NaN row: their P and dS are 0 and
+    # no product reads their q, k, v or dout (a query with no kept key contributes nothing).
+    active = np.broadcast_to(keep, p.shape)
     z = _dropout_scale(p, dropout_rate, seed)
-    qh, kh, vh, doh = (_heads(x, heads) for x in (q, k, v, dout))
+    qh, doh = _heads(q, heads), _heads(dout, heads)
+    kh, vh = _kv_heads(k, heads, kv_heads), _kv_heads(v, heads, kv_heads)
     p = np.where(active, p, 0.0)
-    dv = np.einsum("nhij,nhid->nhjd", p * z, doh)
+    dv = _kept_product((p * z).transpose(0, 1, 3, 2), doh, np.swapaxes(active, 2, 3))
     with np.errstate(invalid="ignore"):
         dp = np.where(keep, np.einsum("nhid,nhjd->nhij", doh, vh), 0.0) * z  # masked entries: V never read
         delta = (p * dp).sum(axis=-1, keepdims=True)
@@ -430,6 +468,7 @@ def fused_attention_grad(
         ds = np.where(active, p * (dp - delta), 0.0)
     dq = scale * _kept_product(ds, kh, keep)
     dk = scale * _kept_product(ds.transpose(0, 1, 3, 2), qh, np.swapaxes(active, 2, 3))
+    dk, dv = _sum_groups(dk, kv_heads), _sum_groups(dv, kv_heads)
     dbias = None
     if bias is not None:  # summed over the dimensions bias broadcasts over, in bias's own shape
         b4 = _bias4(bias)

@@ -604,8 +604,6 @@ def test_fused_ignores_nan_at_padded_and_unattended_keys(case, dtype):
     _fused_nan_masked(case, dtype, poison_q=False, poison_kv=True)
 
 
-@pytest.mark.xfail(strict=True, reason="fused op: dk = dS^T q reads q of queries with no kept key (0 * NaN); "
-                   "a fused-kernel fix, reported to the fused-op branch: remove this mark when it passes")
 @BUDGET
 @given(case=fused_cases(), dtype=st.sampled_from((np.float32, np.float64)))
 def test_fused_ignores_nan_q_of_fully_masked_queries(case, dtype):

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -41,6 +42,45 @@
 
 namespace bsattn {
 namespace {
+
+std::atomic<int64_t> computed_blocks[2];  // forward, gradient (FusedComputedBlocks)
+
+// Where the rows of one head of a [B, len, width] tensor are: channels [col, col + D) of each row.
+// q, out, dq, dout: (Tq, H*D, h*D); k, v, dk, dv: (Tk, KVH*D, (h / group)*D), the K/V head that
+// serves query head h.
+struct HeadView {
+  int64_t len, width, col;
+};
+
+template <typename T>
+HeadView QueryView(const FusedAttentionParams<T>& p, int64_t h) {
+  return {p.tq, p.width, h * p.head_dim};
+}
+
+template <typename T>
+HeadView KeyView(const FusedAttentionParams<T>& p, int64_t h) {
+  return {p.tk, p.kv_width, (h / p.group) * p.head_dim};
+}
+
+// Whether block (Qb, Kb) of batch entry b can hold a pair of equal segment ids (always without
+// segment ids): the blocks' [min, max] ranges overlap. A block that cannot is skipped: no loads,
+// no products.
+template <typename T>
+bool SegmentsMeet(const FusedAttentionParams<T>& p, int64_t b, int64_t qb, int64_t kb) {
+  if (p.q_segment_ids == nullptr) return true;
+  const int32_t* qr = p.q_block_segments + 2 * (b * p.n_q_blocks + qb);
+  const int32_t* kr = p.k_block_segments + 2 * (b * p.n_k_blocks + kb);
+  return qr[0] <= kr[1] && kr[0] <= qr[1];
+}
+
+// Whether some entry of block (Qb, Kb) of batch entry b has different segment ids.
+template <typename T>
+bool SegmentsDiffer(const FusedAttentionParams<T>& p, int64_t b, int64_t qb, int64_t kb) {
+  if (p.q_segment_ids == nullptr) return false;
+  const int32_t* qr = p.q_block_segments + 2 * (b * p.n_q_blocks + qb);
+  const int32_t* kr = p.k_block_segments + 2 * (b * p.n_k_blocks + kb);
+  return !(qr[0] == qr[1] && kr[0] == kr[1] && qr[0] == kr[0]);
+}
 
 // The masks with rows and columns swapped (bit i of row j keeps query i for key j): the forward's
 // transposed tiles apply them row by row too.
@@ -94,10 +134,17 @@ void ApplyBiasAndMasks(const FusedAttentionParams<T>& p, const uint32_t* masks, 
       for (int64_t i = 0; i < bs; ++i) tile[at(i, j)] = kMasked;
     }
   }
+  if (SegmentsDiffer(p, b, q0 / bs, k0 / bs)) {  // entries of different segments, like mask bits
+    const int32_t* qs = p.q_segment_ids + b * p.tq + q0;
+    const int32_t* ks = p.k_segment_ids + b * p.tk + k0;
+    for (int64_t i = 0; i < bs; ++i)
+      for (int64_t j = 0; j < bs; ++j)
+        if (qs[i] != ks[j]) tile[at(i, j)] = kMasked;
+  }
 }
 
 // Whether entry (q0 + i, k0 + j) of head (b, h) is attended: kept by the block's mask (mask_id, -1 =
-// full; masks not transposed), the key padding and a bias other than -inf.
+// full; masks not transposed), the key padding, the segment ids and a bias other than -inf.
 template <typename T>
 bool Kept(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, int64_t k0, int32_t mask_id,
           int64_t i, int64_t j) {
@@ -107,6 +154,9 @@ bool Kept(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, in
     if (!((word >> (j & 31)) & 1u)) return false;
   }
   if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * p.tk + k0 + j]) return false;
+  if (p.q_segment_ids != nullptr && p.q_segment_ids[b * p.tq + q0 + i] != p.k_segment_ids[b * p.tk + k0 + j]) {
+    return false;
+  }
   return p.bias == nullptr ||
          static_cast<Acc>(p.bias[BiasSlice(p, b, h) + (q0 + i) * p.tk + k0 + j]) !=
              -std::numeric_limits<Acc>::infinity();
@@ -118,6 +168,14 @@ bool AllFinite(const Acc* x, int64_t n) {
   bool finite = true;
   for (int64_t i = 0; i < n; ++i) finite &= (x[i] - x[i]) == Acc(0);
   return finite;
+}
+
+// Whether none of the n values at x is NaN.
+template <typename Acc>
+bool NoNaN(const Acc* x, int64_t n) {
+  bool none = true;
+  for (int64_t i = 0; i < n; ++i) none &= x[i] == x[i];
+  return none;
 }
 
 // Zeroes the non-finite values of the n values at x.
@@ -145,15 +203,15 @@ void ZeroPaddedKeys(const FusedAttentionParams<T>& p, int64_t b, int64_t k0, Acc
 
 // The exact path of a product out (+)= W X whose staged X (bs x D, rows = keys k0..) had its
 // non-finite values zeroed: adds w(i, j) x[j][c] for each non-finite x[j][c] (read from src, rows
-// H*D apart) and each attended entry (q0 + i, k0 + j), w(i, j) = w[i * wi + j * wj]. Masked entries'
-// values are never read; out rows are ld apart.
+// `stride` apart) and each attended entry (q0 + i, k0 + j), w(i, j) = w[i * wi + j * wj]. Masked
+// entries' values are never read; out rows are ld apart.
 template <typename T, typename Acc>
-void AddNonFiniteProducts(const FusedAttentionParams<T>& p, const Acc* src, int64_t b, int64_t h, int64_t q0,
-                          int64_t k0, int32_t mask_id, const Acc* w, int64_t wi, int64_t wj, Acc* out,
+void AddNonFiniteProducts(const FusedAttentionParams<T>& p, const Acc* src, int64_t stride, int64_t b, int64_t h,
+                          int64_t q0, int64_t k0, int32_t mask_id, const Acc* w, int64_t wi, int64_t wj, Acc* out,
                           int64_t ld) {
   const int64_t bs = p.block_size, d = p.head_dim;
   for (int64_t j = 0; j < bs; ++j) {
-    const Acc* x = src + j * p.width;
+    const Acc* x = src + j * stride;
     if (AllFinite(x, d)) continue;
     for (int64_t i = 0; i < bs; ++i) {
       if (!Kept(p, b, h, q0, k0, mask_id, i, j)) continue;
@@ -164,60 +222,86 @@ void AddNonFiniteProducts(const FusedAttentionParams<T>& p, const Acc* src, int6
   }
 }
 
+// The same with the roles swapped (the gradient's dV += P^T dO and dK += dS^T Q): X's rows are the
+// queries q0.., out's rows the keys: adds w(i, j) x[i][c] into out[j][c] for each non-finite x[i][c]
+// and each attended entry (q0 + i, k0 + j), w(i, j) = w[i * bs + j].
+template <typename T, typename Acc>
+void AddNonFiniteProductsT(const FusedAttentionParams<T>& p, const Acc* src, int64_t stride, int64_t b, int64_t h,
+                           int64_t q0, int64_t k0, int32_t mask_id, const Acc* w, Acc* out, int64_t ld) {
+  const int64_t bs = p.block_size, d = p.head_dim;
+  for (int64_t i = 0; i < bs; ++i) {
+    const Acc* x = src + i * stride;
+    if (AllFinite(x, d)) continue;
+    for (int64_t j = 0; j < bs; ++j) {
+      if (!Kept(p, b, h, q0, k0, mask_id, i, j)) continue;
+      for (int64_t c = 0; c < d; ++c) {
+        if ((x[c] - x[c]) != Acc(0)) out[j * ld + c] += w[i * bs + j] * x[c];
+      }
+    }
+  }
+}
+
+// Zeroes the entries of a bs x bs tile ([i][j], block (q0, k0) of head (b, h)) that are not
+// attended: P and dS of masked entries are 0 by select, whatever NaN their row holds.
+template <typename T, typename Acc>
+void ZeroUnattended(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, int64_t k0,
+                    int32_t mask_id, Acc* tile) {
+  const int64_t bs = p.block_size;
+  for (int64_t i = 0; i < bs; ++i)
+    for (int64_t j = 0; j < bs; ++j)
+      if (!Kept(p, b, h, q0, k0, mask_id, i, j)) tile[i * bs + j] = 0;
+}
+
 // The first entry (block counter) of block (q0, k0) of head (b, h): entry (i, j) is base + i*Tk + j.
 template <typename T>
 uint64_t DropoutBase(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, int64_t k0) {
   return static_cast<uint64_t>(((b * p.heads + h) * p.tq + q0) * p.tk + k0);
 }
 
-// The (scaled) transpose of the bs x D tile of head h at rows [t0, t0 + bs) of x [B, T, H*D].
+// The (scaled) transpose of the bs x D tile at rows [t0, t0 + bs) of head view `at` of x.
 template <typename T, typename Acc>
-void LoadScaledTranspose(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b,
-                         int64_t h, int64_t t0, Acc scale, Acc* dst) {
+void LoadScaledTranspose(const FusedAttentionParams<T>& p, const Acc* x, HeadView at, int64_t b, int64_t t0,
+                         Acc scale, Acc* dst) {
   const int64_t bs = p.block_size, d = p.head_dim;
-  TransposeScaled(x + (b * len + t0) * p.width + h * d, p.width, bs, d, scale, dst);
+  TransposeScaled(x + (b * at.len + t0) * at.width + at.col, at.width, bs, d, scale, dst);
 }
 
-// Rows [t0, t0 + bs) of head h of x [B, T, H*D].
-template <typename T, typename Acc>
-const Acc* Rows(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b, int64_t h,
-                int64_t t0) {
-  return x + (b * len + t0) * p.width + h * p.head_dim;
+// Rows [t0, t0 + bs) of head view `at` of x (rows at.width apart).
+template <typename Acc>
+const Acc* Rows(const Acc* x, HeadView at, int64_t b, int64_t t0) {
+  return x + (b * at.len + t0) * at.width + at.col;
 }
 
-// Copies rows [t0, t0 + bs) of head h of x [B, T, H*D] into a dense bs x D tile. The products read
+// Copies rows [t0, t0 + bs) of head view `at` of x into a dense bs x D tile. The products read
 // their streamed operand from this copy: rows H*D apart (a multiple of 4 KB for common widths)
 // would fall into a few L1 sets and evict each other.
 template <typename T, typename Acc>
-const Acc* CopyRows(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b, int64_t h,
-                    int64_t t0, Acc* dst) {
-  const Acc* src = Rows(p, x, len, b, h, t0);
+const Acc* CopyRows(const FusedAttentionParams<T>& p, const Acc* x, HeadView at, int64_t b, int64_t t0, Acc* dst) {
+  const Acc* src = Rows(x, at, b, t0);
   for (int64_t r = 0; r < p.block_size; ++r) {
-    std::memcpy(dst + r * p.head_dim, src + r * p.width, p.head_dim * sizeof(Acc));
+    std::memcpy(dst + r * p.head_dim, src + r * at.width, p.head_dim * sizeof(Acc));
   }
   return dst;
 }
 
-// Prefetches rows [t0, t0 + bs) of head h of x into L2: the next block's tile, requested while the
-// current block computes (tiles of long sequences come from L3 or memory).
+// Prefetches rows [t0, t0 + bs) of head view `at` of x into L2: the next block's tile, requested
+// while the current block computes (tiles of long sequences come from L3 or memory).
 template <typename T, typename Acc>
-void PrefetchRows(const FusedAttentionParams<T>& p, const Acc* x, int64_t len, int64_t b, int64_t h,
-                  int64_t t0) {
-  const char* src = reinterpret_cast<const char*>(Rows(p, x, len, b, h, t0));
-  const int64_t bytes = p.head_dim * sizeof(Acc), stride = p.width * sizeof(Acc);
+void PrefetchRows(const FusedAttentionParams<T>& p, const Acc* x, HeadView at, int64_t b, int64_t t0) {
+  const char* src = reinterpret_cast<const char*>(Rows(x, at, b, t0));
+  const int64_t bytes = p.head_dim * sizeof(Acc), stride = at.width * sizeof(Acc);
   for (int64_t r = 0; r < p.block_size; ++r)
-    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(src + r * stride + at, 0, 2);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(src + r * stride + off, 0, 2);
 }
 
-// Stores scale * tile ([bs, D]) into rows [t0, t0 + bs) of head h of y [B, T, H*D].
+// Stores scale * tile ([bs, D]) into rows [t0, t0 + bs) of head view `at` of y.
 template <typename T, typename Acc>
-void StoreScaled(const FusedAttentionParams<T>& p, Acc* tile, Acc scale, int64_t len, int64_t b,
-                 int64_t h, int64_t t0, T* y) {
+void StoreScaled(const FusedAttentionParams<T>& p, Acc* tile, Acc scale, HeadView at, int64_t b, int64_t t0, T* y) {
   const int64_t n = p.block_size * p.head_dim;
   if (scale != Acc(1)) {
     for (int64_t i = 0; i < n; ++i) tile[i] *= scale;
   }
-  StoreTile(tile, p.block_size, p.head_dim, y + (b * len + t0) * p.width + h * p.head_dim, p.width);
+  StoreTile(tile, p.block_size, p.head_dim, y + (b * at.len + t0) * at.width + at.col, at.width);
 }
 
 // Blocks over all heads (for the cost estimate only).
@@ -335,32 +419,39 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
     // Per query block of the group: qt, acc, m, l, alpha; shared: st, z, k_tile, v_tile.
     const auto [qt, acc, m, l, alpha, st, z, k_tile, v_tile] = ThreadScratch<Acc, 9>(
         {g_tile, g_tile, g_row, g_row, g_row, square, p.dropout ? square : 0, tile, tile});
+    int64_t computed = 0;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t qb0 = (unit % n_groups) * group, h = (unit / n_groups) % p.heads;
       const int64_t b = unit / (n_groups * p.heads), count = std::min(group, n_qb - qb0);
+      const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
       for (int64_t g = 0; g < count; ++g) {
-        LoadScaledTranspose(p, p.q, p.tq, b, h, (qb0 + g) * bs, p.scale, qt + g * tile);
+        LoadScaledTranspose(p, p.q, qv, b, (qb0 + g) * bs, p.scale, qt + g * tile);
       }
       std::fill_n(m, count * bs, -std::numeric_limits<Acc>::infinity());
       std::fill_n(l, count * bs, Acc(0));
       std::fill_n(acc, count * tile, Acc(0));  // alpha = 0 at a row's first block: acc must be finite
       MergedRows walk(HeadPointers(p.row_ptr, p.shared_layout, h, n_qb), p.row_entries, qb0, count);
       for (; walk.Block() >= 0; walk.Advance()) {
-        const int64_t k0 = int64_t{walk.Block()} * bs;
+        const int64_t kb = walk.Block(), k0 = kb * bs;
+        std::array<bool, kMaxGroup> live{};  // the group's blocks at kb that segments let meet
+        bool any = false;
+        for (int64_t g = 0; g < count; ++g) any |= live[g] = walk.Entry(g) >= 0 && SegmentsMeet(p, b, qb0 + g, kb);
+        if (!any) continue;
         if (const int32_t next = walk.NextBlock(); next >= 0) {
-          PrefetchRows(p, p.k, p.tk, b, h, int64_t{next} * bs);
-          PrefetchRows(p, p.v, p.tk, b, h, int64_t{next} * bs);
+          PrefetchRows(p, p.k, kv, b, int64_t{next} * bs);
+          PrefetchRows(p, p.v, kv, b, int64_t{next} * bs);
         }
-        CopyRows(p, p.k, p.tk, b, h, k0, k_tile);
-        CopyRows(p, p.v, p.tk, b, h, k0, v_tile);
+        CopyRows(p, p.k, kv, b, k0, k_tile);
+        CopyRows(p, p.v, kv, b, k0, v_tile);
         ZeroPaddedKeys<false>(p, b, k0, k_tile);
         ZeroPaddedKeys<false>(p, b, k0, v_tile);
         const bool v_finite = AllFinite(v_tile, tile);
         if (!v_finite) ZeroNonFinite(v_tile, tile);  // their products are added exactly below
         for (int64_t g = 0; g < count; ++g) {
+          if (!live[g]) continue;
           const int32_t e = walk.Entry(g);
-          if (e < 0) continue;
           const int64_t q0 = (qb0 + g) * bs;
+          ++computed;
           Acc *m_g = m + g * bs, *l_g = l + g * bs, *alpha_g = alpha + g * bs;
           MatMul(k_tile, d, qt + g * tile, bs, st, bs, bs, d, bs);
           const int32_t mask_id = p.row_entries[2 * e + 1];
@@ -374,7 +465,7 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
           // acc = alpha acc + P V: the online softmax's rescaling folded into the product.
           MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
           if (!v_finite) {  // st is P^T: w(i, j) = st[j * bs + i]
-            AddNonFiniteProducts(p, Rows(p, p.v, p.tk, b, h, k0), b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile, d);
+            AddNonFiniteProducts(p, Rows(p.v, kv, b, k0), kv.width, b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile, d);
           }
         }
       }
@@ -390,9 +481,10 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
           alpha_g[i] = empty ? Acc(0) : 1 / l_g[i];
         }
         ScaleRows(acc + g * tile, bs, d, d, alpha_g);
-        StoreScaled(p, acc + g * tile, Acc(1), p.tq, b, h, q0, out);
+        StoreScaled(p, acc + g * tile, Acc(1), qv, b, q0, out);
       }
     }
+    computed_blocks[0].fetch_add(computed, std::memory_order_relaxed);
   };
   const int64_t units = p.batch * p.heads * n_groups;
   ParallelForBalanced(ctx, units, UnitCost(p, TotalEntries(p), p.heads * n_groups, 2), work);
@@ -463,14 +555,32 @@ std::vector<int64_t> ChunkRows(const FusedAttentionParams<T>& p, const std::vect
   return out;
 }
 
-// The head b * H + h of member `member` of gradient group `group`: the group itself without dbias,
-// else the member-th head (batch-major) of those that read dbias slice group = bb * Hb + hb.
+// The gradient's groups of heads (b, h): the smallest sets closed under "writes the same dK/dV"
+// (one K/V head (b, h / group)) and "writes the same dbias slice" (with dbias), so that one unit
+// per (group, chunk) is the only writer of everything it writes. Members are batch-major, and the
+// members of one K/V head are consecutive (a run).
+struct GradGroups {
+  int64_t count = 0, members = 0;
+  int64_t n_batch = 0, n_heads = 0;  // groups = n_batch x n_heads; 1 where the dbias broadcasts
+  int64_t heads_per_batch = 0;       // members per batch entry
+};
+
 template <typename T>
-int64_t GroupMember(const FusedAttentionParams<T>& p, bool by_bias, int64_t group, int64_t member) {
-  if (!by_bias) return group;
-  const int64_t heads_per_slice = p.heads / p.bias_heads;  // members per batch entry
-  const int64_t b = p.bias_batch == 1 ? member / heads_per_slice : group / p.bias_heads;
-  const int64_t h = p.bias_heads == 1 ? member % heads_per_slice : group % p.bias_heads;
+GradGroups MakeGradGroups(const FusedAttentionParams<T>& p, bool by_bias) {
+  GradGroups g;
+  g.n_batch = by_bias && p.bias_batch == 1 ? 1 : p.batch;
+  g.n_heads = by_bias && p.bias_heads == 1 ? 1 : p.kv_heads;
+  g.count = g.n_batch * g.n_heads;
+  g.heads_per_batch = p.heads / g.n_heads;
+  g.members = (p.batch / g.n_batch) * g.heads_per_batch;
+  return g;
+}
+
+// The head b * H + h of member `member` of group `group`.
+template <typename T>
+int64_t GroupMember(const FusedAttentionParams<T>& p, const GradGroups& g, int64_t group, int64_t member) {
+  const int64_t b = g.n_batch == 1 ? member / g.heads_per_batch : group / g.n_heads;
+  const int64_t h = (g.n_heads == 1 ? 0 : (group % g.n_heads) * p.group) + member % g.heads_per_batch;
   return b * p.heads + h;
 }
 
@@ -505,18 +615,18 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   });
 
   if (p.batch == 0) return;  // nothing to compute (a broadcast dbias stays 0)
-  // A unit is (group, chunk). A group is one (b, h); with dbias it is one dbias slice and every
-  // (b, h) adding into it (GroupMember), so that no two threads write one dbias entry.
+  // A unit is (group, chunk): a group (GradGroups) is one K/V head (b, h / group) and its query
+  // heads; with dbias, every head adding into its dbias slices too.
   const bool by_bias = dbias != nullptr;
-  const int64_t groups = by_bias ? p.bias_batch * p.bias_heads : p.batch * p.heads;
-  const int64_t per_group = p.batch * p.heads / groups;
+  const GradGroups gg = MakeGradGroups(p, by_bias);
+  const int64_t groups = gg.count;
   const int64_t chunks = GradChunks(ctx, p, groups);
-  // A bias shared by the heads gets dS from every head: its columns must be split the same way for
-  // all heads, or two chunks of different heads would add into the same dbias entries at once.
-  // Batch entries of one head share its layout (and so its split), and one unit walks every member
-  // of its group in turn: a bias shared by the batch needs nothing more.
-  const bool shared_bias_grad = dbias != nullptr && p.bias_heads == 1;
-  const std::vector<int64_t> bounds = ChunkBounds(p, chunks, shared_bias_grad);
+  // The members of a group with different heads (a K/V group, or a bias shared by the heads) add
+  // into the same dK/dV or dbias columns: their columns must be split the same way, or two chunks
+  // would write the same entries at once. Members that differ only in the batch entry share their
+  // head's layout (and so its split).
+  const bool one_split = !p.shared_layout && gg.heads_per_batch > 1;
+  const std::vector<int64_t> bounds = ChunkBounds(p, chunks, one_split);
   // Chunk c adds into rows [row_lo[c], row_hi[c]) of dQ only (the query rows its columns reach):
   // its partial buffer [B, H, row_hi - row_lo, D] starts at offset[c].
   const std::vector<int64_t> rows = ChunkRows(p, bounds, chunks);
@@ -539,52 +649,94 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   auto work = [&](int64_t begin, int64_t end) {
     const int64_t tile = bs * d, square = bs * bs, dropout = p.dropout ? square : 0;
     const int64_t g_tile = kMaxGroup * tile;
-    // Per key block of a group: kt, vt, k_tile, dk_acc, dv_acc; shared: the rest.
-    const auto [kt, vt, k_tile, dk_acc, dv_acc, s, dp, pd, z, q_tile, do_tile] = ThreadScratch<Acc, 11>(
-        {g_tile, g_tile, g_tile, g_tile, g_tile, square, square, dropout, dropout, tile, tile});
+    // Per key block of a group: kt, vt, k_tile, dk_acc, dv_acc; shared: the rest (q_z, do_z: the
+    // query tiles with their non-finite values zeroed).
+    const auto [kt, vt, k_tile, dk_acc, dv_acc, s, dp, pd, z, q_tile, do_tile, q_z, do_z] = ThreadScratch<Acc, 13>(
+        {g_tile, g_tile, g_tile, g_tile, g_tile, square, square, dropout, dropout, tile, tile, tile, tile});
+    int64_t computed = 0;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t chunk = unit % chunks, group = unit / chunks;
-      for (int64_t member = 0; member < per_group; ++member) {
-        const int64_t bh = GroupMember(p, by_bias, group, member);
-        const int64_t b = bh / p.heads, h = bh % p.heads;
-        const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h) * (chunks + 1) + chunk;
-        const int64_t row_lo = rows[2 * chunk], chunk_rows = rows[2 * chunk + 1] - row_lo;
-        Acc* dq_chunk = partial + offset[chunk] + bh * chunk_rows * d;  // its row row_lo first
-        for (int64_t kb0 = range[0]; kb0 < range[1]; kb0 += kMaxGroup) {
-          const int64_t count = std::min<int64_t>(kMaxGroup, range[1] - kb0);
-          std::array<bool, kMaxGroup> v_finite{}, k_finite{};  // per key block of the group
-          for (int64_t g = 0; g < count; ++g) {
-            const int64_t k0 = (kb0 + g) * bs;
-            LoadScaledTranspose(p, p.k, p.tk, b, h, k0, p.scale, kt + g * tile);
-            LoadScaledTranspose(p, p.v, p.tk, b, h, k0, Acc(1), vt + g * tile);
-            CopyRows(p, p.k, p.tk, b, h, k0, k_tile + g * tile);
-            ZeroPaddedKeys<true>(p, b, k0, kt + g * tile);
-            ZeroPaddedKeys<true>(p, b, k0, vt + g * tile);
-            ZeroPaddedKeys<false>(p, b, k0, k_tile + g * tile);
-            v_finite[g] = AllFinite(vt + g * tile, tile);
-            k_finite[g] = AllFinite(k_tile + g * tile, tile);
-            if (!k_finite[g]) ZeroNonFinite(k_tile + g * tile, tile);  // dQ's products added exactly
+      // Every member has the same column range (one_split, or one head).
+      const int64_t h_first = GroupMember(p, gg, group, 0) % p.heads;
+      const int64_t* range = bounds.data() + (p.shared_layout ? 0 : h_first) * (chunks + 1) + chunk;
+      const int64_t row_lo = rows[2 * chunk], chunk_rows = rows[2 * chunk + 1] - row_lo;
+      for (int64_t kb0 = range[0]; kb0 < range[1]; kb0 += kMaxGroup) {
+        const int64_t count = std::min<int64_t>(kMaxGroup, range[1] - kb0);
+        std::array<bool, kMaxGroup> v_finite{}, k_finite{};  // per key block of the group
+        for (int64_t member = 0; member < gg.members; ++member) {
+          const int64_t bh = GroupMember(p, gg, group, member);
+          const int64_t b = bh / p.heads, h = bh % p.heads;
+          const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
+          // A run: the consecutive members that read (and write dK/dV of) one K/V head.
+          const auto kv_head = [&](int64_t m) {
+            const int64_t x = GroupMember(p, gg, group, m);
+            return (x / p.heads) * p.kv_heads + (x % p.heads) / p.group;
+          };
+          const bool run_start = member == 0 || kv_head(member - 1) != kv_head(member);
+          const bool run_end = member + 1 == gg.members || kv_head(member + 1) != kv_head(member);
+          if (run_start) {
+            for (int64_t g = 0; g < count; ++g) {
+              const int64_t k0 = (kb0 + g) * bs;
+              LoadScaledTranspose(p, p.k, kv, b, k0, p.scale, kt + g * tile);
+              LoadScaledTranspose(p, p.v, kv, b, k0, Acc(1), vt + g * tile);
+              CopyRows(p, p.k, kv, b, k0, k_tile + g * tile);
+              ZeroPaddedKeys<true>(p, b, k0, kt + g * tile);
+              ZeroPaddedKeys<true>(p, b, k0, vt + g * tile);
+              ZeroPaddedKeys<false>(p, b, k0, k_tile + g * tile);
+              v_finite[g] = AllFinite(vt + g * tile, tile);
+              k_finite[g] = AllFinite(k_tile + g * tile, tile);
+              if (!k_finite[g]) ZeroNonFinite(k_tile + g * tile, tile);  // dQ's products added exactly
+            }
+            std::fill_n(dk_acc, count * tile, Acc(0));
+            std::fill_n(dv_acc, count * tile, Acc(0));
           }
-          std::fill_n(dk_acc, count * tile, Acc(0));
-          std::fill_n(dv_acc, count * tile, Acc(0));
+          Acc* dq_chunk = partial + offset[chunk] + bh * chunk_rows * d;  // its row row_lo first
           MergedRows walk(HeadPointers(p.col_ptr, p.shared_layout, h, n_kb), p.col_entries, kb0, count);
           for (; walk.Block() >= 0; walk.Advance()) {
-            const int64_t q0 = int64_t{walk.Block()} * bs;
-            if (const int32_t next = walk.NextBlock(); next >= 0) {
-              PrefetchRows(p, p.q, p.tq, b, h, int64_t{next} * bs);
-              PrefetchRows(p, in.dout, p.tq, b, h, int64_t{next} * bs);
-            }
-            const Acc* q_rows = CopyRows(p, p.q, p.tq, b, h, q0, q_tile);
-            const Acc* do_rows = CopyRows(p, in.dout, p.tq, b, h, q0, do_tile);
-            const int64_t stat = bh * p.tq + q0;
+            const int64_t qb = walk.Block(), q0 = qb * bs;
+            std::array<bool, kMaxGroup> live{};  // the group's blocks at qb that segments let meet
+            bool any = false;
             for (int64_t g = 0; g < count; ++g) {
+              live[g] = walk.Entry(g) >= 0 && SegmentsMeet(p, b, qb, kb0 + g);
+              any |= live[g];
+            }
+            if (!any) continue;
+            if (const int32_t next = walk.NextBlock(); next >= 0) {
+              PrefetchRows(p, p.q, qv, b, int64_t{next} * bs);
+              PrefetchRows(p, in.dout, qv, b, int64_t{next} * bs);
+            }
+            const Acc* q_rows = CopyRows(p, p.q, qv, b, q0, q_tile);
+            const Acc* do_rows = CopyRows(p, in.dout, qv, b, q0, do_tile);
+            const int64_t stat = bh * p.tq + q0;
+            // Non-finite query-side values (NaN q or dout of a query with no kept key, of another
+            // segment, or an attended NaN row) must not reach masked entries: the products read
+            // zeroed copies and the attended entries' products of those values are added exactly;
+            // P and dS of masked entries are zeroed by select.
+            const bool q_finite = AllFinite(q_tile, tile), do_finite = AllFinite(do_tile, tile);
+            const bool lse_finite = NoNaN(lse_shift + stat, bs);  // +inf: a row without a kept key
+            const Acc* q_use = q_rows;
+            const Acc* do_use = do_rows;
+            if (!q_finite) {
+              std::copy_n(q_tile, tile, q_z);
+              ZeroNonFinite(q_z, tile);
+              q_use = q_z;
+            }
+            if (!do_finite) {
+              std::copy_n(do_tile, tile, do_z);
+              ZeroNonFinite(do_z, tile);
+              do_use = do_z;
+            }
+            for (int64_t g = 0; g < count; ++g) {
+              if (!live[g]) continue;
+              ++computed;
               const int32_t e = walk.Entry(g);
-              if (e < 0) continue;
               const int64_t k0 = (kb0 + g) * bs;
+              const bool exact = !v_finite[g] || !q_finite || !do_finite || !lse_finite;
               MatMul(q_rows, d, kt + g * tile, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
               const int32_t mask_id = p.col_entries[2 * e + 1];
               ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, mask_id, s);
               ExpMinusRowVector(s, bs, bs, lse_shift + stat);  // P
+              if (exact) ZeroUnattended(p, b, h, q0, k0, mask_id, s);
               MatMul(do_rows, d, vt + g * tile, bs, dp, bs, bs, d, bs);  // dP = dO V^T
               const Acc* p_used = s;  // the probabilities that multiplied V in the forward
               if (p.dropout) {
@@ -593,17 +745,21 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
                 Multiply(s, z, pd, bs * bs);
                 p_used = pd;
               }
-              MatMulAccumulateTransposedA(p_used, bs, do_rows, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
-              if (!v_finite[g]) {  // dP = dO V^T may be NaN at masked entries: V is not read there
-                for (int64_t i = 0; i < bs; ++i)
-                  for (int64_t j = 0; j < bs; ++j)
-                    if (!Kept(p, b, h, q0, k0, mask_id, i, j)) dp[i * bs + j] = 0;
+              MatMulAccumulateTransposedA(p_used, bs, do_use, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
+              if (!do_finite) {
+                AddNonFiniteProductsT(p, Rows(in.dout, qv, b, q0), qv.width, b, h, q0, k0, mask_id, p_used,
+                                      dv_acc + g * tile, d);
               }
               SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
-              MatMulAccumulateTransposedA(dp, bs, q_rows, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
+              if (exact) ZeroUnattended(p, b, h, q0, k0, mask_id, dp);  // dP there may be NaN
+              MatMulAccumulateTransposedA(dp, bs, q_use, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
+              if (!q_finite) {
+                AddNonFiniteProductsT(p, Rows(p.q, qv, b, q0), qv.width, b, h, q0, k0, mask_id, dp,
+                                      dk_acc + g * tile, d);
+              }
               MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
               if (!k_finite[g]) {
-                AddNonFiniteProducts(p, Rows(p, p.k, p.tk, b, h, k0), b, h, q0, k0, mask_id, dp, bs, 1,
+                AddNonFiniteProducts(p, Rows(p.k, kv, b, k0), kv.width, b, h, q0, k0, mask_id, dp, bs, 1,
                                      dq_chunk + (q0 - row_lo) * d, d);
               }
               if (dbias != nullptr) {
@@ -613,13 +769,16 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               }
             }
           }
-          for (int64_t g = 0; g < count; ++g) {
-            StoreScaled(p, dk_acc + g * tile, p.scale, p.tk, b, h, (kb0 + g) * bs, dk);
-            StoreScaled(p, dv_acc + g * tile, Acc(1), p.tk, b, h, (kb0 + g) * bs, dv);
+          if (run_end) {
+            for (int64_t g = 0; g < count; ++g) {
+              StoreScaled(p, dk_acc + g * tile, p.scale, kv, b, (kb0 + g) * bs, dk);
+              StoreScaled(p, dv_acc + g * tile, Acc(1), kv, b, (kb0 + g) * bs, dv);
+            }
           }
         }
       }
     }
+    computed_blocks[1].fetch_add(computed, std::memory_order_relaxed);
   };
   const int64_t cost = UnitCost(p, p.batch * TotalEntries(p), groups * chunks, 5);
   ParallelForBalanced(ctx, groups * chunks, cost, work);
@@ -645,6 +804,23 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
       }
     }
   });
+}
+
+void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t batch, int64_t n_blocks,
+                   int64_t block_size, int32_t* ranges) {
+  ParallelFor(ctx, batch * n_blocks, 2 * block_size, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int32_t* x = ids + blk * block_size;
+      const auto [lo, hi] = std::minmax_element(x, x + block_size);
+      ranges[2 * blk] = *lo;
+      ranges[2 * blk + 1] = *hi;
+    }
+  });
+}
+
+void FusedComputedBlocks(int64_t counts[2]) {
+  counts[0] = computed_blocks[0].load(std::memory_order_relaxed);
+  counts[1] = computed_blocks[1].load(std::memory_order_relaxed);
 }
 
 #define BSATTN_INSTANTIATE_FUSED(T)                                                            \

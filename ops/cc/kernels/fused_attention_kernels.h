@@ -10,7 +10,8 @@
 
 namespace bsattn {
 
-// Everything a work unit reads. Activations are [B, T, H*D] rows of `width` = H*D values, in the
+// Everything a work unit reads. Activations are rows of `width` = H*D values (q, out) or `kv_width`
+// = KVH*D values (k, v: query head h reads K/V head h / group, group = H / KVH), in the
 // accumulation type Acc (float32, float64 for double): float32 and float64 inputs are used in
 // place, float16 and bfloat16 ones are converted once per op call.
 template <typename T>
@@ -18,10 +19,11 @@ struct FusedAttentionParams {
   using Acc = typename AccumulatorOf<T>::type;
 
   int64_t batch = 0, heads = 0, head_dim = 0, width = 0;
+  int64_t kv_heads = 0, kv_width = 0, group = 1;  // KVH, KVH*D, H / KVH
   int64_t tq = 0, tk = 0, block_size = 0, n_q_blocks = 0, n_k_blocks = 0;
   const Acc* q = nullptr;  // [B, Tq, H*D]
-  const Acc* k = nullptr;  // [B, Tk, H*D]
-  const Acc* v = nullptr;  // [B, Tk, H*D]
+  const Acc* k = nullptr;  // [B, Tk, KVH*D]
+  const Acc* v = nullptr;  // [B, Tk, KVH*D]
 
   // Tables (validated by the op). ptr rows are per layout head; layout 0 serves every head when
   // shared_layout.
@@ -37,6 +39,12 @@ struct FusedAttentionParams {
   const bool* key_padding_mask = nullptr;  // [B, Tk], true = kept; null = none
   const T* bias = nullptr;  // [bias_batch, bias_heads, Tq, Tk] (1 or B, 1 or H); null = none
   int64_t bias_batch = 0, bias_heads = 0;
+  // Packed sequences (both or neither): query i attends key j only if their ids are equal. The
+  // [min, max] id range of every block (SegmentRanges) lets whole blocks be skipped.
+  const int32_t* q_segment_ids = nullptr;     // [B, Tq]; null = none
+  const int32_t* k_segment_ids = nullptr;     // [B, Tk]
+  const int32_t* q_block_segments = nullptr;  // [B, nQb, 2] (min, max)
+  const int32_t* k_block_segments = nullptr;  // [B, nKb, 2]
 
   Acc scale = 1;
   bool dropout = false;
@@ -44,6 +52,15 @@ struct FusedAttentionParams {
   uint32_t dropout_threshold = 0;
   Acc dropout_scale = 1;  // 1 / (1 - rate): kept probabilities are scaled up
 };
+
+// The [min, max] segment id of each block of ids [B, len] (len = n_blocks * block_size) into
+// ranges [B, n_blocks, 2].
+void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t batch, int64_t n_blocks,
+                   int64_t block_size, int32_t* ranges);
+
+// Blocks (one (b, h, Qb, Kb) each) the forward [0] and the gradient [1] have computed since the
+// library was loaded, counted per call: what the segment-id block skipping is tested with.
+void FusedComputedBlocks(int64_t counts[2]);
 
 // out [B, Tq, H*D] and lse [B, H, Tq] from p. Work units are (batch, head, query-block row).
 template <typename T>
@@ -60,7 +77,7 @@ struct FusedAttentionGradInputs {
   const Acc* dlse = nullptr;  // [B, H, Tq] or null
 };
 
-// dq, dk, dv ([B, T, H*D], fully written) and, when dbias is not null, dbias [bias_batch,
+// dq [B, Tq, H*D], dk, dv ([B, Tk, KVH*D], each summed over its group of query heads; fully written) and, when dbias is not null, dbias [bias_batch,
 // bias_heads, Tq, Tk] accumulated into (the caller zeroes it). delta and lse_shift are [B, H, Tq] scratch.
 template <typename T>
 void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,

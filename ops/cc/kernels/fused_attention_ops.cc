@@ -54,14 +54,18 @@ class FusedAttentionBase : public OpKernel {
 
  protected:
   // Checks the forward's inputs (the gradient has them too) and fills d and p (converting q, k, v
-  // to Acc where needed, into temps).
-  absl::Status Prepare(OpKernelContext* ctx, FusedDims* dims, FusedAttentionParams<T>* p, Tensor temps[3]) {
+  // to Acc where needed, into temps[0..3), the blocks' segment ranges into temps[3..5)).
+  absl::Status Prepare(OpKernelContext* ctx, FusedDims* dims, FusedAttentionParams<T>* p, Tensor temps[5]) {
+    Tensor* segment_ranges = temps + 3;
     TF_RETURN_IF_ERROR(CheckFusedInputs(ctx, attrs_, dims));
     const FusedDims& d = *dims;
     p->batch = d.batch;
     p->heads = d.heads;
     p->width = d.width;
     p->head_dim = d.head_dim;
+    p->kv_heads = d.kv_heads;
+    p->kv_width = d.kv_width;
+    p->group = d.heads / d.kv_heads;
     p->tq = d.tq;
     p->tk = d.tk;
     p->block_size = d.block_size;
@@ -78,6 +82,19 @@ class FusedAttentionBase : public OpKernel {
       p->bias = FusedInput(ctx, "bias").flat<T>().data();
       p->bias_batch = d.bias_batch;
       p->bias_heads = d.bias_heads;
+    }
+    if (attrs_.has_segment_ids) {
+      p->q_segment_ids = FusedInput(ctx, "q_segment_ids").flat<int32_t>().data();
+      p->k_segment_ids = FusedInput(ctx, "k_segment_ids").flat<int32_t>().data();
+      const int64_t sizes[2] = {d.n_q_blocks, d.n_k_blocks};
+      const int32_t* ids[2] = {p->q_segment_ids, p->k_segment_ids};
+      for (int i = 0; i < 2; ++i) {
+        TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32, TensorShape({d.batch, sizes[i], 2}),
+                                              &segment_ranges[i]));
+        SegmentRanges(ctx, ids[i], d.batch, sizes[i], d.block_size, segment_ranges[i].flat<int32_t>().data());
+      }
+      p->q_block_segments = segment_ranges[0].flat<int32_t>().data();
+      p->k_block_segments = segment_ranges[1].flat<int32_t>().data();
     }
     p->scale = static_cast<Acc>(attrs_.scale);
     p->dropout = attrs_.dropout_rate > 0;
@@ -104,7 +121,7 @@ class FusedAttentionOp : public FusedAttentionBase<T> {
   void Compute(OpKernelContext* ctx) override {
     FusedDims d;
     FusedAttentionParams<T> p;
-    Tensor temps[3];
+    Tensor temps[5];
     OP_REQUIRES_OK(ctx, this->Prepare(ctx, &d, &p, temps));
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &out));
@@ -122,7 +139,7 @@ class FusedAttentionGradOp : public FusedAttentionBase<T> {
   void Compute(OpKernelContext* ctx) override {
     FusedDims d;
     FusedAttentionParams<T> p;
-    Tensor temps[4];
+    Tensor temps[6];  // q, k, v, segment ranges x2, dout
     OP_REQUIRES_OK(ctx, this->Prepare(ctx, &d, &p, temps));
     OP_REQUIRES_OK(ctx, CheckFusedGradInputs(ctx, this->attrs_, d));
     const Tensor& out = ctx->input(3);
@@ -138,7 +155,7 @@ class FusedAttentionGradOp : public FusedAttentionBase<T> {
     in.out = out.flat<T>().data();
     in.lse = lse.flat<Acc>().data();
     in.dlse = this->attrs_.has_dlse ? dlse.flat<Acc>().data() : nullptr;
-    OP_REQUIRES_OK(ctx, AsAccumulator<T>(ctx, dout, &temps[3], &in.dout));
+    OP_REQUIRES_OK(ctx, AsAccumulator<T>(ctx, dout, &temps[5], &in.dout));
 
     Tensor *dq, *dk, *dv, *dbias;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &dq));
@@ -170,6 +187,17 @@ class FusedAttentionGradOp : public FusedAttentionBase<T> {
     }
   }
 };
+
+class FusedComputedBlocksOp : public OpKernel {
+ public:
+  explicit FusedComputedBlocksOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* counts = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({2}), &counts));
+    FusedComputedBlocks(counts->flat<int64_t>().data());
+  }
+};
+REGISTER_KERNEL_BUILDER(Name("BsattnFusedComputedBlocks").Device(tensorflow::DEVICE_CPU), FusedComputedBlocksOp);
 
 #define BSATTN_REGISTER_FUSED(T, TLSE)                                                  \
   REGISTER_KERNEL_BUILDER(Name("BsattnFusedAttention")                                  \

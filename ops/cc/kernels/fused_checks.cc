@@ -24,6 +24,12 @@ absl::Status CheckShape(const Tensor& t, const char* name, const TensorShape& ex
 
 absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* a) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("heads", &a->heads));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("kv_heads", &a->kv_heads));
+  if (a->kv_heads < 0 || (a->kv_heads > 0 && a->heads % a->kv_heads != 0)) {
+    return Invalid(absl::StrCat("kv_heads must divide heads (", a->heads, "), got ", a->kv_heads));
+  }
+  if (a->kv_heads == 0) a->kv_heads = a->heads;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("has_segment_ids", &a->has_segment_ids));
   TF_RETURN_IF_ERROR(ctx->GetAttr("block_size", &a->block_size));
   TF_RETURN_IF_ERROR(CheckBlockSize(a->block_size, "block_size"));
   TF_RETURN_IF_ERROR(ctx->GetAttr("scale", &a->scale));
@@ -39,7 +45,8 @@ absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradien
 }
 
 absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& a, FusedDims* d) {
-  const Tensor *q, *k, *v, *row_ptr, *row_entries, *masks, *key_padding_mask, *bias, *seed;
+  const Tensor *q, *k, *v, *row_ptr, *row_entries, *masks, *key_padding_mask, *bias, *q_segment_ids,
+      *k_segment_ids, *seed;
   TF_RETURN_IF_ERROR(ctx->input("q", &q));
   TF_RETURN_IF_ERROR(ctx->input("k", &k));
   TF_RETURN_IF_ERROR(ctx->input("v", &v));
@@ -48,20 +55,25 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   TF_RETURN_IF_ERROR(ctx->input("masks", &masks));
   TF_RETURN_IF_ERROR(ctx->input("key_padding_mask", &key_padding_mask));
   TF_RETURN_IF_ERROR(ctx->input("bias", &bias));
+  TF_RETURN_IF_ERROR(ctx->input("q_segment_ids", &q_segment_ids));
+  TF_RETURN_IF_ERROR(ctx->input("k_segment_ids", &k_segment_ids));
   TF_RETURN_IF_ERROR(ctx->input("seed", &seed));
   const int64_t bs = a.block_size;
   TF_RETURN_IF_ERROR(CheckDense(*q, "q", bs, a.heads));
-  TF_RETURN_IF_ERROR(CheckDense(*k, "k", bs, a.heads));
+  TF_RETURN_IF_ERROR(CheckDense(*k, "k", bs, a.kv_heads));
   TF_RETURN_IF_ERROR(CheckShape(*v, "v", k->shape()));
-  if (q->dim_size(0) != k->dim_size(0) || q->dim_size(2) != k->dim_size(2)) {
-    return Invalid(absl::StrCat("q and k must have the same batch and width, got ",
-                                q->shape().DebugString(), " and ", k->shape().DebugString()));
-  }
   if (q->dim_size(2) == 0) return Invalid("q width must be positive (heads * head_dim)");
   d->batch = q->dim_size(0);
   d->heads = a.heads;
   d->width = q->dim_size(2);
   d->head_dim = d->width / a.heads;
+  d->kv_heads = a.kv_heads;
+  d->kv_width = a.kv_heads * d->head_dim;
+  if (q->dim_size(0) != k->dim_size(0) || k->dim_size(2) != d->kv_width) {
+    return Invalid(absl::StrCat("k must have q's batch ", d->batch, " and width kv_heads * head_dim = ", a.kv_heads,
+                                " * ", d->head_dim, " = ", d->kv_width, ", got q ", q->shape().DebugString(),
+                                " and k ", k->shape().DebugString()));
+  }
   d->tq = q->dim_size(1);
   d->tk = k->dim_size(1);
   d->block_size = bs;
@@ -88,6 +100,13 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
     }
     d->bias_batch = bias->dim_size(0);
     d->bias_heads = bias->dim_size(1);
+  }
+  if (a.has_segment_ids) {
+    if (q_segment_ids->dtype() != tensorflow::DT_INT32 || k_segment_ids->dtype() != tensorflow::DT_INT32) {
+      return Invalid("q_segment_ids and k_segment_ids must be int32");
+    }
+    TF_RETURN_IF_ERROR(CheckShape(*q_segment_ids, "q_segment_ids", TensorShape({d->batch, d->tq})));
+    TF_RETURN_IF_ERROR(CheckShape(*k_segment_ids, "k_segment_ids", TensorShape({d->batch, d->tk})));
   }
   if (seed->dims() != 0) return Invalid("seed must be a scalar, got shape " + seed->shape().DebugString());
   d->seed = seed->scalar<int64_t>()();

@@ -13,6 +13,8 @@ namespace bsattn {
 // The attributes of BsattnFusedAttention and BsattnFusedAttentionGrad (has_dlse: gradient only).
 struct FusedAttrs {
   int64_t heads = 0;
+  int64_t kv_heads = 0;  // the attr; 0 = heads
+  bool has_segment_ids = false;
   int64_t block_size = 0;
   float scale = 1.0f;
   float dropout_rate = 0.0f;
@@ -25,6 +27,7 @@ absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradien
 // What the inputs say: sizes, and which layout / bias heads there are.
 struct FusedDims {
   int64_t batch = 0, heads = 0, head_dim = 0, width = 0, tq = 0, tk = 0;
+  int64_t kv_heads = 0, kv_width = 0;  // K/V heads (dividing heads) and k's width kv_heads * head_dim
   int64_t block_size = 0, n_q_blocks = 0, n_k_blocks = 0;
   int64_t layout_heads = 1;  // 1 (one layout for every head) or heads
   int64_t n_masks = 0, mask_words = 1;
@@ -32,7 +35,8 @@ struct FusedDims {
   int64_t seed = 0;
 };
 
-// The forward's inputs q, k, v, row_ptr, row_entries, masks, key_padding_mask, bias, seed (the
+// The forward's inputs q, k, v, row_ptr, row_entries, masks, key_padding_mask, bias,
+// q_segment_ids, k_segment_ids, seed (the
 // gradient has them too, under the same names).
 absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& attrs, FusedDims* dims);
 

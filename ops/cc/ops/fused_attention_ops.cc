@@ -2,7 +2,9 @@
 //
 // Tensors:
 //   q                  [B, Tq, H*D]      head h owns channels [h*D, (h+1)*D); Tq = nQb * bs
-//   k, v               [B, Tk, H*D]      Tk = nKb * bs
+//   k, v               [B, Tk, KVH*D]    Tk = nKb * bs; KVH = kv_heads (0 = H) divides H, query
+//                                        head h reads K/V head h / (H / KVH) (grouped-query /
+//                                        multi-query attention, no copy of K/V)
 //   out                [B, Tq, H*D]
 //   lse                [B, H, Tq]        log-sum-exp of each query row's scores; -inf for a row with
 //                                        no kept key (its output is 0), NaN for a row with an
@@ -21,6 +23,10 @@
 //   bias               [Bb, Hb, Tq, Tk]  added to the scaled scores, broadcast over the batch
 //                                        (Bb = 1) and/or the heads (Hb = 1), else Bb = B, Hb = H;
 //                                        read only at active blocks
+//   q_segment_ids      [B, Tq] int32     packed sequences (has_segment_ids, both or neither): query
+//   k_segment_ids      [B, Tk] int32     i attends key j only if their ids are equal; blocks whose
+//                                        [min, max] id ranges do not overlap are skipped per batch
+//                                        entry, other-segment entries of computed blocks are masked
 #include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -44,9 +50,51 @@ absl::Status CheckBiasRank(InferenceContext* c, int index) {
   return absl::OkStatus();
 }
 
+// kv_heads must divide heads; k's width (when known) must be q's width / (heads / kv_heads); the
+// segment ids (input `index` and the next), when has_segment_ids, must be [B, Tq] and [B, Tk].
+absl::Status CheckGroupsAndSegments(InferenceContext* c, int index) {
+  int64_t heads, kv_heads;
+  TF_RETURN_IF_ERROR(c->GetAttr("heads", &heads));
+  TF_RETURN_IF_ERROR(c->GetAttr("kv_heads", &kv_heads));
+  if (kv_heads < 0 || (kv_heads > 0 && heads % kv_heads != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_heads must divide heads (", heads, "), got ", kv_heads));
+  }
+  if (kv_heads == 0) kv_heads = heads;
+  ShapeHandle q, k;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
+  const DimensionHandle qw = c->Dim(q, 2), kw = c->Dim(k, 2);
+  if (c->ValueKnown(qw) && c->ValueKnown(kw) && c->Value(qw) % heads == 0 &&
+      c->Value(kw) != c->Value(qw) / heads * kv_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("k width must be kv_heads * head_dim = ", kv_heads, " * ",
+                                                   c->Value(qw) / heads, ", got k shape ", c->DebugString(k)));
+  }
+  bool has_segment_ids;
+  TF_RETURN_IF_ERROR(c->GetAttr("has_segment_ids", &has_segment_ids));
+  if (!has_segment_ids) return absl::OkStatus();
+  const char* names[2] = {"q_segment_ids", "k_segment_ids"};
+  const ShapeHandle xs[2] = {q, k};
+  for (int i = 0; i < 2; ++i) {
+    ShapeHandle ids;
+    if (!c->WithRank(c->input(index + i), 2, &ids).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(names[i], " must have rank 2 [batch, length], got shape ",
+                                                     c->DebugString(c->input(index + i))));
+    }
+    DimensionHandle unused;
+    if (!c->Merge(c->Dim(ids, 0), c->Dim(xs[i], 0), &unused).ok() ||
+        !c->Merge(c->Dim(ids, 1), c->Dim(xs[i], 1), &unused).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(names[i], " must have shape [batch, ", i == 0 ? "Tq" : "Tk",
+                                                     "] = ", c->DebugString(c->input(index + i)), " vs ",
+                                                     i == 0 ? "q " : "k ", c->DebugString(xs[i])));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // out = q's shape, lse = [B, heads, Tq].
 absl::Status FusedForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckBiasRank(c, 7));
+  TF_RETURN_IF_ERROR(CheckGroupsAndSegments(c, 8));
   ShapeHandle q, k, v;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
@@ -54,10 +102,9 @@ absl::Status FusedForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(c->Merge(k, v, &k));
   int64_t heads;
   TF_RETURN_IF_ERROR(c->GetAttr("heads", &heads));
-  DimensionHandle batch, width;
+  DimensionHandle batch;
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(q, 0), c->Dim(k, 0), &batch));
-  TF_RETURN_IF_ERROR(c->Merge(c->Dim(q, 2), c->Dim(k, 2), &width));
-  c->set_output(0, c->MakeShape({batch, c->Dim(q, 1), width}));
+  c->set_output(0, c->MakeShape({batch, c->Dim(q, 1), c->Dim(q, 2)}));
   c->set_output(1, c->MakeShape({batch, c->MakeDim(heads), c->Dim(q, 1)}));
   return absl::OkStatus();
 }
@@ -70,6 +117,7 @@ absl::Status FusedGradShape(InferenceContext* c) {
     c->set_output(i, x);
   }
   TF_RETURN_IF_ERROR(CheckBiasRank(c, 13));
+  TF_RETURN_IF_ERROR(CheckGroupsAndSegments(c, 14));
   bool has_bias;
   TF_RETURN_IF_ERROR(c->GetAttr("has_bias", &has_bias));
   c->set_output(3, has_bias ? c->input(13) : c->MakeShape({0}));
@@ -87,22 +135,29 @@ REGISTER_OP("BsattnFusedAttention")
     .Input("masks: int32")
     .Input("key_padding_mask: bool")
     .Input("bias: T")
+    .Input("q_segment_ids: int32")
+    .Input("k_segment_ids: int32")
     .Input("seed: int64")
     .Output("out: T")
     .Output("lse: Tlse")
     .Attr("T: {float, half, bfloat16, double}")
     .Attr("Tlse: {float, double} = DT_FLOAT")
     .Attr("heads: int >= 1")
+    .Attr("kv_heads: int >= 0 = 0")
     .Attr("block_size: int")
     .Attr("scale: float")
     .Attr("dropout_rate: float = 0.0")
     .Attr("has_key_padding_mask: bool = false")
     .Attr("has_bias: bool = false")
+    .Attr("has_segment_ids: bool = false")
     .SetShapeFn(FusedForwardShape)
     .Doc(R"doc(
 Fused block-sparse attention: out = softmax(scale * q k^T + bias, masked) v per head, over the
 active blocks of each query-block row, with an online softmax (the weights are never stored).
-bias (has_bias) is [B or 1, heads or 1, Tq, Tk].
+bias (has_bias) is [B or 1, heads or 1, Tq, Tk]. k and v are [B, Tk, kv_heads * D] (kv_heads 0 =
+heads): query head h reads K/V head h / (heads / kv_heads). With has_segment_ids, query i attends
+key j only if q_segment_ids[b, i] == k_segment_ids[b, j] (blocks whose segments cannot meet are
+skipped).
 Dropout (dropout_rate > 0) zeroes probabilities by a counter-based hash of (seed, b, h, i, j) and
 scales the kept ones by 1 / (1 - dropout_rate). Tlse is float64 for float64 inputs, else float32.
 )doc");
@@ -122,6 +177,8 @@ REGISTER_OP("BsattnFusedAttentionGrad")
     .Input("masks: int32")
     .Input("key_padding_mask: bool")
     .Input("bias: T")
+    .Input("q_segment_ids: int32")
+    .Input("k_segment_ids: int32")
     .Input("seed: int64")
     .Output("dq: T")
     .Output("dk: T")
@@ -130,11 +187,13 @@ REGISTER_OP("BsattnFusedAttentionGrad")
     .Attr("T: {float, half, bfloat16, double}")
     .Attr("Tlse: {float, double} = DT_FLOAT")
     .Attr("heads: int >= 1")
+    .Attr("kv_heads: int >= 0 = 0")
     .Attr("block_size: int")
     .Attr("scale: float")
     .Attr("dropout_rate: float = 0.0")
     .Attr("has_key_padding_mask: bool = false")
     .Attr("has_bias: bool = false")
+    .Attr("has_segment_ids: bool = false")
     .Attr("has_dlse: bool = false")
     .SetShapeFn(FusedGradShape)
     .Doc(R"doc(
@@ -143,7 +202,21 @@ exp(S - lse), delta = rowsum(dout * out) (minus dlse when has_dlse), dS = P * (d
 One pass over key-block columns (col_ptr/col_entries) writes dk and dv and adds dS k into
 per-chunk partial dq buffers summed in a fixed order (no atomics; deterministic). dbias
 [Bb, Hb, Tq, Tk] (has_bias; the bias's shape) is summed over the batch when Bb = 1 and over the
-heads when Hb = 1, and is 0 outside the active blocks. row_ptr/row_entries are checked against the column table.
+heads when Hb = 1, and is 0 outside the active blocks. dk and dv [B, Tk, kv_heads * D] sum over each
+K/V head's group of query heads. row_ptr/row_entries are checked against the column table.
+)doc");
+
+REGISTER_OP("BsattnFusedComputedBlocks")
+    .Output("counts: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Vector(2));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Debug counters of the CPU fused kernels: the (b, h, Qb, Kb) blocks the forward (counts[0]) and the
+gradient (counts[1]) have computed since the library was loaded. What the tests of segment-id block
+skipping count (a skipped block is never computed).
 )doc");
 
 }  // namespace tensorflow
