@@ -3,8 +3,9 @@
 ``gather_attention`` computes what ``bsattn.fused_attention.fused_attention`` computes, over the same
 ``FusedTables``: for each chunk of query blocks it gathers the key/value blocks its rows list (every row padded to
 the longest row ``R`` with invalid slots), forms the scores of those blocks only, applies the in-block masks, key
-padding, bias and the op's dropout hash (so the same entries are dropped for the same seed), and takes a masked
-softmax in float32 (float64 for float64 inputs). Gradients are TensorFlow's own.
+padding, segment ids, bias and the op's dropout hash (so the same entries are dropped for the same seed), and takes
+a masked softmax in float32 (float64 for float64 inputs). Grouped-query K/V (``kv_heads``) are read per query head
+by a gather of the K/V heads. Gradients are TensorFlow's own.
 
 Memory: the forward pass holds one chunk of scores at a time (about ``_CHUNK_ELEMS`` scores per batch entry);
 the backward pass keeps, as TensorFlow does for any graph, the probabilities of every chunk: ``B·H·Tq·R·bs``
@@ -84,23 +85,31 @@ def gather_attention(
     dropout_rate: float = 0.0,
     seed: tf.Tensor | None = None,
     return_lse: bool = False,
+    kv_heads: int | None = None,
+    q_segment_ids: tf.Tensor | None = None,
+    k_segment_ids: tf.Tensor | None = None,
 ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-    """``fused_attention``'s result in TensorFlow ops: ``q [B, Tq, H*D]``, ``k, v [B, Tk, H*D]`` → ``out [B, Tq,
+    """``fused_attention``'s result in TensorFlow ops: ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]`` → ``out [B, Tq,
     H*D]`` (``q``'s dtype) and, with ``return_lse``, ``lse [B, H, Tq]`` (float32; float64 for float64 inputs).
 
     Arguments as ``fused_attention``'s, already checked there: ``key_padding_mask`` bool ``[B, Tk]``; ``bias``
     ``[H|1, Tq, Tk]`` or ``[B|1, H|1, Tq, Tk]`` in ``q``'s dtype; ``seed`` int64 scalar (used if
-    ``dropout_rate > 0``).
+    ``dropout_rate > 0``); ``kv_heads`` dividing ``heads`` (None = ``heads``); ``q_segment_ids [B, Tq]`` and
+    ``k_segment_ids [B, Tk]`` int32 (both or neither).
     """
+    kv_heads = heads if kv_heads is None else kv_heads
     acc = tf.float64 if q.dtype == tf.float64 else tf.float32
     bs, n_qb, n_kb = tables.block_size, tables.n_q_blocks, tables.n_k_blocks
     n_q, n_k = tables.n_q, tables.n_k
     batch = tf.shape(q)[0]
     width = q.shape[-1] if q.shape[-1] is not None else tf.shape(q)[-1]
     d = width // heads
-    # [B, H, nb, bs, D] in the compute dtype
-    qh, kh, vh = (tf.transpose(tf.reshape(tf.cast(x, acc), [batch, n, bs, heads, d]), [0, 3, 1, 2, 4])
-                  for x, n in ((q, n_qb), (k, n_kb), (v, n_kb)))  # fmt: skip
+    # [B, H, nb, bs, D] in the compute dtype; K/V head h // (H // KVH) at query head h
+    qh, kh, vh = (tf.transpose(tf.reshape(tf.cast(x, acc), [batch, n, bs, nh, d]), [0, 3, 1, 2, 4])
+                  for x, n, nh in ((q, n_qb, heads), (k, n_kb, kv_heads), (v, n_kb, kv_heads)))  # fmt: skip
+    if kv_heads != heads:
+        head_map = tf.constant(np.arange(heads) // (heads // kv_heads), tf.int32)
+        kh, vh = tf.gather(kh, head_map, axis=1), tf.gather(vh, head_map, axis=1)
     k_blocks, mask_ids, valid = _row_lists(tables)
     r = k_blocks.shape[-1]
     masks = np.concatenate([tables.unpacked_masks(), np.ones((1, bs, bs), bool)])  # [P + 1, bs, bs]
@@ -111,6 +120,10 @@ def gather_attention(
         bias = tf.transpose(bias, [0, 1, 2, 4, 3, 5])  # [B|1, H|1, nQb, nKb, bs, bs]
     if key_padding_mask is not None:
         key_padding_mask = tf.reshape(key_padding_mask, [batch, 1, n_kb, bs])
+    if q_segment_ids is not None:
+        q_segment_ids = tf.reshape(tf.cast(q_segment_ids, tf.int32), [batch, n_qb, bs])
+        k_segment_ids = tf.broadcast_to(tf.reshape(tf.cast(k_segment_ids, tf.int32), [batch, 1, n_kb, bs]),
+                                        [batch, heads, n_kb, bs])  # fmt: skip
     chunk = max(1, min(n_qb, _CHUNK_ELEMS // (heads * r * bs * bs)))
     outs, lses = [], []
     for c0 in range(0, n_qb, chunk):
@@ -125,6 +138,10 @@ def gather_attention(
             kp = tf.gather(tf.broadcast_to(key_padding_mask, [batch, heads, n_kb, bs]), gather_idx, axis=2,
                            batch_dims=2)  # [B, H, c, R, bs]  # fmt: skip
             keep = keep & kp[:, :, :, None]
+        if q_segment_ids is not None:
+            ks = tf.gather(k_segment_ids, gather_idx, axis=2, batch_dims=2)  # [B, H, c, R, bs]
+            qs = q_segment_ids[:, rows]  # [B, c, bs]
+            keep = keep & tf.equal(qs[:, None, :, :, None, None], ks[:, :, :, None])
         if bias is not None:
             b_rows = bias[:, :, rows]  # [B|1, H|1, c, nKb, bs, bs]
             b_rows = tf.broadcast_to(b_rows, tf.concat([tf.shape(b_rows)[:1], [heads], tf.shape(b_rows)[2:]], 0))

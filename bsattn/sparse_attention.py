@@ -60,30 +60,45 @@ def merge_heads(x: tf.Tensor) -> tf.Tensor:
     return merge_states(tf.transpose(x, [0, 2, 1, 3]))
 
 
-def _check_attention_args(q, k, v, heads: int, attn_mode: str, local_attn_ctx, blocksize: int = 32) -> tuple:
+def _check_attention_args(
+    q, k, v, heads: int, attn_mode: str, local_attn_ctx, blocksize: int = 32, kv_heads: int | None = None
+) -> tuple:
     """Argument checks shared by ``attention_impl`` and ``blocksparse_attention_impl`` (before any reshape)
     → ``(q, k, v)`` as tensors."""
     q = checks.float_tensor("q", q)
     k = checks.float_tensor("k", k, q.dtype)
     v = checks.float_tensor("v", v, q.dtype)
     checks.positive_int("heads", heads)
+    kv_heads = heads if kv_heads is None else checks.positive_int("kv_heads", kv_heads)
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+    q_width = q.shape[-1] if q.shape.rank else None
     checks.choice("attn_mode", attn_mode, patterns.ATTN_MODES)
     checks.choice("blocksize", blocksize, BLOCK_SIZES)
     if attn_mode != "all":
         if local_attn_ctx is None:
             raise ValueError(f"attn_mode={attn_mode!r} needs local_attn_ctx (a positive integer), got None")
         checks.positive_int("local_attn_ctx", local_attn_ctx)
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x, n_heads in (("q", q, heads), ("k", k, kv_heads), ("v", v, kv_heads)):
         if x.shape.rank is not None and x.shape.rank != 3:
             raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
         width = x.shape[-1] if x.shape.rank else None
-        if width is not None and width % heads:
-            raise ValueError(f"{name} width {width} is not divisible by heads {heads}")
+        if width is not None and width % n_heads:
+            raise ValueError(f"{name} width {width} is not divisible by heads {n_heads}")
+        if name != "q" and None not in (width, q_width) and q_width % heads == 0 and width != q_width // heads * kv_heads:
+            raise ValueError(f"{name} width {width} must be kv_heads * head_dim = {kv_heads} * {q_width // heads}")
         if x.shape.rank and q.shape.rank and None not in (x.shape[1], q.shape[1]) and x.shape[1] != q.shape[1]:
             raise ValueError(f"{name} has length {x.shape[1]} but q has {q.shape[1]}: q, k and v must have one length")
         if x.dtype != q.dtype:
             raise TypeError(f"q, k and v must share one dtype, got q: {q.dtype.name}, {name}: {x.dtype.name}")
     return q, k, v
+
+
+def _repeat_kv_heads(x: tf.Tensor, kv_heads: int, heads: int) -> tf.Tensor:
+    """``[B, T, KVH*D]`` → ``[B, T, H*D]`` with K/V head ``h // (H // KVH)`` at head ``h``."""
+    n, t, width = shape_list(x)
+    x = tf.reshape(x, [n, t, kv_heads, 1, width // kv_heads])
+    return tf.reshape(tf.repeat(x, heads // kv_heads, axis=3), [n, t, heads * (width // kv_heads)])
 
 
 def strided_transpose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int, blocksize: int) -> tf.Tensor:
@@ -205,8 +220,9 @@ def blocksparse_attention_impl(
     vertsize: int | None = None,
     *,
     engine: str = "fused",
+    kv_heads: int | None = None,
 ) -> tf.Tensor:
-    """Block-sparse attention of a mode: ``[B, T, H*D] x3 -> [B, T, H*D]``.
+    """Block-sparse attention of a mode: ``q [B, T, H*D]``, ``k, v [B, T, KVH*D]`` -> ``[B, T, H*D]``.
 
     ``'all'`` is causal attention, ``'local'`` attends the last ``local_attn_ctx`` tokens,
     ``'strided'`` every ``local_attn_ctx``-th earlier token (computed after ``strided_transpose``),
@@ -217,9 +233,14 @@ def blocksparse_attention_impl(
     weights in memory); ``'unfused'`` runs sparse_attention's three ops (nt → masked softmax → nn) of
     ``get_blocksparse_obj``. Both give the same result up to rounding. Under XLA (``jit_compile=True``) both run
     the fused op's TensorFlow-ops fallback (``bsattn.gather_attention``), custom ops not compiling there.
+
+    ``kv_heads`` (None = ``heads``) dividing ``heads``: grouped-query (1: multi-query) attention, query head ``h``
+    reading K/V head ``h // (heads // kv_heads)``. The fused engine reads the shared K/V heads in place; the
+    unfused one repeats them to ``heads`` first (a copy of K and V).
     """
     checks.choice("engine", engine, ("fused", "unfused"))
-    q, k, v = _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx, blocksize)
+    q, k, v = _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx, blocksize, kv_heads)
+    kv_heads = heads if kv_heads is None else kv_heads
     n_ctx = shape_list(q)[1]
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
@@ -229,8 +250,10 @@ def blocksparse_attention_impl(
             attn_mode, n_ctx, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
         )
         tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, blocksize)
-        a = fused_attention(q, k, v, tables, heads, scale=1.0 / math.sqrt(n_state))
+        a = fused_attention(q, k, v, tables, heads, scale=1.0 / math.sqrt(n_state), kv_heads=kv_heads)
     else:
+        if kv_heads != heads:  # the unfused ops take one K/V head per query head
+            k, v = (_repeat_kv_heads(t, kv_heads, heads) for t in (k, v))
         bst = get_blocksparse_obj(n_ctx, heads, attn_mode, blocksize, local_attn_ctx, num_verts, vertsize)
         w = bst.query_key_op(q, k)
         w = bst.masked_softmax(w, scale=1.0 / math.sqrt(n_state))

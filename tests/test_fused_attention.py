@@ -490,6 +490,8 @@ def forward_inputs(**changes):
         "masks": MASKS,
         "key_padding_mask": tf.ones([1, 16], tf.bool),
         "bias": tf.zeros([1, 1, 16, 16]),
+        "q_segment_ids": tf.zeros([0, 0], tf.int32),
+        "k_segment_ids": tf.zeros([0, 0], tf.int32),
         "seed": tf.constant(0, tf.int64),
         "heads": H,
         "block_size": BS,

@@ -21,6 +21,8 @@ How the masks reach the fused op (exact, O(T·D) memory unless a dense ``[T, T]`
   op's ``bias``); ``'mul'``: entries equal to 0 are dropped: a ``-inf`` bias where the mask is 0, else 0.
 - ``rpe``: ``[H|1, T, T]`` or ``[B|1, H|1, T, T]`` added to the scores (the op's ``bias``), with a gradient
   (DeepSpeed has none). A batch dimension > 1 maps the op over the batch (one ``[H|1, T, T]`` bias each).
+- ``segment_ids`` (not in DeepSpeed): packed sequences, int ``[B, T]``: query ``i`` attends key ``j`` only if their
+  ids are equal (the op's segment ids: blocks whose segments cannot meet are skipped per batch entry).
 - A query row whose every key is dropped gives 0 (DeepSpeed: NaN). Masks get no gradient (DeepSpeed: neither).
 """
 
@@ -105,6 +107,7 @@ def deepspeed_sparse_attention(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     seed: int | tf.Tensor | None = None,
+    segment_ids: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """DeepSpeed's ``SparseSelfAttention.forward`` on the fused op: ``[B, H, T, D] x3 → [B, H, T, D]``.
 
@@ -116,6 +119,7 @@ def deepspeed_sparse_attention(
       rpe, key_padding_mask, attn_mask, the modes: see the module docstring.
       scale: default ``1/sqrt(D)``.
       dropout_rate, seed: attention dropout of the fused op (DeepSpeed has none).
+      segment_ids: int ``[B, T]``: packed sequences (module docstring).
     """
     config = _check_config(sparsity_config)
     _check_mode("key_padding_mask_mode", key_padding_mask_mode)
@@ -161,8 +165,15 @@ def deepspeed_sparse_attention(
             keep = tf.not_equal(kp, -np.inf)
             key_bias = tf.stop_gradient(tf.where(keep, kp, tf.zeros_like(kp)))
 
-    def attend(q, k, v, keep, key_bias, bias):
-        """One fused call: ``q, k, v [b, H, T, D]``, ``keep, key_bias [b, T]``, ``bias [H|1, T, T]``."""
+    ids = None
+    if segment_ids is not None:
+        ids = tf.convert_to_tensor(segment_ids)
+        if not ids.dtype.is_integer or not ids.shape.is_compatible_with([None, t]):
+            raise ValueError(f"segment_ids must be an integer [batch, {t}] tensor, got {ids.dtype.name} {ids.shape}")
+        ids = tf.cast(ids, tf.int32)
+
+    def attend(q, k, v, keep, key_bias, bias, ids=ids):
+        """One fused call: ``q, k, v [b, H, T, D]``, ``keep, key_bias, ids [b, T]``, ``bias [H|1, T, T]``."""
         width = d
         if key_bias is not None:  # the rank-one key term rides as one more channel (module docstring)
             q = tf.concat([q, tf.ones_like(q[..., :1]) * tf.constant(1.0 / scale, dtype)], -1)
@@ -172,7 +183,7 @@ def deepspeed_sparse_attention(
         flat = [tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [-1, t, heads * width]) for x in (q, k, v)]
         out = fused_attention(
             *flat, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
-            dropout_rate=dropout_rate, seed=seed,
+            dropout_rate=dropout_rate, seed=seed, q_segment_ids=ids, k_segment_ids=ids,
         )  # fmt: skip
         out = tf.transpose(tf.reshape(out, [-1, t, heads, width]), [0, 2, 1, 3])
         return out[..., :d] if width != d else out
@@ -194,14 +205,16 @@ def deepspeed_sparse_attention(
     rpe = tf.broadcast_to(rpe, tf.concat([[batch], tf.shape(rpe)[1:]], 0))
     ones = tf.ones([batch, t], dtype)
     elems = (query, key, value, ones if keep is None else tf.cast(keep, dtype),
-             ones if key_bias is None else key_bias, rpe)  # fmt: skip
+             ones if key_bias is None else key_bias, rpe,
+             tf.zeros([batch, t], tf.int32) if ids is None else ids)  # fmt: skip
 
     def one(args):
-        q, k, v, kb_keep, kb_bias, r = args
+        q, k, v, kb_keep, kb_bias, r, kb_ids = args
         return attend(
             q[None], k[None], v[None],
             None if keep is None else tf.not_equal(kb_keep, 0)[None],
             None if key_bias is None else kb_bias[None], r,
+            None if ids is None else kb_ids[None],
         )[0]  # fmt: skip
 
     return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec(query.shape[1:], dtype))
@@ -213,7 +226,8 @@ def deepspeed_sparse_attention(
 @keras.saving.register_keras_serializable(package="bsattn")
 class SparseSelfAttention(keras.layers.Layer):
     """DeepSpeed's ``SparseSelfAttention``: ``call(query, key, value, rpe=None, key_padding_mask=None,
-    attn_mask=None)`` with ``[B, H, T, D]`` inputs → ``[B, H, T, D]``; no weights.
+    attn_mask=None, segment_ids=None)`` with ``[B, H, T, D]`` inputs → ``[B, H, T, D]``; no weights.
+    ``segment_ids`` (not in DeepSpeed): int ``[B, T]``, packed sequences (a query attends its own segment only).
 
     The layout is built for the actual ``T`` (DeepSpeed sliced the ``max_seq_length`` layout); ``T`` above
     ``max_seq_length`` is an error (DeepSpeed failed later, on shapes). Any float dtype; under a mixed
@@ -250,14 +264,14 @@ class SparseSelfAttention(keras.layers.Layer):
             )
         return self.sparsity_config.layout(seq_len).astype(np.int64)
 
-    def call(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None):
+    def call(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None, segment_ids=None):
         t = query.shape[2]
         if t is not None and t > self.max_seq_length:
             raise ValueError(f"query has T={t} tokens, more than max_seq_length={self.max_seq_length}")
         return deepspeed_sparse_attention(
             query, key, value, self.sparsity_config, rpe=rpe, key_padding_mask=key_padding_mask,
             attn_mask=attn_mask, key_padding_mask_mode=self.key_padding_mask_mode,
-            attn_mask_mode=self.attn_mask_mode,
+            attn_mask_mode=self.attn_mask_mode, segment_ids=segment_ids,
         )  # fmt: skip
 
     def compute_output_shape(self, query_shape, *args, **kwargs):
@@ -398,6 +412,29 @@ def _rank4_mask(mask, name: str) -> tf.Tensor:
     return mask
 
 
+def _segment_pair(segment_ids, name: str = "segment_ids") -> tuple[tf.Tensor, tf.Tensor] | None:
+    """A layer's ``segment_ids`` argument → ``(query ids [B, T], key ids [B, S])`` int32, or None: one ``[B, T]``
+    tensor serves queries and keys (self-attention), a pair gives them separately."""
+    if segment_ids is None:
+        return None
+    pair = tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be one [batch, T] tensor or a pair (query_segment_ids [batch, T], "
+                         f"key_segment_ids [batch, S]), got {len(pair)} items")  # fmt: skip
+    out = []
+    for ids in pair:
+        ids = tf.convert_to_tensor(ids)
+        if not ids.dtype.is_integer or ids.shape.rank != 2:
+            raise ValueError(f"{name} must be integer [batch, length] tensors, got {ids.dtype.name} {ids.shape}")
+        out.append(tf.cast(ids, tf.int32))
+    return out[0], out[1]
+
+
+def _segment_mask(pair: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    """bool ``[B, 1, T, S]``: query and key share a segment (the dense paths' form of the segment ids)."""
+    return tf.equal(pair[0][:, None, :, None], pair[1][:, None, None, :])
+
+
 def _block_sparse_attention(
     layer: keras.layers.Layer,
     pattern: Pattern,
@@ -411,13 +448,18 @@ def _block_sparse_attention(
     training,
     dropout_layer: keras.layers.Dropout,
     scale: float,
+    segment_ids: tuple[tf.Tensor, tf.Tensor] | None = None,
 ) -> tf.Tensor:
-    """The fused op behind the Keras layers: projected ``query [B, T, N, Dk]``, ``key [B, S, N, Dk]``, ``value
-    [B, S, N, Dv]`` → ``[B, T, N, Dv]`` over ``pattern`` with blocks of ``bs`` (lengths padded to them).
+    """The fused op behind the Keras layers: projected ``query [B, T, N, Dk]``, ``key [B, S, G, Dk]``, ``value
+    [B, S, G, Dv]`` → ``[B, T, N, Dv]`` over ``pattern`` with blocks of ``bs`` (lengths padded to them). ``G``
+    divides ``N``: grouped-query attention when ``G < N`` (query head ``h`` reads K/V head ``h // (N // G)`` inside
+    the op: no copy of K/V).
 
     ``mask``: bool ``[B|1, N|1, T|1, S]`` (``_rank4_mask``; True = attend); ``query_mask``: bool ``[B, 1, T, 1]``;
     ``dropout`` under ``training``, seeded from ``dropout_layer``'s seed generator; ``layer`` gives the name
-    and ``max_seq_length`` for errors and dynamic lengths. Rows with no key: see SparseMultiHeadAttention.
+    and ``max_seq_length`` for errors and dynamic lengths; ``segment_ids``: int ``([B, T], [B, S])`` (packed
+    sequences: a query attends the keys of its own segment only). Rows with no key: see SparseMultiHeadAttention
+    (with segment ids, a query with no key of its segment gives 0).
     """
     t, s = query.shape[1], key.shape[1]
     if t is not None and s is not None:
@@ -436,10 +478,19 @@ def _block_sparse_attention(
     tables = fused_tables_for_pattern(pattern, tp, sp, bs)
 
     batch, heads, key_dim, value_dim = tf.shape(query)[0], query.shape[2], query.shape[3], value.shape[3]
+    kv_heads = key.shape[2]
+    if kv_heads is None or heads % kv_heads or value.shape[2] != kv_heads:
+        raise ValueError(f"{layer.name}: key and value need one static number of heads dividing {heads}, got "
+                         f"{key.shape} and {value.shape}")  # fmt: skip
     width = max(key_dim, value_dim)  # the op takes one head width for q, k and v
     real_s = tf.shape(key)[1]
     q, k, v = (_pad_axis(_pad_axis(x, 3, width), 1, n) for x, n in ((query, tp), (key, sp), (value, sp)))
-    q, k, v = (tf.reshape(x, [batch, n, heads * width]) for x, n in ((q, tp), (k, sp), (v, sp)))
+    q, k, v = (tf.reshape(x, [batch, n, nh * width]) for x, n, nh in ((q, tp, heads), (k, sp, kv_heads),
+                                                                       (v, sp, kv_heads)))  # fmt: skip
+    q_ids = k_ids = None
+    if segment_ids is not None:  # padded queries and keys get ids of their own (-1, -2): they never meet
+        q_ids, k_ids = (_pad_axis(tf.cast(x, tf.int32), 1, n, value) for x, n, value in
+                        ((segment_ids[0], tp, -1), (segment_ids[1], sp, -2)))  # fmt: skip
     keep = tf.broadcast_to(tf.range(sp)[None, :] < real_s, [batch, sp])  # padded keys
     bias = None
     if mask is not None:
@@ -457,7 +508,8 @@ def _block_sparse_attention(
         seed = tf.cast(keras.random.randint((), 0, 2**31 - 1, seed=dropout_layer.seed_generator), tf.int64)
 
     out, lse = fused_attention(q, k, v, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
-                               dropout_rate=rate, seed=seed, return_lse=True)  # fmt: skip
+                               dropout_rate=rate, seed=seed, return_lse=True, kv_heads=kv_heads,
+                               q_segment_ids=q_ids, k_segment_ids=k_ids)  # fmt: skip
     real_t = tf.shape(query)[1]
     out = tf.reshape(out, [batch, tp, heads, width])[:, :real_t, :, : value_dim]
     # A query with no key left (masked by the query mask or by every key's mask): Keras's dot-product path
@@ -466,8 +518,9 @@ def _block_sparse_attention(
     if query_mask is not None:
         empty |= ~tf.transpose(query_mask, [0, 2, 1, 3])
     fill = tf.zeros([], out.dtype)
-    if not dropout:
-        fill = tf.cast(tf.reduce_mean(tf.cast(value, tf.float32), axis=1, keepdims=True), out.dtype)
+    if not dropout and segment_ids is None:
+        fill = tf.reduce_mean(tf.cast(value, tf.float32), axis=1, keepdims=True)  # [B, 1, G, Dv]
+        fill = tf.cast(tf.repeat(fill, heads // kv_heads, axis=2), out.dtype)
     out = tf.where(empty, fill, out)  # where: no NaN of a padded query can leak
     return tf.ensure_shape(out, [None, t, heads, value_dim])
 
@@ -487,8 +540,14 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
       padded to it (so the tables can be built).
 
     ``call(query, value, key=None, query_mask=None, value_mask=None, key_mask=None, attention_mask=None,
-    return_attention_scores=False, training=None, use_causal_mask=False)`` as Keras's, on ``[B, T, dim]`` /
-    ``[B, S, dim]`` inputs (other ranks and ``attention_axes`` other than the sequence axis: ``ValueError``):
+    return_attention_scores=False, training=None, use_causal_mask=False, segment_ids=None)`` as Keras's, on
+    ``[B, T, dim]`` / ``[B, S, dim]`` inputs (other ranks and ``attention_axes`` other than the sequence axis:
+    ``ValueError``), plus ``segment_ids`` (not in Keras):
+
+    - ``segment_ids``: packed sequences, int ``[B, T]`` (self-attention: the same ids for queries and keys) or a
+      pair ``(query_segment_ids [B, T], key_segment_ids [B, S])``: a query attends only the keys of its own
+      segment (on top of every other mask), and blocks whose segments cannot meet are skipped per batch entry.
+      A query with no key of its segment gives 0.
 
     - value/key masks (implicit or explicit) and an ``attention_mask`` ``[B|1, 1, S]`` become the op's key padding
       mask; any other ``attention_mask`` (``[T, S]``, ``[B, T, S]``, ``[B, N, T, S]``) the op's ``-inf`` bias
@@ -560,9 +619,11 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         training=None,
         use_causal_mask=False,
+        segment_ids=None,
     ):
         if key is None:
             key = value
+        segments = _segment_pair(segment_ids)
         # As Keras: the query's own mask is what the output carries; the masks are consumed here.
         query_mask = get_keras_mask(query)
         for x in (query, value, key):
@@ -577,13 +638,16 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
                 key_keep = m if key_keep is None else key_keep & m
             out, scores = self._compute_attention(
                 q, k, v, attention_mask, training, return_attention_scores,
-                use_causal_mask=use_causal_mask, key_mask=key_keep, query_mask=query_mask,
+                use_causal_mask=use_causal_mask, key_mask=key_keep, query_mask=query_mask, segment_ids=segments,
             )  # fmt: skip
         else:  # a subclass's _compute_attention gets Keras's merged mask (its signature may be Keras's older one)
             mask = self._compute_attention_mask(
                 query, value, query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
                 attention_mask=attention_mask, use_causal_mask=use_causal_mask,
             )  # fmt: skip
+            if segments is not None:
+                same = _segment_mask(segments)[:, 0]
+                mask = same if mask is None else tf.cast(mask, tf.bool) & same
             out, scores = self._compute_attention(q, k, v, mask, training, return_attention_scores)
         out = self._output_dense(out * gate if gate is not None else out)
         if query_mask is not None:
@@ -609,13 +673,15 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         use_causal_mask=False,
         key_mask=None,
         query_mask=None,
+        segment_ids=None,
     ):
         """Attention of projected ``query [B, T, N, key_dim]``, ``key [B, S, N, key_dim]``, ``value [B, S, N,
         value_dim]`` → ``([B, T, N, value_dim], scores [B, N, T, S] or None)``.
 
         ``attention_mask``: see the class docstring (True/nonzero = attend); ``key_mask [B, S]``, ``query_mask
-        [B, T]``: bool, or nonzero = a real token.
+        [B, T]``: bool, or nonzero = a real token; ``segment_ids``: ``(query ids [B, T], key ids [B, S])``.
         """
+        segment_ids = _segment_pair(segment_ids)
         query, key, value = (tf.convert_to_tensor(x, dtype_hint=self.compute_dtype) for x in (query, key, value))
         t, s = query.shape[1], key.shape[1]
         for name, n in (("T (query length)", t), ("S (key length)", s)):
@@ -630,10 +696,12 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         if return_attention_scores:
             if query_mask is not None:
                 mask = query_mask if mask is None else mask & query_mask
+            if segment_ids is not None:
+                mask = _segment_mask(segment_ids) if mask is None else mask & _segment_mask(segment_ids)
             return self._dense_attention(query, key, value, mask, training, use_causal_mask)
         out = _block_sparse_attention(
             self, self._pattern(use_causal_mask), self.sparsity_config.block, query, key, value, mask, query_mask,
-            float(self._dropout), training, self._dropout_layer, self._inverse_sqrt_key_dim,
+            float(self._dropout), training, self._dropout_layer, self._inverse_sqrt_key_dim, segment_ids,
         )  # fmt: skip
         return out, None
 
@@ -658,17 +726,28 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
 
 @keras.saving.register_keras_serializable(package="bsattn")
 class SparseGroupedQueryAttention(keras.layers.GroupQueryAttention):
-    """``keras.layers.GroupQueryAttention`` on the fused block-sparse op: Keras's arguments, weights and call,
-    plus ``sparsity_config`` (``num_query_heads`` heads; None: dense, blocks of 16) and ``max_seq_length``.
+    """``keras.layers.GroupQueryAttention`` (``GroupedQueryAttention``) on the fused block-sparse op, K/V heads
+    shared inside the op: Keras's arguments, weights, ``get_config`` and call, plus ``sparsity_config``
+    (``num_query_heads`` heads; None: dense, blocks of 16) and ``max_seq_length``.
 
-    STOP-GAP, it copies: Keras's ``call`` repeats each key/value head for its group of query heads
-    (``ops.repeat``, ``num_query_heads / num_key_value_heads`` copies of K and V), and the fused op then runs
-    over ``num_query_heads`` heads. The no-copy path (K/V heads shared inside the op) is not built yet.
-    Keras's ``call`` also merges every mask (implicit, ``attention_mask``, causal, sliding window) into one
-    ``[B, T, S]`` mask before this layer sees it, so it reaches the op as a per-batch ``-inf`` bias (``O(B·T·S)``
-    memory; causal blocks are masked, not skipped). Rows with no key, lengths, dropout and
-    ``return_attention_scores`` (Keras's dense path with the pattern as a mask) as in
-    ``SparseMultiHeadAttention``.
+    ``SparseGroupedQueryAttention(head_dim, num_query_heads, num_key_value_heads, dropout=0.0, use_bias=True,
+    use_gate=False, sliding_window=None, flash_attention=None, kernel_*/bias_* initializers, regularizers and
+    constraints, seed=None, ..., sparsity_config=None, max_seq_length=None)``;
+    ``call(query, value, key=None, query_mask=None, value_mask=None, key_mask=None, attention_mask=None,
+    return_attention_scores=False, training=None, use_causal_mask=False, segment_ids=None)`` on ``[B, T, dim]`` /
+    ``[B, S, dim]`` inputs.
+
+    - No copy of K/V: the ``num_key_value_heads`` projected key/value heads go to the op as they are
+      (``kv_heads``); query head ``h`` reads K/V head ``h // (num_query_heads // num_key_value_heads)``, as Keras's
+      ``ops.repeat`` arranges them; their gradients sum over each group inside the op.
+    - Masks as in ``SparseMultiHeadAttention``: value/key masks (implicit or explicit) and an ``attention_mask``
+      ``[B|1, 1, S]`` become the op's key padding mask, any other ``attention_mask`` a ``-inf`` bias;
+      ``use_causal_mask`` and ``sliding_window`` are intersected with the sparsity pattern (skipped blocks); the
+      query mask (implicit) marks the padded queries, which get what Keras gives them (the average of every value
+      without dropout, 0 with dropout).
+    - ``segment_ids`` (not in Keras): packed sequences, as in ``SparseMultiHeadAttention``.
+    - ``return_attention_scores=True`` runs Keras's own dense path (K/V repeated, ``O(B·N·T·S)`` memory) with the
+      pattern (and segments) as a mask.
     """
 
     def __init__(
@@ -683,21 +762,74 @@ class SparseGroupedQueryAttention(keras.layers.GroupQueryAttention):
     ):
         super().__init__(head_dim, num_query_heads, num_key_value_heads, *args, **kwargs)
         _set_sparse_settings(self, sparsity_config, max_seq_length, num_query_heads, "num_query_heads")
+        self._segments = None  # the dense path's segment ids (return_attention_scores), set by call
+
+    def _pattern(self, use_causal_mask: bool) -> Pattern:
+        pattern: Pattern = self.sparsity_config
+        if use_causal_mask:
+            pattern = pattern & Causal()
+        if self.sliding_window is not None:
+            pattern = pattern & SlidingWindow(self.sliding_window)
+        return pattern
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+        segment_ids=None,
+    ):
+        segments = _segment_pair(segment_ids)
+        if return_attention_scores:  # Keras's dense path (it repeats K/V), with the pattern as a mask
+            self._segments = segments
+            try:
+                return super().call(query, value, key, query_mask, value_mask, key_mask, attention_mask,
+                                    return_attention_scores, training, use_causal_mask)  # fmt: skip
+            finally:
+                self._segments = None
+        self._return_attention_scores = False
+        if key is None:
+            key = value
+        gate = self._gate_dense(query) if self.use_gate else None
+        q, k, v = self._query_dense(query), self._key_dense(key), self._value_dense(value)  # k, v: [B, S, G, D]
+        t, s = q.shape[1], k.shape[1]
+        for name, n in (("T (query length)", t), ("S (key length)", s)):
+            if self.max_seq_length is not None and n is not None and n > self.max_seq_length:
+                raise ValueError(f"{self.name}: {name}={n} is more than max_seq_length={self.max_seq_length}")
+        mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
+        for m in (value_mask, key_mask):
+            if m is not None:
+                km = _rank4_mask(tf.convert_to_tensor(m)[:, None, :], "key_mask")
+                mask = km if mask is None else mask & km
+        if query_mask is not None:
+            query_mask = _rank4_mask(tf.convert_to_tensor(query_mask)[:, :, None], "query_mask")  # [B, 1, T, 1]
+        out = _block_sparse_attention(
+            self, self._pattern(use_causal_mask), self.sparsity_config.block, q, k, v, mask, query_mask,
+            float(self.dropout), training, self._dropout_layer, self._inverse_sqrt_head_dim, segments,
+        )  # fmt: skip
+        return self._output_dense(out * gate if gate is not None else out)
 
     def _compute_attention(self, query, key, value, attention_mask=None, training=None, use_causal_mask=False):
-        # query [B, T, N, D]; key, value [B, S, N, D] (already repeated to N heads by Keras's call).
+        """Keras's dense attention (``return_attention_scores`` only: K/V already repeated to ``N`` heads by its
+        call) with the sparsity pattern and the segment ids as a mask."""
         query, key, value = (tf.convert_to_tensor(x, dtype_hint=self.compute_dtype) for x in (query, key, value))
         mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
-        pattern: Pattern = self.sparsity_config & Causal() if use_causal_mask else self.sparsity_config
-        if self._return_attention_scores:
-            t, s, bs = query.shape[1], key.shape[1], self.sparsity_config.block
-            allowed = tf.constant(pattern.token_mask(_round_up(t, bs), _round_up(s, bs))[None, :, :t, :s])
-            return super()._compute_attention(query, key, value, allowed if mask is None else mask & allowed, training)
-        out = _block_sparse_attention(
-            self, pattern, self.sparsity_config.block, query, key, value, mask, None, float(self.dropout), training,
-            self._dropout_layer, self._inverse_sqrt_head_dim,
-        )  # fmt: skip
-        return out, None
+        t, s, bs = query.shape[1], key.shape[1], self.sparsity_config.block
+        if t is None or s is None:
+            raise ValueError(f"{self.name}: return_attention_scores needs static lengths, got {query.shape}, {key.shape}")
+        pattern = self._pattern(use_causal_mask)
+        allowed = tf.constant(pattern.token_mask(_round_up(t, bs), _round_up(s, bs))[None, :, :t, :s])
+        mask = allowed if mask is None else mask & allowed
+        if self._segments is not None:
+            mask = mask & _segment_mask(self._segments)
+        return super()._compute_attention(query, key, value, mask, training)
 
     def get_config(self) -> dict:
         return {

@@ -104,6 +104,11 @@ typedef struct bsattn_fused_args {
   float scale;
   float dropout_rate;
   int64_t seed;
+  /* appended in session 4 (grouped-query attention, packed sequences): */
+  int64_t kv_heads;             /* 0 or heads = no grouping; else divides heads: k, v (dk, dv) are
+                                   [B, Tk, kv_heads*D], query head h reads K/V head h / (heads / kv_heads) */
+  const int32_t* q_segment_ids; /* [B, Tq] or NULL (then k_segment_ids is NULL too) */
+  const int32_t* k_segment_ids; /* [B, Tk] or NULL: query i attends key j only if the ids are equal */
 } bsattn_fused_args;
 
 /* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose
@@ -114,7 +119,7 @@ int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, b
  * accumulator for 16-bit dtypes). */
 int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias);
 
-/* dq, dk, dv (shapes of q, k, v) from dout [B, Tq, H*D], the forward's out and lse, and dlse
+/* dq, dk, dv (shapes of q, k, v; dk and dv summed over each K/V head's group) from dout [B, Tq, H*D], the forward's out and lse, and dlse
  * [B, H, Tq] float32 or NULL. With dbias (NULL = not wanted; needs a bias) [bias_batch,
  * bias_heads, Tq, Tk] (dtype): the gradient of the bias summed over the batch when bias_batch = 1
  * and over the heads when bias_heads = 1, 0 outside the active blocks. Two passes, no atomics: dq over query-block rows, dk/dv (and dbias)

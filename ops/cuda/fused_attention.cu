@@ -12,6 +12,10 @@
 //   dK, dV    rows are key rows (column table): dS of the chunk's queries, dV += (P*Z)^T dO,
 //             dK += dS^T Q; dbias entries are added by the one lane that owns them.
 // Every output element has exactly one writer: no atomics, the same bits on every run.
+// Grouped-query attention: K/V rows are KVH*D wide and query head h reads K/V head h / group; a
+// dK/dV CTA walks every query head of its K/V head (and dbias slice) in turn, summing in registers.
+// Segment ids: every warp computes the [min, max] ids of the query and key blocks (the same
+// values, so the decision is CTA-uniform) and skips a block whose ranges do not overlap.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,32 +56,39 @@ __device__ __forceinline__ float Dot(const float* a, const float* b, int n) {
   return s;
 }
 
-// Row t of head h of x [B, len, H*D] as float into dst[0, D).
+// Where one head's rows of a [B, len, width] tensor are: channels [col, col + D). Queries (q, out,
+// dout, dq): (Tq, H*D, h*D); keys (k, v, dk, dv): (Tk, KVH*D, KvCol(h)).
+struct HeadView {
+  int64_t len, width, col;
+};
+__device__ __forceinline__ HeadView QueryView(const FusedParams& p, int64_t h) { return {p.tq, p.width, h * p.head_dim}; }
+__device__ __forceinline__ HeadView KeyView(const FusedParams& p, int64_t h) { return {p.tk, p.kv_width, KvCol(p, h)}; }
+
+// Row t of head view `at` of x as float into dst[0, D).
 template <typename T>
-__device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, int64_t len, int64_t b,
-                                        int64_t h, int64_t t, float* dst, int lane) {
-  const T* src = static_cast<const T*>(x) + (b * len + t) * p.width + h * p.head_dim;
+__device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, HeadView at, int64_t b, int64_t t,
+                                        float* dst, int lane) {
+  const T* src = static_cast<const T*>(x) + (b * at.len + t) * at.width + at.col;
   for (int d = lane; d < p.head_dim; d += 32) dst[d] = ToFloat(src[d]);
 }
 
-// Rows [t0, t0 + n) of head h of x (and of y when not null) into dst rows `ld` floats apart.
+// Rows [t0, t0 + n) of head view `at` of x (and of y when not null) into dst rows `ld` floats apart.
 template <typename T>
-__device__ __forceinline__ void LoadChunk(const FusedParams& p, const void* x, const void* y,
-                                          int64_t len, int64_t b, int64_t h, int64_t t0, int n,
-                                          float* x_dst, float* y_dst, int ld) {
+__device__ __forceinline__ void LoadChunk(const FusedParams& p, const void* x, const void* y, HeadView at,
+                                          int64_t b, int64_t t0, int n, float* x_dst, float* y_dst, int ld) {
   const int D = static_cast<int>(p.head_dim);
   for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
-    const int64_t at = (b * len + t0 + r) * p.width + h * D + d;
-    x_dst[r * ld + d] = ToFloat(static_cast<const T*>(x)[at]);
-    if (y != nullptr) y_dst[r * ld + d] = ToFloat(static_cast<const T*>(y)[at]);
+    const int64_t at_ = (b * at.len + t0 + r) * at.width + at.col + d;
+    x_dst[r * ld + d] = ToFloat(static_cast<const T*>(x)[at_]);
+    if (y != nullptr) y_dst[r * ld + d] = ToFloat(static_cast<const T*>(y)[at_]);
   }
 }
 
 template <typename T, int DC>
-__device__ __forceinline__ void StoreRow(const FusedParams& p, const float (&acc)[DC], float scale,
-                                         void* y, int64_t len, int64_t b, int64_t h, int64_t t, int lane) {
-  T* dst = static_cast<T*>(y) + (b * len + t) * p.width + h * p.head_dim;
+__device__ __forceinline__ void StoreRow(const FusedParams& p, const float (&acc)[DC], float scale, void* y,
+                                         HeadView at, int64_t b, int64_t t, int lane) {
+  T* dst = static_cast<T*>(y) + (b * at.len + t) * at.width + at.col;
 #pragma unroll
   for (int c = 0; c < DC; ++c) {
     const int d = lane + 32 * c;
@@ -113,17 +124,20 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
   const int64_t groups = p.bs / rows, qb = blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
   const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
   const int64_t qi = qb * p.bs + bi;
-  LoadRow<T>(p, p.q, p.tq, b, h, qi, qs + warp * D, lane);
+  const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
+  LoadRow<T>(p, p.q, qv, b, qi, qs + warp * D, lane);
 
   float m = -INFINITY, l = 0.0f, acc[DC] = {};
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  const int2 q_ids = p.q_segment_ids != nullptr ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   for (int e = range.x; e < range.y; ++e) {
-    const int64_t k0 = int64_t{p.row_entries[2 * e]} * p.bs;
+    const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs;
+    if (p.q_segment_ids != nullptr && !RangesMeet(q_ids, KeyBlockIds(p, b, kb, lane))) continue;
     const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
     for (int c0 = 0; c0 < p.bs; c0 += kc) {
       __syncthreads();  // the previous chunk is consumed (and q is loaded, on the first)
-      LoadChunk<T>(p, p.k, nullptr, p.tk, b, h, k0 + c0, kc, ks, nullptr, D + 1);
-      LoadChunk<T>(p, p.v, nullptr, p.tk, b, h, k0 + c0, kc, vs, nullptr, D);
+      LoadChunk<T>(p, p.k, nullptr, kv, b, k0 + c0, kc, ks, nullptr, D + 1);
+      LoadChunk<T>(p, p.v, nullptr, kv, b, k0 + c0, kc, vs, nullptr, D);
       __syncthreads();
       float x = -INFINITY;  // score in log2 units
       if (lane < kc) {
@@ -143,7 +157,7 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
     }
   }
   const bool empty = l == 0.0f;  // no kept key: output 0, lse -inf (a NaN sum: an attended NaN score)
-  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, p.tq, b, h, qi, lane);
+  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, qv, b, qi, lane);
   if (lane == 0) lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
 }
 
@@ -178,10 +192,14 @@ __device__ __forceinline__ EntryGrad GradAt(const FusedParams& p, int64_t b, int
   EntryGrad g;
   const float offset = ScoreOffset<T>(p, b, h, i, j, mask_row, bj);
   g.attended = offset != -INFINITY;
+  if (!g.attended) {  // 0 by select, whatever NaN the row (lse, delta, dp) holds
+    g.prob = g.kept = g.ds = 0.0f;
+    return g;
+  }
   g.prob = lse == -INFINITY ? 0.0f : exp2f((ScaledScore(s, p.scale, offset) - lse) * kLog2e);
   const float z = p.dropout ? DropoutFactor(p, b, h, i, j) : 1.0f;
   g.kept = g.prob * z;
-  g.ds = g.prob * ((g.attended ? dp : 0.0f) * z - delta);
+  g.ds = g.prob * (dp * z - delta);
   return g;
 }
 
@@ -199,18 +217,21 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   const int64_t groups = p.bs / rows, qb = blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
   const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
   const int64_t qi = qb * p.bs + bi, stat = (b * p.heads + h) * p.tq + qi;
-  LoadRow<T>(p, p.q, p.tq, b, h, qi, qs + warp * D, lane);
-  LoadRow<T>(p, dout, p.tq, b, h, qi, dos + warp * D, lane);
+  const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
+  LoadRow<T>(p, p.q, qv, b, qi, qs + warp * D, lane);
+  LoadRow<T>(p, dout, qv, b, qi, dos + warp * D, lane);
   const float row_lse = lse[stat], row_delta = delta[stat];
 
   float acc[DC] = {};
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  const int2 q_ids = p.q_segment_ids != nullptr ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   for (int e = range.x; e < range.y; ++e) {
-    const int64_t k0 = int64_t{p.row_entries[2 * e]} * p.bs;
+    const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs;
+    if (p.q_segment_ids != nullptr && !RangesMeet(q_ids, KeyBlockIds(p, b, kb, lane))) continue;
     const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
     for (int c0 = 0; c0 < p.bs; c0 += kc) {
       __syncthreads();
-      LoadChunk<T>(p, p.k, p.v, p.tk, b, h, k0 + c0, kc, ks, vs, D + 1);
+      LoadChunk<T>(p, p.k, p.v, kv, b, k0 + c0, kc, ks, vs, D + 1);
       __syncthreads();
       EntryGrad g = {0.0f, 0.0f, 0.0f, false};
       if (lane < kc) {
@@ -221,12 +242,13 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       AccumulateRows(acc, g.ds, ks, D + 1, kc, D, lane, __ballot_sync(kFull, g.attended));
     }
   }
-  StoreRow<T>(p, acc, p.scale, dq, p.tq, b, h, qi, lane);
+  StoreRow<T>(p, acc, p.scale, dq, qv, b, qi, lane);
 }
 
 // dK, dV (and dbias) over key rows. Grid (n_kb * bs / rows, groups), rows warps; a CTA walks the
-// `members` heads (b, h) of its group (GroupMember): one (b, h) without dbias, else every head
-// adding into one dbias slice, so that each dbias entry has one writer. Shared: k, v [rows][D]; q, dout [32][D+1];
+// `members` heads (b, h) of its group (GroupMember): the query heads of one K/V head, and with
+// dbias every head adding into the same dbias slices, so that each dK/dV/dbias entry has one
+// writer; dK and dV sum over the run of members that read one K/V head. Shared: k, v [rows][D]; q, dout [32][D+1];
 // lse, delta [32].
 template <typename T, int DC>
 __global__ void __launch_bounds__(32 * kMaxRows)
@@ -244,20 +266,31 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   const int64_t groups = p.bs / rows, kb = blockIdx.x / groups, group = blockIdx.y;
   const int bj = static_cast<int>((blockIdx.x % groups) * rows) + warp;
   const int64_t kj = kb * p.bs + bj;
+  const bool with_dbias = dbias != nullptr;
+  float dk_acc[DC] = {}, dv_acc[DC] = {};
   for (int64_t member = 0; member < members; ++member) {
-    const int64_t bh = GroupMember(p, dbias != nullptr, group, member);
+    const int64_t bh = GroupMember(p, with_dbias, group, member);
     const int64_t b = bh / p.heads, h = bh % p.heads;
+    const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
+    const int64_t kv_head = MemberKvHead(p, with_dbias, group, member);
+    const bool run_start = member == 0 || MemberKvHead(p, with_dbias, group, member - 1) != kv_head;
+    const bool run_end = member + 1 == members || MemberKvHead(p, with_dbias, group, member + 1) != kv_head;
     __syncthreads();  // the previous member's rows are consumed
-    LoadRow<T>(p, p.k, p.tk, b, h, kj, ks + warp * D, lane);
-    LoadRow<T>(p, p.v, p.tk, b, h, kj, vs + warp * D, lane);
-    float dk_acc[DC] = {}, dv_acc[DC] = {};
+    if (run_start) {
+      LoadRow<T>(p, p.k, kv, b, kj, ks + warp * D, lane);
+      LoadRow<T>(p, p.v, kv, b, kj, vs + warp * D, lane);
+#pragma unroll
+      for (int c = 0; c < DC; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
+    }
     const int2 range = TableRange(p.col_ptr, p.shared_layout, h, p.n_kb, kb);
+    const int2 k_ids = p.q_segment_ids != nullptr ? KeyBlockIds(p, b, kb, lane) : make_int2(0, 0);
     for (int e = range.x; e < range.y; ++e) {
-      const int64_t q0 = int64_t{p.col_entries[2 * e]} * p.bs;
+      const int64_t qb = p.col_entries[2 * e], q0 = qb * p.bs;
+      if (p.q_segment_ids != nullptr && !RangesMeet(QueryBlockIds(p, b, qb, lane), k_ids)) continue;
       const int32_t mask_id = p.col_entries[2 * e + 1];
       for (int c0 = 0; c0 < p.bs; c0 += kc) {
         __syncthreads();
-        LoadChunk<T>(p, p.q, dout, p.tq, b, h, q0 + c0, kc, qs, dos, D + 1);
+        LoadChunk<T>(p, p.q, dout, qv, b, q0 + c0, kc, qs, dos, D + 1);
         if (threadIdx.x < kc) {
           const int64_t stat = (b * p.heads + h) * p.tq + q0 + c0 + threadIdx.x;
           lse_s[threadIdx.x] = lse[stat];
@@ -273,12 +306,17 @@ __global__ void __launch_bounds__(32 * kMaxRows)
                         delta_s[lane]);
           if (dbias != nullptr) dbias[BiasIndex(p, b, h, qi, kj)] += g.ds;
         }
-        AccumulateRows(dv_acc, g.kept, dos, D + 1, kc, D, lane);
-        AccumulateRows(dk_acc, g.ds, qs, D + 1, kc, D, lane);
+        // Only attended queries' rows are read: NaN q or dout of a masked query (one with no kept
+        // key, or of another segment) reaches nothing.
+        const unsigned attended = __ballot_sync(kFull, g.attended);
+        AccumulateRows(dv_acc, g.kept, dos, D + 1, kc, D, lane, attended);
+        AccumulateRows(dk_acc, g.ds, qs, D + 1, kc, D, lane, attended);
       }
     }
-    StoreRow<T>(p, dk_acc, p.scale, dk, p.tk, b, h, kj, lane);
-    StoreRow<T>(p, dv_acc, 1.0f, dv, p.tk, b, h, kj, lane);
+    if (run_end) {
+      StoreRow<T>(p, dk_acc, p.scale, dk, kv, b, kj, lane);
+      StoreRow<T>(p, dv_acc, 1.0f, dv, kv, b, kj, lane);
+    }
   }
 }
 
@@ -312,7 +350,9 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   if (a->head_dim > 256) return BSATTN_ERROR_HEAD_DIM;
   if (a->batch < 0 || a->heads <= 0 || a->head_dim <= 0 || a->tq < 0 || a->tk < 0 ||
       a->tq % a->block_size != 0 || a->tk % a->block_size != 0 ||
-      (a->layout_heads != 1 && a->layout_heads != a->heads) ||
+      (a->layout_heads != 1 && a->layout_heads != a->heads) || a->kv_heads < 0 ||
+      (a->kv_heads > 0 && a->heads % a->kv_heads != 0) ||
+      ((a->q_segment_ids == nullptr) != (a->k_segment_ids == nullptr)) ||
       (a->bias != nullptr && ((a->bias_heads != 1 && a->bias_heads != a->heads) ||
                               (a->bias_batch != 1 && a->bias_batch != a->batch))))
     return BSATTN_ERROR_SHAPE;
@@ -321,6 +361,11 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   p->heads = a->heads;
   p->head_dim = a->head_dim;
   p->width = a->heads * a->head_dim;
+  p->kv_heads = a->kv_heads > 0 ? a->kv_heads : a->heads;
+  p->kv_width = p->kv_heads * a->head_dim;
+  p->group = a->heads / p->kv_heads;
+  p->q_segment_ids = a->q_segment_ids;
+  p->k_segment_ids = a->k_segment_ids;
   p->tq = a->tq;
   p->tk = a->tk;
   p->bs = a->block_size;
@@ -400,7 +445,9 @@ struct GradRunner {
     DeltaKernel<T><<<static_cast<unsigned>((delta_rows + 7) / 8), 256, 0, stream>>>(
         p, static_cast<const T*>(out), static_cast<const T*>(dout), dlse, delta);
 
-    if (LaunchGradMma(p, out, dout, lse, delta, dq, dk, dv, dbias_acc, stream)) return;
+    // The tensor-core backward does not group K/V heads or read segment ids: those run here.
+    const bool mma_case = p.kv_heads == p.heads && p.q_segment_ids == nullptr;
+    if (mma_case && LaunchGradMma(p, out, dout, lse, delta, dq, dk, dv, dbias_acc, stream)) return;
 
     const size_t q_smem = sizeof(float) * (2 * rows * D + 2 * kChunk * (D + 1));
     AllowSharedMemory(GradQSimt<T, DC>, q_smem);
@@ -465,7 +512,7 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
   if (bsattn_cuda::Empty(p)) {  // every gradient is 0 (or empty)
     const int64_t bytes = bsattn_cuda::DtypeBytes(p);
     for (const auto& [ptr, n] : {std::pair<void*, int64_t>{dq, p.batch * p.tq * p.width},
-                                 {dk, p.batch * p.tk * p.width}, {dv, p.batch * p.tk * p.width},
+                                 {dk, p.batch * p.tk * p.kv_width}, {dv, p.batch * p.tk * p.kv_width},
                                  {dbias, dbias != nullptr ? p.bias_batch * p.bias_heads * p.tq * p.tk : 0}}) {
       if (n > 0) {
         if (const cudaError_t e = cudaMemsetAsync(ptr, 0, n * bytes, s)) return e;

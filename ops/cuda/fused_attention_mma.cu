@@ -9,6 +9,11 @@
 // Shared rows are padded by 16 bytes (D + 8 elements) so that ldmatrix's 8 row addresses fall in
 // distinct banks. CTAs take query blocks from the last one down: in causal-like layouts the long
 // rows start first.
+// Grouped-query attention: K/V rows are KVH*D wide, query head h reads K/V head h / group.
+// Segment ids: the row's entries are taken in windows of kWindow; the CTA first lists, in shared
+// memory, the window's key blocks whose [min, max] ids meet the query block's (one thread per
+// entry), marking those where both blocks hold one and the same id (no per-entry rule needed), and
+// the pipeline streams only the listed blocks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,6 +45,52 @@ struct ForwardMmaShape {
   static constexpr size_t kSharedBytes = sizeof(T) * (BS + 4 * kKeys) * kLd;  // Q, 2 x (K, V)
 };
 
+constexpr int kWindow = 256;               // entries listed per window (segment ids)
+constexpr int kOneSegment = 1 << 30;       // list flag: both blocks hold one id, the same
+
+// The [min, max] of the n ids at x (one thread, serially).
+__device__ __forceinline__ int2 IdRange(const int32_t* x, int64_t n) {
+  int2 r = make_int2(x[0], x[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    r.x = min(r.x, x[i]);
+    r.y = max(r.y, x[i]);
+  }
+  return r;
+}
+
+// Lists, in order, the entries e of [first, first + n) (n <= kWindow) of query block qb's row whose
+// key blocks' ids can meet the query block's q_ids, into list (flagged with kOneSegment where both
+// blocks hold one id, the same); returns the count to every thread. warp_counts: NT / 32 ints.
+template <int NT>
+__device__ int ListLiveEntries(const FusedParams& p, int64_t b, int2 q_ids, int first, int n, int* list,
+                               int* warp_counts) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int total = 0;
+  for (int base = 0; base < n; base += NT) {
+    const int idx = base + threadIdx.x;
+    bool live = false;
+    int flag = 0;
+    if (idx < n) {
+      const int64_t kb = p.row_entries[2 * (first + idx)];
+      const int2 k_ids = IdRange(p.k_segment_ids + b * p.tk + kb * p.bs, p.bs);
+      live = RangesMeet(q_ids, k_ids);
+      flag = q_ids.x == q_ids.y && k_ids.x == k_ids.y && q_ids.x == k_ids.x ? kOneSegment : 0;
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, live);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = total, round = 0;
+    for (int w = 0; w < NT / 32; ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      round += warp_counts[w];
+    }
+    if (live) list[before + __popc(ballot & ((1u << lane) - 1u))] = (first + idx) | flag;
+    total += round;
+    __syncthreads();  // warp_counts is rewritten by the next round
+  }
+  return total;
+}
+
 template <typename T, int BS, int D>
 __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     ForwardMma(FusedParams p, T* out, float* lse) {
@@ -55,26 +106,42 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   T* k_s = q_s + BS * kLd;            // [2][kKeys][kLd]
   T* v_s = k_s + 2 * kKeys * kLd;     // [2][kKeys][kLd]
 
+  __shared__ int live_s[kWindow];              // the window's listed entries (segment ids)
+  __shared__ int warp_counts_s[kNT / 32];
+
   const int64_t qb = p.n_qb - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
-  const int n_steps = (range.y - range.x) * kSteps;
+  const bool segments = p.q_segment_ids != nullptr;
+  const int2 q_ids = segments ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + qb * BS) * p.width + h * D;
-  const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.width + h * D;
-  const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.width + h * D;
+  const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + KvCol(p, h);
+  const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + KvCol(p, h);
+  int window = range.x;  // the first entry of the current window
+  auto entry_at = [&](int step) {  // the row entry of a step of the window, and whether it is one-segment
+    const int listed = segments ? live_s[step / kSteps] : window + step / kSteps;
+    return make_int2(listed & (kOneSegment - 1), listed & kOneSegment);
+  };
   auto first_key = [&](int step) {  // absolute key index of a step's first key
-    return int64_t{p.row_entries[2 * (range.x + step / kSteps)]} * BS + (step % kSteps) * kKeys;
+    return int64_t{p.row_entries[2 * entry_at(step).x]} * BS + (step % kSteps) * kKeys;
   };
   auto load_step = [&](int step) {
     const int buf = step & 1;
     const int64_t k0 = first_key(step);
-    LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.width, p.width, kKeys);
-    LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.width, p.width, kKeys);
+    LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.kv_width, p.kv_width, kKeys);
+    LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.kv_width, p.kv_width, kKeys);
+  };
+  auto start_window = [&]() {  // lists the window's entries; loads step 0; returns the step count
+    const int n = min(kWindow, range.y - window);
+    const int listed = segments ? ListLiveEntries<kNT>(p, b, q_ids, window, n, live_s, warp_counts_s) : n;
+    const int steps = listed * kSteps;
+    if (steps > 0) load_step(0);
+    CpAsyncCommit();
+    return steps;
   };
 
   LoadTileAsync<T, D, kNT>(q_s, q_g, p.width, BS);
-  if (n_steps > 0) load_step(0);
-  CpAsyncCommit();
+  int n_steps = start_window();
   CpAsyncWait<0>();
   __syncthreads();
   const int row_base = warp * 16 * kMT;  // this warp's first row; m-tile mt holds rows + 16 mt
@@ -100,6 +167,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   uint32_t kept_bits[kMT][2] = {};  // the exact path's per-step bits (see AddNonFiniteTerms)
   const float scale_log2 = p.scale * kLog2e;
 
+  for (;;) {
   for (int step = 0; step < n_steps; ++step) {
     const int buf = step & 1;
     const T* ks = k_s + buf * kKeys * kLd;
@@ -136,13 +204,15 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     }
 
     // Scores in log2 units, with the bias and the masks.
-    const int entry = range.x + step / kSteps;
-    const int32_t mask_id = p.row_entries[2 * entry + 1];
+    const int2 entry = entry_at(step);
+    const int32_t mask_id = p.row_entries[2 * entry.x + 1];
+    // Segment ids need the per-entry rule unless both blocks hold one id, the same.
+    const bool plain_step = plain && (!segments || entry.y != 0);
     const int64_t k0 = first_key(step);
     const int bj0 = (step % kSteps) * kKeys;  // first key of the step within its block
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
-      if (plain && mask_id < 0) {
+      if (plain_step && mask_id < 0) {
 #pragma unroll
         for (int t = 0; t < kSTiles; ++t)
 #pragma unroll
@@ -232,18 +302,24 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       }
     }
     if (v_bad) {  // key j of the step is held by lane 4 * (lane / 4) + (j % 8) / 2 in slot 2 (j / 8) + j % 2
-      const T* v_rows = v_g + first_key(step) * p.width;
+      const T* v_rows = v_g + first_key(step) * p.kv_width;
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           AddNonFiniteTerms<T, kOTiles>(
-              o[mt], half, kept_bits[mt][half], 0u, v_rows, p.width, kKeys, lane,
+              o[mt], half, kept_bits[mt][half], 0u, v_rows, p.kv_width, kKeys, lane,
               [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
           kept_bits[mt][half] = 0;
         }
     }
     __syncthreads();  // every warp is done with this buffer before step + 2 loads into it
+  }
+  window += kWindow;  // the next window, if any (its list overwrites this one's: all steps are done)
+  if (window >= range.y) break;
+  n_steps = start_window();
+  CpAsyncWait<0>();
+  __syncthreads();
   }
 
   // out = O / l (0 for a row without kept keys), lse = m + log2(l) in natural units.

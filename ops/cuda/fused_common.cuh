@@ -26,10 +26,11 @@ constexpr float kLn2 = 0.6931471805599453f;
 struct FusedParams {
   int dtype = 0;
   int64_t batch = 0, heads = 0, head_dim = 0, width = 0, tq = 0, tk = 0;
+  int64_t kv_heads = 0, kv_width = 0, group = 1;  // K/V heads, their row width KVH*D, H / KVH
   int64_t bs = 0, n_qb = 0, n_kb = 0;
   const void* q = nullptr;  // [B, Tq, H*D]
-  const void* k = nullptr;  // [B, Tk, H*D]
-  const void* v = nullptr;  // [B, Tk, H*D]
+  const void* k = nullptr;  // [B, Tk, KVH*D]: query head h reads K/V head h / group
+  const void* v = nullptr;  // [B, Tk, KVH*D]
   bool shared_layout = true;  // one layout (L = 1) serves every head
   const int32_t* row_ptr = nullptr;
   const int32_t* row_entries = nullptr;
@@ -40,6 +41,8 @@ struct FusedParams {
   const uint8_t* key_padding_mask = nullptr;  // [B, Tk], nonzero = real key; null = none
   const void* bias = nullptr;                 // [bias_batch, bias_heads, Tq, Tk]; null = none
   int64_t bias_batch = 0, bias_heads = 0;     // 1 (broadcast) or B, 1 or H
+  const int32_t* q_segment_ids = nullptr;     // [B, Tq] or null (then k_segment_ids is null too)
+  const int32_t* k_segment_ids = nullptr;     // [B, Tk]
   float scale = 1.0f;
   bool dropout = false;
   uint64_t dropout_key = 0;
@@ -65,31 +68,81 @@ __device__ __forceinline__ int64_t BiasIndex(const FusedParams& p, int64_t b, in
   return ((bb * p.bias_heads + hb) * p.tq + i) * p.tk + j;
 }
 
-// The gradient's CTA groups over (b, h): one head each without dbias, else one per dbias slice
-// (bb, hb), whose members are the heads that read it, walked in turn by one CTA so that each dbias
-// entry has one writer.
-__host__ __device__ __forceinline__ int64_t GradGroups(const FusedParams& p, bool with_dbias) {
-  return with_dbias ? p.bias_batch * p.bias_heads : p.batch * p.heads;
+// The channel offset of the K/V head that serves query head h in a [B, T, KVH*D] row.
+__host__ __device__ __forceinline__ int64_t KvCol(const FusedParams& p, int64_t h) {
+  return (h / p.group) * p.head_dim;
 }
 
-// The head b * H + h of member `member` (of batch * heads / GradGroups) of group `group`.
-__device__ __forceinline__ int64_t GroupMember(const FusedParams& p, bool with_dbias, int64_t group,
-                                               int64_t member) {
-  if (!with_dbias) return group;
-  const int64_t heads_per_slice = p.heads / p.bias_heads;
-  const int64_t b = p.bias_batch == 1 ? member / heads_per_slice : group / p.bias_heads;
-  const int64_t h = p.bias_heads == 1 ? member % heads_per_slice : group % p.bias_heads;
+// The gradient's CTA groups over (b, h): the smallest sets of heads closed under "writes the same
+// dK/dV" (one K/V head (b, h / group)) and, with dbias, "writes the same dbias slice"; a CTA walks
+// the members of its group in turn so that every dK/dV/dbias entry has one writer. Groups are
+// n_batch x n_heads: n_batch = 1 when the dbias broadcasts over the batch, else B; n_heads = 1
+// when it broadcasts over the heads, else KVH. Without grouping (KVH = H) a group is one head, or
+// one dbias slice (bb, hb) and the heads that read it.
+__host__ __device__ __forceinline__ int64_t GradGroupBatches(const FusedParams& p, bool with_dbias) {
+  return with_dbias && p.bias_batch == 1 ? 1 : p.batch;
+}
+__host__ __device__ __forceinline__ int64_t GradGroupHeads(const FusedParams& p, bool with_dbias) {
+  return with_dbias && p.bias_heads == 1 ? 1 : p.kv_heads;
+}
+__host__ __device__ __forceinline__ int64_t GradGroups(const FusedParams& p, bool with_dbias) {
+  return GradGroupBatches(p, with_dbias) * GradGroupHeads(p, with_dbias);
+}
+
+// The head b * H + h of member `member` (of batch * heads / GradGroups) of group `group`: batch-major,
+// the members of one K/V head consecutive.
+__host__ __device__ __forceinline__ int64_t GroupMember(const FusedParams& p, bool with_dbias, int64_t group,
+                                                        int64_t member) {
+  const int64_t n_batch = GradGroupBatches(p, with_dbias), n_heads = GradGroupHeads(p, with_dbias);
+  const int64_t heads_per_batch = p.heads / n_heads;
+  const int64_t b = n_batch == 1 ? member / heads_per_batch : group / n_heads;
+  const int64_t h = (n_heads == 1 ? 0 : (group % n_heads) * p.group) + member % heads_per_batch;
   return b * p.heads + h;
 }
 
+// The K/V head (b * KVH + h / group) that member `member` of group `group` reads.
+__host__ __device__ __forceinline__ int64_t MemberKvHead(const FusedParams& p, bool with_dbias, int64_t group,
+                                                         int64_t member) {
+  const int64_t bh = GroupMember(p, with_dbias, group, member);
+  return (bh / p.heads) * p.kv_heads + (bh % p.heads) / p.group;
+}
+
+// The [min, max] of the n segment ids at ids, to every lane of the warp.
+__device__ __forceinline__ int2 WarpIdRange(const int32_t* ids, int64_t n, int lane) {
+  int lo = 0x7fffffff, hi = -0x7fffffff - 1;
+  for (int64_t i = lane; i < n; i += 32) {
+    lo = min(lo, ids[i]);
+    hi = max(hi, ids[i]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  return make_int2(lo, hi);
+}
+
+// The [min, max] segment id of query block qb (keys: key block kb) of batch entry b, to every lane.
+__device__ __forceinline__ int2 QueryBlockIds(const FusedParams& p, int64_t b, int64_t qb, int lane) {
+  return WarpIdRange(p.q_segment_ids + b * p.tq + qb * p.bs, p.bs, lane);
+}
+__device__ __forceinline__ int2 KeyBlockIds(const FusedParams& p, int64_t b, int64_t kb, int lane) {
+  return WarpIdRange(p.k_segment_ids + b * p.tk + kb * p.bs, p.bs, lane);
+}
+
+// Whether two blocks' id ranges overlap (their segments can meet); a block whose segments cannot
+// meet is skipped: no loads, no products.
+__host__ __device__ __forceinline__ bool RangesMeet(int2 a, int2 b) { return a.x <= b.y && b.x <= a.y; }
+
 // What entry (query i, key j) of head (b, h) adds to its scaled score, in natural units: -inf
-// when the in-block mask (mask_row, key bj of the block) or the key padding drops it, else the
-// bias (0 without one).
+// when the in-block mask (mask_row, key bj of the block), the key padding or different segment ids
+// drop it, else the bias (0 without one).
 template <typename T>
 __device__ __forceinline__ float ScoreOffset(const FusedParams& p, int64_t b, int64_t h, int64_t i,
                                              int64_t j, const uint32_t* mask_row, int bj) {
   if (mask_row != nullptr && !((mask_row[bj >> 5] >> (bj & 31)) & 1u)) return -INFINITY;
   if (p.key_padding_mask != nullptr && p.key_padding_mask[b * p.tk + j] == 0) return -INFINITY;
+  if (p.q_segment_ids != nullptr && p.q_segment_ids[b * p.tq + i] != p.k_segment_ids[b * p.tk + j]) return -INFINITY;
   if (p.bias == nullptr) return 0.0f;
   return ToFloat(static_cast<const T*>(p.bias)[BiasIndex(p, b, h, i, j)]);
 }

@@ -9,7 +9,10 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
            block counts + Tq != Tk; bias [1, 1] + key padding + dlse; bias [1, H] + dropout + partial
            blocks with fully masked rows + empty rows; bias [B, 1] + key padding; NaN/Inf in v, k and
            bias at padded keys and under -inf bias columns (must reach nothing) and at attended keys
-           (NaN, +inf and -inf exactly where the float64 reference has them). Error = max |ours - ref| / max |ref|. float32 must stay
+           (NaN, +inf and -inf exactly where the float64 reference has them); grouped-query attention
+           (heads 4, kv_heads 2 with key padding + bias [1, H] + dropout + per-head layouts; kv_heads 1
+           with bias [B, 1] + dlse), packed sequences (segment ids, with key padding; with kv_heads 2 and
+           bias [B, H]; with NaN q at one segment's queries, which reaches no other segment). Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
   bench    bf16 forward (and forward+backward) of the fused op against FlexAttention with the same
@@ -45,10 +48,14 @@ from bsattn.fused_tables import (
 )
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias", "nan_masked")
-# The bias shape [Bb, Hb] of each variant (B, H = 2, 2): every broadcast combination appears.
+VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias", "nan_masked",
+            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan")
+# The bias shape [Bb, Hb] of each variant (B = 2, H = 2 or 4): every broadcast combination appears.
 BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
-               "batch_bias": (2, 1), "nan_masked": (2, 2)}
+               "batch_bias": (2, 1), "nan_masked": (2, 2), "gqa": (1, 4), "mqa": (2, 1), "segments_gqa_bias": (2, 4)}
+# (heads, kv_heads) of the grouped-query variants (the others: 2 heads, no grouping).
+GROUPS = {"gqa": (4, 2), "mqa": (4, 1), "segments_gqa_bias": (4, 2)}
+SEGMENTS = ("segments", "segments_gqa_bias", "segments_nan")
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -61,6 +68,7 @@ class FusedArgs(ctypes.Structure):
         ("row_entries", PTR), ("col_ptr", PTR), ("col_entries", PTR), ("masks", PTR),
         ("key_padding_mask", PTR), ("bias", PTR), ("bias_batch", I64), ("bias_heads", I64), ("scale", ctypes.c_float),
         ("dropout_rate", ctypes.c_float), ("seed", I64),
+        ("kv_heads", I64), ("q_segment_ids", PTR), ("k_segment_ids", PTR),
     ]
 
 
@@ -85,8 +93,10 @@ class DeviceCase:
     reused before the kernel reads it) and its FusedArgs. q, k, v: device tensors [B, T, H*D]."""
 
     def __init__(self, code: int, q, k, v, tables: FusedTables, heads: int, scale: float, kpm=None, bias=None,
-                 dropout_rate: float = 0.0, seed: int = 0):
+                 dropout_rate: float = 0.0, seed: int = 0, kv_heads: int = 0, q_ids=None, k_ids=None):
         self.tensors = {"q": q, "k": k, "v": v}
+        if q_ids is not None:
+            self.tensors["q_ids"], self.tensors["k_ids"] = dev(q_ids), dev(k_ids)
         for name in ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks"):
             self.tensors[name] = dev(getattr(tables, name))
         if self.tensors["masks"].numel() == 0:  # a valid pointer even without partial blocks
@@ -103,7 +113,8 @@ class DeviceCase:
             row_ptr=ptr("row_ptr"), row_entries=ptr("row_entries"), col_ptr=ptr("col_ptr"),
             col_entries=ptr("col_entries"), masks=ptr("masks"), key_padding_mask=ptr("kpm"), bias=ptr("bias"),
             bias_batch=0 if bias is None else bias.shape[0], bias_heads=0 if bias is None else bias.shape[1],
-            scale=scale, dropout_rate=dropout_rate, seed=seed)
+            scale=scale, dropout_rate=dropout_rate, seed=seed, kv_heads=kv_heads, q_segment_ids=ptr("q_ids"),
+            k_segment_ids=ptr("k_ids"))
 
 
 def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
@@ -126,26 +137,36 @@ def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked
 def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
     """Inputs of one check (float64 arrays holding values exactly representable in dtype)."""
     cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
-    batch, heads = 2, 2
-    n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows") else (4, 4)
-    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse", "nan_masked")
+    batch = 2
+    heads, kv_heads = GROUPS.get(variant, (2, 2))
+    n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "segments") else (4, 4)
+    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse", "nan_masked", "gqa", "segments_gqa_bias")
     tables = random_fused_tables(rng, bs, n_qb, n_kb, heads if per_head else 1, variant == "dropout_masked_rows")
-    tq, tk, width = n_qb * bs, n_kb * bs, heads * head_dim
+    tq, tk, width, kv_width = n_qb * bs, n_kb * bs, heads * head_dim, kv_heads * head_dim
     case = {
         "tables": tables, "heads": heads, "scale": float(np.float32(rng.uniform(0.5, 1.5) / math.sqrt(head_dim))),
-        "q": cast(rng.uniform(-1, 1, (batch, tq, width))), "k": cast(rng.uniform(-1, 1, (batch, tk, width))),
-        "v": cast(rng.uniform(-1, 1, (batch, tk, width))), "dout": cast(rng.uniform(-1, 1, (batch, tq, width))),
+        "q": cast(rng.uniform(-1, 1, (batch, tq, width))), "k": cast(rng.uniform(-1, 1, (batch, tk, kv_width))),
+        "v": cast(rng.uniform(-1, 1, (batch, tk, kv_width))), "dout": cast(rng.uniform(-1, 1, (batch, tq, width))),
         "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": int(rng.integers(0, 2**62)), "dlse": None,
+        "kv_heads": kv_heads, "q_ids": None, "k_ids": None,
     }
-    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias", "nan_masked"):
+    if variant in SEGMENTS:  # packed: 3 runs per batch entry, boundaries anywhere (inside blocks too)
+        case["q_ids"], case["k_ids"] = (np.stack([np.repeat(np.arange(3), np.diff(np.r_[0, np.sort(
+            rng.choice(np.arange(1, n), 2, replace=False)), n])) for _ in range(batch)]).astype(np.int32)
+            for n in (tq, tk))  # fmt: skip
+    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias", "nan_masked", "gqa", "segments"):
         case["kpm"] = rng.random((batch, tk)) < 0.8
     if variant in BIAS_SHAPES:
         case["bias"] = cast(rng.normal(0, 1, (*BIAS_SHAPES[variant], tq, tk)))
     if variant == "nan_masked":
         poison_masked(rng, case, bs)
-    if variant in ("padding_bias_dropout", "dropout_masked_rows"):
+    if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa"):
         case["dropout_rate"] = 0.25
-    if variant == "shared_bias_dlse":
+    if variant == "segments_nan":  # NaN q at the queries of segment 1 of batch entry 0: their rows turn NaN only
+        case["clean"] = {n: case[n] for n in ("q", "k", "v", "bias")}
+        case["q"] = case["q"].copy()
+        case["q"][0, case["q_ids"][0] == 1] = np.nan
+    if variant in ("shared_bias_dlse", "mqa"):
         case["dlse"] = rng.normal(0, 0.5, (batch, heads, tq)).astype(np.float32).astype(np.float64)
     return case
 
@@ -178,13 +199,17 @@ def dense_baseline(c: dict, dtype) -> dict:
     """The same attention computed densely by torch in `dtype` (autograd for the gradients): the error floor."""
     heads, tables = c["heads"], c["tables"]
     c = dict(c, **c.get("clean", {}))  # the error floor of the same case without poison
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+    split = lambda x, n=heads: x.view(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
+    group = heads // c["kv_heads"]
+    kv = lambda x: split(x, c["kv_heads"]).repeat_interleave(group, dim=1)  # K/V head h // group at head h
     q, k, v = (dev(c[n], dtype).requires_grad_() for n in ("q", "k", "v"))
     bias = None if c["bias"] is None else dev(c["bias"], dtype).requires_grad_()
     keep = dev(tables.token_mask())[None]  # [1, L, Tq, Tk]
     if c["kpm"] is not None:
         keep = keep & dev(c["kpm"])[:, None, None, :]
-    s = (split(q) @ split(k).transpose(-1, -2)) * c["scale"]
+    if c["q_ids"] is not None:
+        keep = keep & (dev(c["q_ids"])[:, None, :, None] == dev(c["k_ids"])[:, None, None, :])
+    s = (split(q) @ kv(k).transpose(-1, -2)) * c["scale"]
     if bias is not None:
         s = s + bias
     s = s.masked_fill(~keep, -float("inf"))
@@ -197,7 +222,7 @@ def dense_baseline(c: dict, dtype) -> dict:
     if c["dropout_rate"]:
         z = reference.dropout_keep_mask(c["seed"], c["dropout_rate"], *p.shape) / (1 - c["dropout_rate"])
         p = p * dev(z, dtype)
-    out = (p @ split(v)).transpose(1, 2).reshape(q.shape)
+    out = (p @ kv(v)).transpose(1, 2).reshape(q.shape)
     loss = (out.float() * dev(c["dout"])).sum()
     if c["dlse"] is not None:
         loss = loss + (lse * any_kept[..., 0] * dev(c["dlse"])).sum()
@@ -234,14 +259,14 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
     c = variant_inputs(rng, variant, dtype, bs, head_dim)
     case = DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
                       c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype), c["dropout_rate"],
-                      c["seed"])
+                      c["seed"], c["kv_heads"], c["q_ids"], c["k_ids"])
     batch, tq, width = c["q"].shape
     s = stream()
     out, lse = poisoned((batch, tq, width), dtype), poisoned((batch, c["heads"], tq), torch.float32)
     launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), s),
                     "fused_forward")
     kw = {"scale": c["scale"], "key_padding_mask": c["kpm"], "bias": c["bias"], "dropout_rate": c["dropout_rate"],
-          "seed": c["seed"]}
+          "seed": c["seed"], "kv_heads": c["kv_heads"], "q_segment_ids": c["q_ids"], "k_segment_ids": c["k_ids"]}
     ref_out, ref_lse = reference.fused_attention(c["q"], c["k"], c["v"], c["tables"], c["heads"], **kw)
 
     # The backward reads the forward's own out and lse, as in training.
@@ -273,13 +298,13 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
     return errors
 
 
-def check_all(launchers: FusedLaunchers, quick: bool) -> list[dict]:
+def check_all(launchers: FusedLaunchers, quick: bool, variants=VARIANTS) -> list[dict]:
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
     rows = []
     for dtype_name in DTYPES:
         for bs in (16, 64) if quick else BLOCK_SIZES:
             for head_dim in (24, 64) if quick else (24, 32, 64, 128):
-                for variant in VARIANTS:
+                for variant in variants:
                     for out_name, (ours, base) in run_check(launchers, rng, dtype_name, bs, head_dim, variant).items():
                         rows.append({"out": out_name, "dtype": dtype_name, "bs": bs, "D": head_dim, "variant": variant,
                                      "err": ours, "torch_err": base, "ok": passes(dtype_name, ours, base, 1e-4)})
@@ -434,10 +459,15 @@ def main() -> None:
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--compare", default="", help="comma list of other builds (.so) to time against --lib")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the check variants to run")
     args = parser.parse_args()
     launchers = FusedLaunchers(args.lib)
     start = time.time()
-    rows = [] if args.no_check else check_all(launchers, args.quick)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    rows = [] if args.no_check else check_all(launchers, args.quick, variants)
     failed = [r for r in rows if not r["ok"]]
     if rows:
         print(f"checks: {len(rows)} in {time.time() - start:.0f} s")

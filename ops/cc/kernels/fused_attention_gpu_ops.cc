@@ -1,8 +1,8 @@
 // GPU kernels of BsattnFusedAttention and BsattnFusedAttentionGrad: thin wrappers around
 // bsattn_fused_forward / bsattn_fused_backward (ops/cuda/bsattn_cuda.h). The tables and the seed
 // arrive in host memory and pass the CPU kernels' checks (fused_checks) before the tables are
-// copied to the device on the op's stream; masks, key padding mask and bias stay on the device
-// (their contents need no check). float64 stays CPU-only.
+// copied to the device on the op's stream; masks, key padding mask, bias and segment ids stay on
+// the device (their contents need no check). float64 stays CPU-only.
 #if GOOGLE_CUDA
 
 #include "ops/cc/kernels/fused_checks.h"
@@ -55,6 +55,11 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
     args->bias = FusedInput(ctx, "bias").data();
     args->bias_batch = d.bias_batch;
     args->bias_heads = d.bias_heads;
+  }
+  args->kv_heads = d.kv_heads;
+  if (a.has_segment_ids) {
+    args->q_segment_ids = FusedInput(ctx, "q_segment_ids").flat<int32_t>().data();
+    args->k_segment_ids = FusedInput(ctx, "k_segment_ids").flat<int32_t>().data();
   }
   args->scale = a.scale;
   args->dropout_rate = a.dropout_rate;

@@ -70,7 +70,8 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   d->kv_heads = a.kv_heads;
   d->kv_width = a.kv_heads * d->head_dim;
   if (q->dim_size(0) != k->dim_size(0) || k->dim_size(2) != d->kv_width) {
-    return Invalid(absl::StrCat("k must have q's batch ", d->batch, " and width kv_heads * head_dim = ", a.kv_heads,
+    return Invalid(absl::StrCat("q and k must have the same batch and width, with k's width kv_heads * head_dim = ",
+                                a.kv_heads,
                                 " * ", d->head_dim, " = ", d->kv_width, ", got q ", q->shape().DebugString(),
                                 " and k ", k->shape().DebugString()));
   }
