@@ -287,7 +287,7 @@ def test_python_errors(rng, case):
     kwargs, error, match = PY_ERRORS[case]
     tables, x = make_case(rng, tf.float32, 2)
     with pytest.raises(error, match=match):
-        fused_attention(x["q"], x["k"], x["v"], tables, H, **kwargs)
+        fused_attention(x["q"], x["k"], x["v"], tables, H, **{"kv_heads": 2, **kwargs})
 
 
 def _raw_inputs(tables, **changes):

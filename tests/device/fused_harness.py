@@ -308,6 +308,8 @@ def check_all(launchers: FusedLaunchers, quick: bool, variants=VARIANTS) -> list
                     for out_name, (ours, base) in run_check(launchers, rng, dtype_name, bs, head_dim, variant).items():
                         rows.append({"out": out_name, "dtype": dtype_name, "bs": bs, "D": head_dim, "variant": variant,
                                      "err": ours, "torch_err": base, "ok": passes(dtype_name, ours, base, 1e-4)})
+            done = [r for r in rows if r["dtype"] == dtype_name and r["bs"] == bs]
+            print(f"  {dtype_name} bs={bs}: {len(done)} checks, {sum(not r['ok'] for r in done)} failed", flush=True)
     return rows
 
 

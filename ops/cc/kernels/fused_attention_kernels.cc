@@ -713,7 +713,9 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
             // zeroed copies and the attended entries' products of those values are added exactly;
             // P and dS of masked entries are zeroed by select.
             const bool q_finite = AllFinite(q_tile, tile), do_finite = AllFinite(do_tile, tile);
-            const bool lse_finite = NoNaN(lse_shift + stat, bs);  // +inf: a row without a kept key
+            // A NaN lse or delta (a NaN row: an attended NaN score, or a NaN output from V) would turn
+            // the masked entries' P or dS = P (dP - delta) into NaN too.
+            const bool rows_finite = NoNaN(lse_shift + stat, bs) && AllFinite(delta + stat, bs);  // lse +inf: no key
             const Acc* q_use = q_rows;
             const Acc* do_use = do_rows;
             if (!q_finite) {
@@ -731,7 +733,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               ++computed;
               const int32_t e = walk.Entry(g);
               const int64_t k0 = (kb0 + g) * bs;
-              const bool exact = !v_finite[g] || !q_finite || !do_finite || !lse_finite;
+              const bool exact = !v_finite[g] || !q_finite || !do_finite || !rows_finite;
               MatMul(q_rows, d, kt + g * tile, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
               const int32_t mask_id = p.col_entries[2 * e + 1];
               ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, mask_id, s);
