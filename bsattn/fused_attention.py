@@ -252,8 +252,10 @@ def _check_activations(
         raise ValueError(f"q width {width} is not divisible by heads {heads}")
     kv_width = width // heads * kv_heads if width is not None else None
     if k.shape.rank and k.shape[-1] is not None and kv_width is not None and k.shape[-1] != kv_width:
+        batch = "?" if not q.shape.rank or q.shape[0] is None else q.shape[0]
         raise ValueError(
-            f"k must have width kv_heads * head_dim = {kv_heads} * {width // heads} = {kv_width}, got shape {k.shape}"
+            f"k must have shape [{batch}, {tables.n_k}, {kv_width}] (width kv_heads * head_dim = {kv_heads} * "
+            f"{width // heads}), got shape {k.shape}"
         )
     _check_static_shape(k, "k", [q.shape[0] if q.shape.rank else None, tables.n_k, kv_width])
     _check_static_shape(v, "v", k.shape.as_list() if k.shape.rank else [None, tables.n_k, None])

@@ -270,7 +270,7 @@ def test_cross_segment_blocks_are_not_computed(rng):
 PY_ERRORS = {
     "kv_heads_not_dividing": ({"kv_heads": 3}, ValueError, r"kv_heads=3 must divide heads=4"),
     "kv_heads_zero": ({"kv_heads": 0}, ValueError, r"kv_heads must be a positive integer"),
-    "k_width": ({"kv_heads": 1}, ValueError, r"k must have width kv_heads \* head_dim = 1 \* 8 = 8"),
+    "k_width": ({"kv_heads": 1}, ValueError, r"k must have shape \[2, 64, 8\] \(width kv_heads \* head_dim = 1 \* 8\)"),
     "only_q_ids": ({"q_segment_ids": np.zeros((B, 64), np.int32)}, ValueError,
                    r"q_segment_ids was given without k_segment_ids"),
     "only_k_ids": ({"k_segment_ids": np.zeros((B, 64), np.int32)}, ValueError,
@@ -351,3 +351,24 @@ def test_xla_fallback_matches(rng, kv_heads):
     assert_close_rel(out, want[0], name="out")
     for name, g, r in zip(("dq", "dk", "dv", "dbias"), grads, want[2]):
         assert_close_rel(g, r, name=name)
+
+
+# ---- blocksparse_attention_impl -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["all", "strided"])
+def test_blocksparse_attention_impl_takes_kv_heads(rng, mode):
+    """Grouped K/V through sparse_attention's function: both engines equal the ungrouped call on repeated heads."""
+    from bsattn import blocksparse_attention_impl
+
+    q = uniform(rng, [B, 64, H * D], tf.float64)
+    k, v = uniform(rng, [B, 64, 2 * D], tf.float64), uniform(rng, [B, 64, 2 * D], tf.float64)
+    kw = dict(heads=H, attn_mode=mode, local_attn_ctx=4 if mode == "strided" else None, blocksize=16)
+    want = blocksparse_attention_impl(q, _repeat_heads(k, 2), _repeat_heads(v, 2), **kw)
+    for engine in ("fused", "unfused"):
+        got = blocksparse_attention_impl(q, k, v, kv_heads=2, engine=engine, **kw)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12, err_msg=engine)
+    with pytest.raises(ValueError, match=r"kv_heads=3 must divide heads=4"):
+        blocksparse_attention_impl(q, k, v, kv_heads=3, **kw)
+    with pytest.raises(ValueError, match=r"k width 16 must be kv_heads \* head_dim = 1 \* 8"):
+        blocksparse_attention_impl(q, k, v, kv_heads=1, **kw)
