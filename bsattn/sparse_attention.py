@@ -85,7 +85,8 @@ def _check_attention_args(
         width = x.shape[-1] if x.shape.rank else None
         if width is not None and width % n_heads:
             raise ValueError(f"{name} width {width} is not divisible by heads {n_heads}")
-        if name != "q" and None not in (width, q_width) and q_width % heads == 0 and width != q_width // heads * kv_heads:
+        grouped_width = None if q_width is None or q_width % heads else q_width // heads * kv_heads
+        if name != "q" and None not in (width, grouped_width) and width != grouped_width:
             raise ValueError(f"{name} width {width} must be kv_heads * head_dim = {kv_heads} * {q_width // heads}")
         if x.shape.rank and q.shape.rank and None not in (x.shape[1], q.shape[1]) and x.shape[1] != q.shape[1]:
             raise ValueError(f"{name} has length {x.shape[1]} but q has {q.shape[1]}: q, k and v must have one length")

@@ -823,7 +823,9 @@ class SparseGroupedQueryAttention(keras.layers.GroupQueryAttention):
         mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
         t, s, bs = query.shape[1], key.shape[1], self.sparsity_config.block
         if t is None or s is None:
-            raise ValueError(f"{self.name}: return_attention_scores needs static lengths, got {query.shape}, {key.shape}")
+            raise ValueError(
+                f"{self.name}: return_attention_scores needs static lengths, got {query.shape}, {key.shape}"
+            )
         pattern = self._pattern(use_causal_mask)
         allowed = tf.constant(pattern.token_mask(_round_up(t, bs), _round_up(s, bs))[None, :, :t, :s])
         mask = allowed if mask is None else mask & allowed

@@ -61,8 +61,12 @@ __device__ __forceinline__ float Dot(const float* a, const float* b, int n) {
 struct HeadView {
   int64_t len, width, col;
 };
-__device__ __forceinline__ HeadView QueryView(const FusedParams& p, int64_t h) { return {p.tq, p.width, h * p.head_dim}; }
-__device__ __forceinline__ HeadView KeyView(const FusedParams& p, int64_t h) { return {p.tk, p.kv_width, KvCol(p, h)}; }
+__device__ __forceinline__ HeadView QueryView(const FusedParams& p, int64_t h) {
+  return {p.tq, p.width, h * p.head_dim};
+}
+__device__ __forceinline__ HeadView KeyView(const FusedParams& p, int64_t h) {
+  return {p.tk, p.kv_width, KvCol(p, h)};
+}
 
 // Row t of head view `at` of x as float into dst[0, D).
 template <typename T>

@@ -465,7 +465,8 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
           // acc = alpha acc + P V: the online softmax's rescaling folded into the product.
           MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
           if (!v_finite) {  // st is P^T: w(i, j) = st[j * bs + i]
-            AddNonFiniteProducts(p, Rows(p.v, kv, b, k0), kv.width, b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile, d);
+            AddNonFiniteProducts(p, Rows(p.v, kv, b, k0), kv.width, b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile,
+                                 d);
           }
         }
       }
