@@ -12,9 +12,11 @@ Columns (B = 1, H = 8, D = 64, float32, causal; every case in a fresh process wi
 
 The torch columns run in another interpreter (``--torch-python``, default ``$BSATTN_TORCH_PYTHON`` or
 /tmp/torchenv/bin/python) that has torch and memory-efficient-attention-pytorch; they are skipped with a
-message when it is missing. Time: the median of 3 calls after a warm-up call for T <= 8192, one call after
-the warm-up above. Peak memory: the process's peak resident set (ru_maxrss) and that minus the resident set
-after the inputs were made ("+MB"); one process per (column, T) runs the forward first, then forward+backward.
+message when it is missing. Time: the fastest of 5 calls (3 for T = 8192) after a warm-up call, one call
+above 8192 (the fastest is the least disturbed by other processes on a shared machine). The columns of one
+T run one after the other, before the next T, and each case records the load average before and after.
+Peak memory: the process's peak resident set (ru_maxrss) and that minus the resident set after the inputs
+were made ("+MB"); one process per (column, T) runs the forward first, then forward+backward.
 A case that fails (out of memory: killed) or whose time or memory is projected past ``--limit`` seconds or
 ``--max-mb`` (x4 per doubling of T from the previous length) is reported as such.
 
@@ -31,7 +33,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -58,12 +59,12 @@ def measure(fn, t: int) -> dict:
     if t <= 8192:
         fn()  # warm-up (and tracing)
     times = []
-    for _ in range(3 if t <= 8192 else 1):
+    for _ in range(5 if t <= 4096 else 3 if t <= 8192 else 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": statistics.median(times), "peak_mb": peak, "base_mb": base}
+    return {"seconds": min(times), "peak_mb": peak, "base_mb": base}
 
 
 def tf_worker(column: str, t: int, limit: float) -> dict:
@@ -225,23 +226,29 @@ def main() -> None:
                   "torch and memory_efficient_attention_pytorch", flush=True)  # fmt: skip
             columns = [c for c in columns if c not in TORCH_COLUMNS]
 
+    # Lengths outside, columns inside: the columns of one T run minutes apart, under the same load.
     results: dict = {}
-    for column in columns:
-        previous = None
-        for t in sorted(args.lengths):
-            if previous is not None and previous["status"] != "ok":
+    previous: dict = {}  # column -> its last measured forward (with "t" and "grown_mb")
+    for t in sorted(args.lengths):
+        for column in columns:
+            last = previous.get(column)
+            if last is not None and last["status"] != "ok":
                 case = {mode: {"status": "skipped (smaller T failed)"} for mode in MODES}
-            elif previous is not None and previous["seconds"] * (t / previous["t"]) ** 2 > args.limit:
+            elif last is not None and last["seconds"] * (t / last["t"]) ** 2 > args.limit:
                 case = {mode: {"status": f"skipped (> {args.limit:.0f} s)"} for mode in MODES}
-            elif previous is not None and previous["grown_mb"] * (t / previous["t"]) ** 2 > args.max_mb:
+            elif last is not None and last["grown_mb"] * (t / last["t"]) ** 2 > args.max_mb:
                 case = {mode: {"status": f"skipped (> {args.max_mb / 1000:.0f} GB)"} for mode in MODES}
             else:
                 python = args.torch_python if column in TORCH_COLUMNS else sys.executable
+                load_before = os.getloadavg()[0]
                 case = run_case(python, column, t, args.limit)
-                previous = {**case["fwd"], "t": t}
-                if previous["status"] == "ok":
-                    last = case["fwd+bwd"] if case["fwd+bwd"]["status"] == "ok" else case["fwd"]
-                    previous["grown_mb"] = last["peak_mb"] - last["base_mb"]
+                for mode in MODES:
+                    case[mode]["load"] = [load_before, os.getloadavg()[0]]
+                last = {**case["fwd"], "t": t}
+                if last["status"] == "ok":
+                    ran = case["fwd+bwd"] if case["fwd+bwd"]["status"] == "ok" else case["fwd"]
+                    last["grown_mb"] = ran["peak_mb"] - ran["base_mb"]
+                previous[column] = last
             for mode in MODES:
                 results[f"{column}|{t}|{mode}"] = case[mode]
                 shown = {k: v for k, v in case[mode].items() if k != "stderr"}

@@ -515,7 +515,10 @@ def test_mirrored_matches_default(tmp_path):
     assert out["mirrored"]["valid"] == pytest.approx(out["default"]["valid"], rel=1e-5)
 
 
-_KILLED_CHILD = """
+# One process imports TensorFlow once (≈ 5 s here) and forks a child per run: a fork before any TF op has run
+# starts a fresh TF runtime in the child, and a SIGKILL ends only that child. The driver prints each child's
+# exit status and the last child's result.
+_KILLING_DRIVER = """
 import json, os, signal, sys, threading
 sys.path.insert(0, {root!r})
 import tensorflow as tf
@@ -523,28 +526,36 @@ from tensorflow.python.checkpoint import checkpoint_management
 from examples.enwik8 import data as data_lib, train as train_lib
 from examples.enwik8.config import Config
 
-mode, at = sys.argv[1], int(sys.argv[2])
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
-if mode == "after_step":  # right after step `at`, before its checkpoint
-    update = train_lib.Progress.update
-    train_lib.Progress.update = lambda self, step, *a: die() if step == at else update(self, step, *a)
-elif mode == "in_save":  # during the save of step `at`: the data files are being written
-    save = train_lib.Trainer.save
-    def killing_save(self):
-        if int(self.step.numpy()) == at:
-            threading.Timer(0.002, die).start()
-        return save(self)
-    train_lib.Trainer.save = killing_save
-elif mode == "before_state":  # step `at`'s files written, the manager's state file not yet updated
-    record = checkpoint_management.update_checkpoint_state_internal
-    def killing_record(*args, **kwargs):
-        if "ckpt-%d" % at in str(kwargs.get("model_checkpoint_path", args[1] if len(args) > 1 else "")):
-            die()
-        return record(*args, **kwargs)
-    checkpoint_management.update_checkpoint_state_internal = killing_record
-cfg = Config(**json.loads({settings!r}))
-results = train_lib.run(cfg, data_lib.load_bytes(None)[:400_000])
-print("RESULT " + json.dumps({{"start": results["start_step"], "losses": [float(x) for x in results["losses"]]}}))
+
+
+def arm(mode, at):
+    if mode == "in_save":  # during the save of step `at`: the data files are being written
+        save = train_lib.Trainer.save
+        def killing_save(self):
+            if int(self.step.numpy()) == at:
+                threading.Timer(0.002, die).start()
+            return save(self)
+        train_lib.Trainer.save = killing_save
+    elif mode == "before_state":  # step `at`'s files written, the manager's state file not yet updated
+        record = checkpoint_management.update_checkpoint_state_internal
+        def killing_record(*args, **kwargs):
+            if "ckpt-%d" % at in str(kwargs.get("model_checkpoint_path", args[1] if len(args) > 1 else "")):
+                die()
+            return record(*args, **kwargs)
+        checkpoint_management.update_checkpoint_state_internal = killing_record
+
+
+for mode, at in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        arm(mode, at)
+        results = train_lib.run(Config(**json.loads({settings!r})), data_lib.load_bytes(None)[:400_000])
+        print("RESULT " + json.dumps({{"start": results["start_step"], "losses": [float(x) for x in results["losses"]]}}),
+              flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("STATUS " + json.dumps([mode, os.waitstatus_to_exitcode(status)]), flush=True)
 """
 
 
@@ -556,14 +567,15 @@ def test_sigkill_at_any_moment_resumes_the_same_loss_curve(tmp_path, corpus):
     expected = train_lib.Trainer(tiny(tmp_path / "straight", **{k: settings[k] for k in ("ckpt_every", "resid_pdrop")}),
                                  data_lib.split(corpus), log=quiet).train()
     assert len(expected) == 8
-    script = _KILLED_CHILD.format(root=str(Path(__file__).resolve().parents[1]), settings=json.dumps(settings))
+    script = _KILLING_DRIVER.format(root=str(Path(__file__).resolve().parents[1]), settings=json.dumps(settings))
+    runs = [("in_save", 4), ("before_state", 6), ("none", 0)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    for mode, at in (("in_save", 4), ("before_state", 6)):
-        proc = subprocess.run([sys.executable, "-c", script, mode, str(at)], capture_output=True, text=True, env=env, check=False)
-        assert proc.returncode == -9, f"{mode}: expected SIGKILL, got {proc.returncode}:\n{proc.stderr[-2000:]}"
-    proc = subprocess.run([sys.executable, "-c", script, "none", "0"], capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, env=env,
+                          check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT ")[-1])
+    statuses = [json.loads(line[len("STATUS "):]) for line in proc.stdout.splitlines() if line.startswith("STATUS ")]
+    assert statuses == [["in_save", -9], ["before_state", -9], ["none", 0]], (statuses, proc.stderr[-2000:])
+    result = json.loads(proc.stdout.split("RESULT ")[-1].splitlines()[0])
     # The last complete checkpoint before the kill at step 6's state update is ckpt-4 (or ckpt-6 had the kill come
     # after the state file): never a half-written one.
     assert result["start"] in (4, 6)

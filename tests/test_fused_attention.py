@@ -774,6 +774,30 @@ def test_lse_of_a_nan_row_is_nan(rng, dtype):
     assert_nan_aware(got, run_reference(bad, tables, H), dtype)
 
 
+@pytest.mark.parametrize("tq,tk", [(0, 16), (16, 0), (0, 0)], ids=["tq0", "tk0", "both0"])
+def test_zero_lengths_of_the_raw_ops(rng, tq, tk):
+    """Tq = 0 or Tk = 0 through the raw CPU ops (tables built by hand: the table builders need positive lengths):
+    empty outputs of the right shapes; with no key every row is empty: output 0, lse -inf, gradients 0."""
+    n_qb, n_kb = tq // BS, tk // BS
+    x = forward_inputs(
+        q=tf.constant(rng.standard_normal((1, tq, H * D)), tf.float32),
+        k=tf.constant(rng.standard_normal((1, tk, H * D)), tf.float32),
+        v=tf.constant(rng.standard_normal((1, tk, H * D)), tf.float32),
+        row_ptr=np.zeros((1, n_qb + 1), np.int32), row_entries=np.zeros((0, 2), np.int32),
+        key_padding_mask=tf.ones([1, tk], tf.bool), bias=tf.zeros([1, 1, tq, tk]), dropout_rate=0.0)
+    out, lse = load_ops().bsattn_fused_attention(**x)
+    assert out.shape == (1, tq, H * D) and lse.shape == (1, H, tq)
+    np.testing.assert_array_equal(out.numpy(), 0)
+    assert np.isneginf(lse.numpy()).all()
+    dout = tf.constant(rng.standard_normal(out.shape), tf.float32)
+    grads = load_ops().bsattn_fused_attention_grad(**dict(
+        x, out=out, lse=lse, dout=dout, dlse=tf.ones_like(lse), col_ptr=np.zeros((1, n_kb + 1), np.int32),
+        col_entries=np.zeros((0, 2), np.int32), has_dlse=True))
+    for grad, like in zip(grads, (x["q"], x["k"], x["v"], x["bias"])):
+        assert grad.shape == like.shape
+        np.testing.assert_array_equal(grad.numpy(), 0)
+
+
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16, tf.float64],
                          ids=["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("bias", [None, (1, H), (1, 1), (0, H)], ids=["no_bias", "bias_1xH", "bias_1x1", "bias_0xH"])

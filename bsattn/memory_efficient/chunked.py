@@ -10,7 +10,7 @@ chunks are never computed. Only ``out`` and the log-normaliser ``lse = m + log(l
 The gradient (``tf.custom_gradient``) recomputes every chunk's scores from ``q, k, lse``: ``p = exp(s - lse)``,
 ``ds = p·(z·dO·vᵀ - rowsum(dO·out))`` (z: dropout's keep scale). One pass over query chunks gives ``dq`` (and the
 bias gradient), one over key chunks gives ``dk, dv`` — no scatter into a shared buffer, nothing of size
-``[i, j]`` unless the bias itself is. ``eps`` enters exactly: ``out = acc / (l + eps)``, and its gradient is
+``[i, j]`` unless the bias itself is. With a single key chunk the first pass accumulates ``dk, dv`` too. ``eps`` enters exactly: ``out = acc / (l + eps)``, and its gradient is
 that of ``exp(s - lse)`` with the same ``lse``.
 
 Computes in float32 (float64 for float64 inputs); returns the dtype of ``q``.
@@ -196,8 +196,10 @@ def _grad_tile(spec: _Spec, t: _Tensors, g: _Saved, qi, kc):
     return (p if z is None else p * z), ds
 
 
-def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None):
-    """``dq [n_qc, B, H, qb, D]`` (unscaled) and the bias gradient ``[b|1, h|1, I, J]`` (padded lengths)."""
+def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None, with_kv: bool = False):
+    """``dq [n_qc, B, H, qb, D]`` (unscaled), the bias gradient ``[b|1, h|1, I, J]`` (padded lengths) and, with
+    ``with_kv`` (one key chunk: ``n_kc == 1``), ``dk, dv [1, B, H, kb, D]`` accumulated in the same pass, which
+    saves ``_grad_kv``'s second computation of every tile's scores; else ``None, None``."""
     dtype = t.q.dtype
     rows = bias_shape is not None and bias_shape[2] != 1
     cols = bias_shape is not None and bias_shape[3] != 1
@@ -210,13 +212,16 @@ def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None):
         b = 1 if bias_shape[0] == 1 else batch
         return [b, bias_shape[1], spec.qb if rows else 1]
 
-    def row(qi):
-        def body(kc, dq, db):
-            _, ds = _grad_tile(spec, t, g, qi, kc)
+    def row(qi, dk, dv):
+        def body(kc, dq, db, dk, dv):
+            pz, ds = _grad_tile(spec, t, g, qi, kc)
             dq = dq + tf.matmul(ds, t.k[kc])
             if bias_shape is not None:
                 db = db.write(kc, bias_tile(ds)) if cols else db + bias_tile(ds)
-            return kc + 1, dq, db
+            if with_kv:  # kc is 0: the only key chunk
+                dv = dv + tf.matmul(pz, g.do[qi], transpose_a=True)
+                dk = dk + tf.matmul(ds, t.q[qi], transpose_a=True)
+            return kc + 1, dq, db, dk, dv
 
         batch = tf.shape(t.q)[1]
         if bias_shape is None:
@@ -226,20 +231,20 @@ def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None):
         else:
             db0 = tf.zeros(tile_shape(batch) + [1], dtype)
         n = _key_chunks_of(spec, qi)
-        init = (tf.constant(0), tf.zeros_like(t.q[qi]), db0)
-        _, dq, db = tf.while_loop(lambda kc, *_: kc < n, body, init, parallel_iterations=1)
+        init = (tf.constant(0), tf.zeros_like(t.q[qi]), db0, dk, dv)
+        _, dq, db, dk, dv = tf.while_loop(lambda kc, *_: kc < n, body, init, parallel_iterations=1)
         if bias_shape is not None and cols:
             zeros = tf.zeros(tile_shape(batch) + [spec.kb], dtype)  # the future chunks' gradient
             _, db = tf.while_loop(lambda kc, _: kc < spec.n_kc, lambda kc, db: (kc + 1, db.write(kc, zeros)), (n, db))
             db = tf.transpose(db.stack(), [1, 2, 3, 0, 4])  # [n_kc, b, h, qb|1, kb] → [b, h, qb|1, n_kc*kb]
             db = tf.reshape(db, tf.concat([tf.shape(db)[:3], [spec.n_kc * spec.kb]], 0))
-        return dq, db
+        return dq, db, dk, dv
 
-    def body(qi, dqs, dbs):
-        dq, db = row(qi)
+    def body(qi, dqs, dbs, dk, dv):
+        dq, db, dk, dv = row(qi, dk, dv)
         if bias_shape is not None:
             dbs = dbs.write(qi, db) if rows else dbs + db
-        return qi + 1, dqs.write(qi, dq), dbs
+        return qi + 1, dqs.write(qi, dq), dbs, dk, dv
 
     if bias_shape is None:
         dbs0 = tf.zeros([])
@@ -249,13 +254,13 @@ def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None):
         width = spec.n_kc * spec.kb if cols else 1
         dbs0 = tf.zeros(tile_shape(tf.shape(t.q)[1]) + [width], dtype)
     dqs = tf.TensorArray(dtype, size=spec.n_qc, element_shape=t.q.shape[1:])
-    _, dqs, dbs = tf.while_loop(lambda qi, *_: qi < spec.n_qc, body, (tf.constant(0), dqs, dbs0),
-                                parallel_iterations=1)  # fmt: skip
-    if bias_shape is None:
-        return dqs.stack(), None
+    kv0 = tf.zeros_like(t.k[0]) if with_kv else tf.zeros([], dtype)  # a placeholder without with_kv
+    _, dqs, dbs, dk, dv = tf.while_loop(lambda qi, *_: qi < spec.n_qc, body, (tf.constant(0), dqs, dbs0, kv0, kv0),
+                                        parallel_iterations=1)  # fmt: skip
     if rows:  # [n_qc, b, h, qb, J] → [b, h, n_qc*qb, J]
         dbs = _unchunk(dbs.stack())
-    return dqs.stack(), dbs
+    kv = (dk[None], dv[None]) if with_kv else (None, None)
+    return dqs.stack(), None if bias_shape is None else dbs, *kv
 
 
 def _grad_kv(spec: _Spec, t: _Tensors, g: _Saved):
@@ -339,8 +344,9 @@ def chunked_attention(
             do = _chunks(tf.cast(dout, compute), n_qc, qb)
             lse = tf.where(tf.math.is_inf(lse_c), tf.zeros([], compute), lse_c)
             g = _Saved(do, lse, tf.reduce_sum(do * out_c, -1))
-            dq, dbias = _grad_q(spec, t, g, bias_shape)
-            dk, dv = _grad_kv(spec, t, g)
+            dq, dbias, dk, dv = _grad_q(spec, t, g, bias_shape, with_kv=n_kc == 1)
+            if n_kc > 1:
+                dk, dv = _grad_kv(spec, t, g)
             dq = _unchunk(dq)[:, :, : x.n_q] * tf.constant(scale, compute)
             dk, dv = (_unchunk(d)[:, :, : x.n_k] for d in (dk, dv))
             grads = [tf.cast(dq, q.dtype), tf.cast(dk, k.dtype), tf.cast(dv, v.dtype)]

@@ -14,13 +14,12 @@
 #include "ops/cuda/bsattn_cuda.h"
 #include "ops/cuda/cuda_common.cuh"
 
+// In bsattn_cuda (as every bsattn kernel): the project's kernels are told apart from library ones by that
+// name, e.g. by compute-sanitizer's --kernel-name kns=bsattn_cuda (tests/device/run.sh).
+namespace bsattn_cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-using bsattn_cuda::FromFloat;
-using bsattn_cuda::LastError;
-using bsattn_cuda::ToFloat;
 
 // One CTA per output block (blk, h, n). The bs x bs tile is accumulated over head_dim in chunks
 // of kChunk columns staged in shared memory (rows padded by one float: no bank conflicts).
@@ -509,6 +508,18 @@ struct DsdMixedWeightsRunner {
 bool IsBlockSize(int64_t bs) { return bs == 8 || bs == 16 || bs == 32 || bs == 64 || bs == 128; }
 
 }  // namespace
+}  // namespace bsattn_cuda
+
+using bsattn_cuda::Dispatch;
+using bsattn_cuda::DsdMixedWeightsRunner;
+using bsattn_cuda::DsdRunner;
+using bsattn_cuda::GridFits;
+using bsattn_cuda::IsBlockSize;
+using bsattn_cuda::kRowsPerCta;
+using bsattn_cuda::LastError;
+using bsattn_cuda::MaskedSoftmaxGradKernel;
+using bsattn_cuda::MaskedSoftmaxKernel;
+using bsattn_cuda::NtRunner;
 
 extern "C" {
 

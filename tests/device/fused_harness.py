@@ -100,7 +100,7 @@ class DeviceCase:
         for name in ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks"):
             self.tensors[name] = dev(getattr(tables, name))
         if self.tensors["masks"].numel() == 0:  # a valid pointer even without partial blocks
-            self.tensors["masks"] = torch.zeros(1, dtype=torch.int32, device="cuda")
+            self.tensors["masks"] = dev(np.zeros(1, np.int32))
         if kpm is not None:
             self.tensors["kpm"] = dev(np.asarray(kpm, np.uint8))
         if bias is not None:
@@ -276,7 +276,7 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
     dbias = None if c["bias"] is None else poisoned(c["bias"].shape, dtype)
     with_dbias = int(dbias is not None)
     ws_bytes = launchers.lib.bsattn_fused_backward_workspace(ctypes.byref(case.args), with_dbias)
-    workspace = torch.full((max(ws_bytes, 4) // 4,), float("nan"), dtype=torch.float32, device="cuda")
+    workspace = poisoned((max(ws_bytes, 4) // 4,), torch.float32)
     launchers.check(launchers.lib.bsattn_fused_backward(
         ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), dout_d.data_ptr(),
         None if dlse_d is None else dlse_d.data_ptr(), grads["q"].data_ptr(), grads["k"].data_ptr(),

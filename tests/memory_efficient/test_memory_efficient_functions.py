@@ -130,7 +130,9 @@ def test_dtypes(name, dtype, rng):
     check_against_reference(name, CASES["all"], rng, dtype, baseline)
 
 
-def test_fused_equals_chunked_with_dropout(rng):
+@pytest.mark.parametrize("buckets", [(8, 16), (8, 64)], ids=["several_key_chunks", "one_key_chunk"])
+def test_fused_equals_chunked_with_dropout(rng, buckets):
+    """One key chunk takes the chunked engine's single-pass backward (dk, dv with dq), several the two passes."""
     n_q, n_k, rate, seed = 21, 45, 0.3, 1234
     (q, k, v), bias = inputs(rng, n_q, n_k, tf.float32, (B, H, n_q, n_k))
     mask = make_mask(rng, "key", n_q, n_k)
@@ -142,7 +144,7 @@ def test_fused_equals_chunked_with_dropout(rng):
     results = {}
     for engine in ("fused", "chunked"):
         results[engine] = with_grads(
-            lambda e=engine: bsattn.memory_efficient_attention(q, k, v, mask, True, bias, 8, 16, dropout=rate,
+            lambda e=engine: bsattn.memory_efficient_attention(q, k, v, mask, True, bias, *buckets, dropout=rate,
                                                                training=True, engine=e, seed=seed),
             [q, k, v, bias], dout,
         )  # fmt: skip
