@@ -28,8 +28,8 @@ struct FusedParams {
   int64_t batch = 0, heads = 0, head_dim = 0, width = 0, tq = 0, tk = 0;
   int64_t bs = 0, n_qb = 0, n_kb = 0;
   const void* q = nullptr;  // [B, Tq, H*D]
-  const void* k = nullptr;  // [B, Tk, H*D]
-  const void* v = nullptr;  // [B, Tk, H*D]
+  const void* k = nullptr;  // [B, Tk, KVH*D]
+  const void* v = nullptr;  // [B, Tk, KVH*D]
   bool shared_layout = true;  // one layout (L = 1) serves every head
   const int32_t* row_ptr = nullptr;
   const int32_t* row_entries = nullptr;
@@ -41,6 +41,9 @@ struct FusedParams {
   const void* bias = nullptr;                 // [bias_batch, bias_heads, Tq, Tk]; null = none
   int64_t bias_batch = 0, bias_heads = 0;     // 1 (broadcast) or B, 1 or H
   float scale = 1.0f;
+  int64_t kv_heads = 0, kv_width = 0;          // K/V heads (heads when not grouped), kv_heads * head_dim
+  const int32_t* q_segment_ids = nullptr;      // [B, Tq] or null (then k_segment_ids is null too)
+  const int32_t* k_segment_ids = nullptr;      // [B, Tk]
   bool dropout = false;
   uint64_t dropout_key = 0;
   uint32_t dropout_threshold = 0;
@@ -111,11 +114,27 @@ __device__ __forceinline__ float DropoutFactor(const FusedParams& p, int64_t b, 
 // is not one it handles (dtype, block size, head dim, alignment); the SIMT kernel runs instead.
 bool LaunchForwardMma(const FusedParams& p, void* out, float* lse, cudaStream_t stream);
 
+// The tensor-core backward's buffers: dbias (or null) is the float32 accumulator; dq_acc a float32
+// [B, Tq, H*D] buffer for the atomic dQ (unused when deterministic); seg_ranges the per-block
+// segment-id ranges [B, nQb] then [B, nKb] (min, max), or null without segment ids.
+struct GradMmaBuffers {
+  const void* out = nullptr;
+  const void* dout = nullptr;
+  const float* lse = nullptr;
+  const float* delta = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dbias = nullptr;
+  float* dq_acc = nullptr;
+  const int2* seg_ranges = nullptr;
+  bool deterministic = false;
+};
+
 // Tensor-core backward (fused_attention_mma_grad.cu), after delta = rowsum(dout * out) - dlse is
-// in place; dbias (or null) is the float32 accumulator. Returns false, launching nothing, when the
-// case is not one it handles; the SIMT kernels run instead.
-bool LaunchGradMma(const FusedParams& p, const void* out, const void* dout, const float* lse, const float* delta,
-                   void* dq, void* dk, void* dv, float* dbias, cudaStream_t stream);
+// in place. Returns false, launching nothing, when the case is not one it handles; the SIMT
+// kernels run instead.
+bool LaunchGradMma(const FusedParams& p, const GradMmaBuffers& g, cudaStream_t stream);
 
 }  // namespace bsattn_cuda
 

@@ -50,6 +50,9 @@ VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked
 BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
                "batch_bias": (2, 1), "nan_masked": (2, 2)}
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
+# Checked outputs: _det = the deterministic backward (BSATTN_BACKWARD_DETERMINISTIC), det_repeat = two such runs
+# bit for bit; the gqa_segments rows check dq/dk/dv (both modes) only.
+OUTPUTS = ("out", "lse", "dq", "dk", "dv", "dbias", "dq_det", "dk_det", "dv_det", "dbias_det", "det_repeat")
 
 
 class FusedArgs(ctypes.Structure):
@@ -60,7 +63,8 @@ class FusedArgs(ctypes.Structure):
         ("block_size", I64), ("q", PTR), ("k", PTR), ("v", PTR), ("layout_heads", I64), ("row_ptr", PTR),
         ("row_entries", PTR), ("col_ptr", PTR), ("col_entries", PTR), ("masks", PTR),
         ("key_padding_mask", PTR), ("bias", PTR), ("bias_batch", I64), ("bias_heads", I64), ("scale", ctypes.c_float),
-        ("dropout_rate", ctypes.c_float), ("seed", I64),
+        ("dropout_rate", ctypes.c_float), ("seed", I64), ("kv_heads", I64), ("q_segment_ids", PTR),
+        ("k_segment_ids", PTR),
     ]
 
 
@@ -73,6 +77,7 @@ class FusedLaunchers:
         lib.bsattn_fused_backward_workspace.argtypes = [args, ctypes.c_int]
         lib.bsattn_fused_backward_workspace.restype = I64
         lib.bsattn_fused_backward.argtypes = [args] + [PTR] * 8 + [PTR, I64, PTR]
+        lib.bsattn_fused_backward_ex.argtypes = [args] + [PTR] * 8 + [PTR, I64, ctypes.c_int, PTR]
         self.lib = lib
 
     def check(self, code: int, what: str) -> None:
@@ -85,8 +90,11 @@ class DeviceCase:
     reused before the kernel reads it) and its FusedArgs. q, k, v: device tensors [B, T, H*D]."""
 
     def __init__(self, code: int, q, k, v, tables: FusedTables, heads: int, scale: float, kpm=None, bias=None,
-                 dropout_rate: float = 0.0, seed: int = 0):
+                 dropout_rate: float = 0.0, seed: int = 0, kv_heads: int = 0, segment_ids=None):
         self.tensors = {"q": q, "k": k, "v": v}
+        if segment_ids is not None:  # (q_segment_ids [B, Tq], k_segment_ids [B, Tk])
+            self.tensors["qseg"] = dev(np.asarray(segment_ids[0], np.int32))
+            self.tensors["kseg"] = dev(np.asarray(segment_ids[1], np.int32))
         for name in ("row_ptr", "row_entries", "col_ptr", "col_entries", "masks"):
             self.tensors[name] = dev(getattr(tables, name))
         if self.tensors["masks"].numel() == 0:  # a valid pointer even without partial blocks
@@ -103,7 +111,8 @@ class DeviceCase:
             row_ptr=ptr("row_ptr"), row_entries=ptr("row_entries"), col_ptr=ptr("col_ptr"),
             col_entries=ptr("col_entries"), masks=ptr("masks"), key_padding_mask=ptr("kpm"), bias=ptr("bias"),
             bias_batch=0 if bias is None else bias.shape[0], bias_heads=0 if bias is None else bias.shape[1],
-            scale=scale, dropout_rate=dropout_rate, seed=seed)
+            scale=scale, dropout_rate=dropout_rate, seed=seed, kv_heads=kv_heads, q_segment_ids=ptr("qseg"),
+            k_segment_ids=ptr("kseg"))
 
 
 def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
@@ -184,6 +193,8 @@ def dense_baseline(c: dict, dtype) -> dict:
     keep = dev(tables.token_mask())[None]  # [1, L, Tq, Tk]
     if c["kpm"] is not None:
         keep = keep & dev(c["kpm"])[:, None, None, :]
+    if c.get("seg_keep") is not None:  # [B, Tq, Tk]: same segment
+        keep = keep & dev(c["seg_keep"])[:, None]
     s = (split(q) @ split(k).transpose(-1, -2)) * c["scale"]
     if bias is not None:
         s = s + bias
@@ -257,6 +268,7 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
         None if dlse_d is None else dlse_d.data_ptr(), grads["q"].data_ptr(), grads["k"].data_ptr(),
         grads["v"].data_ptr(), None if dbias is None else dbias.data_ptr(), workspace.data_ptr(), ws_bytes, s),
         "fused_backward")
+    det = [backward(launchers, case, out, lse, dout_d, dlse_d, grads, dbias, ws_bytes, 1) for _ in range(2)]
     ref_grads = reference.fused_attention_grad(c["q"], c["k"], c["v"], c["tables"], c["heads"], c["dout"],
                                                dlse=c["dlse"], **kw)
     base = dense_baseline(c, dtype)
@@ -270,19 +282,113 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
     for name, ours, ref in zip(("dq", "dk", "dv", "dbias"), (grads["q"], grads["k"], grads["v"], dbias), ref_grads):
         if ref is not None:
             errors[name] = (err(ours, ref), err(base[name], ref, False))
+            errors[name + "_det"] = (err(det[0][name], ref), err(base[name], ref, False))
+    errors["det_repeat"] = (repeat_error(det), 0.0)
     return errors
 
 
-def check_all(launchers: FusedLaunchers, quick: bool) -> list[dict]:
+def backward(launchers: FusedLaunchers, case: DeviceCase, out, lse, dout, dlse, like: dict, dbias_like, ws_bytes: int,
+             flags: int) -> dict:
+    """One bsattn_fused_backward_ex into fresh poisoned buffers shaped like `like` (q, k, v) / dbias_like."""
+    grads = {n: poisoned(like[n].shape, like[n].dtype) for n in ("q", "k", "v")}
+    dbias = None if dbias_like is None else poisoned(dbias_like.shape, dbias_like.dtype)
+    workspace = torch.full((max(ws_bytes, 4) // 4,), float("nan"), dtype=torch.float32, device="cuda")
+    launchers.check(launchers.lib.bsattn_fused_backward_ex(
+        ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
+        None if dlse is None else dlse.data_ptr(), grads["q"].data_ptr(), grads["k"].data_ptr(),
+        grads["v"].data_ptr(), None if dbias is None else dbias.data_ptr(), workspace.data_ptr(), ws_bytes, flags,
+        stream()), "fused_backward_ex")
+    result = {"d" + n: grads[n] for n in grads}
+    result["dbias"] = dbias
+    return result
+
+
+def repeat_error(runs: list[dict]) -> float:
+    """0 if the runs gave the same bits in every gradient, else inf."""
+    same = all(a is None or torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                                        b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+               for a, b in zip(runs[0].values(), runs[1].values()))
+    return 0.0 if same else float("inf")
+
+
+def segment_ids(rng, batch: int, length: int, bs: int, pad: int) -> np.ndarray:
+    """Packed sequences: sorted ids 0..2 per batch entry, with a run of `pad` (an id the other side lacks)."""
+    ids = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int32)
+    for b in range(batch):
+        start = int(rng.integers(0, length - bs // 2))
+        ids[b, start : start + bs // 2] = pad
+    return ids
+
+
+def run_gqa_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim: int) -> dict:
+    """The backward with kv_heads (4 query heads on 2 K/V heads) and segment ids, both modes, vs float64:
+    keys of a segment no query has hold NaN in k and v, queries of a segment no key has (rows with lse = -inf)
+    hold NaN in q and dout: none of it may reach a gradient. out and lse come from the reference (the forward
+    with these features is another branch's), per-head layouts, Tq != Tk."""
+    dtype, code = DTYPES[dtype_name]
+    cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
+    batch, heads, kv_heads, group = 2, 4, 2, 2
+    tables = random_fused_tables(rng, bs, 3, 4, heads, True)
+    tq, tk = tables.n_q, tables.n_k
+    scale = float(np.float32(rng.uniform(0.5, 1.5) / math.sqrt(head_dim)))
+    q = cast(rng.uniform(-1, 1, (batch, tq, heads * head_dim)))
+    dout = cast(rng.uniform(-1, 1, (batch, tq, heads * head_dim)))
+    k = cast(rng.uniform(-1, 1, (batch, tk, kv_heads * head_dim)))
+    v = cast(rng.uniform(-1, 1, (batch, tk, kv_heads * head_dim)))
+    qseg, kseg = segment_ids(rng, batch, tq, bs, -2), segment_ids(rng, batch, tk, bs, -1)
+    same = qseg[:, :, None] == kseg[:, None, :]
+    expand = lambda x: np.repeat(x.reshape(batch, tk, kv_heads, 1, head_dim), group, 3).reshape(batch, tk, -1)
+    seg_bias = np.where(same, 0.0, -np.inf)[:, None]
+    ref_out, ref_lse = reference.fused_attention(q, expand(k), expand(v), tables, heads, scale=scale, bias=seg_bias)
+    ref = reference.fused_attention_grad(q, expand(k), expand(v), tables, heads, dout, scale=scale, bias=seg_bias)
+    reduce = lambda x: x.reshape(batch, tk, kv_heads, group, head_dim).sum(3).reshape(batch, tk, -1)
+    refs = {"dq": ref[0], "dk": reduce(ref[1]), "dv": reduce(ref[2])}
+    base_case = {"tables": tables, "heads": heads, "scale": scale, "q": q, "k": expand(k), "v": expand(v),
+                 "dout": dout, "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": 0, "dlse": None,
+                 "seg_keep": same}
+    base = dense_baseline(base_case, dtype)
+    base = {"dq": base["dq"], "dk": torch.from_numpy(reduce(base["dk"].double().cpu().numpy())),
+            "dv": torch.from_numpy(reduce(base["dv"].double().cpu().numpy()))}
+    for b, j in np.argwhere(kseg == -1):
+        k[b, j] = np.nan
+        v[b, j] = np.nan
+    for b, i in np.argwhere(qseg == -2):
+        q[b, i] = np.nan
+        dout[b, i] = np.nan
+    case = DeviceCase(code, dev(q, dtype), dev(k, dtype), dev(v, dtype), tables, heads, scale, kv_heads=kv_heads,
+                      segment_ids=(qseg, kseg))
+    out_d, lse_d = dev(ref_out, dtype), dev(ref_lse, torch.float32)
+    ws_bytes = launchers.lib.bsattn_fused_backward_workspace(ctypes.byref(case.args), 0)
+    runs = {flags: backward(launchers, case, out_d, lse_d, dev(dout, dtype), None, case.tensors, None, ws_bytes, flags)
+            for flags in (0, 1)}
+    torch.cuda.synchronize()
+    errors = {}
+    for name in ("dq", "dk", "dv"):
+        floor = error(base[name], refs[name])
+        errors[name] = (nan_error(runs[0][name], refs[name]), floor)
+        errors[name + "_det"] = (nan_error(runs[1][name], refs[name]), floor)
+    return errors
+
+
+def check_all(launchers: FusedLaunchers, quick: bool, variants: tuple = (), dtypes: tuple = ()) -> list[dict]:
+    """variants, dtypes: the subsets to run (empty: all)."""
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
     rows = []
-    for dtype_name in DTYPES:
+    for dtype_name in dtypes or DTYPES:
         for bs in (16, 64) if quick else BLOCK_SIZES:
             for head_dim in (24, 64) if quick else (24, 32, 64, 128):
-                for variant in VARIANTS:
+                for variant in variants or VARIANTS:
+                    if variant not in VARIANTS:
+                        continue
                     for out_name, (ours, base) in run_check(launchers, rng, dtype_name, bs, head_dim, variant).items():
                         rows.append({"out": out_name, "dtype": dtype_name, "bs": bs, "D": head_dim, "variant": variant,
                                      "err": ours, "torch_err": base, "ok": passes(dtype_name, ours, base, 1e-4)})
+                if (dtype_name != "float32" and bs >= 16 and head_dim in (32, 64, 128)  # the tensor-core backward
+                        and (not variants or "gqa_segments" in variants)):
+                    for out_name, (ours, base) in run_gqa_check(launchers, rng, dtype_name, bs, head_dim).items():
+                        rows.append({"out": out_name, "dtype": dtype_name, "bs": bs, "D": head_dim,
+                                     "variant": "gqa_segments", "err": ours, "torch_err": base,
+                                     "ok": passes(dtype_name, ours, base, 1e-4)})
     return rows
 
 
@@ -299,6 +405,9 @@ def bench_patterns(n_ctx: int, heads: int) -> dict:
     def local(b, h, q, kv):
         return (kv <= q) & (q - kv < 1024)
 
+    def local256(b, h, q, kv):
+        return (kv <= q) & (q - kv < 256)
+
     def strided(b, h, q, kv):
         return (kv <= q) & (q // seg == kv // seg)
 
@@ -308,6 +417,7 @@ def bench_patterns(n_ctx: int, heads: int) -> dict:
     return {
         "causal": (patterns.Causal(), causal),
         "local": (patterns.Local(1024), local),
+        "local256": (patterns.Local(256), local256),
         "strided": (patterns.Strided(128), strided),
         "fixed": (patterns.Fixed(512, 1, 1, heads, 128), fixed),
     }
@@ -341,8 +451,10 @@ def median_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others: dict | None = None) -> list[dict]:
-    """others: name -> FusedLaunchers of other builds, timed on the same inputs (forward only)."""
+def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others: dict | None = None,
+          only: tuple = ()) -> list[dict]:
+    """others: name -> FusedLaunchers of other builds, timed on the same inputs (forward only); only: rows
+    "D:pattern" (or "pattern" for every D) to run (default all)."""
     import torch._dynamo
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
@@ -368,6 +480,8 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                     dense[name] = float("nan")
                     print(f"sdpa {name}: {type(exc).__name__}: {str(exc)[:120]}")
             for pname, (pattern, mask_mod) in bench_patterns(n_ctx, heads).items():
+                if only and pname not in only and f"{head_dim}:{pname}" not in only:
+                    continue
                 tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, bs)
                 token_pairs = attended_pairs(tables)
                 case = DeviceCase(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim))
@@ -393,11 +507,17 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                        "sdpa_flash_causal_ms": dense["flash"], "sdpa_cudnn_causal_ms": dense["cudnn"],
                        "max_diff_vs_flex": agree}
                 if with_backward:
-                    row["ours_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse)
+                    row["ours_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse, 0)
+                    row["ours_fwd_bwd_det_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse, 1)
+                    row["flex_fwd_bwd_ms"] = flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask)
+                    row["fwd_bwd_vs_flex"] = row["flex_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+                    row["fwd_bwd_over_fwd"] = row["ours_fwd_bwd_ms"] / ours
                 results.append(row)
+                extra = (f"  fwd+bwd ours {row['ours_fwd_bwd_ms']:.3f} (det {row['ours_fwd_bwd_det_ms']:.3f}) flex "
+                         f"{row['flex_fwd_bwd_ms']:.3f} ms" if with_backward else "")
                 print(f"bench T={n_ctx} D={head_dim} {pname:8s} ours {ours:8.3f} ms  flex {flex_ms:8.3f} ms  "
-                      f"ratio {flex_ms / ours:5.2f}  ({row['ours_tflops']:.0f} vs {row['flex_tflops']:.0f} TFLOP/s)",
-                      flush=True)
+                      f"ratio {flex_ms / ours:5.2f}  ({row['ours_tflops']:.0f} vs {row['flex_tflops']:.0f} TFLOP/s)"
+                      + extra, flush=True)
     return results
 
 
@@ -408,7 +528,19 @@ def attended_pairs(tables: FusedTables) -> int:
     return int((mask_id < 0).sum()) * tables.block_size**2 + int(kept[mask_id[mask_id >= 0]].sum())
 
 
-def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse) -> float:
+def flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask) -> float:
+    """FlexAttention forward + backward (autograd, dq/dk/dv) on the same block mask."""
+    q, k, v = (x.detach().requires_grad_() for x in (qh, kh, vh))
+    dout = torch.randn_like(qh)
+
+    def step():
+        flex(q, k, v, block_mask=block_mask).backward(dout)
+
+    step()  # compile the backward
+    return median_ms(step)
+
+
+def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse, flags: int) -> float:
     args = case.args
     dout = torch.randn_like(q)
     grads = [torch.empty_like(q) for _ in range(3)]
@@ -418,8 +550,9 @@ def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse) -
 
     def step():
         launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), s)
-        launchers.lib.bsattn_fused_backward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), None,
-                                            *(g.data_ptr() for g in grads), None, workspace.data_ptr(), ws_bytes, s)
+        launchers.lib.bsattn_fused_backward_ex(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
+                                               None, *(g.data_ptr() for g in grads), None, workspace.data_ptr(),
+                                               ws_bytes, flags, s)
 
     return median_ms(step)
 
@@ -432,19 +565,25 @@ def main() -> None:
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--lengths", default="16384,65536")
     parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--variants", default="", help="comma list of check variants (default: all; gqa_segments too)")
+    parser.add_argument("--dtypes", default="", help="comma list of check dtypes (default: all)")
+    parser.add_argument("--only", default="", help="comma list of bench rows D:pattern or pattern (default: all)")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--compare", default="", help="comma list of other builds (.so) to time against --lib")
     args = parser.parse_args()
     launchers = FusedLaunchers(args.lib)
     start = time.time()
-    rows = [] if args.no_check else check_all(launchers, args.quick)
+    pick = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+    rows = [] if args.no_check else check_all(launchers, args.quick, pick(args.variants), pick(args.dtypes))
     failed = [r for r in rows if not r["ok"]]
     if rows:
         print(f"checks: {len(rows)} in {time.time() - start:.0f} s")
         print(f"{'output':>6} {'dtype':>9} {'worst err':>10} {'torch err':>10}  cases  failed")
-        for out_name in ("out", "lse", "dq", "dk", "dv", "dbias"):
+        for out_name in OUTPUTS:
             for dtype_name in DTYPES:
                 sel = [r for r in rows if r["out"] == out_name and r["dtype"] == dtype_name]
+                if not sel:
+                    continue
                 worst = max(sel, key=lambda r: r["err"])
                 print(f"{out_name:>6} {dtype_name:>9} {worst['err']:10.2e} {worst['torch_err']:10.2e} {len(sel):6d} "
                       f"{sum(not r['ok'] for r in sel):6d}")
@@ -452,13 +591,20 @@ def main() -> None:
     if not args.no_bench:
         others = {Path(path).stem: FusedLaunchers(path) for path in args.compare.split(",") if path}
         timings = bench(launchers, [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")],
-                        args.backward, others)
+                        args.backward, others, tuple(x for x in args.only.split(",") if x))
         print(f"{'T':>6} {'D':>4} {'pattern':>8} {'density':>8} {'ours ms':>9} {'flex ms':>9} {'ours/flex':>9} "
               f"{'TFLOP/s':>8} {'flash causal':>12} {'cudnn causal':>12}")
         for t in timings:
             print(f"{t['T']:6d} {t['D']:4d} {t['pattern']:>8} {t['density']:8.4f} {t['ours_ms']:9.3f} {t['flex_ms']:9.3f} "
                   f"{t['ours_vs_flex']:9.2f} {t['ours_tflops']:8.0f} {t['sdpa_flash_causal_ms']:12.3f} "
                   f"{t['sdpa_cudnn_causal_ms']:12.3f}")
+        if args.backward:  # forward+backward: ours (atomic dQ, default), ours deterministic, Flex
+            print(f"{'T':>6} {'D':>4} {'pattern':>8} {'fwd+bwd ms':>10} {'det ms':>8} {'flex ms':>9} "
+                  f"{'flex/ours':>9} {'ours/fwd':>8} {'det/atomic':>10}")
+            for t in timings:
+                print(f"{t['T']:6d} {t['D']:4d} {t['pattern']:>8} {t['ours_fwd_bwd_ms']:10.3f} "
+                      f"{t['ours_fwd_bwd_det_ms']:8.3f} {t['flex_fwd_bwd_ms']:9.3f} {t['fwd_bwd_vs_flex']:9.2f} "
+                      f"{t['fwd_bwd_over_fwd']:8.2f} {t['ours_fwd_bwd_det_ms'] / t['ours_fwd_bwd_ms']:10.2f}")
     out = Path(os.environ.get("OUT", "."))
     (out / ("fused_quick.json" if args.quick else "fused.json")).write_text(
         json.dumps({"checks": rows, "bench": timings}, indent=1))
