@@ -82,6 +82,9 @@ int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* d
  * batch, Tq and Tk may be 0 (no kernel runs: outputs of Tk = 0 are 0 with lse -inf, gradients 0).
  * Masked entries (in-block mask, key padding, a -inf bias) are never read into a result: NaN/Inf
  * in q, k, v or bias there reaches no output; an attended NaN score makes its row and lse NaN.
+ * Grouped heads (kv_heads, appended last): k, v (and dk, dv) are [B, Tk, kv_heads*D]; query head h reads
+ * K/V head h / (heads / kv_heads). Segment ids (appended last): query i attends key j of batch entry b only if
+ * q_segment_ids[b, i] == k_segment_ids[b, j] (entries of other segments are masked like in-block mask bits).
  * Block sizes 8..128 (powers of two); head_dim up to 256. float16/bfloat16 with bs >= 16,
  * head_dim 32, 64 or 128 and 16-byte aligned q/k/v/out run on tensor cores (mma.sync); every
  * other case runs a SIMT kernel with float32 arithmetic. */

@@ -77,7 +77,8 @@ class FusedLaunchers:
         lib.bsattn_fused_backward_workspace.argtypes = [args, ctypes.c_int]
         lib.bsattn_fused_backward_workspace.restype = I64
         lib.bsattn_fused_backward.argtypes = [args] + [PTR] * 8 + [PTR, I64, PTR]
-        lib.bsattn_fused_backward_ex.argtypes = [args] + [PTR] * 8 + [PTR, I64, ctypes.c_int, PTR]
+        if hasattr(lib, "bsattn_fused_backward_ex"):  # builds before issue 14 lack it (--compare)
+            lib.bsattn_fused_backward_ex.argtypes = [args] + [PTR] * 8 + [PTR, I64, ctypes.c_int, PTR]
         self.lib = lib
 
     def check(self, code: int, what: str) -> None:
@@ -491,10 +492,16 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                 s = stream()
                 ours = median_ms(lambda: launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
                                                                             lse.data_ptr(), s))
+                variants = {}
                 for name, other in (others or {}).items():
                     row_other = median_ms(lambda: other.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
                                                                                  lse.data_ptr(), s))
                     print(f"  variant {name}: {row_other:.3f} ms (this build {ours:.3f} ms)", flush=True)
+                    variants[name] = {"fwd_ms": row_other}
+                    if with_backward:  # bsattn_fused_backward (flags 0): older builds lack the _ex entry
+                        fb = fused_fwd_bwd_ms(other, case, q, out, lse, None)
+                        variants[name]["fwd_bwd_ms"] = fb
+                        print(f"  variant {name}: fwd+bwd {fb:.3f} ms", flush=True)
                 block_mask = flex_block_mask(tables, mask_mod, n_ctx)
                 flex(qh, kh, vh, block_mask=block_mask)  # compile
                 flex_ms = median_ms(lambda: flex(qh, kh, vh, block_mask=block_mask))
@@ -505,7 +512,7 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                        "ours_ms": ours, "flex_ms": flex_ms, "ours_tflops": flops / ours / 1e9,
                        "flex_tflops": flops / flex_ms / 1e9, "ours_vs_flex": flex_ms / ours,
                        "sdpa_flash_causal_ms": dense["flash"], "sdpa_cudnn_causal_ms": dense["cudnn"],
-                       "max_diff_vs_flex": agree}
+                       "max_diff_vs_flex": agree, "variants": variants}
                 if with_backward:
                     row["ours_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse, 0)
                     row["ours_fwd_bwd_det_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse, 1)
@@ -540,7 +547,8 @@ def flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask) -> float:
     return median_ms(step)
 
 
-def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse, flags: int) -> float:
+def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse, flags: int | None) -> float:
+    """Forward + backward of `launchers` (flags: bsattn_fused_backward_ex's; None: bsattn_fused_backward)."""
     args = case.args
     dout = torch.randn_like(q)
     grads = [torch.empty_like(q) for _ in range(3)]
@@ -550,9 +558,12 @@ def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse, f
 
     def step():
         launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), s)
-        launchers.lib.bsattn_fused_backward_ex(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
-                                               None, *(g.data_ptr() for g in grads), None, workspace.data_ptr(),
-                                               ws_bytes, flags, s)
+        pointers = (out.data_ptr(), lse.data_ptr(), dout.data_ptr(), None, *(g.data_ptr() for g in grads), None,
+                    workspace.data_ptr(), ws_bytes)
+        if flags is None:  # the plain entry (older builds have no _ex)
+            launchers.lib.bsattn_fused_backward(ctypes.byref(args), *pointers, s)
+        else:
+            launchers.lib.bsattn_fused_backward_ex(ctypes.byref(args), *pointers, flags, s)
 
     return median_ms(step)
 
