@@ -1,4 +1,8 @@
-"""Tables as TensorFlow constants, made once per tables object while executing eagerly."""
+"""Tables as TensorFlow constants, made once per tables object while executing eagerly.
+
+The ops take their tables in host memory on every device (the GPU kernels keep device copies of them, made
+once: ``ops/cc/kernels/gpu_launch.h``), so eager constants are made on the CPU: a GPU-placed int32 constant
+would be copied back to the host on every call."""
 
 from __future__ import annotations
 
@@ -21,12 +25,20 @@ def table_constants(tables: object, make: Callable[[], Tensors]) -> Tensors:
     """``make()`` (the tables' tensors), cached per ``tables`` outside graphs; a graph being traced
     gets its own constants, since eager ones would be captured as inputs on every call."""
     if not tf.executing_eagerly():
-        return make()
+        return make()  # int32 constants of a GPU graph live in host memory already
     with _lock:
         tensors = _cache.get(tables)
         if tensors is None:
-            tensors = _cache[tables] = make()
+            with tf.device("/CPU:0"):
+                tensors = _cache[tables] = make()
         return tensors
+
+
+def host_scalar(value: object, dtype: tf.DType) -> tf.Tensor:
+    """``value`` cast to ``dtype`` on the CPU: a scalar op input that the kernels read in host memory (a GPU
+    tensor there would be copied back, waiting for the GPU, on every call)."""
+    with tf.device("/CPU:0"):
+        return tf.cast(value, dtype)
 
 
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from bsattn import _checks as checks
 from bsattn._loader import load_ops
-from bsattn._table_constants import int32_table, table_constants
+from bsattn._table_constants import host_scalar, int32_table, table_constants
 from bsattn.tables import BlockTables
 
 
@@ -117,13 +117,13 @@ def masked_softmax(
     x = checks.float_tensor("x", x)
     _check_blocks(x, "x", tables)
     try:
-        scale = tf.cast(scale, tf.float32)
+        scale = host_scalar(scale, tf.float32)  # read in host memory by the op
     except (TypeError, ValueError) as e:
         raise TypeError(f"scale must be a real number or a float32 scalar tensor, got {scale!r}") from e
     if autoregress_at_key is None:
-        key, autoregressive = tf.constant(0, tf.int32), False
+        key, autoregressive = host_scalar(0, tf.int32), False
     else:
-        key, autoregressive = _checked_key(autoregress_at_key, tables), True
+        key, autoregressive = host_scalar(_checked_key(autoregress_at_key, tables), tf.int32), True
     return _masked_softmax(x, scale, key, tables, autoregressive)
 
 

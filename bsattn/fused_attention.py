@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from bsattn import _checks as checks
 from bsattn._loader import load_ops
-from bsattn._table_constants import int32_table, table_constants
+from bsattn._table_constants import host_scalar, int32_table, table_constants
 from bsattn.fused_tables import FusedTables
 from bsattn.gather_attention import gather_attention, in_xla_context
 
@@ -142,10 +142,11 @@ def fused_attention(
     q_segment_ids, k_segment_ids = _segment_ids(q_segment_ids, k_segment_ids, q.shape[0] if q.shape.rank else None,
                                                 tables)
     if seed is None:
-        seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
+        with tf.device("/CPU:0"):  # the op reads the seed in host memory
+            seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
     if not tf.is_tensor(seed) and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an integer, an int scalar tensor or None, got {seed!r}")
-    seed = tf.cast(seed, tf.int64)
+    seed = host_scalar(seed, tf.int64)
 
     if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops
         return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse,

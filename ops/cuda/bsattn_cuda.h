@@ -82,6 +82,9 @@ int bsattn_masked_softmax_grad(int dtype, const void* dy, const void* y, void* d
  * batch, Tq and Tk may be 0 (no kernel runs: outputs of Tk = 0 are 0 with lse -inf, gradients 0).
  * Masked entries (in-block mask, key padding, a -inf bias) are never read into a result: NaN/Inf
  * in q, k, v or bias there reaches no output; an attended NaN score makes its row and lse NaN.
+ * Grouped heads (kv_heads, appended last): k, v (and dk, dv) are [B, Tk, kv_heads*D]; query head h reads
+ * K/V head h / (heads / kv_heads). Segment ids (appended last): query i attends key j of batch entry b only if
+ * q_segment_ids[b, i] == k_segment_ids[b, j] (entries of other segments are masked like in-block mask bits).
  * Block sizes 8..128 (powers of two); head_dim up to 256. float16/bfloat16 with bs >= 16,
  * head_dim 32, 64 or 128 and 16-byte aligned q/k/v/out run on tensor cores (mma.sync); every
  * other case runs a SIMT kernel with float32 arithmetic. */
@@ -115,15 +118,26 @@ typedef struct bsattn_fused_args {
  * output is 0; NaN for a row with an attended NaN score). */
 int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, bsattn_stream_t stream);
 
-/* Bytes of device workspace bsattn_fused_backward needs (delta rows, and a float32 dbias
- * accumulator for 16-bit dtypes). */
+/* Bytes of device workspace bsattn_fused_backward needs (delta rows; for 16-bit dtypes a float32
+ * dq accumulator and, with dbias, a float32 dbias accumulator; per-block segment-id ranges). */
 int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias);
 
 /* dq, dk, dv (shapes of q, k, v; dk and dv summed over each K/V head's group) from dout [B, Tq, H*D], the forward's out and lse, and dlse
  * [B, H, Tq] float32 or NULL. With dbias (NULL = not wanted; needs a bias) [bias_batch,
  * bias_heads, Tq, Tk] (dtype): the gradient of the bias summed over the batch when bias_batch = 1
- * and over the heads when bias_heads = 1, 0 outside the active blocks. Two passes, no atomics: dq over query-block rows, dk/dv (and dbias)
- * over key-block columns; the same inputs give the same bits. */
+ * and over the heads when bias_heads = 1, 0 outside the active blocks. dk, dv, dbias have one
+ * writer per element (no atomics). dq: on the tensor-core path (float16/bfloat16) one pass over
+ * key-block columns computes dk, dv and dq, dq summed into a float32 workspace buffer with atomic
+ * adds (the order of the sums varies: dq may differ in the last bits between runs); with
+ * BSATTN_BACKWARD_DETERMINISTIC (or the environment variable BSATTN_DETERMINISTIC=1) dq comes
+ * from a second pass over query-block rows instead (one writer: the same inputs give the same
+ * bits). The SIMT path is always deterministic. bsattn_fused_backward = bsattn_fused_backward_ex
+ * with flags 0. */
+enum bsattn_backward_flags { BSATTN_BACKWARD_DETERMINISTIC = 1 };
+int bsattn_fused_backward_ex(const bsattn_fused_args* args, const void* out, const float* lse,
+                             const void* dout, const float* dlse, void* dq, void* dk, void* dv,
+                             void* dbias, void* workspace, int64_t workspace_bytes, int flags,
+                             bsattn_stream_t stream);
 int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const float* lse,
                           const void* dout, const float* dlse, void* dq, void* dk, void* dv,
                           void* dbias, void* workspace, int64_t workspace_bytes,

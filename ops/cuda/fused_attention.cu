@@ -24,6 +24,7 @@
 #include <utility>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "ops/cuda/bsattn_cuda.h"
 #include "ops/cuda/cuda_common.cuh"
@@ -443,15 +444,13 @@ template <typename T, int DC>
 struct GradRunner {
   static void Run(const FusedParams& p, const void* out, const void* dout, const float* lse,
                   const float* dlse, float* delta, void* dq, void* dk, void* dv, float* dbias_acc,
-                  cudaStream_t stream) {
+                  const GradMmaBuffers& mma, cudaStream_t stream) {
     const int rows = RowsPerCta(p), D = static_cast<int>(p.head_dim);
     const int64_t delta_rows = p.batch * p.tq * p.heads;
     DeltaKernel<T><<<static_cast<unsigned>((delta_rows + 7) / 8), 256, 0, stream>>>(
         p, static_cast<const T*>(out), static_cast<const T*>(dout), dlse, delta);
 
-    // The tensor-core backward does not group K/V heads or read segment ids: those run here.
-    const bool mma_case = p.kv_heads == p.heads && p.q_segment_ids == nullptr;
-    if (mma_case && LaunchGradMma(p, out, dout, lse, delta, dq, dk, dv, dbias_acc, stream)) return;
+    if (LaunchGradMma(p, mma, stream)) return;
 
     const size_t q_smem = sizeof(float) * (2 * rows * D + 2 * kChunk * (D + 1));
     AllowSharedMemory(GradQSimt<T, DC>, q_smem);
@@ -472,7 +471,41 @@ struct GradRunner {
 int64_t DeltaBytes(const FusedParams& p) { return ((p.batch * p.heads * p.tq * 4 + 255) / 256) * 256; }
 
 int64_t DbiasAccumulatorBytes(const FusedParams& p) {
-  return p.dtype == BSATTN_FLOAT32 ? 0 : p.bias_batch * p.bias_heads * p.tq * p.tk * 4;
+  return p.dtype == BSATTN_FLOAT32 ? 0 : ((p.bias_batch * p.bias_heads * p.tq * p.tk * 4 + 255) / 256) * 256;
+}
+
+// The tensor-core backward's float32 dQ accumulator (16-bit dtypes).
+int64_t DqAccumulatorBytes(const FusedParams& p) {
+  return p.dtype == BSATTN_FLOAT32 ? 0 : ((p.batch * p.tq * p.width * 4 + 255) / 256) * 256;
+}
+
+// Per-block segment-id ranges (int2 min, max): [B, nQb] then [B, nKb].
+int64_t SegmentRangeBytes(const FusedParams& p) {
+  return p.q_segment_ids == nullptr ? 0 : p.batch * (p.n_qb + p.n_kb) * 8;
+}
+
+// ranges[b * n_blocks + blk] = (min, max) of ids[b, blk * bs .. + bs), one thread per block.
+__global__ void SegmentRangesKernel(const int32_t* ids, int64_t batch, int64_t len, int64_t bs, int2* ranges) {
+  const int64_t n_blocks = len / bs;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < batch * n_blocks;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int32_t* row = ids + (i / n_blocks) * len + (i % n_blocks) * bs;
+    int lo = row[0], hi = row[0];
+    for (int64_t j = 1; j < bs; ++j) {
+      lo = min(lo, row[j]);
+      hi = max(hi, row[j]);
+    }
+    ranges[i] = make_int2(lo, hi);
+  }
+}
+
+// Whether the caller or the environment (BSATTN_DETERMINISTIC=1) asks for a deterministic dQ.
+bool Deterministic(int flags) {
+  static const bool from_env = [] {
+    const char* v = std::getenv("BSATTN_DETERMINISTIC");
+    return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+  }();
+  return (flags & BSATTN_BACKWARD_DETERMINISTIC) != 0 || from_env;
 }
 
 }  // namespace
@@ -502,13 +535,22 @@ int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, b
 int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias) {
   FusedParams p;
   if (bsattn_cuda::MakeParams(args, &p) != 0) return 0;
-  return bsattn_cuda::DeltaBytes(p) + (with_dbias ? bsattn_cuda::DbiasAccumulatorBytes(p) : 0);
+  return bsattn_cuda::DeltaBytes(p) + (with_dbias ? bsattn_cuda::DbiasAccumulatorBytes(p) : 0) +
+         bsattn_cuda::DqAccumulatorBytes(p) + bsattn_cuda::SegmentRangeBytes(p);
 }
 
 int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const float* lse,
                           const void* dout, const float* dlse, void* dq, void* dk, void* dv,
                           void* dbias, void* workspace, int64_t workspace_bytes,
                           bsattn_stream_t stream) {
+  return bsattn_fused_backward_ex(args, out, lse, dout, dlse, dq, dk, dv, dbias, workspace, workspace_bytes, 0,
+                                  stream);
+}
+
+int bsattn_fused_backward_ex(const bsattn_fused_args* args, const void* out, const float* lse,
+                             const void* dout, const float* dlse, void* dq, void* dk, void* dv,
+                             void* dbias, void* workspace, int64_t workspace_bytes, int flags,
+                             bsattn_stream_t stream) {
   FusedParams p;
   if (const int status = bsattn_cuda::MakeParams(args, &p)) return status;
   if (dbias != nullptr && p.bias == nullptr) return BSATTN_ERROR_SHAPE;
@@ -526,8 +568,29 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
   }
   const int64_t delta_bytes = bsattn_cuda::DeltaBytes(p);
   const int64_t acc_bytes = dbias != nullptr ? bsattn_cuda::DbiasAccumulatorBytes(p) : 0;
-  if (workspace == nullptr || workspace_bytes < delta_bytes + acc_bytes) return BSATTN_ERROR_WORKSPACE;
+  const int64_t dq_bytes = bsattn_cuda::DqAccumulatorBytes(p), seg_bytes = bsattn_cuda::SegmentRangeBytes(p);
+  if (workspace == nullptr || workspace_bytes < delta_bytes + acc_bytes + dq_bytes + seg_bytes)
+    return BSATTN_ERROR_WORKSPACE;
   float* delta = static_cast<float*>(workspace);
+  char* after_dbias = static_cast<char*>(workspace) + delta_bytes + acc_bytes;
+  bsattn_cuda::GradMmaBuffers mma;
+  mma.out = out;
+  mma.dout = dout;
+  mma.lse = lse;
+  mma.delta = delta;
+  mma.dq = dq;
+  mma.dk = dk;
+  mma.dv = dv;
+  mma.dq_acc = dq_bytes ? reinterpret_cast<float*>(after_dbias) : nullptr;
+  mma.deterministic = bsattn_cuda::Deterministic(flags);
+  if (seg_bytes) {
+    int2* ranges = reinterpret_cast<int2*>(after_dbias + dq_bytes);
+    bsattn_cuda::SegmentRangesKernel<<<bsattn_cuda::GridFor(p.batch * p.n_qb), 256, 0, s>>>(
+        p.q_segment_ids, p.batch, p.tq, p.bs, ranges);
+    bsattn_cuda::SegmentRangesKernel<<<bsattn_cuda::GridFor(p.batch * p.n_kb), 256, 0, s>>>(
+        p.k_segment_ids, p.batch, p.tk, p.bs, ranges + p.batch * p.n_qb);
+    mma.seg_ranges = ranges;
+  }
   // dbias sums into float32: dbias itself for float32, else the workspace after delta.
   float* dbias_acc = nullptr;
   const int64_t dbias_count = p.bias_batch * p.bias_heads * p.tq * p.tk;
@@ -536,7 +599,8 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
                                           : reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_bytes);
     if (const cudaError_t e = cudaMemsetAsync(dbias_acc, 0, dbias_count * sizeof(float), s)) return e;
   }
-  bsattn_cuda::DispatchSimt<bsattn_cuda::GradRunner>(p, out, dout, lse, dlse, delta, dq, dk, dv, dbias_acc, s);
+  mma.dbias = dbias_acc;
+  bsattn_cuda::DispatchSimt<bsattn_cuda::GradRunner>(p, out, dout, lse, dlse, delta, dq, dk, dv, dbias_acc, mma, s);
   if (dbias != nullptr && p.dtype != BSATTN_FLOAT32) {
     const unsigned blocks = bsattn_cuda::GridFor(dbias_count);
     if (p.dtype == BSATTN_FLOAT16)

@@ -164,11 +164,27 @@ __device__ __forceinline__ float DropoutFactor(const FusedParams& p, int64_t b, 
 // is not one it handles (dtype, block size, head dim, alignment); the SIMT kernel runs instead.
 bool LaunchForwardMma(const FusedParams& p, void* out, float* lse, cudaStream_t stream);
 
+// The tensor-core backward's buffers: dbias (or null) is the float32 accumulator; dq_acc a float32
+// [B, Tq, H*D] buffer for the atomic dQ (unused when deterministic); seg_ranges the per-block
+// segment-id ranges [B, nQb] then [B, nKb] (min, max), or null without segment ids.
+struct GradMmaBuffers {
+  const void* out = nullptr;
+  const void* dout = nullptr;
+  const float* lse = nullptr;
+  const float* delta = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dbias = nullptr;
+  float* dq_acc = nullptr;
+  const int2* seg_ranges = nullptr;
+  bool deterministic = false;
+};
+
 // Tensor-core backward (fused_attention_mma_grad.cu), after delta = rowsum(dout * out) - dlse is
-// in place; dbias (or null) is the float32 accumulator. Returns false, launching nothing, when the
-// case is not one it handles; the SIMT kernels run instead.
-bool LaunchGradMma(const FusedParams& p, const void* out, const void* dout, const float* lse, const float* delta,
-                   void* dq, void* dk, void* dv, float* dbias, cudaStream_t stream);
+// in place. Returns false, launching nothing, when the case is not one it handles; the SIMT
+// kernels run instead.
+bool LaunchGradMma(const FusedParams& p, const GradMmaBuffers& g, cudaStream_t stream);
 
 }  // namespace bsattn_cuda
 

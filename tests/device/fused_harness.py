@@ -57,6 +57,9 @@ BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "drop
 GROUPS = {"gqa": (4, 2), "mqa": (4, 1), "segments_gqa_bias": (4, 2)}
 SEGMENTS = ("segments", "segments_gqa_bias", "segments_nan")
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
+# Checked outputs: _det = the deterministic backward (BSATTN_BACKWARD_DETERMINISTIC), det_repeat = two such runs
+# bit for bit.
+OUTPUTS = ("out", "lse", "dq", "dk", "dv", "dbias", "dq_det", "dk_det", "dv_det", "dbias_det", "det_repeat")
 
 
 class FusedArgs(ctypes.Structure):
@@ -81,6 +84,8 @@ class FusedLaunchers:
         lib.bsattn_fused_backward_workspace.argtypes = [args, ctypes.c_int]
         lib.bsattn_fused_backward_workspace.restype = I64
         lib.bsattn_fused_backward.argtypes = [args] + [PTR] * 8 + [PTR, I64, PTR]
+        if hasattr(lib, "bsattn_fused_backward_ex"):  # builds before issue 14 lack it (--compare)
+            lib.bsattn_fused_backward_ex.argtypes = [args] + [PTR] * 8 + [PTR, I64, ctypes.c_int, PTR]
         self.lib = lib
 
     def check(self, code: int, what: str) -> None:
@@ -282,6 +287,7 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
         None if dlse_d is None else dlse_d.data_ptr(), grads["q"].data_ptr(), grads["k"].data_ptr(),
         grads["v"].data_ptr(), None if dbias is None else dbias.data_ptr(), workspace.data_ptr(), ws_bytes, s),
         "fused_backward")
+    det = [backward(launchers, case, out, lse, dout_d, dlse_d, grads, dbias, ws_bytes, 1) for _ in range(2)]
     ref_grads = reference.fused_attention_grad(c["q"], c["k"], c["v"], c["tables"], c["heads"], c["dout"],
                                                dlse=c["dlse"], **kw)
     base = dense_baseline(c, dtype)
@@ -295,16 +301,43 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
     for name, ours, ref in zip(("dq", "dk", "dv", "dbias"), (grads["q"], grads["k"], grads["v"], dbias), ref_grads):
         if ref is not None:
             errors[name] = (err(ours, ref), err(base[name], ref, False))
+            errors[name + "_det"] = (err(det[0][name], ref), err(base[name], ref, False))
+    errors["det_repeat"] = (repeat_error(det), 0.0)
     return errors
 
 
-def check_all(launchers: FusedLaunchers, quick: bool, variants=VARIANTS) -> list[dict]:
+def backward(launchers: FusedLaunchers, case: DeviceCase, out, lse, dout, dlse, like: dict, dbias_like, ws_bytes: int,
+             flags: int) -> dict:
+    """One bsattn_fused_backward_ex into fresh poisoned buffers shaped like `like` (q, k, v) / dbias_like."""
+    grads = {n: poisoned(like[n].shape, like[n].dtype) for n in ("q", "k", "v")}
+    dbias = None if dbias_like is None else poisoned(dbias_like.shape, dbias_like.dtype)
+    workspace = poisoned((max(ws_bytes, 4) // 4,), torch.float32)
+    launchers.check(launchers.lib.bsattn_fused_backward_ex(
+        ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
+        None if dlse is None else dlse.data_ptr(), grads["q"].data_ptr(), grads["k"].data_ptr(),
+        grads["v"].data_ptr(), None if dbias is None else dbias.data_ptr(), workspace.data_ptr(), ws_bytes, flags,
+        stream()), "fused_backward_ex")
+    result = {"d" + n: grads[n] for n in grads}
+    result["dbias"] = dbias
+    return result
+
+
+def repeat_error(runs: list[dict]) -> float:
+    """0 if the runs gave the same bits in every gradient, else inf."""
+    same = all(a is None or torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                                        b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+               for a, b in zip(runs[0].values(), runs[1].values()))
+    return 0.0 if same else float("inf")
+
+
+def check_all(launchers: FusedLaunchers, quick: bool, variants: tuple = (), dtypes: tuple = ()) -> list[dict]:
+    """variants, dtypes: the subsets to run (empty: all)."""
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
     rows = []
-    for dtype_name in DTYPES:
+    for dtype_name in dtypes or DTYPES:
         for bs in (16, 64) if quick else BLOCK_SIZES:
             for head_dim in (24, 64) if quick else (24, 32, 64, 128):
-                for variant in variants:
+                for variant in variants or VARIANTS:
                     for out_name, (ours, base) in run_check(launchers, rng, dtype_name, bs, head_dim, variant).items():
                         rows.append({"out": out_name, "dtype": dtype_name, "bs": bs, "D": head_dim, "variant": variant,
                                      "err": ours, "torch_err": base, "ok": passes(dtype_name, ours, base, 1e-4)})
@@ -326,6 +359,9 @@ def bench_patterns(n_ctx: int, heads: int) -> dict:
     def local(b, h, q, kv):
         return (kv <= q) & (q - kv < 1024)
 
+    def local256(b, h, q, kv):
+        return (kv <= q) & (q - kv < 256)
+
     def strided(b, h, q, kv):
         return (kv <= q) & (q // seg == kv // seg)
 
@@ -335,6 +371,7 @@ def bench_patterns(n_ctx: int, heads: int) -> dict:
     return {
         "causal": (patterns.Causal(), causal),
         "local": (patterns.Local(1024), local),
+        "local256": (patterns.Local(256), local256),
         "strided": (patterns.Strided(128), strided),
         "fixed": (patterns.Fixed(512, 1, 1, heads, 128), fixed),
     }
@@ -368,8 +405,10 @@ def median_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others: dict | None = None) -> list[dict]:
-    """others: name -> FusedLaunchers of other builds, timed on the same inputs (forward only)."""
+def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others: dict | None = None,
+          only: tuple = ()) -> list[dict]:
+    """others: name -> FusedLaunchers of other builds, timed on the same inputs (forward only); only: rows
+    "D:pattern" (or "pattern" for every D) to run (default all)."""
     import torch._dynamo
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
@@ -395,6 +434,8 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                     dense[name] = float("nan")
                     print(f"sdpa {name}: {type(exc).__name__}: {str(exc)[:120]}")
             for pname, (pattern, mask_mod) in bench_patterns(n_ctx, heads).items():
+                if only and pname not in only and f"{head_dim}:{pname}" not in only:
+                    continue
                 tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, bs)
                 token_pairs = attended_pairs(tables)
                 case = DeviceCase(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim))
@@ -404,10 +445,16 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                 s = stream()
                 ours = median_ms(lambda: launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
                                                                             lse.data_ptr(), s))
+                variants = {}
                 for name, other in (others or {}).items():
                     row_other = median_ms(lambda: other.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(),
                                                                                  lse.data_ptr(), s))
                     print(f"  variant {name}: {row_other:.3f} ms (this build {ours:.3f} ms)", flush=True)
+                    variants[name] = {"fwd_ms": row_other}
+                    if with_backward:  # bsattn_fused_backward (flags 0): older builds lack the _ex entry
+                        fb = fused_fwd_bwd_ms(other, case, q, out, lse, None)
+                        variants[name]["fwd_bwd_ms"] = fb
+                        print(f"  variant {name}: fwd+bwd {fb:.3f} ms", flush=True)
                 block_mask = flex_block_mask(tables, mask_mod, n_ctx)
                 flex(qh, kh, vh, block_mask=block_mask)  # compile
                 flex_ms = median_ms(lambda: flex(qh, kh, vh, block_mask=block_mask))
@@ -418,13 +465,19 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                        "ours_ms": ours, "flex_ms": flex_ms, "ours_tflops": flops / ours / 1e9,
                        "flex_tflops": flops / flex_ms / 1e9, "ours_vs_flex": flex_ms / ours,
                        "sdpa_flash_causal_ms": dense["flash"], "sdpa_cudnn_causal_ms": dense["cudnn"],
-                       "max_diff_vs_flex": agree}
+                       "max_diff_vs_flex": agree, "variants": variants}
                 if with_backward:
-                    row["ours_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse)
+                    row["ours_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse, 0)
+                    row["ours_fwd_bwd_det_ms"] = fused_fwd_bwd_ms(launchers, case, q, out, lse, 1)
+                    row["flex_fwd_bwd_ms"] = flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask)
+                    row["fwd_bwd_vs_flex"] = row["flex_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+                    row["fwd_bwd_over_fwd"] = row["ours_fwd_bwd_ms"] / ours
                 results.append(row)
+                extra = (f"  fwd+bwd ours {row['ours_fwd_bwd_ms']:.3f} (det {row['ours_fwd_bwd_det_ms']:.3f}) flex "
+                         f"{row['flex_fwd_bwd_ms']:.3f} ms" if with_backward else "")
                 print(f"bench T={n_ctx} D={head_dim} {pname:8s} ours {ours:8.3f} ms  flex {flex_ms:8.3f} ms  "
-                      f"ratio {flex_ms / ours:5.2f}  ({row['ours_tflops']:.0f} vs {row['flex_tflops']:.0f} TFLOP/s)",
-                      flush=True)
+                      f"ratio {flex_ms / ours:5.2f}  ({row['ours_tflops']:.0f} vs {row['flex_tflops']:.0f} TFLOP/s)"
+                      + extra, flush=True)
     return results
 
 
@@ -435,7 +488,20 @@ def attended_pairs(tables: FusedTables) -> int:
     return int((mask_id < 0).sum()) * tables.block_size**2 + int(kept[mask_id[mask_id >= 0]].sum())
 
 
-def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse) -> float:
+def flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask) -> float:
+    """FlexAttention forward + backward (autograd, dq/dk/dv) on the same block mask."""
+    q, k, v = (x.detach().requires_grad_() for x in (qh, kh, vh))
+    dout = torch.randn_like(qh)
+
+    def step():
+        flex(q, k, v, block_mask=block_mask).backward(dout)
+
+    step()  # compile the backward
+    return median_ms(step)
+
+
+def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse, flags: int | None) -> float:
+    """Forward + backward of `launchers` (flags: bsattn_fused_backward_ex's; None: bsattn_fused_backward)."""
     args = case.args
     dout = torch.randn_like(q)
     grads = [torch.empty_like(q) for _ in range(3)]
@@ -445,8 +511,12 @@ def fused_fwd_bwd_ms(launchers: FusedLaunchers, case: DeviceCase, q, out, lse) -
 
     def step():
         launchers.lib.bsattn_fused_forward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), s)
-        launchers.lib.bsattn_fused_backward(ctypes.byref(args), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), None,
-                                            *(g.data_ptr() for g in grads), None, workspace.data_ptr(), ws_bytes, s)
+        pointers = (out.data_ptr(), lse.data_ptr(), dout.data_ptr(), None, *(g.data_ptr() for g in grads), None,
+                    workspace.data_ptr(), ws_bytes)
+        if flags is None:  # the plain entry (older builds have no _ex)
+            launchers.lib.bsattn_fused_backward(ctypes.byref(args), *pointers, s)
+        else:
+            launchers.lib.bsattn_fused_backward_ex(ctypes.byref(args), *pointers, flags, s)
 
     return median_ms(step)
 
@@ -459,6 +529,8 @@ def main() -> None:
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--lengths", default="16384,65536")
     parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--dtypes", default="", help="comma list of check dtypes (default: all)")
+    parser.add_argument("--only", default="", help="comma list of bench rows D:pattern or pattern (default: all)")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--compare", default="", help="comma list of other builds (.so) to time against --lib")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the check variants to run")
@@ -469,14 +541,17 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    rows = [] if args.no_check else check_all(launchers, args.quick, variants)
+    dtypes = tuple(x for x in args.dtypes.split(",") if x)
+    rows = [] if args.no_check else check_all(launchers, args.quick, variants, dtypes)
     failed = [r for r in rows if not r["ok"]]
     if rows:
         print(f"checks: {len(rows)} in {time.time() - start:.0f} s")
         print(f"{'output':>6} {'dtype':>9} {'worst err':>10} {'torch err':>10}  cases  failed")
-        for out_name in ("out", "lse", "dq", "dk", "dv", "dbias"):
+        for out_name in OUTPUTS:
             for dtype_name in DTYPES:
                 sel = [r for r in rows if r["out"] == out_name and r["dtype"] == dtype_name]
+                if not sel:
+                    continue
                 worst = max(sel, key=lambda r: r["err"])
                 print(f"{out_name:>6} {dtype_name:>9} {worst['err']:10.2e} {worst['torch_err']:10.2e} {len(sel):6d} "
                       f"{sum(not r['ok'] for r in sel):6d}")
@@ -484,13 +559,20 @@ def main() -> None:
     if not args.no_bench:
         others = {Path(path).stem: FusedLaunchers(path) for path in args.compare.split(",") if path}
         timings = bench(launchers, [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")],
-                        args.backward, others)
+                        args.backward, others, tuple(x for x in args.only.split(",") if x))
         print(f"{'T':>6} {'D':>4} {'pattern':>8} {'density':>8} {'ours ms':>9} {'flex ms':>9} {'ours/flex':>9} "
               f"{'TFLOP/s':>8} {'flash causal':>12} {'cudnn causal':>12}")
         for t in timings:
             print(f"{t['T']:6d} {t['D']:4d} {t['pattern']:>8} {t['density']:8.4f} {t['ours_ms']:9.3f} {t['flex_ms']:9.3f} "
                   f"{t['ours_vs_flex']:9.2f} {t['ours_tflops']:8.0f} {t['sdpa_flash_causal_ms']:12.3f} "
                   f"{t['sdpa_cudnn_causal_ms']:12.3f}")
+        if args.backward:  # forward+backward: ours (atomic dQ, default), ours deterministic, Flex
+            print(f"{'T':>6} {'D':>4} {'pattern':>8} {'fwd+bwd ms':>10} {'det ms':>8} {'flex ms':>9} "
+                  f"{'flex/ours':>9} {'ours/fwd':>8} {'det/atomic':>10}")
+            for t in timings:
+                print(f"{t['T']:6d} {t['D']:4d} {t['pattern']:>8} {t['ours_fwd_bwd_ms']:10.3f} "
+                      f"{t['ours_fwd_bwd_det_ms']:8.3f} {t['flex_fwd_bwd_ms']:9.3f} {t['fwd_bwd_vs_flex']:9.2f} "
+                      f"{t['fwd_bwd_over_fwd']:8.2f} {t['ours_fwd_bwd_det_ms'] / t['ours_fwd_bwd_ms']:10.2f}")
     out = Path(os.environ.get("OUT", "."))
     (out / ("fused_quick.json" if args.quick else "fused.json")).write_text(
         json.dumps({"checks": rows, "bench": timings}, indent=1))

@@ -6,13 +6,18 @@ once under ``/GPU:0`` and once under ``/CPU:0`` and compares: NaN/±inf at the s
 1e-4 (float32), 5e-3 (float16) or 4e-2 (bfloat16) of the CPU's largest magnitude. Cases: bias ``[B|1, H|1, Tq, Tk]``
 (all four broadcasts, and the rank-3 form) with key padding and dropout, tensor-core shapes (D = 64, bs = 32) and
 SIMT ones (D = 24, bs = 8, per-head layouts), NaN/Inf in k, v and bias at padded keys and under a -inf bias column,
-an attended NaN value, batch 0.
+an attended NaN value, batch 0, Tq != Tk, two tables of one shape in turn (the GPU kernels' table cache must
+never serve one for the other), eagerly and under ``tf.function``. Then the unfused ops (nt, masked softmax, nn
+and their gradients: tn, softmax grad) through ``blocksparse_attention_impl(engine='unfused')`` and the fused
+engine for every ``attn_mode``, and last, under ``tf.config.experimental.enable_op_determinism()``, the fused
+gradient twice on the GPU: the same bits.
 
     source /tmp/tf/env.sh && python3 tests/device/tf_fused_gpu.py
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,24 +27,37 @@ import tensorflow as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bsattn import patterns
 from bsattn.fused_attention import fused_attention
-from bsattn.fused_tables import fused_tables_for_pattern
+from bsattn.fused_tables import build_fused_tables, fused_tables_for_pattern
+from bsattn.sparse_attention import blocksparse_attention_impl
 
 TOL = {tf.float32: 1e-4, tf.float16: 5e-3, tf.bfloat16: 4e-2}
 NAMES = ("out", "lse", "dq", "dk", "dv", "dbias")
 
 
-def run(device: str, x: dict, tables, heads: int, dtype, dropout_rate: float) -> list[np.ndarray]:
-    """out, lse and the gradients (dbias when there is a bias) of one call placed on `device`."""
+def run(device: str, x: dict, tables, heads: int, dtype, dropout_rate: float, graph: bool = False) -> list[np.ndarray]:
+    """out, lse and the gradients (dbias when there is a bias) of one call placed on `device` (in a tf.function
+    with graph: the inputs are its arguments, since Grappler would fold a graph of constants on the CPU)."""
+    inputs = _inputs(device, x, dtype)
+    fn = lambda *t: _run(device, x, tables, heads, dropout_rate, *t)  # noqa: E731
+    return [np.asarray(tf.cast(t, tf.float64)) for t in (tf.function(fn) if graph else fn)(*inputs)]
+
+
+def _inputs(device: str, x: dict, dtype) -> list[tf.Tensor]:
+    """q, k, v, dout (and bias) of `x` as eager tensors on `device`."""
     with tf.device(device):
-        q, k, v, dout = (tf.constant(x[n], dtype) for n in ("q", "k", "v", "dout"))
-        bias = None if x["bias"] is None else tf.constant(x["bias"], dtype)
+        names = ("q", "k", "v", "dout") + (("bias",) if x["bias"] is not None else ())
+        return [tf.cast(tf.constant(x[n], tf.float64), dtype) for n in names]
+
+
+def _run(device: str, x: dict, tables, heads: int, dropout_rate: float, q, k, v, dout, bias=None) -> list[tf.Tensor]:
+    with tf.device(device):
         watched = [q, k, v] + ([bias] if bias is not None else [])
         with tf.GradientTape() as tape:
             tape.watch(watched)
             out, lse = fused_attention(q, k, v, tables, heads, key_padding_mask=x["kpm"], bias=bias,
                                        dropout_rate=dropout_rate, seed=7, return_lse=True)
         grads = tape.gradient(out, watched, output_gradients=dout)
-        return [np.asarray(tf.cast(t, tf.float64)) for t in (out, lse, *grads)]
+        return [out, lse, *grads]
 
 
 def compare(gpu: list[np.ndarray], cpu: list[np.ndarray], dtype) -> dict[str, float]:
@@ -85,6 +103,48 @@ def cases(rng):
     x["v"][1, 70, :5] = np.nan  # attended by rows >= 70 of batch entry 1: they turn NaN on both devices
     yield "attended NaN value", x, causal32, 2, 0.0
     yield "batch 0", make(rng, causal32, 2, 64, batch=0, bias_shape=(1, 2), kpm=False), causal32, 2, 0.0
+    cross = random_tables(rng, 32, 3, 5, 2)
+    yield "Tq != Tk, per-head layouts", make(rng, cross, 2, 64, bias_shape=(1, 2)), cross, 2, 0.1
+    # Two tables of one shape (same row_ptr, different blocks and masks), in turn: the cache keys on contents.
+    diagonal = np.eye(4, dtype=bool)[None]
+    for name, layout in (("diagonal", diagonal), ("anti-diagonal", diagonal[:, ::-1]), ("diagonal again", diagonal)):
+        tril = lambda h, qb, kb: np.tril(np.ones((len(qb), 32, 32), bool))  # noqa: E731
+        same_shape = build_fused_tables(layout, 32, np.zeros_like(layout), tril)
+        yield f"same-shape tables: {name}", make(rng, same_shape, 2, 64, kpm=False), same_shape, 2, 0.0
+
+
+def random_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int):
+    """Random per-head layouts with partial blocks (every query-block row keeps its first key block)."""
+    active = rng.random((layouts, n_qb, n_kb)) < 0.6
+    active[:, :, 0] = True
+    full = active & (rng.random(active.shape) < 0.5)
+    return build_fused_tables(active, bs, full, lambda h, qb, kb: rng.random((len(qb), bs, bs)) < 0.7)
+
+
+def unfused_cases():
+    """(name, mode kwargs) of blocksparse_attention_impl: every attn_mode."""
+    yield "all", {"attn_mode": "all"}
+    yield "local", {"attn_mode": "local", "local_attn_ctx": 64}
+    yield "strided", {"attn_mode": "strided", "local_attn_ctx": 4}
+    yield "fixed", {"attn_mode": "fixed", "local_attn_ctx": 64, "num_verts": 2, "vertsize": 1}
+
+
+# tf.function for the blocksparse_attention_impl cases too (doubles their time; the fused cases always run both).
+IMPL_GRAPH = os.environ.get("TF_GPU_IMPL_GRAPH", "0") == "1"
+
+
+def run_impl(device: str, x: dict, heads: int, dtype, engine: str, mode: dict, graph: bool) -> list[np.ndarray]:
+    """blocksparse_attention_impl's output and dq, dk, dv on `device` (inputs as arguments, as in run)."""
+
+    def fn(q, k, v, dout):
+        with tf.device(device):
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v])
+                out = blocksparse_attention_impl(q, k, v, heads, blocksize=32, engine=engine, **mode)
+            return [out, *tape.gradient(out, [q, k, v], output_gradients=dout)]
+
+    inputs = _inputs(device, dict(x, bias=None), dtype)
+    return [np.asarray(tf.cast(t, tf.float64)) for t in (tf.function(fn) if graph else fn)(*inputs)]
 
 
 def main() -> None:
@@ -99,13 +159,41 @@ def main() -> None:
     total = 0
     for name, x, tables, heads, rate in cases(rng):
         for dtype, tol in TOL.items():
-            total += 1
-            diffs = compare(run("/GPU:0", x, tables, heads, dtype, rate), run("/CPU:0", x, tables, heads, dtype, rate),
-                            dtype)
-            ok = all(v <= tol for v in diffs.values())
-            failed += not ok
-            shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-            print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {dtype.name:9s} {shown}", flush=True)
+            cpu = run("/CPU:0", x, tables, heads, dtype, rate)
+            for graph in (False, True):
+                total += 1
+                diffs = compare(run("/GPU:0", x, tables, heads, dtype, rate, graph), cpu, dtype)
+                ok = all(v <= tol for v in diffs.values())
+                failed += not ok
+                shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+                where = "tf.function" if graph else "eager"
+                print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {dtype.name:9s} {where:11s} {shown}", flush=True)
+    x = make(rng, fused_tables_for_pattern(patterns.Causal(), 256, 256, 32), 2, 32, kpm=False)
+    for mode_name, mode in unfused_cases():
+        for engine in ("unfused", "fused"):
+            for dtype, tol in TOL.items():
+                cpu = run_impl("/CPU:0", x, 2, dtype, engine, mode, False)
+                for graph in (False, True) if IMPL_GRAPH else (False,):
+                    total += 1
+                    gpu = run_impl("/GPU:0", x, 2, dtype, engine, mode, graph)
+                    diffs = dict(zip(("out", "dq", "dk", "dv"), compare(gpu, cpu, dtype).values()))
+                    ok = all(v <= tol for v in diffs.values())
+                    failed += not ok
+                    shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+                    where = "tf.function" if graph else "eager"
+                    status = "ok  " if ok else "FAIL"
+                    print(f"{status} impl {mode_name:8s} {engine:7s} {dtype.name:9s} {where:11s} {shown}", flush=True)
+    # Deterministic mode (TF's switch): the tensor-core gradient twice, bit for bit.
+    tf.config.experimental.enable_op_determinism()
+    causal32 = fused_tables_for_pattern(patterns.Causal(), 128, 128, 32)
+    x = make(rng, causal32, 2, 64, bias_shape=(1, 2))
+    for dtype in (tf.float16, tf.bfloat16):
+        total += 1
+        first, second = (_run("/GPU:0", x, causal32, 2, 0.0, *_inputs("/GPU:0", x, dtype)) for _ in range(2))
+        same = all(np.array_equal(tf.bitcast(a, tf.int16).numpy(), tf.bitcast(b, tf.int16).numpy())
+                   for a, b in zip(first[2:], second[2:]))
+        failed += not same
+        print(f"{'ok  ' if same else 'FAIL'} deterministic gradient, {dtype.name}: same bits twice", flush=True)
     print(f"{total - failed} of {total} GPU == CPU")
     sys.exit(1 if failed else 0)
 

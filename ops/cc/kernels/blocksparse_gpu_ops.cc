@@ -1,7 +1,8 @@
 // GPU kernels of the unfused block-sparse ops: thin wrappers around the CUDA launchers of
-// ops/cuda/bsattn_cuda.h. Tables arrive in host memory, are validated with the CPU kernels'
-// checks, and are copied to the device on the op's stream; then the launcher runs there and its
-// error code becomes the op's status. No CUDA header is needed here.
+// ops/cuda/bsattn_cuda.h. Tables (and the softmax's masks) arrive in host memory and are validated
+// with the CPU kernels' checks; each kernel keeps device copies of them (DeviceTableCache: one
+// upload per distinct table, no copy and no wait for the GPU on later calls); then the launcher
+// runs on the op's stream and its error code becomes the op's status. No CUDA header is needed here.
 #if GOOGLE_CUDA
 
 #include <type_traits>
@@ -35,12 +36,13 @@ class NtGpuOp : public OpKernel {
     const Tensor &a = ctx->input(0), &b = ctx->input(1), &lut = ctx->input(2);
     NtDims d;
     OP_REQUIRES_OK(ctx, CheckNtInputs(a, b, lut, heads_, block_size_, q_blocks_, k_blocks_, &d));
-    Tensor lut_device, *c = nullptr;
-    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
+    Tensor lut_holder, *c = nullptr;
+    const int32_t* lut_device = nullptr;
+    OP_REQUIRES_OK(ctx, tables_.Get(ctx, lut, &lut_holder, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, TensorShape({d.batch, d.heads, d.nnz, d.block_size, d.block_size}), &c));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_nt(DtypeCode<T>(), a.data(), b.data(),
-                                               lut_device.flat<int32_t>().data(), c->data(), d.batch,
+                                               lut_device, c->data(), d.batch,
                                                d.heads, d.a_len, d.b_len, d.width, d.lut_heads, d.nnz,
                                                d.block_size, Stream(ctx)),
                                      "BsattnNt"));
@@ -48,6 +50,7 @@ class NtGpuOp : public OpKernel {
 
  private:
   int64_t heads_, block_size_, q_blocks_, k_blocks_;
+  DeviceTableCache tables_;
 };
 
 // TW = T, or half/bfloat16 weights with float activations (bsattn_dsd_mixed_weights).
@@ -63,16 +66,16 @@ class DsdGpuOp : public OpKernel {
     DsdDims d;
     OP_REQUIRES_OK(ctx, CheckDsdInputs(w, b, lut, kTransposeW ? "tn_lut" : "nn_lut", partner_blocks_,
                                         kPartnerAttr, &d));
-    Tensor lut_device, *c = nullptr;
-    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
+    Tensor lut_holder, *c = nullptr;
+    const int32_t* lut_device = nullptr;
+    OP_REQUIRES_OK(ctx, tables_.Get(ctx, lut, &lut_holder, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({d.batch, d.n_out * d.block_size, d.width}), &c));
-    const int32_t* lut_ptr = lut_device.flat<int32_t>().data();
-    const int status =
+        const int status =
         std::is_same_v<TW, T>
-            ? bsattn_dsd(DtypeCode<T>(), kTransposeW, w.data(), b.data(), lut_ptr, c->data(), d.batch,
+            ? bsattn_dsd(DtypeCode<T>(), kTransposeW, w.data(), b.data(), lut_device, c->data(), d.batch,
                          d.heads, d.nnz, d.block_size, d.b_len, d.width, d.lut_heads, d.lut_len,
                          d.n_out, Stream(ctx))
-            : bsattn_dsd_mixed_weights(DtypeCode<TW>(), kTransposeW, w.data(), b.data(), lut_ptr,
+            : bsattn_dsd_mixed_weights(DtypeCode<TW>(), kTransposeW, w.data(), b.data(), lut_device,
                                        c->data(), d.batch, d.heads, d.nnz, d.block_size, d.b_len,
                                        d.width, d.lut_heads, d.lut_len, d.n_out, Stream(ctx));
     OP_REQUIRES_OK(ctx, LaunchStatus(status, kTransposeW ? "BsattnTn" : "BsattnNn"));
@@ -81,6 +84,7 @@ class DsdGpuOp : public OpKernel {
  private:
   static constexpr const char* kPartnerAttr = kTransposeW ? "q_blocks" : "k_blocks";
   int64_t partner_blocks_;
+  DeviceTableCache tables_;
 };
 
 template <typename T>
@@ -95,12 +99,14 @@ class MaskedSoftmaxGpuOp : public OpKernel {
     SoftmaxDims d;
     OP_REQUIRES_OK(ctx, CheckSoftmaxInputs(x, ctx->input(1), lut, &mask, &ctx->input(4),
                                            autoregressive_, &d));
-    Tensor lut_device, *y = nullptr;
-    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
+    Tensor lut_holder, mask_holder, *y = nullptr;
+    const int32_t *lut_device = nullptr, *mask_device = nullptr;
+    OP_REQUIRES_OK(ctx, tables_.Get(ctx, lut, &lut_holder, &lut_device));
+    OP_REQUIRES_OK(ctx, tables_.Get(ctx, mask, &mask_holder, &mask_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_masked_softmax(
                                          DtypeCode<T>(), x.data(), y->data(), d.scale,
-                                         lut_device.flat<int32_t>().data(), mask.flat<int32_t>().data(),
+                                         lut_device, mask_device,
                                          autoregressive_, d.key, d.batch, d.heads, d.nnz, d.block_size,
                                          d.lut_heads, d.mask_heads, d.lut_len, d.n_rows, Stream(ctx)),
                                      "BsattnMaskedSoftmax"));
@@ -108,6 +114,7 @@ class MaskedSoftmaxGpuOp : public OpKernel {
 
  private:
   bool autoregressive_;
+  DeviceTableCache tables_;
 };
 
 template <typename T>
@@ -123,15 +130,19 @@ class MaskedSoftmaxGradGpuOp : public OpKernel {
                 absl::InvalidArgumentError(absl::StrCat("dy shape ", dy.shape().DebugString(),
                                                         " does not match y shape ",
                                                         y.shape().DebugString())));
-    Tensor lut_device, *dx = nullptr;
-    OP_REQUIRES_OK(ctx, HostToDevice(ctx, lut, &lut_device));
+    Tensor lut_holder, *dx = nullptr;
+    const int32_t* lut_device = nullptr;
+    OP_REQUIRES_OK(ctx, tables_.Get(ctx, lut, &lut_holder, &lut_device));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y.shape(), &dx));
     OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_masked_softmax_grad(
                                          DtypeCode<T>(), dy.data(), y.data(), dx->data(), d.scale,
-                                         lut_device.flat<int32_t>().data(), d.batch, d.heads, d.nnz,
+                                         lut_device, d.batch, d.heads, d.nnz,
                                          d.block_size, d.lut_heads, d.lut_len, d.n_rows, Stream(ctx)),
                                      "BsattnMaskedSoftmaxGrad"));
   }
+
+ private:
+  DeviceTableCache tables_;
 };
 
 }  // namespace
@@ -161,6 +172,7 @@ class MaskedSoftmaxGradGpuOp : public OpKernel {
                               .TypeConstraint<T>("T")                                            \
                               .HostMemory("scale")                                               \
                               .HostMemory("nn_lut")                                              \
+                              .HostMemory("mask")                                                \
                               .HostMemory("autoregress_at_key"),                                 \
                           MaskedSoftmaxGpuOp<T>);                                                \
   REGISTER_KERNEL_BUILDER(Name("BsattnMaskedSoftmaxGrad")                                        \

@@ -1,8 +1,12 @@
 // GPU kernels of BsattnFusedAttention and BsattnFusedAttentionGrad: thin wrappers around
-// bsattn_fused_forward / bsattn_fused_backward (ops/cuda/bsattn_cuda.h). The tables and the seed
-// arrive in host memory and pass the CPU kernels' checks (fused_checks) before the tables are
-// copied to the device on the op's stream; masks, key padding mask, bias and segment ids stay on
-// the device (their contents need no check). float64 stays CPU-only.
+// bsattn_fused_forward / bsattn_fused_backward_ex (ops/cuda/bsattn_cuda.h). The tables (row and
+// column lists, masks) and the seed arrive in host memory and pass the CPU kernels' checks
+// (fused_checks); the kernel keeps device copies of the tables (DeviceTableCache: uploaded once
+// per distinct table, found again by content), so a call copies nothing and never waits for the
+// GPU. Key padding mask, bias and segment ids stay on the device (their contents need no check).
+// The gradient is deterministic (bit-identical runs) under
+// tf.config.experimental.enable_op_determinism() or BSATTN_DETERMINISTIC=1, else dQ is accumulated
+// with float32 atomics on the tensor-core path. float64 stays CPU-only.
 #if GOOGLE_CUDA
 
 #include "ops/cc/kernels/fused_checks.h"
@@ -10,6 +14,7 @@
 #include "ops/cuda/bsattn_cuda.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/util/determinism.h"
 
 namespace bsattn {
 namespace {
@@ -20,14 +25,15 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
 
-// The launchers' arguments for validated inputs, with device copies of the row table (and the
-// column table for the gradient) kept alive in `tables`.
+// The launchers' arguments for validated inputs, with the device copies of the row table and the
+// masks (and the column table for the gradient) from `cache`, held in `tables` for the launch.
 template <typename T>
 absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims& d, bool gradient,
-                      Tensor tables[4], bsattn_fused_args* args) {
-  const char* names[4] = {"row_ptr", "row_entries", "col_ptr", "col_entries"};
-  for (int i = 0; i < (gradient ? 4 : 2); ++i) {
-    TF_RETURN_IF_ERROR(HostToDevice(ctx, FusedInput(ctx, names[i]), &tables[i]));
+                      DeviceTableCache* cache, Tensor tables[5], bsattn_fused_args* args) {
+  const char* names[5] = {"row_ptr", "row_entries", "masks", "col_ptr", "col_entries"};
+  const int32_t* device[5] = {};
+  for (int i = 0; i < (gradient ? 5 : 3); ++i) {
+    TF_RETURN_IF_ERROR(cache->Get(ctx, FusedInput(ctx, names[i]), &tables[i], &device[i]));
   }
   *args = bsattn_fused_args{};
   args->dtype = DtypeCode<T>();
@@ -41,13 +47,11 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
   args->k = FusedInput(ctx, "k").data();
   args->v = FusedInput(ctx, "v").data();
   args->layout_heads = d.layout_heads;
-  args->row_ptr = tables[0].flat<int32_t>().data();
-  args->row_entries = tables[1].flat<int32_t>().data();
-  if (gradient) {
-    args->col_ptr = tables[2].flat<int32_t>().data();
-    args->col_entries = tables[3].flat<int32_t>().data();
-  }
-  args->masks = FusedInput(ctx, "masks").flat<int32_t>().data();
+  args->row_ptr = device[0];
+  args->row_entries = device[1];
+  args->masks = device[2];
+  args->col_ptr = device[3];
+  args->col_entries = device[4];
   if (a.has_key_padding_mask) {
     args->key_padding_mask = reinterpret_cast<const uint8_t*>(FusedInput(ctx, "key_padding_mask").flat<bool>().data());
   }
@@ -77,9 +81,9 @@ class FusedAttentionGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     FusedDims d;
     OP_REQUIRES_OK(ctx, CheckFusedInputs(ctx, attrs_, &d));
-    Tensor tables[4];
+    Tensor tables[5];
     bsattn_fused_args args;
-    OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, false, tables, &args));
+    OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, false, &tables_, tables, &args));
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({d.batch, d.heads, d.tq}), &lse));
@@ -89,6 +93,7 @@ class FusedAttentionGpuOp : public OpKernel {
 
  private:
   FusedAttrs attrs_;
+  DeviceTableCache tables_;
 };
 
 template <typename T>
@@ -102,9 +107,9 @@ class FusedAttentionGradGpuOp : public OpKernel {
     FusedDims d;
     OP_REQUIRES_OK(ctx, CheckFusedInputs(ctx, attrs_, &d));
     OP_REQUIRES_OK(ctx, CheckFusedGradInputs(ctx, attrs_, d));
-    Tensor tables[4];
+    Tensor tables[5];
     bsattn_fused_args args;
-    OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, true, tables, &args));
+    OP_REQUIRES_OK(ctx, MakeArgs<T>(ctx, attrs_, d, true, &tables_, tables, &args));
     const Tensor& bias = FusedInput(ctx, "bias");
     Tensor *dq, *dk, *dv, *dbias;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &dq));
@@ -114,17 +119,19 @@ class FusedAttentionGradGpuOp : public OpKernel {
     const int64_t workspace_bytes = bsattn_fused_backward_workspace(&args, attrs_.has_bias);
     Tensor workspace;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({workspace_bytes}), &workspace));
-    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_fused_backward(
+    const int flags = tensorflow::OpDeterminismRequired() ? BSATTN_BACKWARD_DETERMINISTIC : 0;
+    OP_REQUIRES_OK(ctx, LaunchStatus(bsattn_fused_backward_ex(
                                          &args, FusedInput(ctx, "out").data(), FusedInput(ctx, "lse").flat<float>().data(),
                                          FusedInput(ctx, "dout").data(),
                                          attrs_.has_dlse ? FusedInput(ctx, "dlse").flat<float>().data() : nullptr,
                                          dq->data(), dk->data(), dv->data(), attrs_.has_bias ? dbias->data() : nullptr,
-                                         workspace.data(), workspace_bytes, Stream(ctx)),
+                                         workspace.data(), workspace_bytes, flags, Stream(ctx)),
                                      "BsattnFusedAttentionGrad"));
   }
 
  private:
   FusedAttrs attrs_;
+  DeviceTableCache tables_;
 };
 
 }  // namespace
@@ -136,6 +143,7 @@ class FusedAttentionGradGpuOp : public OpKernel {
                               .TypeConstraint<float>("Tlse")   \
                               .HostMemory("row_ptr")           \
                               .HostMemory("row_entries")       \
+                              .HostMemory("masks")             \
                               .HostMemory("seed"),             \
                           FusedAttentionGpuOp<T>);             \
   REGISTER_KERNEL_BUILDER(Name("BsattnFusedAttentionGrad")     \
@@ -146,6 +154,7 @@ class FusedAttentionGradGpuOp : public OpKernel {
                               .HostMemory("row_entries")       \
                               .HostMemory("col_ptr")           \
                               .HostMemory("col_entries")       \
+                              .HostMemory("masks")             \
                               .HostMemory("seed"),             \
                           FusedAttentionGradGpuOp<T>);
 
