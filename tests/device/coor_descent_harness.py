@@ -13,7 +13,7 @@ Runs on the device machine (PyTorch, no TensorFlow), torch tensors as buffers, o
            router uses) and its unrolled torch loop; gradient error of each against float64.
 
     python tests/device/coor_descent_harness.py --lib build/device/libcoor_descent.so [--quick] [--no-bench]
-        [--colt5 DIR]   # DIR holds the unpacked colt5_attention and einops wheels (pure Python)
+        [--bench-only] [--colt5 DIR]   # DIR holds the unpacked colt5_attention and einops wheels (pure Python)
 """
 
 from __future__ import annotations
@@ -256,13 +256,14 @@ def main() -> int:
     ap.add_argument("--lib", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--bench-only", action="store_true")
     ap.add_argument("--colt5", default=None, help="folder with the unpacked colt5_attention and einops wheels")
     ap.add_argument("--bench-budget", type=float, default=60.0, help="seconds; later sizes are skipped")
     args = ap.parse_args()
     lau = Launchers(args.lib)
     rng = np.random.default_rng(1234)
     results = []
-    for name in (QUICK if args.quick else CASES):
+    for name in () if args.bench_only else (QUICK if args.quick else CASES):
         for dtype_name in DTYPES:
             r = check_case(lau, rng, name, dtype_name)
             results.append(r)
