@@ -89,8 +89,11 @@ def fused_coor_descent(
     eps_init = _real("eps_init", eps_init, allow_none=True)
     eps_decay = _real("eps_decay", eps_decay)
     k_dtype = tf.float64 if s.dtype == tf.float64 else tf.float32
-    if tf.is_tensor(k):
-        k_t = tf.cast(k, k_dtype)
+    if not isinstance(k, numbers.Real):  # a tensor, variable or array: one value, or one per row
+        try:
+            k_t = tf.cast(k, k_dtype)
+        except (TypeError, ValueError, tf.errors.OpError) as e:
+            raise TypeError(f"k must be a number or a float tensor [] or s.shape[:-1], got {k!r}: {e}") from None
     else:
         k_value = _real("k", k)
         if k_value <= 0:

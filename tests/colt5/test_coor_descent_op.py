@@ -238,6 +238,8 @@ def test_eps_schedule_is_the_originals():
         (dict(k=2, mask=np.ones((3, 9), bool)), ValueError, "mask"),
         (dict(k=2, mask=np.ones((4, 10), np.float32)), TypeError, "mask must be a bool"),
         (dict(k=tf.constant([1.0, 2.0])), tf.errors.InvalidArgumentError, "k must be a scalar or have shape"),
+        (dict(k=np.array([1.0, 2.0, 3.0, 4.0, 5.0])), tf.errors.InvalidArgumentError, "k must be a scalar or have"),
+        (dict(k="3"), TypeError, "k must be a number or a float tensor"),
         (dict(k=tf.constant([1.0, 0.0, 2.0, 1.0])), tf.errors.InvalidArgumentError, r"k must be finite and > 0.*k\[1\]"),
         (dict(k=tf.constant([1.0, 11.0, 2.0, 1.0])), tf.errors.InvalidArgumentError, "k must be <= n = 10"),
     ],
@@ -261,3 +263,16 @@ def test_xla_is_refused(rng):
     s = tf.constant(rng.standard_normal((2, 8)), tf.float32)
     with pytest.raises(NotImplementedError, match="XLA"):
         tf.function(lambda x: fused_coor_descent(x, n_iters=3, k=2), jit_compile=True)(s)
+
+
+@pytest.mark.parametrize("op", ["BsattnCoorDescent", "BsattnCoorDescentGrad"])
+def test_kernels_registered(op):
+    # CPU: float32, float16, bfloat16, float64; GPU (a CUDA build only): float32, float16, bfloat16.
+    from tensorflow.python.framework import kernels
+
+    from bsattn import _loader
+
+    _loader.load_ops()
+    devices = [k.device_type for k in kernels.get_registered_kernels_for_op(op).kernel]
+    assert devices.count("CPU") == 4
+    assert devices.count("GPU") == (3 if _loader.build_info()["cuda"] else 0)
