@@ -7,9 +7,12 @@ every case in a fresh process with 2 threads; both under ``tf.function``):
             exists, else the same loop written here (``unrolled_coor_descent``); autograd through all iterations
   fused     ``bsattn.colt5.coor_descent_op.fused_coor_descent`` (one op forward, one exact op backward)
 
-Time: the median of 5 calls after a warm-up call. Peak memory: the process's peak resident set (ru_maxrss) and that
-minus the resident set after the inputs were made and both functions traced, before their first call ("+MB"); each process measures the
-forward first, then forward+backward (so the forward+backward peak includes the forward's). The machine is
+Forward: ``reduce_sum(y)``; forward+backward: ``y`` and the gradient ``ds`` for a fixed random cotangent ``dy``
+(``tape.gradient(y, s, output_gradients=dy)``: no loss tensors of its own). Time: the median of 5 calls after a
+warm-up call. Peak memory: the process's peak resident set (ru_maxrss) and that
+minus the resident set after the inputs were made and both functions traced, before their first call ("+MB");
+each process measures the forward first, then forward+backward (so the forward+backward peak includes the
+forward's). The machine is
 shared: the load average is recorded with the numbers.
 
     python benchmarks/colt5.py                              # rows x n = 64x4k, 32x16k, 16x32k, 8x64k
@@ -104,14 +107,14 @@ def worker(column: str, rows: int, n: int) -> dict:
 
     @tf.function
     def forward(s):
-        return tf.reduce_sum(impl(s, **kw) * w)
+        return tf.reduce_sum(impl(s, **kw))
 
     @tf.function
-    def backward(s):
+    def backward(s):  # y and its vector-Jacobian product with the fixed cotangent w: ds = w . dy/ds
         with tf.GradientTape() as tape:
             tape.watch(s)
-            loss = tf.reduce_sum(impl(s, **kw) * w)
-        return tape.gradient(loss, s)
+            y = impl(s, **kw)
+        return tape.gradient(y, s, output_gradients=w)
 
     # The base is taken after a trace of both functions, so "+MB" is what one call adds.
     forward.get_concrete_function(s)
@@ -162,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=SIZES, help="ROWSxN")
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=COLUMNS)
-    parser.add_argument("--out", default=default_out("colt5.json"), help="results JSON (default outside the repository)")
+    parser.add_argument("--out", default=default_out("colt5.json"), help="results JSON (default: outside the repo)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
