@@ -276,3 +276,25 @@ def test_kernels_registered(op):
     devices = [k.device_type for k in kernels.get_registered_kernels_for_op(op).kernel]
     assert devices.count("CPU") == 4
     assert devices.count("GPU") == (3 if _loader.build_info()["cuda"] else 0)
+
+
+def test_raw_op_checks_name_the_argument(rng):
+    from bsattn._loader import load_ops
+
+    raw = load_ops()
+    s = tf.constant(rng.standard_normal((2, 6)), tf.float32)
+    k, no_mask = tf.constant(2.0), tf.zeros([0], tf.bool)
+    schedule = tf.constant([0.5, 0.5, 0.5, 0.5])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=r"eps \(the schedule\) must be"):
+        raw.bsattn_coor_descent(s, k, schedule[:3], no_mask, n_iters=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"eps must be finite and > 0.*\[2\] = 0"):
+        raw.bsattn_coor_descent(s, k, tf.constant([0.5, 0.5, 0.0, 0.5]), no_mask, n_iters=3)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="n_iters must be"):
+        raw.bsattn_coor_descent(s, k, schedule[:1], no_mask, n_iters=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask must have the shape of s"):
+        raw.bsattn_coor_descent(s, k, schedule, tf.ones([2, 5], tf.bool), n_iters=3, has_mask=True)
+    y, lse = raw.bsattn_coor_descent(s, k, schedule, no_mask, n_iters=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"lse must be \[..., n_iters\]"):
+        raw.bsattn_coor_descent_grad(s, k, schedule, no_mask, lse[:, :2], y, n_iters=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dy must have the shape of s"):
+        raw.bsattn_coor_descent_grad(s, k, schedule, no_mask, lse, y[:, :5], n_iters=3)
