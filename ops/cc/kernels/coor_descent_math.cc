@@ -195,17 +195,23 @@ inline __attribute__((always_inline)) float BackwardStepBody(const float* x, int
                                                             float inv, float lse, float da, float* dx) {
   using Vec = typename Lanes<N>::F;
   const Vec zero = {};
-  Vec acc = zero;
-  int64_t j = 0;
-  for (; j + N <= n; j += N) {
-    const Vec xv = Load<N>(x + j);
+  Vec acc0 = zero, acc1 = zero;
+  // Two vectors per step, as in SumExpBody: two independent exp chains in flight.
+  auto step = [&](int64_t at, Vec& acc) __attribute__((always_inline)) {
+    const Vec xv = Load<N>(x + at);
     const Vec u = xv + a_prev;
     const auto pos = u > zero;
     const Vec p = ExpVec<N>((xv - (pos ? u : zero)) * inv - lse);
     acc += pos ? p : zero;
-    Store<N>(dx + j, Load<N>(dx + j) - (pos ? zero : da * p));
+    Store<N>(dx + at, Load<N>(dx + at) - (pos ? zero : da * p));
+  };
+  int64_t j = 0;
+  for (; j + 2 * N <= n; j += 2 * N) {
+    step(j, acc0);
+    step(j + N, acc1);
   }
-  return Sum<N>(acc) + BackwardStepScalar(x, j, n, a_prev, inv, lse, da, dx);
+  for (; j + N <= n; j += N) step(j, acc0);
+  return Sum<N>(acc0 + acc1) + BackwardStepScalar(x, j, n, a_prev, inv, lse, da, dx);
 }
 
 using SumExpFn = float (*)(const float*, int64_t, float, float, float);
