@@ -11,6 +11,12 @@ a quarter ulp and of the problem's float32 conditioning.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -298,3 +304,44 @@ def test_raw_op_checks_name_the_argument(rng):
         raw.bsattn_coor_descent_grad(s, k, schedule, no_mask, lse[:, :2], y, n_iters=3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="dy must have the shape of s"):
         raw.bsattn_coor_descent_grad(s, k, schedule, no_mask, lse, y[:, :5], n_iters=3)
+
+
+_ISA_SCRIPT = """
+import json
+import numpy as np, tensorflow as tf
+from coor_descent_op_reference import ref_backward, ref_forward
+from bsattn.colt5.coor_descent_op import fused_coor_descent
+rng = np.random.default_rng(0)
+errors = []
+for shape, kw in [((3, 37), dict(n_iters=30, eps=1.0)), ((2, 45), dict(n_iters=12, eps=0.2, eps_init=1.0, eps_decay=0.8))]:
+    s, w = rng.standard_normal(shape), rng.standard_normal(shape)
+    mask = rng.random(shape) < 0.8
+    mask[:, :6] = True
+    st = tf.constant(s, tf.float32)
+    s = st.numpy().astype(np.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(st)
+        y = fused_coor_descent(st, k=3.5, mask=mask, **kw)
+    ds = tape.gradient(y, st, output_gradients=tf.constant(w, tf.float32))
+    y_ref, trace = ref_forward(s, 3.5, mask=mask, **kw)
+    ds_ref, _ = ref_backward(w.astype(np.float32).astype(np.float64), 3.5, trace)
+    errors += [float(np.abs(y.numpy() - y_ref).max()), float(np.abs(ds.numpy() - ds_ref).max() / np.abs(ds_ref).max())]
+print(json.dumps(errors))
+"""
+
+
+def test_lower_isa_levels():
+    """The AVX2 and baseline instances of the row passes (this CPU runs AVX-512) are as accurate."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here.parents[1]), str(here), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
+    procs = {
+        isa: subprocess.Popen([sys.executable, "-c", _ISA_SCRIPT], env=dict(env, BSATTN_CPU_ISA=isa),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here)
+        for isa in ("avx2", "baseline")
+    }  # fmt: skip
+    for isa, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        errors = json.loads(stdout.strip().splitlines()[-1])
+        assert max(errors) < 2e-5, (isa, errors)
