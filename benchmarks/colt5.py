@@ -8,8 +8,9 @@ every case in a fresh process with 2 threads; both under ``tf.function``):
   fused     ``bsattn.colt5.coor_descent_op.fused_coor_descent`` (one op forward, one exact op backward)
 
 Forward: ``reduce_sum(y)``; forward+backward: ``y`` and the gradient ``ds`` for a fixed random cotangent ``dy``
-(``tape.gradient(y, s, output_gradients=dy)``: no loss tensors of its own). Time: the median of 5 calls after a
-warm-up call. Peak memory: the process's peak resident set (ru_maxrss) and that
+(``tape.gradient(y, s, output_gradients=dy)``: no loss tensors of its own). Time: the best of 7 calls after a
+warm-up call (the machine is shared: the least disturbed call estimates the cost best; the JSON also has the
+median). Peak memory: the process's peak resident set (ru_maxrss) and that
 minus the resident set after the inputs were made and both functions traced, before their first call ("+MB");
 each process measures the forward first, then forward+backward (so the forward+backward peak includes the
 forward's). The machine is
@@ -77,7 +78,7 @@ def unrolled_impl():
     return (lambda s, **kw: coor_descent(s, fused=False, **kw)), "bsattn.colt5.coor_descent(fused=False)"
 
 
-def measure(fn, reps: int = 5) -> dict:
+def measure(fn, reps: int = 7) -> dict:
     base = rss_mb()
     fn()  # warm-up
     times = []
@@ -86,7 +87,7 @@ def measure(fn, reps: int = 5) -> dict:
         fn()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": statistics.median(times), "peak_mb": peak, "base_mb": base}
+    return {"seconds": min(times), "median_seconds": statistics.median(times), "peak_mb": peak, "base_mb": base}
 
 
 def worker(column: str, rows: int, n: int) -> dict:
@@ -144,7 +145,7 @@ def cell(r: dict | None) -> str:
 
 
 def table(results: dict, columns: list, sizes: list) -> str:
-    lines = [f"ms, peak RSS MB, +MB over inputs and traced functions; float32, n_iters={N_ITERS}, eps={EPS}, "
+    lines = [f"ms (best of 7), peak RSS MB, +MB over inputs and traced functions; float32, n_iters={N_ITERS}, eps={EPS}, "
              f"eps_init={EPS_INIT}, eps_decay={EPS_DECAY}, k=n/8, {THREADS} threads"]
     header = "  rows x n | " + " | ".join(f"{c:^22}" for c in columns)
     if {"fused", "unrolled"} <= set(columns):
