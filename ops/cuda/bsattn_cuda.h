@@ -143,6 +143,29 @@ int bsattn_fused_backward(const bsattn_fused_args* args, const void* out, const 
                           void* dbias, void* workspace, int64_t workspace_bytes,
                           bsattn_stream_t stream);
 
+/* ---- fused coordinate descent (CoLT5 routing; the CPU op BsattnCoorDescent) -----------------
+ * One row per CTA: s [rows, n] (dtype), mask [rows, n] bytes (nonzero = a real entry) or NULL,
+ * k [rows] float32 (k_per_row != 0) or [1] (one k for every row), eps [n_iters + 1] float32 (the
+ * schedule: eps[t] is used by iteration t + 1, eps[n_iters] by the output), all device memory.
+ * The forward writes y [rows, n] (dtype; 0 where masked and on fully masked rows) and lse
+ * [rows, n_iters] float32, all the backward needs besides s. Callers check k > 0 and
+ * k <= n; a row whose k exceeds its unmasked count runs as is (no check on the device).
+ * workspace: bsattn_coor_descent_workspace bytes (0 when a row, and in the backward its gradient,
+ * fit in shared memory; then workspace may be NULL). */
+int64_t bsattn_coor_descent_workspace(int64_t rows, int64_t n, int backward, int k_per_row);
+
+int bsattn_coor_descent_forward(int dtype, const void* s, const uint8_t* mask, const float* k, int k_per_row,
+                                const float* eps, int n_iters, int64_t rows, int64_t n, void* y, float* lse,
+                                void* workspace, int64_t workspace_bytes, bsattn_stream_t stream);
+
+/* The exact gradient (the iterations replayed in reverse): ds [rows, n] (dtype, 0 where masked)
+ * from dy [rows, n] (dtype) and the forward's lse; dk [rows] float32 (k_per_row) or [1] (the sum
+ * over the rows, in row order). */
+int bsattn_coor_descent_backward(int dtype, const void* s, const uint8_t* mask, const float* k, int k_per_row,
+                                 const float* eps, int n_iters, int64_t rows, int64_t n, const float* lse,
+                                 const void* dy, void* ds, float* dk, void* workspace, int64_t workspace_bytes,
+                                 bsattn_stream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,1 @@
+"""CoLT5 conditional routing (coordinate-descent top-k, routers, routed layers)."""

@@ -1,0 +1,198 @@
+// OpKernels of BsattnCoorDescent and BsattnCoorDescentGrad (CPU). One row per work item: the row is
+// converted to a dense Acc buffer (masked entries -inf) that stays in cache for all the iterations
+// (coor_descent_math.h has the math and the reverse-mode derivation).
+#include <atomic>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "ops/cc/kernels/coor_descent_checks.h"
+#include "ops/cc/kernels/coor_descent_math.h"
+#include "ops/cc/kernels/cpu_math.h"
+#include "ops/cc/kernels/tile_io.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+
+namespace bsattn {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+// The first row (lowest index) whose k exceeds its unmasked count, found by any thread.
+class BadRow {
+ public:
+  void Record(int64_t row, double k, int64_t unmasked) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (row_ < 0 || row < row_) {
+      row_ = row;
+      k_ = k;
+      unmasked_ = unmasked;
+    }
+  }
+  absl::Status Status(const CoorDims& d) const {
+    return row_ < 0 ? absl::OkStatus() : CoorKExceeds(d, row_, k_, unmasked_);
+  }
+
+ private:
+  std::mutex mu_;
+  int64_t row_ = -1, unmasked_ = 0;
+  double k_ = 0;
+};
+
+// x[j] = s[j] (as Acc), -inf where masked; returns the unmasked count.
+template <typename T, typename Acc>
+int64_t LoadRow(const T* s, const bool* mask, int64_t n, Acc* x) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const bool keep = mask == nullptr || mask[j];
+    x[j] = keep ? static_cast<Acc>(s[j]) : -std::numeric_limits<Acc>::infinity();
+    count += keep;
+  }
+  return count;
+}
+
+// Rough cycles per row, for the thread pool's shards.
+int64_t RowCost(const CoorDims& d) { return std::max<int64_t>(1, d.n) * (d.n_iters + 2) * 8; }
+
+template <typename T>
+class CoorDescentOp : public OpKernel {
+ public:
+  using Acc = typename AccumulatorOf<T>::type;
+  explicit CoorDescentOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ParseCoorAttrs(ctx, &n_iters_, &has_mask_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    CoorDims d;
+    OP_REQUIRES_OK(ctx, CheckCoorInputs(ctx, n_iters_, has_mask_, false, &d));
+    const Tensor& s = ctx->input(0);
+    TensorShape lse_shape = s.shape();
+    lse_shape.set_dim(s.dims() - 1, n_iters_);
+    Tensor *y_out, *lse_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, s.shape(), &y_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, lse_shape, &lse_out));
+    const T* s_ptr = s.flat<T>().data();
+    const bool* mask = has_mask_ ? ctx->input(3).flat<bool>().data() : nullptr;
+    const Acc* k = ctx->input(1).flat<Acc>().data();
+    const Acc* eps = ctx->input(2).flat<Acc>().data();
+    T* y = y_out->flat<T>().data();
+    Acc* lse = lse_out->flat<Acc>().data();
+    const int64_t n = d.n;
+    BadRow bad;
+    ParallelForBalanced(ctx, d.rows, RowCost(d), [&](int64_t begin, int64_t end) {
+      std::vector<Acc> x(n), yr(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t unmasked = LoadRow(s_ptr + r * n, mask ? mask + r * n : nullptr, n, x.data());
+        const Acc k_r = k[d.scalar_k ? 0 : r];
+        Acc* lse_r = lse + r * n_iters_;
+        T* y_r = y + r * n;
+        if (unmasked == 0) {  // a fully masked row: y = 0 (lse -inf: nothing was summed)
+          std::fill(y_r, y_r + n, T(0));
+          std::fill(lse_r, lse_r + n_iters_, -std::numeric_limits<Acc>::infinity());
+          continue;
+        }
+        if (static_cast<double>(k_r) > static_cast<double>(unmasked)) {
+          bad.Record(r, k_r, unmasked);
+          continue;
+        }
+        CoorDescentRowForward(x.data(), n, unmasked, CoorLogK(k_r), eps, n_iters_, lse_r, yr.data());
+        for (int64_t j = 0; j < n; ++j) y_r[j] = static_cast<T>(yr[j]);  // yr is 0 where masked
+      }
+    });
+    OP_REQUIRES_OK(ctx, bad.Status(d));
+  }
+
+ private:
+  int n_iters_ = 0;
+  bool has_mask_ = false;
+};
+
+template <typename T>
+class CoorDescentGradOp : public OpKernel {
+ public:
+  using Acc = typename AccumulatorOf<T>::type;
+  explicit CoorDescentGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ParseCoorAttrs(ctx, &n_iters_, &has_mask_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    CoorDims d;
+    OP_REQUIRES_OK(ctx, CheckCoorInputs(ctx, n_iters_, has_mask_, true, &d));
+    const Tensor& s = ctx->input(0);
+    Tensor *ds_out, *dk_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, s.shape(), &ds_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &dk_out));
+    Tensor dk_rows_t;  // per-row dk before a scalar k's sum (rows summed in order: deterministic)
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<Acc>::value, TensorShape({d.rows}),
+                                           &dk_rows_t));
+    const T* s_ptr = s.flat<T>().data();
+    const bool* mask = has_mask_ ? ctx->input(3).flat<bool>().data() : nullptr;
+    const Acc* k = ctx->input(1).flat<Acc>().data();
+    const Acc* eps = ctx->input(2).flat<Acc>().data();
+    const Acc* lse = ctx->input(4).flat<Acc>().data();
+    const T* dy = ctx->input(5).flat<T>().data();
+    T* ds = ds_out->flat<T>().data();
+    Acc* dk_rows = dk_rows_t.flat<Acc>().data();
+    const int64_t n = d.n;
+    BadRow bad;
+    ParallelForBalanced(ctx, d.rows, RowCost(d) * 2, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> x(n), g(n), dx(n);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t unmasked = LoadRow(s_ptr + r * n, mask ? mask + r * n : nullptr, n, x.data());
+        const Acc k_r = k[d.scalar_k ? 0 : r];
+        T* ds_r = ds + r * n;
+        dk_rows[r] = 0;
+        if (unmasked == 0) {
+          std::fill(ds_r, ds_r + n, T(0));
+          continue;
+        }
+        if (static_cast<double>(k_r) > static_cast<double>(unmasked)) {
+          bad.Record(r, k_r, unmasked);
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) g[j] = static_cast<Acc>(dy[r * n + j]);
+        const Acc dlog_k =
+            CoorDescentRowBackward(x.data(), g.data(), n, CoorLogK(k_r), eps, n_iters_, lse + r * n_iters_, dx.data());
+        dk_rows[r] = k_r >= Acc(1e-20) ? dlog_k / k_r : Acc(0);
+        for (int64_t j = 0; j < n; ++j) ds_r[j] = static_cast<T>(dx[j]);
+      }
+    });
+    OP_REQUIRES_OK(ctx, bad.Status(d));
+    Acc* dk = dk_out->flat<Acc>().data();
+    if (d.scalar_k) {
+      Acc total = 0;
+      for (int64_t r = 0; r < d.rows; ++r) total += dk_rows[r];
+      dk[0] = total;
+    } else {
+      std::copy(dk_rows, dk_rows + d.rows, dk);
+    }
+  }
+
+ private:
+  int n_iters_ = 0;
+  bool has_mask_ = false;
+};
+
+}  // namespace
+
+#define BSATTN_REGISTER_COOR(T, TK)                                                                          \
+  REGISTER_KERNEL_BUILDER(                                                                                   \
+      Name("BsattnCoorDescent").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TK>("Tk"), \
+      CoorDescentOp<T>);                                                                                     \
+  REGISTER_KERNEL_BUILDER(Name("BsattnCoorDescentGrad")                                                      \
+                              .Device(tensorflow::DEVICE_CPU)                                                \
+                              .TypeConstraint<T>("T")                                                        \
+                              .TypeConstraint<TK>("Tk"),                                                     \
+                          CoorDescentGradOp<T>);
+
+BSATTN_REGISTER_COOR(float, float);
+BSATTN_REGISTER_COOR(Eigen::half, float);
+BSATTN_REGISTER_COOR(Eigen::bfloat16, float);
+BSATTN_REGISTER_COOR(double, double);
+#undef BSATTN_REGISTER_COOR
+
+}  // namespace bsattn
