@@ -6,11 +6,12 @@
 #   STEPS="fused sanitizer" FUSED_ARGS="--lengths 16384" bash tests/device/run.sh
 #   PREBUILT=1 ...                                 # skip the build: build/device/libbsattn_cuda.so exists
 #   STEPS=sanitizer [TOOLS="memcheck initcheck"] ... # compute-sanitizer only
-# STEPS picks among: unfused (harness.py), fused (fused_harness.py), sanitizer (both, --quick).
+# STEPS picks among: unfused (harness.py), fused (fused_harness.py), coor (coor_descent_harness.py),
+# sanitizer (all three, --quick).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/bsattn_device}
-STEPS=${STEPS:-"unfused fused sanitizer"}
+STEPS=${STEPS:-"unfused fused coor sanitizer"}
 FUSED_ARGS=${FUSED_ARGS:-}
 LIB=build/device/libbsattn_cuda.so
 mkdir -p "$OUT" build/device
@@ -21,9 +22,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 if [ "${PREBUILT:-0}" = 1 ] && [ -f "$LIB" ]; then
   echo "using prebuilt $LIB"
 else
+  # One nvcc per .cu file, in parallel (the machine has 16 cores), then one link.
   start=$SECONDS
-  nvcc -shared -O3 -std=c++17 -Xcompiler -fPIC -cudart static --expt-relaxed-constexpr -I. \
-    -gencode=arch=compute_90a,code=sm_90a ops/cuda/*.cu -o "$LIB" || exit 1
+  objs=() pids=()
+  for cu in ops/cuda/*.cu; do
+    obj=build/device/$(basename "$cu" .cu).o
+    nvcc -c -O3 -std=c++17 -Xcompiler -fPIC --expt-relaxed-constexpr -I. \
+      -gencode=arch=compute_90a,code=sm_90a "$cu" -o "$obj" &
+    objs+=("$obj") pids+=("$!")
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
+  nvcc -shared -cudart static "${objs[@]}" -o "$LIB" || exit 1
   echo "nvcc build: $((SECONDS - start)) s"
 fi
 
@@ -38,16 +47,20 @@ if step fused; then
   python3 tests/device/fused_harness.py --lib "$LIB" $FUSED_ARGS 2>&1 | tee "$OUT/fused.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
+if step coor; then
+  python3 tests/device/coor_descent_harness.py --lib "$LIB" --no-bench 2>&1 | tee "$OUT/coor.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
 if step sanitizer; then
-  # compute-sanitizer's four tools over both harnesses' quick sets (every launcher, NaN cases included),
-  # all eight runs in parallel on the one GPU; any report fails the step. Logs: $OUT/<harness>.<tool>.log.
+  # compute-sanitizer's four tools over the three harnesses' quick sets (every launcher, NaN cases
+  # included), all twelve runs in parallel on the one GPU; any report fails the step. Logs: $OUT/<harness>.<tool>.log.
   # initcheck checks only bsattn's kernels (namespace bsattn_cuda): cuBLAS's Hopper kernels write their
   # results in ways initcheck does not track, so torch's dense baselines reading them were reported. The
   # harnesses write every launcher input by memcpy (dev, poisoned), which initcheck tracks.
   TOOLS=${TOOLS:-"memcheck racecheck initcheck synccheck"}
   start=$SECONDS
   pids=()
-  for script in harness fused_harness; do
+  for script in harness fused_harness coor_descent_harness; do
     for tool in $TOOLS; do
       filter=(); [ "$tool" = initcheck ] && filter=(--kernel-name kns=bsattn_cuda)
       timeout "${SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 3 \
