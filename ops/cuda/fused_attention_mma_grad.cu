@@ -16,9 +16,9 @@
 // fragments are re-read from shared memory with ldmatrix so that the float32 accumulators fit.
 //
 // The rules of fused_common.cuh: masked entries (in-block mask, key padding, a -inf bias, another
-// segment) are never read into a result: their dP is 0 by select, so dS = -P delta and P Z = P are 0
-// unless the row itself is NaN; a row with lse = -inf (no kept key) adds nothing even where its q,
-// dout or delta are NaN (dS = 0 by select, and the exact paths skip it); a streamed Q
+// segment) are never read into a result: their P and dS are 0 by select, in a NaN row too (as the
+// CPU kernel, the SIMT kernels and the float64 reference); a row with lse = -inf (no kept key) adds
+// nothing even where its q, dout or delta are NaN (dS = 0 by select, and the exact paths skip it); a streamed Q
 // or dO tile or a resident K tile holding a non-finite value (a CTA-uniform flag) takes the exact
 // path: the product runs on the tile with those values zeroed and the kept entries' products of
 // them are added one by one (AddNonFiniteTerms), or, for dQ with a non-finite K, dQ is summed
@@ -273,11 +273,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
             const float offset =
                 other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, qi, kj, MaskRow(p, mask_id, bi0 + col), bj);
             const bool kept = offset != -INFINITY;
-            const float prob = exp2f(ScaledScore(s[t][x], p.scale, offset) * kLog2e - lse_b[col]);
+            // P and dS are 0 by select at masked entries (their score may be NaN: a NaN k there, or the NaN
+            // lse of a NaN row) and in a row without kept keys (lse = -inf: its delta may be NaN).
+            const float prob = kept ? exp2f(ScaledScore(s[t][x], p.scale, offset) * kLog2e - lse_b[col]) : 0.0f;
             const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
-            // dS (V's dP not read when masked); 0 in a row without kept keys (lse = -inf: its delta may be NaN);
-            // a NaN row (NaN lse) stays NaN over its blocks, masked entries included, as the reference.
-            const float ds = lse_b[col] == INFINITY ? 0.0f : prob * ((kept ? dp[t][x] : 0.0f) * z - delta_b[col]);
+            const float ds = lse_b[col] == INFINITY || !kept ? 0.0f : prob * (dp[t][x] * z - delta_b[col]);
             const float pz = prob * z;
             if (g.dbias != nullptr) g.dbias[BiasIndex(p, b, h, qi, kj)] += ds;
             s[t][x] = pz;  // P Z, for dV
@@ -454,11 +454,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
         const int64_t qi = q0 + r0 + 8 * half, kj = k0 + col;
         const bool other_segment = has_seg && p.k_segment_ids[b * p.tk + kj] != qseg[half];
         const float offset = other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, qi, kj, mask_rows[half], bj0 + col);
-        const float prob = exp2f(ScaledScore(s[t][e], p.scale, offset) * kLog2e - lse2[half]);
-        const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
         const bool kept = offset != -INFINITY;
-        // dS; V is not read at masked entries; 0 in a row without kept keys (lse = -inf, delta may be NaN there).
-        s[t][e] = lse2[half] == INFINITY ? 0.0f : prob * ((kept ? dp[t][e] : 0.0f) * z - row_delta[half]);
+        const float prob = kept ? exp2f(ScaledScore(s[t][e], p.scale, offset) * kLog2e - lse2[half]) : 0.0f;
+        const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
+        // dS: 0 by select at masked entries and in a row without kept keys (lse = -inf, delta may be NaN there).
+        s[t][e] = lse2[half] == INFINITY || !kept ? 0.0f : prob * (dp[t][e] * z - row_delta[half]);
         if (k_bad && kept) {  // slot 2t + (e & 1) of rows `half`: kept, nonzero, negative
           const uint32_t bit = 1u << (2 * t + (e & 1));
           ds_bits[half] |= bit | (s[t][e] != 0.0f ? bit << 16 : 0u);
