@@ -116,7 +116,7 @@ def coor_descent(
         # A fully masked row is computed as if unmasked (finite numbers, zero gradient) and zeroed at the end.
         row_has_any = tf.reduce_any(mask, axis=-1, keepdims=True)
         keep = tf.logical_or(mask, tf.logical_not(row_has_any))
-        s = tf.where(keep, s, tf.zeros([], dtype))
+        s = tf.where(mask, s, tf.zeros([], dtype))  # masked values are never read
     a = tf.zeros([], dtype)
     b = -s
     e = max(eps if eps_init is None else eps_init, eps)
