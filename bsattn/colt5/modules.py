@@ -64,11 +64,12 @@ class FeedForward(keras.layers.Layer):
         self.norm = RMSNorm(self.dim, name="norm", dtype=self.dtype_policy)
         self.proj_in = _dense(hidden, "proj_in", True, self.dtype_policy)
         self.proj_out = _dense(self.dim, "proj_out", True, self.dtype_policy)
+        # Built here (the sizes are known): a loaded .keras file finds every weight before the first call.
+        self.proj_in.build((None, self.dim))
+        self.proj_out.build((None, hidden))
 
-    def build(self, input_shape):
-        shape = tuple(input_shape)
-        self.proj_in.build(shape)
-        self.proj_out.build(shape[:-1] + (self.proj_in.units,))
+    def build(self, input_shape=None):
+        pass
 
     def call(self, x):
         return self.proj_out(keras.activations.gelu(self.proj_in(self.norm(x)), approximate=False))
@@ -134,12 +135,12 @@ class LightAttention(_MaskArg):
             self.norm = RMSNorm(self.dim, name="norm", dtype=self.dtype_policy)
         self.to_qkv = _dense(3 * inner, "to_qkv", False, self.dtype_policy)
         self.to_out = _dense(self.dim, "to_out", False, self.dtype_policy)
+        self.norm.build((None, self.dim))
+        self.to_qkv.build((None, self.dim))
+        self.to_out.build((None, inner))
 
-    def build(self, input_shape):
-        shape = tuple(input_shape)
-        self.norm.build(shape)
-        self.to_qkv.build(shape)
-        self.to_out.build(shape[:-1] + (self.heads * self.dim_head,))
+    def build(self, input_shape=None):
+        pass
 
     def call(self, x, mask=None):
         q, k, v = tf.split(self.to_qkv(self.norm(x)), 3, axis=-1)
@@ -189,12 +190,12 @@ class HeavyAttention(_MaskArg):
         self.to_q = _dense(inner, "to_q", False, self.dtype_policy)
         self.to_kv = _dense(2 * inner, "to_kv", False, self.dtype_policy)
         self.to_out = _dense(self.dim, "to_out", False, self.dtype_policy)
+        for layer in (self.to_q, self.to_kv):
+            layer.build((None, self.dim))
+        self.to_out.build((None, inner))
 
     def build(self, input_shape=None):
-        shape = (None, None, self.dim)
-        for layer in (self.to_q, self.to_kv):
-            layer.build(shape)
-        self.to_out.build((None, None, self.heads * self.dim_head))
+        pass
 
     def call(self, x, context=None, mask=None, scores_kv=None, scores_q=None, positions=None):
         h, dh = self.heads, self.dim_head

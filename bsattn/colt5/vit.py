@@ -94,6 +94,10 @@ class ConditionalRoutedViT(_Configured):
             self.ff_layers.append(ff)
         self.head_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm", dtype=p)
         self.head = keras.layers.Dense(checks.positive_int("num_classes", num_classes), name="head", dtype=p)
+        patch_dim = ph * pw * self.channels
+        for layer, width in ((self.patch_norm, patch_dim), (self.patch_proj, patch_dim), (self.embed_norm, self.dim),
+                             (self.head_norm, self.dim), (self.head, self.dim)):  # fmt: skip
+            layer.build((None, width))
 
     def call(self, img):
         (ih, iw), (ph, pw), c = self.image_size, self.patch_size, self.channels
