@@ -79,7 +79,7 @@ class Config:
     colt5_heavy_window: int = _field(0, "colt5: heavy window (routing unit of the queries); 0 = colt5_light_window")
     colt5_heavy_tokens_q: int = _field(32, "colt5: heavy (routed) queries per heavy window")
     colt5_heavy_tokens_kv: int = _field(64, "colt5: heavy (routed) keys/values from all earlier windows")
-    colt5_heavy_ff_tokens: int = _field(128, "colt5: tokens per window given the heavy feed-forward")
+    colt5_heavy_ff_tokens: int = _field(32, "colt5: tokens of every colt5_light_window given the heavy feed-forward")
     colt5_routed_kv: int = _field(1, "colt5: key/value routes (n_head must be a multiple)")
     pos_embd: str = _field(
         "factorized",

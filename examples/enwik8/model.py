@@ -159,7 +159,12 @@ class CoLT5Block(tf.Module):
     ``ConditionalRoutedAutoregressiveAttention`` (light: the previous window up to the token, on the fused op;
     heavy: routed queries per heavy window over keys routed from all earlier windows) and
     ``ConditionalRoutedFeedForward`` (light MLP 0.5 d on every token, heavy 4 d on the routed ones; its router
-    picks ``colt5_heavy_ff_tokens`` per ``colt5_light_window`` bytes). The pre-norms (RMSNorm / LayerNorm) live in
+    picks ``colt5_heavy_ff_tokens`` in every window of ``colt5_light_window`` bytes).
+
+    Not strictly causal, as the original's design: which tokens of a window are routed (to the heavy queries,
+    to the heavy MLP) is a top-k over the whole window, so it depends on later tokens of that window; the
+    values themselves only see the past. ``colt5_heavy_tokens_q`` = the heavy window and
+    ``colt5_heavy_ff_tokens`` = the light window route every token there: then the model is causal. The pre-norms (RMSNorm / LayerNorm) live in
     the branches, as in CoLT5. ``[B, T, d] -> [B, T, d]``.
 
     Initialisation (seeded, as the rest of the model): kernels N(0, 0.125/sqrt(d_in)), the branches' output
@@ -181,9 +186,10 @@ class CoLT5Block(tf.Module):
                 light_window_size=cfg.colt5_light_window, heavy_window_size=cfg.colt5_heavy_window or None,
                 heavy_dim_head=cfg.d_head, heavy_heads=cfg.n_head, name=f"{name}_attn", dtype=policy,
             )  # fmt: skip
+            # Routed per light window (route_block_size): a token's heavy MLP depends on its own window only.
             self.ff = ConditionalRoutedFeedForward(
                 d, num_heavy_tokens=min(cfg.n_timesteps, cfg.colt5_heavy_ff_tokens * windows),
-                name=f"{name}_ff", dtype=policy,
+                router_kwargs={"route_block_size": cfg.colt5_light_window}, name=f"{name}_ff", dtype=policy,
             )  # fmt: skip
         seed, resid = cfg.seed * 1000 + 10 * (index + 1), 1.0 / math.sqrt(2 * cfg.n_layer)
         layer_vars = [*self.attn.weights, *self.ff.weights]

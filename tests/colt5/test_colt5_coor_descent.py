@@ -108,14 +108,6 @@ def test_masked_entries_are_never_read_and_full_masks_give_zeros(rng):
     assert np.all(y.numpy()[2] == 0) and np.all(np.isfinite(g)) and np.all(g[~mask] == 0)
 
 
-def test_xla_compiles_and_agrees(rng):
-    s = normal(rng, (4, 40))
-    k = tf.constant([3.0, 4.0, 5.0, 6.0])
-    kw = dict(n_iters=4, eps=0.03, eps_init=4.0, eps_decay=0.7)
-    fn = tf.function(lambda s, k: coor_descent(s, k=k, **kw), jit_compile=True)
-    np.testing.assert_allclose(fn(s, k).numpy(), coor_descent(s, k=k, **kw).numpy(), atol=1e-5)
-
-
 @pytest.mark.parametrize(
     "kwargs, name",
     [

@@ -17,6 +17,7 @@ from bsattn import (
     ConditionalRoutedImageAttention,
     ConditionalRoutedTransformerBlock,
     ConditionalRoutedViT,
+    coor_descent,
 )
 
 DIM = 8
@@ -267,16 +268,17 @@ def test_transformer_block_and_vit(rng):
 
 
 def _models(rng):
-    # 2 router iterations: the functional models trace every layer twice (build, load); the round trip is the point
+    # 2 router iterations: the functional models trace every layer twice (build, load); the round trip is the point.
+    # The block holds the feed-forward and the encoder attention.
     n, fast = 12, {**SOFT, "n_iters": 2}
     inp = keras.Input((n, DIM))
-    ff = ConditionalRoutedFeedForward(DIM, num_heavy_tokens=4, router_kwargs=fast)
-    yield "ff", keras.Model(inp, ff(inp)), [normal(rng, (2, n, DIM))]
-    layer = ConditionalRoutedAttention(DIM, num_heavy_tokens_q=4, num_heavy_tokens_kv=5, num_routed_kv=2,
-                                       light_window_size=4, rotary_emb=True, router_kwargs=fast, **SMALL)  # fmt: skip
-    yield "attn", keras.Model(inp, layer(inp)), [normal(rng, (2, n, DIM))]
+    layer = ConditionalRoutedTransformerBlock(DIM, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4,
+                                              num_heavy_ff_tokens=4, num_routed_kv=2, light_window_size=4,
+                                              router_kwargs=fast, **SMALL)  # fmt: skip
+    yield "block", keras.Model(inp, layer(inp)), [normal(rng, (2, n, DIM))]
     layer = ConditionalRoutedAutoregressiveAttention(DIM, num_heavy_tokens_q=2, num_heavy_tokens_kv=3,
-                                                     light_window_size=4, router_kwargs=fast, **SMALL)  # fmt: skip
+                                                     light_window_size=4, rotary_emb=True, router_kwargs=fast,
+                                                     **SMALL)  # fmt: skip
     yield "ar", keras.Model(inp, layer(inp)), [normal(rng, (2, n, DIM))]
     ctx = keras.Input((20, DIM))
     layer = ConditionalRoutedCrossAttention(DIM, num_tokens_q=4, num_tokens_kv=6, dim_head=4, heads=2,
@@ -286,10 +288,6 @@ def _models(rng):
     layer = ConditionalRoutedImageAttention(DIM, num_heavy_tokens_q=4, num_heavy_tokens_kv=4, light_window_size=2,
                                             router_kwargs=fast, **SMALL)  # fmt: skip
     yield "image", keras.Model(img, layer(img)), [normal(rng, (2, 4, 4, DIM))]
-    layer = ConditionalRoutedTransformerBlock(DIM, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4,
-                                              num_heavy_ff_tokens=4, light_window_size=4, router_kwargs=fast,
-                                              **SMALL)  # fmt: skip
-    yield "block", keras.Model(inp, layer(inp)), [normal(rng, (2, n, DIM))]
 
 
 def test_keras_round_trip(rng, tmp_path):
@@ -306,7 +304,7 @@ def test_keras_round_trip(rng, tmp_path):
 def test_mixed_precision(rng, policy):
     x = normal(rng, (2, 16, DIM))
     kw = dict(num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=6, num_heavy_ff_tokens=5, light_window_size=4,
-              num_routed_kv=2, **SMALL)  # fmt: skip
+              num_routed_kv=2, router_kwargs={"n_iters": 5}, **SMALL)  # fmt: skip
     ref = ConditionalRoutedTransformerBlock(DIM, **kw)
     mixed = ConditionalRoutedTransformerBlock(DIM, dtype=policy, **kw)
     mixed.set_weights(ref.get_weights())
@@ -335,3 +333,18 @@ def test_bad_layer_arguments(rng):
                              attn_num_heavy_tokens_kv=2, attn_heavy_dim_head=4, attn_heavy_heads=2,
                              attn_light_dim_head=4, attn_light_heads=2, attn_light_window_size=2,
                              ff_num_heavy_tokens=2, ff_heavy_mult=2, ff_light_mult=0.5)  # fmt: skip
+
+
+def test_layers_compile_under_xla(rng):
+    x = normal(rng, (2, 20, DIM))
+    fast = {**SOFT, "n_iters": 2}
+    layer = ConditionalRoutedAutoregressiveAttention(DIM, num_heavy_tokens_q=2, num_heavy_tokens_kv=4, num_routed_kv=2,
+                                                     light_window_size=8, rotary_emb=True, router_kwargs=fast,
+                                                     **SMALL)  # fmt: skip
+    compiled = tf.function(lambda t: layer(t), jit_compile=True)  # the light branch runs as gather_attention there
+    np.testing.assert_allclose(compiled(x).numpy(), layer(x).numpy(), rtol=1e-5, atol=1e-5)
+    # coor_descent with a per-row k tensor (the one XLA session of the suite)
+    s, k = normal(rng, (4, 40)), tf.constant([3.0, 4.0, 5.0, 6.0])
+    kw = dict(n_iters=4, eps=0.03, eps_init=4.0, eps_decay=0.7)
+    fn = tf.function(lambda s, k: coor_descent(s, k=k, **kw), jit_compile=True)
+    np.testing.assert_allclose(fn(s, k).numpy(), coor_descent(s, k=k, **kw).numpy(), atol=1e-5)
