@@ -64,7 +64,8 @@ def colt5_score_fraction(cfg) -> float:
     heavy_w = cfg.colt5_heavy_window or light_w
     light = int(WindowLookAround(light_w, 1, 0, causal=True).token_mask(t).sum())
     windows = -(-t // heavy_w)
-    heavy = (windows - 1) * min(cfg.colt5_heavy_tokens_q, heavy_w) * (min(cfg.colt5_heavy_tokens_kv, windows * heavy_w) + 1)
+    keys = min(cfg.colt5_heavy_tokens_kv, windows * heavy_w) + 1
+    heavy = (windows - 1) * min(cfg.colt5_heavy_tokens_q, heavy_w) * keys
     return (light + heavy) / t**2
 
 

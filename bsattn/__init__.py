@@ -2,7 +2,8 @@
 
 Layout: the shared engine sits at the top (``patterns`` -> ``tables`` / ``fused_tables`` -> op wrappers
 ``blocksparse_ops`` / ``fused_attention`` -> ``reference``, ``recompute``), with OpenAI's functions beside it
-(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``, ``bsattn.memory_efficient``, ``bsattn.colt5``.
+(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``,
+``bsattn.memory_efficient``, ``bsattn.colt5``.
 
 ``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.deepspeed.sparsity_config`` and
 ``bsattn.reference`` are NumPy only; the rest needs TensorFlow and is imported on first access (so the NumPy parts also work where

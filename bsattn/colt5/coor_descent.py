@@ -57,7 +57,8 @@ def check_args(s: tf.Tensor, n_iters, k, eps, eps_init, eps_decay, mask):
         if tf.executing_eagerly():
             values = k.numpy()
             if (values <= 0).any() or (values > n).any():
-                raise ValueError(f"k must be in (0, n={n}] for every row, got values in [{values.min()}, {values.max()}]")
+                shown = f"[{values.min()}, {values.max()}]"
+                raise ValueError(f"k must be in (0, n={n}] for every row, got values in {shown}")
     else:
         if not math.isfinite(k) or k <= 0 or k > n:
             raise ValueError(f"k must be in (0, n={n}], got {k!r}")

@@ -149,7 +149,8 @@ class _RoutedAttentionBase(_Configured):
 
 @keras.saving.register_keras_serializable(package="bsattn")
 class ConditionalRoutedAttention(_RoutedAttentionBase):
-    """``call(x [b, n, dim], num_heavy_tokens_q=None, num_heavy_tokens_kv=None, mask=None [b, n])`` → ``[b, n, dim]``."""
+    """``call(x [b, n, dim], num_heavy_tokens_q=None, num_heavy_tokens_kv=None, mask=None [b, n])`` →
+    ``[b, n, dim]``."""
 
     def __init__(self, dim: int, num_heavy_tokens_q: int, num_heavy_tokens_kv: int, num_routed_kv: int = 1,
                  has_light_attn: bool = True, light_dim_head: int = 64, light_heads: int = 8,

@@ -1,9 +1,10 @@
-"""``CoordinateDescentRouter`` (peers.md §3.4) and ``route_back``: pick ``num_tokens`` of ``n`` tokens per routing token.
+"""``CoordinateDescentRouter`` and ``route_back``: pick ``num_tokens`` of ``n`` tokens per routing token.
 
-``call(x [b, n, d], *, num_tokens, mask=None [b, n], random_route=False, routing_tokens=None, keep_one_route_dim=False)``
-→ ``RouterReturn(indices, scores, routed_tokens, routed_mask)``, with a route axis ``r`` iff ``keep_one_route_dim``
-or ``num_routing_tokens > 1``: ``indices`` int32 ``[b, (r,) k]`` (None when not routing), ``scores`` float32
-``[b, (r,) k]``, ``routed_tokens [b, (r,) k, d]`` (dtype of x), ``routed_mask`` bool ``[b, (r,) k]`` (None without mask).
+``call(x [b, n, d], *, num_tokens, mask=None [b, n], random_route=False, routing_tokens=None,
+keep_one_route_dim=False)`` → ``RouterReturn(indices, scores, routed_tokens, routed_mask)``, with a route axis
+``r`` iff ``keep_one_route_dim`` or ``num_routing_tokens > 1``: ``indices`` int32 ``[b, (r,) k]`` (None when not
+routing), ``scores`` float32 ``[b, (r,) k]``, ``routed_tokens [b, (r,) k, d]`` (dtype of x), ``routed_mask``
+bool ``[b, (r,) k]`` (None without mask).
 
 Steps: scores ``s = x·routing_tokenᵀ`` in float32 (cosine-sim routing: both L2-normalised, times
 ``cosine_sim_scale``); routes folded into the batch; ``c = coor_descent(s, k=min(num_tokens·fetch_k_ratio, n))``;

@@ -157,7 +157,9 @@ class Config:
         if self.colt5_heavy_window < 0:
             raise SettingsError(f"--colt5_heavy_window must be >= 0, got {self.colt5_heavy_window}")
         if self.n_head % self.colt5_routed_kv:
-            raise SettingsError(f"--n_head={self.n_head} must be a multiple of --colt5_routed_kv={self.colt5_routed_kv}")
+            raise SettingsError(
+                f"--n_head={self.n_head} must be a multiple of --colt5_routed_kv={self.colt5_routed_kv}"
+            )
         if not 0.0 <= self.resid_pdrop < 1.0 or not 0.0 <= self.embed_pdrop < 1.0:
             raise SettingsError("--resid_pdrop and --embed_pdrop must be in [0, 1)")
 

@@ -16,10 +16,10 @@ Attention reads and writes ``[B, T, H*D]`` (head h owns channels [h*D, (h+1)*D))
 ``bsattn.blocksparse_attention_impl`` and of its dense twin ``bsattn.attention_impl``:
 ``--attention=sparse|dense`` switches engines over the same mask; ``--attention=memory_efficient`` (with
 ``--attn_mode=all``) runs the dense causal model on ``bsattn.memory_efficient_attention`` (O(T) memory);
-``--block=colt5`` replaces the blocks by CoLT5's routed attention and feed-forward (``CoLT5Block``). ``'fixed'`` is the paper's merged
-fixed pattern (one head sees its stride chunk and the summary columns); ``'strided'`` factorises
-into ``'local'`` and ``'strided'`` heads, either half of the heads each (``split``) or alternating
-blocks (``interleaved``).
+``--block=colt5`` replaces the blocks by CoLT5's routed attention and feed-forward (``CoLT5Block``).
+``'fixed'`` is the paper's merged fixed pattern (one head sees its stride chunk and the summary columns);
+``'strided'`` factorises into ``'local'`` and ``'strided'`` heads, either half of the heads each (``split``)
+or alternating blocks (``interleaved``).
 
 Mixed precision: variables are float32 and are cast to the compute dtype where they are used; norms,
 the softmax statistics (inside the ops) and the logits are float32. Dropout is stateless, seeded by
@@ -159,13 +159,13 @@ class CoLT5Block(tf.Module):
     ``ConditionalRoutedAutoregressiveAttention`` (light: the previous window up to the token, on the fused op;
     heavy: routed queries per heavy window over keys routed from all earlier windows) and
     ``ConditionalRoutedFeedForward`` (light MLP 0.5 d on every token, heavy 4 d on the routed ones; its router
-    picks ``colt5_heavy_ff_tokens`` in every window of ``colt5_light_window`` bytes).
+    picks ``colt5_heavy_ff_tokens`` in every window of ``colt5_light_window`` bytes). The pre-norms (RMSNorm /
+    LayerNorm) live in the branches, as in CoLT5. ``[B, T, d] -> [B, T, d]``.
 
     Not strictly causal, as the original's design: which tokens of a window are routed (to the heavy queries,
     to the heavy MLP) is a top-k over the whole window, so it depends on later tokens of that window; the
     values themselves only see the past. ``colt5_heavy_tokens_q`` = the heavy window and
-    ``colt5_heavy_ff_tokens`` = the light window route every token there: then the model is causal. The pre-norms (RMSNorm / LayerNorm) live in
-    the branches, as in CoLT5. ``[B, T, d] -> [B, T, d]``.
+    ``colt5_heavy_ff_tokens`` = the light window route every token there: then the model is causal.
 
     Initialisation (seeded, as the rest of the model): kernels N(0, 0.125/sqrt(d_in)), the branches' output
     kernels further / sqrt(2 n_layer), biases 0, norm gains 1, routing tokens, null key/values and the null

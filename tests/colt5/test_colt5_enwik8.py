@@ -57,7 +57,8 @@ def test_colt5_flags_are_checked_and_transformer_run_names_unchanged():
     key = {name: getattr(cfg, name) for name in (*Config.RUN_IDENTITY, "n_steps")}  # the name before --block
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     assert cfg.run_name() == f"sparse-fixed-4x128-T512-{digest}"
-    assert tiny().run_name().startswith("colt5-1x16-T48-") and tiny().run_name() != tiny(colt5_heavy_tokens_kv=4).run_name()
+    assert tiny().run_name().startswith("colt5-1x16-T48-")
+    assert tiny().run_name() != tiny(colt5_heavy_tokens_kv=4).run_name()
     with pytest.raises(SettingsError, match="--block"):
         tiny().check_resumable({"block": "transformer"})
     tiny(block="transformer").check_resumable({})  # runs saved before the flag existed resume

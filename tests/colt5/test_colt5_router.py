@@ -122,7 +122,8 @@ def test_no_routing_when_n_fits(rng, keep_one):
     assert out.indices is None
     lead = (2, 1) if keep_one else (2,)
     np.testing.assert_array_equal(out.scores.numpy(), np.ones(lead + (6,)))
-    np.testing.assert_array_equal(out.routed_tokens.numpy(), np.broadcast_to(x.numpy().reshape(2, *([1] * keep_one), 6, DIM), lead + (6, DIM)))  # fmt: skip
+    tokens = np.broadcast_to(x.numpy().reshape(2, *([1] * keep_one), 6, DIM), lead + (6, DIM))
+    np.testing.assert_array_equal(out.routed_tokens.numpy(), tokens)
     np.testing.assert_array_equal(out.routed_mask.numpy(), mask.reshape(lead + (6,)))
 
 
