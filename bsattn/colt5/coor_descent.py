@@ -100,7 +100,13 @@ def coor_descent(
       fused: run the fused custom op (``bsattn.colt5.coor_descent_op``) instead of the unrolled loop.
     """
     if fused:
-        from bsattn.colt5.coor_descent_op import fused_coor_descent  # the op's module (imported on use)
+        try:
+            from bsattn.colt5.coor_descent_op import fused_coor_descent  # the op's module (imported on use)
+        except ModuleNotFoundError as err:
+            if err.name != "bsattn.colt5.coor_descent_op":
+                raise
+            raise NotImplementedError("fused=True needs bsattn.colt5.coor_descent_op (the fused coordinate-descent "
+                                      "op), which this installation lacks; use fused=False") from None  # fmt: skip
 
         return fused_coor_descent(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
     s, n_iters, k, eps, eps_init, eps_decay, mask = check_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
