@@ -152,11 +152,13 @@ def test_gradients_reach_both_routers(rng):
     layer = ConditionalRoutedAttention(DIM, num_heavy_tokens_q=4, num_heavy_tokens_kv=5, num_routed_kv=2,
                                        light_window_size=4, router_kwargs=SOFT, multiply_keys_by_score=True,
                                        multiply_queries_by_score=True, rotary_emb=True, **SMALL)  # fmt: skip
-    for router in (layer.q_router, layer.kv_router):  # small scores: unsaturated (a saturated score has no gradient)
+    ff = ConditionalRoutedFeedForward(DIM, num_heavy_tokens=6, router_kwargs=SOFT)
+    routers = (layer.q_router, layer.kv_router, ff.router)
+    for router in routers:  # small scores: unsaturated (a saturated score has no gradient)
         router.routing_token.assign(0.1 * rng.standard_normal(router.routing_token.shape))
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.square(layer(x)))
-    grads = tape.gradient(loss, [layer.q_router.routing_token, layer.kv_router.routing_token])
+        loss = tf.reduce_sum(tf.square(ff(layer(x))))
+    grads = tape.gradient(loss, [r.routing_token for r in routers])
     assert all(g is not None and np.abs(g.numpy()).max() > 0 for g in grads)
 
 
