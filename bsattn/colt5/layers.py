@@ -95,15 +95,16 @@ class _RoutedAttentionBase(_Configured):
 
     def _build_heavy(self, dim, num_heavy_tokens_q, num_heavy_tokens_kv, num_routed_kv, heavy_dim_head, heavy_heads,
                      router_straight_through, router_kwargs, multiply_keys_by_score, multiply_queries_by_score,
-                     use_triton, use_null_q_tokens, use_flash_attn, rotary_emb, kv_router_extra=None):  # fmt: skip
+                     use_triton, use_null_q_tokens, use_flash_attn, rotary_emb, kv_router_extra=None,
+                     names=("heavy_heads", "num_routed_kv")):  # fmt: skip
         self.dim = checks.positive_int("dim", dim)
         self.num_heavy_tokens_q = checks.positive_int("num_heavy_tokens_q", num_heavy_tokens_q)
         self.num_heavy_tokens_kv = checks.positive_int("num_heavy_tokens_kv", num_heavy_tokens_kv)
-        num_routed_kv = checks.positive_int("num_routed_kv", num_routed_kv)
-        heavy_heads = checks.positive_int("heavy_heads", heavy_heads)
+        num_routed_kv = checks.positive_int(names[1], num_routed_kv)
+        heavy_heads = checks.positive_int(names[0], heavy_heads)
         if heavy_heads % num_routed_kv:
-            raise ValueError(f"heavy_heads={heavy_heads} must be divisible by num_routed_kv={num_routed_kv} (the heads "
-                             "are split evenly across the key/value routes)")  # fmt: skip
+            raise ValueError(f"{names[0]}={heavy_heads} must be divisible by {names[1]}={num_routed_kv} (the heads are "
+                             "split evenly across the key/value routes)")  # fmt: skip
         self.multiply_queries_by_score = bool(multiply_queries_by_score)
         self.supports_masking = True
         p = self.dtype_policy
@@ -278,7 +279,8 @@ class ConditionalRoutedCrossAttention(_RoutedAttentionBase):
         self._build_heavy(dim, num_tokens_q, num_tokens_kv, max(sets, routes), dim_head, heads,
                           router_straight_through, router_kwargs, multiply_keys_by_score, False, use_triton,
                           use_null_q_tokens, use_flash_attn, False,
-                          kv_router_extra={"route_block_size": route_block_size})  # fmt: skip
+                          kv_router_extra={"route_block_size": route_block_size},
+                          names=("heads", "kv_routing_tokens" if routes >= sets else "num_sets_kv"))  # fmt: skip
 
     def call(self, x, context, num_tokens_q=None, num_tokens_kv=None, mask=None, context_mask=None):
         if context.shape.rank != 3 or context.shape[-1] != self.dim:

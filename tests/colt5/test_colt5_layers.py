@@ -326,6 +326,8 @@ def test_mixed_precision(rng, policy):
 def test_bad_layer_arguments(rng):
     with pytest.raises(ValueError, match="num_routed_kv"):
         ConditionalRoutedAttention(DIM, num_heavy_tokens_q=2, num_heavy_tokens_kv=2, num_routed_kv=3, **SMALL)
+    with pytest.raises(ValueError, match="kv_routing_tokens"):
+        ConditionalRoutedCrossAttention(DIM, num_tokens_q=2, num_tokens_kv=2, heads=4, kv_routing_tokens=3)
     with pytest.raises(ValueError, match="num_heavy_tokens"):
         ConditionalRoutedFeedForward(DIM, num_heavy_tokens=0)
     with pytest.raises(ValueError, match="mask"):
