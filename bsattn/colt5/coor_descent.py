@@ -1,7 +1,7 @@
 """Coordinate-descent soft top-k (CoLT5's router core), the unrolled TensorFlow iteration.
 
 Per row of ``s [..., n]``: the entropy-regularised relaxation ``max_y <s, y> + eps·H(y)`` subject to
-``sum(y) = k`` and ``0 <= y <= 1``, solved by dual coordinate ascent exactly as the original (peers.md §3.1)::
+``sum(y) = k`` and ``0 <= y <= 1``, solved by dual coordinate ascent exactly as the original::
 
     a = 0;  b = -s;  e = max(eps_init or eps, eps)
     repeat n_iters:  a = e·(log k - logsumexp((s + b) / e));  b = -relu(s + a);  e = max(e·eps_decay, eps)

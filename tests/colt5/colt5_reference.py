@@ -1,4 +1,5 @@
-"""Float64 NumPy references for the CoLT5 tests, written from peers.md §3 (not from bsattn's code)."""
+"""Float64 NumPy references for the CoLT5 tests, written from the original's algorithms (the README's CoLT5
+section), not from bsattn's code."""
 
 from __future__ import annotations
 
