@@ -352,3 +352,29 @@ def test_layers_compile_under_xla(rng):
     kw = dict(n_iters=4, eps=0.03, eps_init=4.0, eps_decay=0.7)
     fn = tf.function(lambda s, k: coor_descent(s, k=k, **kw), jit_compile=True)
     np.testing.assert_allclose(fn(s, k).numpy(), coor_descent(s, k=k, **kw).numpy(), atol=1e-5)
+
+
+def test_autoregressive_heavy_branch_matches_reference(rng):
+    n, win, n_q, n_kv = 22, 6, 2, 5  # 4 windows (the last one padded); queries of windows 1-3
+    x = normal(rng, (2, n, DIM))
+    layer = ConditionalRoutedAutoregressiveAttention(DIM, num_heavy_tokens_q=n_q, num_heavy_tokens_kv=n_kv,
+                                                     num_routed_kv=2, light_window_size=win, **SMALL)  # fmt: skip
+    _randomise(layer, rng)
+    got = layer(x).numpy() - layer.light_attn(x).numpy()
+    xs = np.pad(f64(x), [(0, 0), (0, 24 - n), (0, 0)])
+    expected = np.zeros((2, 24, DIM))
+    for m in range(1, 4):
+        q = tf.constant(xs[:, m * win : (m + 1) * win], tf.float32)
+        q_mask = np.broadcast_to(np.arange(m * win, (m + 1) * win) < n, (2, win))
+        kv_mask = np.broadcast_to(np.arange(24) < m * win, (2, 24))
+        iq = layer.q_router(q, num_tokens=n_q, mask=q_mask).indices.numpy()
+        ikv = layer.kv_router(tf.constant(xs, tf.float32), num_tokens=n_kv, mask=kv_mask).indices.numpy()  # [2, 2, 5]
+        xq = np.take_along_axis(xs[:, m * win : (m + 1) * win], iq[..., None], 1)
+        ctx = np.stack([xs[b][ikv[b]] for b in range(2)])
+        kv_keep = np.take_along_axis(np.broadcast_to(kv_mask[:, None], (2, 2, 24)), ikv, -1)
+        heavy = _heavy_ref(layer.heavy_attn, xq, ctx, kv_keep)
+        block = np.broadcast_to(w(layer.null_q_token), (2, win, DIM)).copy()
+        for b in range(2):
+            block[b, iq[b]] = heavy[b] * q_mask[b, iq[b]][:, None]
+        expected[:, m * win : (m + 1) * win] = block
+    np.testing.assert_allclose(got, expected[:, :n], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
