@@ -119,12 +119,20 @@ class _RoutedAttentionBase(_Configured):
                                                 initializer=keras.initializers.RandomNormal(stddev=1.0))  # fmt: skip
         self.rotary_emb = bool(rotary_emb)
 
-    def _heavy(self, xq, xkv, n_q, n_kv, q_mask=None, kv_mask=None, random_route=False, q_offset=None):
+    def _heavy(self, xq, xkv, n_q, n_kv, q_mask=None, kv_mask=None, random_route=False, q_offset=None,
+               kv_groups=None):  # fmt: skip
         """Routed heavy attention of ``xq [B, i, dim]`` over ``xkv [B, j, dim]`` → ``[B, i, dim]``.
 
-        ``q_offset`` (int ``[B]``): added to the query positions for rotary (their absolute positions)."""
+        ``q_offset`` (int ``[B]``): added to the query positions for rotary (their absolute positions).
+        ``kv_groups``: ``xkv [b, j, dim]`` is shared by ``kv_groups`` consecutive rows of ``xq`` (``B = b·groups``)
+        and ``kv_mask [b, groups, j]`` says which keys each row may route (``CoordinateDescentRouter.route_shared``)."""
         idx_q, sc_q, tok_q, _ = self.q_router(xq, num_tokens=n_q, mask=q_mask, random_route=random_route)
-        idx_kv, sc_kv, tok_kv, m_kv = self.kv_router(xkv, num_tokens=n_kv, mask=kv_mask, random_route=random_route)
+        if kv_groups is None:
+            idx_kv, sc_kv, tok_kv, m_kv = self.kv_router(xkv, num_tokens=n_kv, mask=kv_mask,
+                                                         random_route=random_route)  # fmt: skip
+        else:
+            idx_kv, sc_kv, tok_kv, m_kv = self.kv_router.route_shared(xkv, num_tokens=n_kv, masks=kv_mask,
+                                                                      random_route=random_route)  # fmt: skip
         positions = None
         if self.rotary_emb:
             batch = tf.shape(xq)[0]
@@ -133,7 +141,7 @@ class _RoutedAttentionBase(_Configured):
                 q_pos = q_pos + tf.cast(q_offset, q_pos.dtype)[:, None]
             k_pos = idx_kv
             if k_pos is None:
-                k_pos = tf.broadcast_to(tf.range(xkv.shape[1]), tf.shape(tok_kv)[:-1])
+                k_pos = tf.broadcast_to(tf.range(tok_kv.shape[-2]), tf.shape(tok_kv)[:-1])
             positions = (q_pos, k_pos)
         out = self.heavy_attn(tok_q, context=tok_kv, mask=m_kv, scores_kv=sc_kv,
                               scores_q=sc_q if self.multiply_queries_by_score else None,
@@ -241,11 +249,13 @@ class ConditionalRoutedAutoregressiveAttention(_RoutedAttentionBase):
         q = tf.reshape(tf.reshape(xp, [batch, windows, w, d])[:, 1:], [-1, w, d])  # [b*(N-1), w, d]
         q_mask = np.arange(padded).reshape(windows, w)[1:] < n  # [N-1, w]
         q_mask = tf.reshape(tf.tile(tf.constant(q_mask)[None], [batch, 1, 1]), [-1, w])
-        kv = tf.reshape(tf.repeat(xp[:, None], windows - 1, axis=1), [-1, padded, d])  # [b*(N-1), padded, d]
+        # Every query window routes its keys from the whole padded sequence, masked to the earlier windows: one
+        # set of candidates shared by the N-1 windows (scored once, never repeated).
         kv_mask = np.arange(padded)[None, :] // w < np.arange(1, windows)[:, None]  # key window < query window
-        kv_mask = tf.reshape(tf.tile(tf.constant(kv_mask)[None], [batch, 1, 1]), [-1, padded])
+        kv_mask = tf.tile(tf.constant(kv_mask)[None], [batch, 1, 1])  # [b, N-1, padded]
         offsets = tf.tile(tf.range(1, windows) * w, [batch])
-        heavy = self._heavy(q, kv, n_q, n_kv, q_mask, kv_mask, random_route, q_offset=offsets)
+        heavy = self._heavy(q, xp, n_q, n_kv, q_mask, kv_mask, random_route, q_offset=offsets,
+                            kv_groups=windows - 1)  # fmt: skip
         heavy = tf.reshape(heavy, [batch, (windows - 1) * w, d])[:, : n - w]
         return light + tf.pad(heavy, [[0, 0], [w, 0], [0, 0]])
 

@@ -179,19 +179,18 @@ class CoordinateDescentRouter(keras.layers.Layer):
                              f"{self.dim}], got shape {routing_tokens.shape}")  # fmt: skip
         return t
 
-    def _route(self, x32, mask, num_tokens, tokens, random_route):
-        """``x32 [B, m, d]``, ``mask [B, m]``, ``tokens [r, d] | [B, r, d]`` → ``indices [B, r, k]`` int32,
-        ``scores [B, r, k]`` float32 (coordinate-descent values at the selected tokens)."""
-        m, r = x32.shape[1], self.num_routing_tokens
-        num_tokens = min(num_tokens, m)
+    def _scores(self, x32, tokens):
+        """``s = x·tokenᵀ`` (cosine-sim routing: normalised, times the scale): ``x32 [B, m, d]``,
+        ``tokens [r, d] | [B, r, d]`` → float32 ``[B, r, m]``."""
         if self.cosine_sim_routing:
             x32, tokens = _l2norm(x32), _l2norm(tokens)
-        eq = "bnd,rd->brn" if tokens.shape.rank == 2 else "bnd,brd->brn"
-        s = tf.einsum(eq, x32, tokens)
-        if self.cosine_sim_routing:
-            s = s * self.cosine_sim_scale
-        rows = tf.reshape(s, [-1, m])  # routes folded into the batch: [B*r, m]
-        row_mask = None if mask is None else tf.reshape(tf.repeat(mask[:, None], r, axis=1), [-1, m])
+        s = tf.einsum("bnd,rd->brn" if tokens.shape.rank == 2 else "bnd,brd->brn", x32, tokens)
+        return s * self.cosine_sim_scale if self.cosine_sim_routing else s
+
+    def _select(self, rows, row_mask, num_tokens, random_route):
+        """Coordinate descent and selection on ``rows [R, m]`` (``row_mask [R, m]``) → ``indices [R, k]`` int32 and
+        the coordinate-descent values there, float32 ``[R, k]``."""
+        m = rows.shape[-1]
         c = coor_descent(rows, n_iters=self.n_iters, k=min(num_tokens * self.fetch_k_ratio, m), eps=self.eps,
                          eps_init=self.eps_init, eps_decay=self.eps_decay, mask=row_mask,
                          fused=self.use_triton)  # fmt: skip
@@ -199,9 +198,44 @@ class CoordinateDescentRouter(keras.layers.Layer):
         if row_mask is not None:
             ranked = tf.where(row_mask, ranked, tf.constant(-math.inf, ranked.dtype))
         _, idx = tf.math.top_k(tf.stop_gradient(ranked), num_tokens)
-        scores = tf.gather(c, idx, batch_dims=1)
+        return idx, tf.cast(tf.gather(c, idx, batch_dims=1), tf.float32)
+
+    def _route(self, x32, mask, num_tokens, tokens, random_route):
+        """``x32 [B, m, d]``, ``mask [B, m]``, ``tokens [r, d] | [B, r, d]`` → ``indices [B, r, k]`` int32,
+        ``scores [B, r, k]`` float32 (coordinate-descent values at the selected tokens)."""
+        m, r = x32.shape[1], self.num_routing_tokens
+        num_tokens = min(num_tokens, m)
+        rows = tf.reshape(self._scores(x32, tokens), [-1, m])  # routes folded into the batch: [B*r, m]
+        row_mask = None if mask is None else tf.reshape(tf.repeat(mask[:, None], r, axis=1), [-1, m])
+        idx, scores = self._select(rows, row_mask, num_tokens, random_route)
         shape = [-1, r, num_tokens]
-        return tf.reshape(idx, shape), tf.reshape(tf.cast(scores, tf.float32), shape)
+        return tf.reshape(idx, shape), tf.reshape(scores, shape)
+
+    def route_shared(self, x, *, num_tokens: int, masks, random_route: bool = False) -> RouterReturn:
+        """``call(repeat(x, g), mask=masks)`` without the repeat: ``g`` routings of the same candidates
+        ``x [b, n, d]`` that differ only in their masks ``masks`` bool ``[b, g, n]`` (e.g. one per query window
+        of the autoregressive attention). → ``RouterReturn`` over ``b·g`` rows, as ``call`` on the repeated
+        ``[b·g, n, d]`` (scores computed once per token; tokens gathered from x). No ``route_block_size``,
+        learned routing tokens or no-routing path here: those go through ``call``."""
+        b, n, g = tf.shape(x)[0], x.shape[1], masks.shape[1]
+        r = self.num_routing_tokens
+        if n <= num_tokens or self.route_block_size is not None or self.learned_routing_tokens:
+            repeated = tf.reshape(tf.repeat(x[:, None], g, axis=1), [-1, n, x.shape[-1]])
+            return self(repeated, num_tokens=num_tokens, mask=tf.reshape(masks, [-1, n]), random_route=random_route)
+        num_tokens = checks.positive_int("num_tokens", num_tokens)
+        s = self._scores(tf.cast(x, tf.float32), tf.cast(self.routing_token, tf.float32))  # [b, r, n]
+        rows = tf.reshape(tf.broadcast_to(s[:, None], [b, g, r, n]), [-1, n])  # [b*g*r, n]
+        row_mask = tf.reshape(tf.broadcast_to(masks[:, :, None], [b, g, r, n]), [-1, n])
+        idx, scores = self._select(rows, row_mask, num_tokens, random_route)
+        if self.straight_through:
+            scores = scores + tf.stop_gradient(1.0 - scores)
+        routed_mask = tf.gather(row_mask, idx, batch_dims=1)
+        if self.straight_through:
+            scores = tf.where(routed_mask, scores, tf.zeros([], scores.dtype))
+        routed = batched_gather(x, tf.reshape(idx, [b, -1]))  # [b, g*r*k, d]
+        shape = [-1, r, num_tokens] if r > 1 else [-1, num_tokens]
+        routed = tf.reshape(routed, shape + [x.shape[-1]])
+        return RouterReturn(tf.reshape(idx, shape), tf.reshape(scores, shape), routed, tf.reshape(routed_mask, shape))
 
     def _route_blocks(self, x32, mask, num_tokens, tokens, random_route):
         """Uniform routing over blocks of ``route_block_size`` (see the module docstring) → as ``_route``."""

@@ -187,3 +187,17 @@ def test_bad_constructor_arguments():
                      (dict(route_block_size=0), "route_block_size"), (dict(eps=-1.0), "eps")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             CoordinateDescentRouter(DIM, **kw)
+
+
+@pytest.mark.parametrize("routes", [1, 2])
+def test_route_shared_equals_routing_the_repeated_candidates(rng, routes):
+    b, g, n = 2, 3, 15
+    x = normal(rng, (b, n, DIM))
+    masks = rng.uniform(size=(b, g, n)) > 0.4
+    masks[..., :4] = True
+    router = _router(num_routing_tokens=routes)
+    shared = router.route_shared(x, num_tokens=5, masks=tf.constant(masks))
+    repeated = tf.reshape(tf.repeat(x[:, None], g, axis=1), [-1, n, DIM])
+    plain = router(repeated, num_tokens=5, mask=masks.reshape(-1, n))
+    for a, c in zip(shared, plain):
+        np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-6, atol=1e-7)
