@@ -11,6 +11,10 @@ Steps: scores ``s = x·routing_tokenᵀ`` in float32 (cosine-sim routing: both L
 the ``num_tokens`` best are selected; the straight-through score ``c + stop_gradient(1 - c)`` (value 1, 0 where the
 selected token is masked) or ``c`` itself; the tokens are gathered from ``x[b, indices[b, r]]``.
 
+``route_shared(x [b, n, d], num_tokens=, masks [b, g, n])`` routes ``g`` rows that share the candidates ``x`` and
+differ in their masks, as ``call`` on ``x`` repeated ``g`` times but without the repeat (the autoregressive
+attention's query windows, each routing keys from all earlier windows).
+
 Where this differs from the original (each is in the README's CoLT5 table):
 - selection ranks by ``s`` (masked entries last) instead of by ``c``: ``c = min(1, exp((s + a)/eps))`` is monotone
   in ``s`` within a row, so the top-k set is the same, but the many saturated scores tied at exactly 1.0 (with
