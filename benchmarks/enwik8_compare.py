@@ -4,6 +4,8 @@ Trains the same model (same initialisation, same windows, same steps) on the bui
 - ``dense``:   ``--attention=dense --attn_mode=all`` (TensorFlow's dense causal attention, the baseline),
 - ``fixed``:   ``--attention=sparse --attn_mode=fixed`` (the paper's merged fixed pattern, stride l, c = block),
 - ``strided``: ``--attention=sparse --attn_mode=strided`` (half the heads local, half strided, stride sqrt(T)),
+- ``colt5``:   ``--block=colt5`` (bsattn.colt5's routed autoregressive attention + routed feed-forward; the
+  ``--colt5_*`` options set its windows and heavy-token counts),
 then reports valid/test bits per byte, the median step time and the fraction of the T x T scores each
 computes. Each variant runs in its own process. Prints a table, writes a JSON and a PNG of the training
 curves (``--out``, default outside the repository, see outputs.py; the README's figures are
@@ -32,7 +34,9 @@ from outputs import default_out
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's bsattn and examples, whatever is installed
-VARIANTS = ("dense", "fixed", "strided", "sparse_all")
+COLT5_ARGS = ("colt5_light_window", "colt5_heavy_window", "colt5_heavy_tokens_q", "colt5_heavy_tokens_kv",
+              "colt5_heavy_ff_tokens")  # fmt: skip
+VARIANTS = ("dense", "fixed", "strided", "sparse_all", "colt5")
 
 
 def variant_settings(variant: str, args) -> dict:
@@ -41,10 +45,28 @@ def variant_settings(variant: str, args) -> dict:
         return {"attention": "dense", "attn_mode": "all", "local_attn_ctx": args.fixed_stride}
     if variant == "sparse_all":
         return {"attention": "sparse", "attn_mode": "all", "local_attn_ctx": args.fixed_stride}
+    if variant == "colt5":
+        return {"block": "colt5", "attention": "sparse", "attn_mode": "all", "local_attn_ctx": args.fixed_stride,
+                **{k: getattr(args, k) for k in COLT5_ARGS}}  # fmt: skip
     if variant == "fixed":
         return {"attention": "sparse", "attn_mode": "fixed", "local_attn_ctx": args.fixed_stride}
     stride = args.strided_stride or max(args.blocksize, 2 ** round(math.log2(math.sqrt(args.n_timesteps))))
     return {"attention": "sparse", "attn_mode": "strided", "local_attn_ctx": stride, "strided_heads": "split"}
+
+
+def colt5_score_fraction(cfg) -> float:
+    """CoLT5: (light pairs, from the start of the previous window up to the token, + heavy pairs, routed queries x
+    (routed keys + the null key) per heavy window after the first) / T²; the light op computes whole blocks of the
+    pattern, counted here as the pairs the pattern keeps."""
+    from bsattn.patterns import WindowLookAround
+
+    t, light_w = cfg.n_timesteps, cfg.colt5_light_window
+    heavy_w = cfg.colt5_heavy_window or light_w
+    light = int(WindowLookAround(light_w, 1, 0, causal=True).token_mask(t).sum())
+    windows = -(-t // heavy_w)
+    keys = min(cfg.colt5_heavy_tokens_kv, windows * heavy_w) + 1
+    heavy = (windows - 1) * min(cfg.colt5_heavy_tokens_q, heavy_w) * keys
+    return (light + heavy) / t**2
 
 
 def score_fraction(cfg) -> float:
@@ -52,6 +74,8 @@ def score_fraction(cfg) -> float:
     import bsattn
     from examples.enwik8.model import block_modes
 
+    if cfg.block == "colt5":
+        return colt5_score_fraction(cfg)
     if cfg.attention == "dense":
         return 1.0
     fractions = []
@@ -120,6 +144,8 @@ def run_variant(variant: str, args) -> dict:
             "attn_mode": cfg.attn_mode,
             "local_attn_ctx": cfg.local_attn_ctx if cfg.attn_mode != "all" else None,
             "score_fraction": score_fraction(cfg),
+            "block": cfg.block,
+            **({k: getattr(cfg, k) for k in COLT5_ARGS} if cfg.block == "colt5" else {}),
             "params": trainer.model.n_params(),
             "step_s_median": statistics.median(steady),
             "step_s_mean": statistics.fmean(steady),
@@ -150,6 +176,8 @@ def print_table(rows: list[dict], args) -> None:
             print(f"{r['variant']:<10} error: {r['error']}")
             continue
         pattern = f"{r['attention']} {r['attn_mode']}" + (f" l={r['local_attn_ctx']}" if r["local_attn_ctx"] else "")
+        if r.get("block") == "colt5":
+            pattern = "colt5 w={colt5_light_window} q={colt5_heavy_tokens_q} kv={colt5_heavy_tokens_kv}".format(**r)
         speed = base["step_s_median"] / r["step_s_median"] if base else None
         rel = {s: (r[f"{s}_bpb"] / base[f"{s}_bpb"] - 1) * 100 if base else None for s in ("valid", "test")}
         print(
@@ -184,6 +212,11 @@ def main() -> None:
     parser.add_argument("--blocksize", type=int, default=32)
     parser.add_argument("--fixed_stride", type=int, default=128, help="l of 'fixed' (the paper's 128)")
     parser.add_argument("--strided_stride", type=int, default=0, help="l of 'strided' (0: sqrt(T) as a power of 2)")
+    parser.add_argument("--colt5_light_window", type=int, default=128)
+    parser.add_argument("--colt5_heavy_window", type=int, default=0, help="0: the light window")
+    parser.add_argument("--colt5_heavy_tokens_q", type=int, default=32, help="routed queries per heavy window")
+    parser.add_argument("--colt5_heavy_tokens_kv", type=int, default=128, help="routed keys from earlier windows")
+    parser.add_argument("--colt5_heavy_ff_tokens", type=int, default=32, help="heavy-MLP tokens per light window")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)

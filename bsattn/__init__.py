@@ -2,7 +2,8 @@
 
 Layout: the shared engine sits at the top (``patterns`` -> ``tables`` / ``fused_tables`` -> op wrappers
 ``blocksparse_ops`` / ``fused_attention`` -> ``reference``, ``recompute``), with OpenAI's functions beside it
-(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``, ``bsattn.memory_efficient``.
+(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``,
+``bsattn.memory_efficient``, ``bsattn.colt5``.
 
 ``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.deepspeed.sparsity_config`` and
 ``bsattn.reference`` are NumPy only; the rest needs TensorFlow and is imported on first access (so the NumPy parts also work where
@@ -47,6 +48,19 @@ _EXPORTS = {
     "MemoryEfficientAttention": "bsattn.memory_efficient.layers",
     "FlashAttention": "bsattn.memory_efficient.layers",
     "CosineSimAttention": "bsattn.memory_efficient.layers",
+    "coor_descent": "bsattn.colt5.coor_descent",
+    "topk": "bsattn.colt5.topk",
+    "TopkReturn": "bsattn.colt5.topk",
+    "CoordinateDescentRouter": "bsattn.colt5.router",
+    "RouterReturn": "bsattn.colt5.router",
+    "route_back": "bsattn.colt5.router",
+    "ConditionalRoutedFeedForward": "bsattn.colt5.layers",
+    "ConditionalRoutedAttention": "bsattn.colt5.layers",
+    "ConditionalRoutedAutoregressiveAttention": "bsattn.colt5.layers",
+    "ConditionalRoutedCrossAttention": "bsattn.colt5.layers",
+    "ConditionalRoutedImageAttention": "bsattn.colt5.layers",
+    "ConditionalRoutedTransformerBlock": "bsattn.colt5.layers",
+    "ConditionalRoutedViT": "bsattn.colt5.vit",
 }
 _SUBMODULES = (
     "patterns",
@@ -60,6 +74,7 @@ _SUBMODULES = (
     "recompute",
     "deepspeed",
     "memory_efficient",
+    "colt5",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

@@ -368,6 +368,73 @@ class Local(Pattern):
         return (d_max >= 0) & (d_min <= window), (d_min >= 0) & (d_max <= window)
 
 
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """An exact band: query i attends key j iff ``i - before <= j <= i + after`` (``before + after + 1`` keys
+    away from the edges). ``SlidingWindow(w, w)`` is local-attention's ``exact_windowsize`` window of CoLT5's
+    light branch (``|i - j| <= w``); ``SlidingWindow(w - 1, 0)`` is ``Local(w)`` without its block-size limit.
+    Any sizes (the window need not be a multiple of the block size)."""
+
+    before: int
+    after: int
+
+    def __post_init__(self):
+        for name in ("before", "after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    def allowed(self, head, q, k, n_q, n_k):
+        d = q - k
+        return (d <= self.before) & (d >= -self.after)
+
+    def _block_classes(self, head, qb, kb, block_size, n_q, n_k):
+        i0, i1, j0, j1 = _block_bounds(qb, kb, block_size)
+        d_min, d_max = i0 - j1, i1 - j0
+        return (d_min <= self.before) & (d_max >= -self.after), (d_max <= self.before) & (d_min >= -self.after)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLookAround(Pattern):
+    """local-attention's windows without ``exact_windowsize``: the sequence is cut into windows of ``window``
+    tokens from position 0; a query of window ``m`` attends the keys of windows ``m - look_backward`` ..
+    ``m + look_forward``, and with ``causal`` only keys ``j <= i``. CoLT5's autoregressive light branch is
+    ``WindowLookAround(w, 1, 0, causal=True)``: token p sees from the start of the previous window up to p."""
+
+    window: int
+    look_backward: int = 1
+    look_forward: int = 0
+    causal: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "window", _check_positive_int("window", self.window))
+        for name in ("look_backward", "look_forward"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "causal", bool(self.causal))
+
+    def allowed(self, head, q, k, n_q, n_k):
+        dw = k // self.window - q // self.window
+        keep = (dw >= -self.look_backward) & (dw <= self.look_forward)
+        return keep & (k <= q) if self.causal else keep
+
+    def _block_classes(self, head, qb, kb, block_size, n_q, n_k):
+        # The window difference of a block's pairs spans [j0//w - i1//w, j1//w - i0//w]. Active is conservative
+        # (both conditions satisfiable separately; blocks that keep nothing are dropped by the table builder);
+        # full is exact (every pair satisfies both).
+        i0, i1, j0, j1 = _block_bounds(qb, kb, block_size)
+        w = self.window
+        lo, hi = j0 // w - i1 // w, j1 // w - i0 // w
+        active = (hi >= -self.look_backward) & (lo <= self.look_forward)
+        full = (lo >= -self.look_backward) & (hi <= self.look_forward)
+        if self.causal:
+            active, full = active & (j0 <= i1), full & (j1 <= i0)
+        return active, full
+
+
 def strided_permutation(n: int, local_attn_ctx: int) -> np.ndarray:
     """sparse_attention's ``strided_transpose`` as an index array → int ``[n]``.
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ATTENTIONS = ("sparse", "dense", "memory_efficient")
+BLOCKS = ("transformer", "colt5")
 ATTN_MODES = ("all", "local", "strided", "fixed")
 STRIDED_HEADS = ("split", "interleaved")
 POS_EMBDS = ("factorized", "dense")
@@ -68,6 +69,18 @@ class Config:
         "interleaved = blocks alternate local and strided",
         STRIDED_HEADS,
     )
+    block: str = _field(
+        "transformer",
+        "transformer: the Sparse Transformer block (attention per --attention/--attn_mode); colt5: CoLT5's routed "
+        "blocks (bsattn.colt5: ConditionalRoutedAutoregressiveAttention + ConditionalRoutedFeedForward)",
+        BLOCKS,
+    )
+    colt5_light_window: int = _field(128, "colt5: light attention window (a token sees back to the previous window)")
+    colt5_heavy_window: int = _field(0, "colt5: heavy window (routing unit of the queries); 0 = colt5_light_window")
+    colt5_heavy_tokens_q: int = _field(32, "colt5: heavy (routed) queries per heavy window")
+    colt5_heavy_tokens_kv: int = _field(64, "colt5: heavy (routed) keys/values from all earlier windows")
+    colt5_heavy_ff_tokens: int = _field(32, "colt5: tokens of every colt5_light_window given the heavy feed-forward")
+    colt5_routed_kv: int = _field(1, "colt5: key/value routes (n_head must be a multiple)")
     pos_embd: str = _field(
         "factorized",
         "factorized: row + column embeddings of width local_attn_ctx (the paper's); dense: one per position",
@@ -122,6 +135,9 @@ class Config:
             raise SettingsError(f"--n_state={self.n_state} must be a multiple of --n_head={self.n_head}")
         if self.n_timesteps % self.blocksize:
             raise SettingsError(f"--n_timesteps={self.n_timesteps} must be a multiple of --blocksize={self.blocksize}")
+        if self.block == "colt5":
+            self._validate_colt5()
+            return
         if self.attention == "memory_efficient" and self.attn_mode != "all":
             raise SettingsError(
                 f"--attention=memory_efficient is the dense causal model: it needs --attn_mode=all, got {self.attn_mode}"
@@ -133,6 +149,19 @@ class Config:
         if not 0.0 <= self.resid_pdrop < 1.0 or not 0.0 <= self.embed_pdrop < 1.0:
             raise SettingsError("--resid_pdrop and --embed_pdrop must be in [0, 1)")
         self._validate_patterns()
+
+    def _validate_colt5(self) -> None:
+        for name in COLT5_FIELDS:
+            if name != "colt5_heavy_window" and getattr(self, name) < 1:
+                raise SettingsError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.colt5_heavy_window < 0:
+            raise SettingsError(f"--colt5_heavy_window must be >= 0, got {self.colt5_heavy_window}")
+        if self.n_head % self.colt5_routed_kv:
+            raise SettingsError(
+                f"--n_head={self.n_head} must be a multiple of --colt5_routed_kv={self.colt5_routed_kv}"
+            )
+        if not 0.0 <= self.resid_pdrop < 1.0 or not 0.0 <= self.embed_pdrop < 1.0:
+            raise SettingsError("--resid_pdrop and --embed_pdrop must be in [0, 1)")
 
     def _validate_patterns(self) -> None:
         from bsattn import patterns
@@ -198,18 +227,25 @@ class Config:
         """``<attention>-<attn_mode>-<n_layer>x<n_state>-T<n_timesteps>-<hash>``: the hash covers the settings that
         must match for a resume (``RUN_IDENTITY``) and ``n_steps``, so a short trial run is never continued
         into the full one."""
-        key = {name: getattr(self, name) for name in (*self.RUN_IDENTITY, "n_steps")}
+        key = {name: getattr(self, name) for name in (*self.identity(), "n_steps")}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.attention}-{self.attn_mode}-{self.n_layer}x{self.n_state}-T{self.n_timesteps}-{digest}"
+        kind = "colt5" if self.block == "colt5" else f"{self.attention}-{self.attn_mode}"
+        return f"{kind}-{self.n_layer}x{self.n_state}-T{self.n_timesteps}-{digest}"
+
+    def identity(self) -> tuple[str, ...]:
+        """The settings a resume must keep: ``RUN_IDENTITY``, plus the CoLT5 ones for ``--block=colt5`` (so the
+        names, and hashes, of the Sparse Transformer's runs are those of before the flag existed)."""
+        return self.RUN_IDENTITY + (("block", *COLT5_FIELDS) if self.block == "colt5" else ())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     def check_resumable(self, saved: dict) -> None:
         """Raise ``ValueError`` when a run saved with ``saved`` settings cannot be continued with these."""
+        saved = {"block": "transformer", **saved}  # runs saved before --block existed
         changed = [
             f"--{name}: {saved[name]!r} -> {getattr(self, name)!r}"
-            for name in self.RUN_IDENTITY
+            for name in dict.fromkeys(("block", *self.identity()))
             if name in saved and saved[name] != getattr(self, name)
         ]
         if changed:
@@ -219,6 +255,16 @@ class Config:
                 + "\nUse another --model_dir (or delete that one), or leave --model_dir out (each setting then "
                 "gets its own folder), to start a new run."
             )
+
+
+COLT5_FIELDS = (
+    "colt5_light_window",
+    "colt5_heavy_window",
+    "colt5_heavy_tokens_q",
+    "colt5_heavy_tokens_kv",
+    "colt5_heavy_ff_tokens",
+    "colt5_routed_kv",
+)
 
 
 def runs_dir() -> Path:

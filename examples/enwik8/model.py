@@ -15,10 +15,11 @@ output weights 0. GELU is the paper's x * sigmoid(1.702 x).
 Attention reads and writes ``[B, T, H*D]`` (head h owns channels [h*D, (h+1)*D)), the layout of
 ``bsattn.blocksparse_attention_impl`` and of its dense twin ``bsattn.attention_impl``:
 ``--attention=sparse|dense`` switches engines over the same mask; ``--attention=memory_efficient`` (with
-``--attn_mode=all``) runs the dense causal model on ``bsattn.memory_efficient_attention`` (O(T) memory). ``'fixed'`` is the paper's merged
-fixed pattern (one head sees its stride chunk and the summary columns); ``'strided'`` factorises
-into ``'local'`` and ``'strided'`` heads, either half of the heads each (``split``) or alternating
-blocks (``interleaved``).
+``--attn_mode=all``) runs the dense causal model on ``bsattn.memory_efficient_attention`` (O(T) memory);
+``--block=colt5`` replaces the blocks by CoLT5's routed attention and feed-forward (``CoLT5Block``).
+``'fixed'`` is the paper's merged fixed pattern (one head sees its stride chunk and the summary columns);
+``'strided'`` factorises into ``'local'`` and ``'strided'`` heads, either half of the heads each (``split``)
+or alternating blocks (``interleaved``).
 
 Mixed precision: variables are float32 and are cast to the compute dtype where they are used; norms,
 the softmax statistics (inside the ops) and the logits are float32. Dropout is stateless, seeded by
@@ -153,6 +154,69 @@ class Block(tf.Module):
         return h + dropout(m, self.cfg.resid_pdrop, site_seeds[1])
 
 
+class CoLT5Block(tf.Module):
+    """``--block=colt5``: ``h += dropout(routed_attention(h)); h += dropout(routed_ff(h))`` with bsattn.colt5's
+    ``ConditionalRoutedAutoregressiveAttention`` (light: the previous window up to the token, on the fused op;
+    heavy: routed queries per heavy window over keys routed from all earlier windows) and
+    ``ConditionalRoutedFeedForward`` (light MLP 0.5 d on every token, heavy 4 d on the routed ones; its router
+    picks ``colt5_heavy_ff_tokens`` in every window of ``colt5_light_window`` bytes). The pre-norms (RMSNorm /
+    LayerNorm) live in the branches, as in CoLT5. ``[B, T, d] -> [B, T, d]``.
+
+    Not strictly causal, as the original's design: which tokens of a window are routed (to the heavy queries,
+    to the heavy MLP) is a top-k over the whole window, so it depends on later tokens of that window; the
+    values themselves only see the past. ``colt5_heavy_tokens_q`` = the heavy window and
+    ``colt5_heavy_ff_tokens`` = the light window route every token there: then the model is causal.
+
+    Initialisation (seeded, as the rest of the model): kernels N(0, 0.125/sqrt(d_in)), the branches' output
+    kernels further / sqrt(2 n_layer), biases 0, norm gains 1, routing tokens, null key/values and the null
+    query token N(0, 1).
+    """
+
+    def __init__(self, cfg: Config, index: int, name: str):
+        from bsattn import ConditionalRoutedAutoregressiveAttention, ConditionalRoutedFeedForward
+
+        super().__init__(name=name)
+        self.cfg = cfg
+        d, policy = cfg.n_state, cfg.precision
+        windows = -(-cfg.n_timesteps // cfg.colt5_light_window)
+        with self.name_scope:
+            self.attn = ConditionalRoutedAutoregressiveAttention(
+                d, num_heavy_tokens_q=cfg.colt5_heavy_tokens_q, num_heavy_tokens_kv=cfg.colt5_heavy_tokens_kv,
+                num_routed_kv=cfg.colt5_routed_kv, light_dim_head=cfg.d_head, light_heads=cfg.n_head,
+                light_window_size=cfg.colt5_light_window, heavy_window_size=cfg.colt5_heavy_window or None,
+                heavy_dim_head=cfg.d_head, heavy_heads=cfg.n_head, name=f"{name}_attn", dtype=policy,
+            )  # fmt: skip
+            # Routed per light window (route_block_size): a token's heavy MLP depends on its own window only.
+            self.ff = ConditionalRoutedFeedForward(
+                d, num_heavy_tokens=min(cfg.n_timesteps, cfg.colt5_heavy_ff_tokens * windows),
+                router_kwargs={"route_block_size": cfg.colt5_light_window}, name=f"{name}_ff", dtype=policy,
+            )  # fmt: skip
+        seed, resid = cfg.seed * 1000 + 10 * (index + 1), 1.0 / math.sqrt(2 * cfg.n_layer)
+        layer_vars = [*self.attn.weights, *self.ff.weights]
+        for i, v in enumerate(layer_vars):
+            leaf = v.path.rsplit("/", 1)[-1]
+            shape = list(v.shape)
+            if leaf in ("bias", "beta"):
+                init = tf.zeros(shape)
+            elif leaf in ("gamma",):
+                init = tf.ones(shape)
+            elif leaf == "kernel":
+                std = 0.125 / math.sqrt(shape[0]) * (resid if "/to_out/" in v.path or "/proj_out/" in v.path else 1)
+                init = _normal(shape, std, seed * 100 + i)
+            else:  # routing_token, null_kv, null_q_token
+                init = _normal(shape, 1.0, seed * 100 + i)
+            v.assign(init)
+        # The layers' tf.Variables, so that tf.Module (trainable_variables, the optimizer, n_params) sees them.
+        self.layer_variables = [v.value for v in layer_vars]
+
+    def __call__(self, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
+        site_seeds = (
+            [None, None] if seed is None else [tf.random.experimental.stateless_fold_in(seed, i) for i in (0, 1)]
+        )
+        h = h + dropout(tf.cast(self.attn(h), h.dtype), self.cfg.resid_pdrop, site_seeds[0])
+        return h + dropout(tf.cast(self.ff(h), h.dtype), self.cfg.resid_pdrop, site_seeds[1])
+
+
 class SparseTransformer(tf.Module):
     """Bytes ``[B, T]`` (int) -> next-byte logits ``[B, T, 256]`` (float32). ``T`` must be ``cfg.n_timesteps``."""
 
@@ -173,7 +237,8 @@ class SparseTransformer(tf.Module):
                 self.pos_col = tf.Variable(_normal([width, d], std, seed + 3), name="pos_col")
             else:
                 self.pos = tf.Variable(_normal([cfg.n_timesteps, d], 0.125 / math.sqrt(d), seed + 2), name="pos")
-            self.blocks = [Block(cfg, i, name=f"block_{i}") for i in range(cfg.n_layer)]
+            kind = CoLT5Block if cfg.block == "colt5" else Block
+            self.blocks = [kind(cfg, i, name=f"block_{i}") for i in range(cfg.n_layer)]
             self.norm_f = LayerNorm(d, "norm_f")
             self.head = Linear(d, N_VOCAB, 0.0, seed + 4, "head")
 
