@@ -24,6 +24,8 @@ import numbers
 import tensorflow as tf
 
 from bsattn import _checks as checks
+from bsattn.colt5.coor_descent_op import fused_coor_descent
+from bsattn.gather_attention import in_xla_context
 
 
 def _positive_real(name: str, value) -> float:
@@ -97,17 +99,10 @@ def coor_descent(
       eps: the final entropy weight (> 0); ``eps_init`` the first one (``max(eps_init, eps)``); ``eps_decay``
         multiplies it after each iteration, never below ``eps`` (ε-scaling: ``eps_init=4, eps_decay=0.7``).
       mask: bool ``[..., n]`` (True = a candidate); masked entries get 0.
-      fused: run the fused custom op (``bsattn.colt5.coor_descent_op``) instead of the unrolled loop.
+      fused: run the fused custom op (``bsattn.colt5.coor_descent_op``) instead of the unrolled loop (which
+        still runs under XLA, where custom ops cannot).
     """
-    if fused:
-        try:
-            from bsattn.colt5.coor_descent_op import fused_coor_descent  # the op's module (imported on use)
-        except ModuleNotFoundError as err:
-            if err.name != "bsattn.colt5.coor_descent_op":
-                raise
-            raise NotImplementedError("fused=True needs bsattn.colt5.coor_descent_op (the fused coordinate-descent "
-                                      "op), which this installation lacks; use fused=False") from None  # fmt: skip
-
+    if fused and not in_xla_context():  # custom ops do not compile under XLA: the unrolled loop runs there
         return fused_coor_descent(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
     s, n_iters, k, eps, eps_init, eps_decay, mask = check_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
     dtype = compute_dtype(s.dtype)

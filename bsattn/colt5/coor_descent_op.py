@@ -67,9 +67,9 @@ def fused_coor_descent(
       s: ``[..., n]`` scores, float32, float16, bfloat16 (computed in float32) or float64 (computed in float64).
       n_iters: iterations, >= 1.
       k: how many entries each row keeps: a number (every row), or a tensor ``[]`` or ``[...]`` (``s.shape[:-1]``,
-        one per row), differentiable; ``0 < k <= n``, and on the CPU also ``k <=`` the row's unmasked count (an
-        InvalidArgumentError names the row; the GPU kernel does not check it and runs such a row as is). A fully
-        masked row gives 0 (and zero gradients) whatever its k.
+        one per row), differentiable; ``0 < k <= n``. A row with fewer unmasked entries than k saturates them all
+        at 1, as the unrolled reference does (a padded row of a router). A fully masked row gives 0 (and zero
+        gradients) whatever its k.
       eps: the final (smallest) entropy weight, > 0.
       eps_init: the first iteration's eps (eps-scaling; the CoLT5 router uses 4 with ``eps_decay=0.7``);
         ``None`` = ``eps``.

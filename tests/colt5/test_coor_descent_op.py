@@ -24,6 +24,7 @@ from conftest import EPS
 
 from coor_descent_op_reference import ref_backward, ref_forward
 
+from bsattn.colt5.coor_descent import coor_descent
 from bsattn.colt5.coor_descent_op import eps_schedule, fused_coor_descent
 
 DTYPES = (tf.float64, tf.float32, tf.float16, tf.bfloat16)
@@ -257,18 +258,32 @@ def test_bad_input(rng, kwargs, error, match):
         fused_coor_descent(s, **kwargs)
 
 
-def test_k_above_unmasked_count_names_the_row(rng):
-    s = tf.constant(rng.standard_normal((3, 10)), tf.float32)
+def test_k_above_unmasked_count_saturates_as_the_unrolled_loop(rng):
+    """A row with fewer unmasked entries than k (a padded row of a router): every unmasked entry goes to 1, the
+    op equal to the unrolled reference, forward and gradients (float64)."""
+    s = tf.constant(rng.standard_normal((3, 10)), tf.float64)
     mask = np.ones((3, 10), bool)
     mask[2, 3:] = False
-    with pytest.raises(tf.errors.InvalidArgumentError, match="k = 4 exceeds the 3 unmasked entries of row 2"):
-        fused_coor_descent(s, n_iters=5, k=4, mask=mask)
+    k = tf.constant([4.0, 4.0, 4.0], tf.float64)
+    dy = tf.constant(rng.standard_normal((3, 10)), tf.float64)
+    results = []
+    for fused in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch([s, k])
+            y = coor_descent(s, n_iters=20, k=k, mask=mask, fused=fused)
+            loss = tf.reduce_sum(y * dy)
+        results.append([y.numpy(), *[g.numpy() for g in tape.gradient(loss, [s, k])]])
+    np.testing.assert_allclose(results[0][0][2, :3], 1.0, atol=1e-6)
+    for ours, ref in zip(*results):
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_xla_is_refused(rng):
+def test_xla_is_refused_by_the_op_and_coor_descent_runs_the_unrolled_loop_there(rng):
     s = tf.constant(rng.standard_normal((2, 8)), tf.float32)
     with pytest.raises(NotImplementedError, match="XLA"):
         tf.function(lambda x: fused_coor_descent(x, n_iters=3, k=2), jit_compile=True)(s)
+    under_xla = tf.function(lambda x: coor_descent(x, n_iters=3, k=2, fused=True), jit_compile=True)(s)
+    np.testing.assert_allclose(under_xla.numpy(), coor_descent(s, n_iters=3, k=2, fused=True).numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("op", ["BsattnCoorDescent", "BsattnCoorDescentGrad"])
@@ -310,6 +325,7 @@ _ISA_SCRIPT = """
 import json
 import numpy as np, tensorflow as tf
 from coor_descent_op_reference import ref_backward, ref_forward
+from bsattn.colt5.coor_descent import coor_descent
 from bsattn.colt5.coor_descent_op import fused_coor_descent
 rng = np.random.default_rng(0)
 errors = []

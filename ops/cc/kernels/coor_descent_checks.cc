@@ -92,9 +92,4 @@ absl::Status CheckCoorInputs(tensorflow::OpKernelContext* ctx, int n_iters, bool
   return absl::OkStatus();
 }
 
-absl::Status CoorKExceeds(const CoorDims& d, int64_t row, double k, int64_t unmasked) {
-  return Invalid(absl::StrCat("k = ", k, " exceeds the ", unmasked, " unmasked entries of row ", row, " of s (n = ",
-                              d.n, "); k must be <= the unmasked count of every row that is not fully masked"));
-}
-
 }  // namespace bsattn

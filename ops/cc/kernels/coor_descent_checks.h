@@ -1,7 +1,8 @@
 // Validation of BsattnCoorDescent / BsattnCoorDescentGrad inputs, shared by the CPU kernels and the
 // GPU wrappers: shapes, the eps schedule and the values of k (k and eps must be in host memory).
-// Failures are InvalidArgument statuses naming the argument. The check that k does not exceed a
-// row's unmasked count needs the mask and is made by the kernels (CoorKExceeds formats it).
+// Failures are InvalidArgument statuses naming the argument. k may exceed a row's unmasked count
+// (a padded row of a router): the iteration then saturates every unmasked entry at 1, as the
+// unrolled reference does.
 #ifndef BSATTN_OPS_CC_KERNELS_COOR_DESCENT_CHECKS_H_
 #define BSATTN_OPS_CC_KERNELS_COOR_DESCENT_CHECKS_H_
 
@@ -26,9 +27,6 @@ absl::Status ParseCoorAttrs(tensorflow::OpKernelConstruction* ctx, int* n_iters,
 // Inputs 0..3 (s, k, eps, mask) and, with `gradient`, 4..5 (lse, dy).
 absl::Status CheckCoorInputs(tensorflow::OpKernelContext* ctx, int n_iters, bool has_mask, bool gradient,
                              CoorDims* dims);
-
-// The error of a row whose k exceeds its unmasked count.
-absl::Status CoorKExceeds(const CoorDims& dims, int64_t row, double k, int64_t unmasked);
 
 }  // namespace bsattn
 

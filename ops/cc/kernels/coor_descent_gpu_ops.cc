@@ -1,8 +1,7 @@
 // GPU kernels of BsattnCoorDescent and BsattnCoorDescentGrad: thin wrappers around
 // bsattn_coor_descent_forward / _backward (ops/cuda/bsattn_cuda.h). k and the eps schedule arrive in
 // host memory, pass the CPU kernels' checks (coor_descent_checks) and are copied to the device on
-// the op's stream; s, mask, lse and dy stay on the device. The check that k does not exceed a row's
-// unmasked count is CPU-only (it needs the mask on the host). float64 stays CPU-only.
+// the op's stream; s, mask, lse and dy stay on the device. float64 stays CPU-only.
 #if GOOGLE_CUDA
 
 #include "ops/cc/kernels/coor_descent_checks.h"

@@ -3,7 +3,6 @@
 // (coor_descent_math.h has the math and the reverse-mode derivation).
 #include <atomic>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "ops/cc/kernels/coor_descent_checks.h"
@@ -21,27 +20,6 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
-
-// The first row (lowest index) whose k exceeds its unmasked count, found by any thread.
-class BadRow {
- public:
-  void Record(int64_t row, double k, int64_t unmasked) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (row_ < 0 || row < row_) {
-      row_ = row;
-      k_ = k;
-      unmasked_ = unmasked;
-    }
-  }
-  absl::Status Status(const CoorDims& d) const {
-    return row_ < 0 ? absl::OkStatus() : CoorKExceeds(d, row_, k_, unmasked_);
-  }
-
- private:
-  std::mutex mu_;
-  int64_t row_ = -1, unmasked_ = 0;
-  double k_ = 0;
-};
 
 // x[j] = s[j] (as Acc), -inf where masked; returns the unmasked count.
 template <typename T, typename Acc>
@@ -82,7 +60,6 @@ class CoorDescentOp : public OpKernel {
     T* y = y_out->flat<T>().data();
     Acc* lse = lse_out->flat<Acc>().data();
     const int64_t n = d.n;
-    BadRow bad;
     ParallelForBalanced(ctx, d.rows, RowCost(d), [&](int64_t begin, int64_t end) {
       std::vector<Acc> x(n), yr(n);
       for (int64_t r = begin; r < end; ++r) {
@@ -95,15 +72,10 @@ class CoorDescentOp : public OpKernel {
           std::fill(lse_r, lse_r + n_iters_, -std::numeric_limits<Acc>::infinity());
           continue;
         }
-        if (static_cast<double>(k_r) > static_cast<double>(unmasked)) {
-          bad.Record(r, k_r, unmasked);
-          continue;
-        }
         CoorDescentRowForward(x.data(), n, unmasked, CoorLogK(k_r), eps, n_iters_, lse_r, yr.data());
         for (int64_t j = 0; j < n; ++j) y_r[j] = static_cast<T>(yr[j]);  // yr is 0 where masked
       }
     });
-    OP_REQUIRES_OK(ctx, bad.Status(d));
   }
 
  private:
@@ -138,7 +110,6 @@ class CoorDescentGradOp : public OpKernel {
     T* ds = ds_out->flat<T>().data();
     Acc* dk_rows = dk_rows_t.flat<Acc>().data();
     const int64_t n = d.n;
-    BadRow bad;
     ParallelForBalanced(ctx, d.rows, RowCost(d) * 2, [&](int64_t begin, int64_t end) {
       std::vector<Acc> x(n), g(n), dx(n);
       for (int64_t r = begin; r < end; ++r) {
@@ -150,10 +121,6 @@ class CoorDescentGradOp : public OpKernel {
           std::fill(ds_r, ds_r + n, T(0));
           continue;
         }
-        if (static_cast<double>(k_r) > static_cast<double>(unmasked)) {
-          bad.Record(r, k_r, unmasked);
-          continue;
-        }
         for (int64_t j = 0; j < n; ++j) g[j] = static_cast<Acc>(dy[r * n + j]);
         const Acc dlog_k =
             CoorDescentRowBackward(x.data(), g.data(), n, CoorLogK(k_r), eps, n_iters_, lse + r * n_iters_, dx.data());
@@ -161,7 +128,6 @@ class CoorDescentGradOp : public OpKernel {
         for (int64_t j = 0; j < n; ++j) ds_r[j] = static_cast<T>(dx[j]);
       }
     });
-    OP_REQUIRES_OK(ctx, bad.Status(d));
     Acc* dk = dk_out->flat<Acc>().data();
     if (d.scalar_k) {
       Acc total = 0;
