@@ -5,81 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
-#include <string>
 
-// Vector types are passed by value only inside always-inlined helpers.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "ops/cc/kernels/cpu_math.h"
+#include "ops/cc/kernels/simd.h"
 
 namespace bsattn {
 namespace {
-
-// ---- float32 vectors (GCC vector extensions) --------------------------------------------------
-// ExpVec is cpu_math.cc's vector exp (degree-7 polynomial, ~2 ulp, inputs below -87 and -inf give
-// 0), repeated here because cpu_math.cc keeps it file-local.
-
-template <int N>
-struct Lanes {
-  typedef float F __attribute__((vector_size(4 * N)));
-  typedef int32_t I __attribute__((vector_size(4 * N)));
-};
-
-template <int N>
-inline __attribute__((always_inline)) typename Lanes<N>::F Load(const float* p) {
-  typename Lanes<N>::F v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <int N>
-inline __attribute__((always_inline)) void Store(float* p, typename Lanes<N>::F v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <int N>
-inline __attribute__((always_inline)) float Sum(typename Lanes<N>::F v) {
-  float s = 0.0f;
-  for (int i = 0; i < N; ++i) s += v[i];
-  return s;
-}
-
-template <int N>
-inline __attribute__((always_inline)) typename Lanes<N>::F ExpVec(typename Lanes<N>::F v) {
-  using Vec = typename Lanes<N>::F;
-  using IVec = typename Lanes<N>::I;
-  const Vec zero = {}, one = zero + 1.0f, high = zero + 88.0f, low = zero - 87.0f;
-  const Vec log2e = zero + 1.44269504088896341f, shifter = zero + 12582912.0f;  // 1.5 * 2^23
-  const Vec ln2_hi = zero + 0.693359375f, ln2_lo = zero - 2.12194440e-4f;
-  const IVec underflow = v < low;
-  Vec t = v > high ? high : v;
-  t = t < low ? low : t;
-  const Vec shifted = t * log2e + shifter;
-  const Vec kf = shifted - shifter;
-  const Vec r = t - kf * ln2_hi - kf * ln2_lo;
-  Vec p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + one;
-  IVec bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const Vec result = p * scale;
-  IVec result_bits;
-  std::memcpy(&result_bits, &result, sizeof(result_bits));
-  result_bits &= ~underflow;
-  Vec out;
-  std::memcpy(&out, &result_bits, sizeof(out));
-  return out;
-}
-
-inline float ExpScalar(float x) { return x < -87.0f ? 0.0f : std::exp(x); }
-inline double ExpScalar(double x) { return std::exp(x); }
 
 // ---- the four passes, scalar (float64, and the float32 tails) ---------------------------------
 // z = (x - relu(x + a)) * inv: the original's (s + b) / eps with b = -relu(s + a).
@@ -248,15 +180,9 @@ BSATTN_COOR_KERNELS(Avx2, __attribute__((target("arch=x86-64-v3"))), 8)
 BSATTN_COOR_KERNELS(Baseline, , 8)
 #undef BSATTN_COOR_KERNELS
 
-// The best level the CPU has, capped by $BSATTN_CPU_ISA (avx512, avx2, baseline) as in cpu_math.cc.
+// The level cpu_math.cc chose ($BSATTN_CPU_ISA caps it): the same for every kernel of the library.
 RowKernels SelectKernels() {
-  __builtin_cpu_init();
-  int level = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
-  if (const char* env = std::getenv("BSATTN_CPU_ISA")) {
-    const std::string isa(env);
-    const int wanted = isa == "baseline" ? 0 : isa == "avx2" ? 1 : 2;
-    level = std::min(level, wanted);
-  }
+  const int level = CpuIsaLevel();
   return level == 2 ? kAvx512 : level == 1 ? kAvx2 : kBaseline;
 }
 

@@ -4,35 +4,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
-// The vector types below are passed by value only inside always-inlined helpers; the psABI note
-// about AVX vector arguments does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "ops/cc/kernels/simd.h"
 
 namespace bsattn {
 namespace {
-
-// float32 and int32 vectors of N lanes (GCC vector extensions: the compiler maps them to the
-// registers of the function's target ISA).
-template <int N>
-struct Lanes {
-  typedef float F __attribute__((vector_size(4 * N)));
-  typedef int32_t I __attribute__((vector_size(4 * N)));
-};
-
-template <int N>
-inline __attribute__((always_inline)) typename Lanes<N>::F Load(const float* p) {
-  typename Lanes<N>::F v;
-  std::memcpy(&v, p, sizeof(v));  // unaligned load
-  return v;
-}
-
-template <int N>
-inline __attribute__((always_inline)) void Store(float* p, typename Lanes<N>::F v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 // The starting value of C[i][j] for the products below: 0 (overwrite), C[i][j] * row_scale[i], or
 // C[i][j] (row_scale null).
@@ -108,45 +85,6 @@ inline __attribute__((always_inline)) void MatMulBody(const float* __restrict a,
   }
 }
 
-// exp(x) = 2^k * exp(r) with k = round(x / ln 2) and |r| <= ln(2) / 2; exp(r) by a degree-7
-// Taylor-like polynomial (Horner), ln 2 split in two parts so that r is exact enough. k is rounded
-// by adding 1.5 * 2^23 (its low mantissa bits then hold k), which also gives the bits of 2^k without
-// a float -> int conversion. Inputs below -87 (and -inf) give 0.
-template <int N>
-inline __attribute__((always_inline)) typename Lanes<N>::F ExpVec(typename Lanes<N>::F v) {
-  using Vec = typename Lanes<N>::F;
-  using IVec = typename Lanes<N>::I;
-  const Vec zero = {}, one = zero + 1.0f, high = zero + 88.0f, low = zero - 87.0f;
-  const Vec log2e = zero + 1.44269504088896341f, shifter = zero + 12582912.0f;  // 1.5 * 2^23
-  const Vec ln2_hi = zero + 0.693359375f, ln2_lo = zero - 2.12194440e-4f;
-  const IVec underflow = v < low;
-  Vec t = v > high ? high : v;
-  t = t < low ? low : t;
-  const Vec shifted = t * log2e + shifter;
-  const Vec kf = shifted - shifter;
-  const Vec r = t - kf * ln2_hi - kf * ln2_lo;
-  Vec p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + one;
-  IVec bits;
-  std::memcpy(&bits, &shifted, sizeof(bits));
-  bits = (bits + 127) << 23;  // 2^k: the shifter's own bits leave through the top
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const Vec result = p * scale;
-  IVec result_bits;
-  std::memcpy(&result_bits, &result, sizeof(result_bits));
-  result_bits &= ~underflow;  // exp(x < -87) -> 0
-  Vec out;
-  std::memcpy(&out, &result_bits, sizeof(out));
-  return out;
-}
-
-inline float ExpScalar(float x) { return x < -87.0f ? 0.0f : std::exp(x); }
 
 template <int N>
 inline __attribute__((always_inline)) void ExpBody(float* x, int n) {
@@ -216,16 +154,8 @@ BSATTN_ISA_KERNELS(Avx2, __attribute__((target("arch=x86-64-v3"))), 8)
 BSATTN_ISA_KERNELS(Baseline, , 8)
 #undef BSATTN_ISA_KERNELS
 
-// The best level the CPU supports, or $BSATTN_CPU_ISA (avx512, avx2, baseline) capped by it,
-// so that tests can run the lower levels too. Chosen once.
 IsaKernels SelectKernels() {
-  __builtin_cpu_init();
-  int level = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
-  if (const char* env = std::getenv("BSATTN_CPU_ISA")) {
-    const std::string isa(env);
-    const int wanted = isa == "baseline" ? 0 : isa == "avx2" ? 1 : 2;
-    level = wanted < level ? wanted : level;
-  }
+  const int level = CpuIsaLevel();
   return level == 2 ? kAvx512 : level == 1 ? kAvx2 : kBaseline;
 }
 
@@ -235,6 +165,22 @@ const IsaKernels& Kernels() {
 }
 
 }  // namespace
+
+// The best level the CPU supports, or $BSATTN_CPU_ISA (avx512, avx2, baseline) capped by it, so that
+// tests can run the lower levels too. Chosen once.
+int CpuIsaLevel() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    int best = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+    if (const char* env = std::getenv("BSATTN_CPU_ISA")) {
+      const std::string isa(env);
+      const int wanted = isa == "baseline" ? 0 : isa == "avx2" ? 1 : 2;
+      best = wanted < best ? wanted : best;
+    }
+    return best;
+  }();
+  return level;
+}
 
 const char* CpuIsa() {
   const IsaKernels& k = Kernels();

@@ -8,8 +8,10 @@ namespace bsattn {
 // the x86-64 baseline with 8 lanes); the best level the CPU has is chosen once, at the first call.
 // $BSATTN_CPU_ISA = avx512 | avx2 | baseline caps it (for tests of the lower levels).
 
-// The level in use: "avx512", "avx2" or "baseline".
+// The level in use: "avx512", "avx2" or "baseline"; CpuIsaLevel() is the same as 2, 1 or 0 (the one
+// choice for every vectorised kernel of the library).
 const char* CpuIsa();
+int CpuIsaLevel();
 
 // C[m][n] += A[m][k] * B[k][n], all row-major float32 with row strides lda, ldb, ldc.
 // Register-blocked: 4 rows x up to 4 vectors (64 columns with AVX-512) of accumulators.
