@@ -20,7 +20,9 @@ How the masks reach the fused op (exact, O(T·D) memory unless a dense ``[T, T]`
 - ``attn_mask`` ``[T, T]`` (squeezed; shared by the batch and the heads): ``'add'``: added to the scores (the
   op's ``bias``); ``'mul'``: entries equal to 0 are dropped: a ``-inf`` bias where the mask is 0, else 0.
 - ``rpe``: ``[H|1, T, T]`` or ``[B|1, H|1, T, T]`` added to the scores (the op's ``bias``), with a gradient
-  (DeepSpeed has none). A batch dimension > 1 maps the op over the batch (one ``[H|1, T, T]`` bias each).
+  (DeepSpeed has none); one op call for any batch dimension (the op's bias broadcasts over ``[B|1, H|1]``).
+- ``key`` and ``value`` may have fewer heads than ``query``, dividing them (grouped-query attention, not in
+  DeepSpeed): the op's ``kv_heads``, no copy of K/V.
 - ``segment_ids`` (not in DeepSpeed): packed sequences, int ``[B, T]``: query ``i`` attends key ``j`` only if their
   ids are equal (the op's segment ids: blocks whose segments cannot meet are skipped per batch entry).
 - A query row whose every key is dropped gives 0 (DeepSpeed: NaN). Masks get no gradient (DeepSpeed: neither).
@@ -112,9 +114,10 @@ def deepspeed_sparse_attention(
     """DeepSpeed's ``SparseSelfAttention.forward`` on the fused op: ``[B, H, T, D] x3 → [B, H, T, D]``.
 
     Args:
-      query, value: ``[B, H, T, D]``, float32, float16, bfloat16 or float64 (one dtype).
-      key: ``[B, H, T, D]``, or ``[B, H, D, T]`` (already transposed; recognised when its third dimension is not
-        ``T``, as in DeepSpeed).
+      query: ``[B, H, T, D]``, float32, float16, bfloat16 or float64 (one dtype).
+      key, value: ``[B, KVH, T, D]`` with ``KVH = H`` (DeepSpeed) or dividing ``H`` (grouped-query attention, not in
+        DeepSpeed: query head ``h`` reads K/V head ``h // (H // KVH)``, no copy); key may also be ``[B, KVH, D, T]``
+        (already transposed; recognised when its third dimension is not ``T``, as in DeepSpeed).
       sparsity_config: the pattern; ``H`` must be its ``num_heads``; ``T`` a multiple of its ``block``.
       rpe, key_padding_mask, attn_mask, the modes: see the module docstring.
       scale: default ``1/sqrt(D)``.
@@ -135,10 +138,14 @@ def deepspeed_sparse_attention(
         raise ValueError(f"query needs static heads, T and head_dim, got shape {query.shape}")
     if key.shape[2] != t and key.shape[3] == t:  # DeepSpeed accepts an already transposed key
         key = tf.transpose(key, [0, 1, 3, 2])
-    if not (query.shape.is_compatible_with(key.shape) and key.shape.is_compatible_with(value.shape)):
+    kv_heads = key.shape[1]
+    grouped = kv_heads is not None and kv_heads > 0 and heads % kv_heads == 0  # GQA / MQA: fewer K/V heads
+    if not (key.shape.is_compatible_with(value.shape) and grouped
+            and query.shape[::2].is_compatible_with(key.shape[::2]) and key.shape[3] == d):  # fmt: skip
         raise NotImplementedError(
-            f"only self-attention is supported for now: query, key and value must have one shape, got "
-            f"{query.shape}, {key.shape}, {value.shape}"
+            f"only self-attention is supported for now: query, key and value must have one shape (key and value "
+            f"may have fewer heads, dividing the query's: grouped-query attention), got {query.shape}, "
+            f"{key.shape}, {value.shape}"
         )
     if heads != config.num_heads:
         raise ValueError(f"query has {heads} heads but sparsity_config.num_heads is {config.num_heads}")
@@ -173,51 +180,32 @@ def deepspeed_sparse_attention(
         ids = tf.cast(ids, tf.int32)
 
     def attend(q, k, v, keep, key_bias, bias, ids=ids):
-        """One fused call: ``q, k, v [b, H, T, D]``, ``keep, key_bias, ids [b, T]``, ``bias [H|1, T, T]``."""
+        """One fused call: ``q [b, H, T, D]``, ``k, v [b, KVH, T, D]``, ``keep, key_bias, ids [b, T]``, ``bias``
+        ``[H|1, T, T]`` or ``[B|1, H|1, T, T]``."""
         width = d
         if key_bias is not None:  # the rank-one key term rides as one more channel (module docstring)
             q = tf.concat([q, tf.ones_like(q[..., :1]) * tf.constant(1.0 / scale, dtype)], -1)
             k = tf.concat([k, tf.broadcast_to(key_bias[:, None, :, None], tf.shape(k[..., :1]))], -1)
             v = tf.concat([v, tf.zeros_like(v[..., :1])], -1)
             width = d + 1
-        flat = [tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [-1, t, heads * width]) for x in (q, k, v)]
+        flat = [tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [-1, t, x.shape[1] * width]) for x in (q, k, v)]
         out = fused_attention(
             *flat, tables, heads, scale=scale, key_padding_mask=keep, bias=bias,
-            dropout_rate=dropout_rate, seed=seed, q_segment_ids=ids, k_segment_ids=ids,
+            dropout_rate=dropout_rate, seed=seed, q_segment_ids=ids, k_segment_ids=ids, kv_heads=kv_heads,
         )  # fmt: skip
         out = tf.transpose(tf.reshape(out, [-1, t, heads, width]), [0, 2, 1, 3])
         return out[..., :d] if width != d else out
 
-    if rpe is None:
-        return attend(query, key, value, keep, key_bias, bias)
-    rpe = tf.cast(rpe, dtype)
-    if rpe.shape.rank == 3:
-        rpe = rpe[None]
-    if rpe.shape.rank != 4 or not rpe.shape[1:].is_compatible_with([None, t, t]) or rpe.shape[1] not in (1, heads):
-        raise ValueError(f"rpe must be [1 or {heads}, {t}, {t}] or [batch or 1, 1 or {heads}, {t}, {t}], got {rpe.shape}")
-    if rpe.shape[0] == 1:
-        rpe = rpe[0]
-        return attend(query, key, value, keep, key_bias, rpe if bias is None else rpe + bias)
-    # A per-batch rpe: one fused call per batch entry, each with its own [H|1, T, T] bias.
-    if bias is not None:
-        rpe = rpe + bias[None]
-    batch = tf.shape(query)[0]
-    rpe = tf.broadcast_to(rpe, tf.concat([[batch], tf.shape(rpe)[1:]], 0))
-    ones = tf.ones([batch, t], dtype)
-    elems = (query, key, value, ones if keep is None else tf.cast(keep, dtype),
-             ones if key_bias is None else key_bias, rpe,
-             tf.zeros([batch, t], tf.int32) if ids is None else ids)  # fmt: skip
-
-    def one(args):
-        q, k, v, kb_keep, kb_bias, r, kb_ids = args
-        return attend(
-            q[None], k[None], v[None],
-            None if keep is None else tf.not_equal(kb_keep, 0)[None],
-            None if key_bias is None else kb_bias[None], r,
-            None if ids is None else kb_ids[None],
-        )[0]  # fmt: skip
-
-    return tf.map_fn(one, elems, fn_output_signature=tf.TensorSpec(query.shape[1:], dtype))
+    if rpe is not None:  # the op's bias broadcasts over [B|1, H|1, T, T]: a per-batch rpe needs no loop
+        rpe = tf.cast(rpe, dtype)
+        if rpe.shape.rank == 3:
+            rpe = rpe[None]
+        if rpe.shape.rank != 4 or not rpe.shape[2:].is_compatible_with([t, t]) or rpe.shape[1] not in (1, heads):
+            raise ValueError(
+                f"rpe must be [1 or {heads}, {t}, {t}] or [batch or 1, 1 or {heads}, {t}, {t}], got {rpe.shape}"
+            )
+        bias = rpe if bias is None else rpe + bias[None]
+    return attend(query, key, value, keep, key_bias, bias)
 
 
 # ---- layers ------------------------------------------------------------------------------------------------

@@ -337,3 +337,26 @@ def test_mirrored_strategy_matches_one_device():
     result = subprocess.run([sys.executable, "-c", MIRRORED], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300, check=False)  # fmt: skip
     assert "MIRRORED OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2)], ids=["mqa", "gqa"])
+def test_grouped_key_value_heads_equal_repeated_ones(rng, heads, kv_heads):
+    """key/value with fewer heads (the op's kv_heads, no copy) equal the same attention on K/V repeated per group,
+    with a per-batch rpe and an additive key padding mask, forward and gradients (float64; the repeated path is
+    checked against the float64 reference above)."""
+    config = FixedSparsityConfig(heads, block=BS, num_local_blocks=2, attention="unidirectional")
+    q, dout = (tf.constant(rng.uniform(-1, 1, (B, heads, T, D))) for _ in range(2))
+    k, v = (tf.constant(rng.uniform(-1, 1, (B, kv_heads, T, D))) for _ in range(2))
+    rpe = tf.constant(0.5 * rng.standard_normal((B, heads, T, T)))
+    kp = tf.constant(np.where(rng.random((B, T)) < 0.25, -10000.0, 0.0))
+    results = []
+    for repeat in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v, rpe])
+            kk, vv = (tf.repeat(x, heads // kv_heads, axis=1) if repeat else x for x in (k, v))
+            out = deepspeed_sparse_attention(q, kk, vv, config, rpe=rpe, key_padding_mask=kp)
+        results.append([out, *tape.gradient(out, [q, k, v, rpe], output_gradients=dout)])
+    for ours, ref in zip(*results):
+        np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="fewer heads"):
+        deepspeed_sparse_attention(q, k[:, :, :, :4], v, config)
