@@ -236,8 +236,23 @@ def _segment_ids(
         if not ids.dtype.is_integer:
             raise TypeError(f"{name} must be an integer [batch, {n}] tensor, got dtype {ids.dtype.name}")
         _check_static_shape(ids, name, [batch, n])
-        out.append(tf.cast(ids, tf.int32))
+        out.append(_ids_as_int32(ids, name))
     return out[0], out[1]
+
+
+def _ids_as_int32(ids: tf.Tensor, name: str) -> tf.Tensor:
+    """``ids`` as int32; ids of a wider or unsigned dtype are checked to fit first (a wrapped id could make two
+    segments equal), an InvalidArgumentError naming the argument otherwise."""
+    if ids.dtype in (tf.int8, tf.int16, tf.int32, tf.uint8, tf.uint16):
+        return tf.cast(ids, tf.int32)
+    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    # Compared in float64 would round; compare in the ids' own dtype, with the bounds clipped to it.
+    lowest = tf.constant(max(low, ids.dtype.min), ids.dtype)
+    highest = tf.constant(min(high, ids.dtype.max), ids.dtype)
+    in_range = tf.reduce_all((ids >= lowest) & (ids <= highest))
+    message = f"{name} must fit in int32 ([{low}, {high}]): a wrapped id would merge segments"
+    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
+        return tf.cast(ids, tf.int32)
 
 
 def _check_activations(

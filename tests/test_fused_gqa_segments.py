@@ -290,6 +290,21 @@ def test_python_errors(rng, case):
         fused_attention(x["q"], x["k"], x["v"], tables, H, **{"kv_heads": 2, **kwargs})
 
 
+def test_int64_ids_must_fit_int32(rng):
+    """int64 ids that fit are used as they are; one beyond int32 (it would wrap onto another segment's id) is an
+    error naming the argument, eagerly and under tf.function."""
+    tables, x = make_case(rng, tf.float64, 2)
+    x["q_ids"] = x["k_ids"] = packed_ids(rng, tables.n_q, 3, sorted_ids=False)
+    wide = {"q_ids": tf.constant(x["q_ids"], tf.int64), "k_ids": tf.constant(x["k_ids"], tf.int64)}
+    check(run_fused(dict(x, **wide), tables, 2), run_reference(x, tables, 2), tf.float64)
+    wrapped = x["k_ids"].astype(np.int64)
+    wrapped[0, 5] += 2**32  # == its int32 value after a cast
+    for fn in (fused_attention, tf.function(fused_attention)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"k_segment_ids must fit in int32"):
+            fn(x["q"], x["k"], x["v"], tables, H, kv_heads=2, q_segment_ids=wide["q_ids"],
+               k_segment_ids=tf.constant(wrapped))
+
+
 def _raw_inputs(tables, **changes):
     from bsattn.fused_attention import fused_table_tensors
 

@@ -357,7 +357,8 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
       a->tq % a->block_size != 0 || a->tk % a->block_size != 0 ||
       (a->layout_heads != 1 && a->layout_heads != a->heads) || a->kv_heads < 0 ||
       (a->kv_heads > 0 && a->heads % a->kv_heads != 0) ||
-      ((a->q_segment_ids == nullptr) != (a->k_segment_ids == nullptr)) ||
+      // An empty side may come without its ids pointer (TF hands out NULL for empty tensors).
+      (a->batch > 0 && a->tq > 0 && a->tk > 0 && ((a->q_segment_ids == nullptr) != (a->k_segment_ids == nullptr))) ||
       (a->bias != nullptr && ((a->bias_heads != 1 && a->bias_heads != a->heads) ||
                               (a->bias_batch != 1 && a->bias_batch != a->batch))))
     return BSATTN_ERROR_SHAPE;
@@ -369,8 +370,9 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   p->kv_heads = a->kv_heads > 0 ? a->kv_heads : a->heads;
   p->kv_width = p->kv_heads * a->head_dim;
   p->group = a->heads / p->kv_heads;
-  p->q_segment_ids = a->q_segment_ids;
-  p->k_segment_ids = a->k_segment_ids;
+  const bool segments = a->q_segment_ids != nullptr && a->k_segment_ids != nullptr;
+  p->q_segment_ids = segments ? a->q_segment_ids : nullptr;
+  p->k_segment_ids = segments ? a->k_segment_ids : nullptr;
   p->tq = a->tq;
   p->tk = a->tk;
   p->bs = a->block_size;

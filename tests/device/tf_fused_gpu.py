@@ -6,7 +6,8 @@ once under ``/GPU:0`` and once under ``/CPU:0`` and compares: NaN/±inf at the s
 1e-4 (float32), 5e-3 (float16) or 4e-2 (bfloat16) of the CPU's largest magnitude. Cases: bias ``[B|1, H|1, Tq, Tk]``
 (all four broadcasts, and the rank-3 form) with key padding and dropout, tensor-core shapes (D = 64, bs = 32) and
 SIMT ones (D = 24, bs = 8, per-head layouts), NaN/Inf in k, v and bias at padded keys and under a -inf bias column,
-an attended NaN value, batch 0, Tq != Tk, two tables of one shape in turn (the GPU kernels' table cache must
+an attended NaN value, batch 0, Tq != Tk, grouped heads with segment ids (NaN in a key-only segment),
+raw ops with Tq = 0 or Tk = 0 and segment ids, two tables of one shape in turn (the GPU kernels' table cache must
 never serve one for the other), eagerly and under ``tf.function``. Then the unfused ops (nt, masked softmax, nn
 and their gradients: tn, softmax grad) through ``blocksparse_attention_impl(engine='unfused')`` and the fused
 engine for every ``attn_mode``, and last, under ``tf.config.experimental.enable_op_determinism()``, the fused
@@ -26,6 +27,7 @@ import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bsattn import patterns
+from bsattn._loader import load_ops
 from bsattn.fused_attention import fused_attention
 from bsattn.fused_tables import build_fused_tables, fused_tables_for_pattern
 from bsattn.sparse_attention import blocksparse_attention_impl
@@ -55,7 +57,9 @@ def _run(device: str, x: dict, tables, heads: int, dropout_rate: float, q, k, v,
         with tf.GradientTape() as tape:
             tape.watch(watched)
             out, lse = fused_attention(q, k, v, tables, heads, key_padding_mask=x["kpm"], bias=bias,
-                                       dropout_rate=dropout_rate, seed=7, return_lse=True)
+                                       dropout_rate=dropout_rate, seed=7, return_lse=True,
+                                       kv_heads=x.get("kv_heads"), q_segment_ids=x.get("q_ids"),
+                                       k_segment_ids=x.get("k_ids"))
         grads = tape.gradient(out, watched, output_gradients=dout)
         return [out, lse, *grads]
 
@@ -71,9 +75,18 @@ def compare(gpu: list[np.ndarray], cpu: list[np.ndarray], dtype) -> dict[str, fl
     return result
 
 
-def make(rng, tables, heads: int, d: int, batch: int = 2, bias_shape=None, kpm: bool = True) -> dict:
+def make(rng, tables, heads: int, d: int, batch: int = 2, bias_shape=None, kpm: bool = True,
+         kv_heads: int | None = None, segments: bool = False) -> dict:
     tq, tk = tables.n_q, tables.n_k
-    x = {n: rng.uniform(-1, 1, (batch, t, heads * d)) for n, t in (("q", tq), ("k", tk), ("v", tk), ("dout", tq))}
+    kvh = kv_heads or heads
+    x = {n: rng.uniform(-1, 1, (batch, t, h * d))
+         for n, t, h in (("q", tq, heads), ("k", tk, kvh), ("v", tk, kvh), ("dout", tq, heads))}
+    x["kv_heads"] = kv_heads
+    if segments:  # packed sequences: sorted ids, one key segment (2) that no query has, with NaN k, v there
+        x["q_ids"] = np.sort(rng.integers(0, 2, (batch, tq)), axis=1).astype(np.int32)
+        x["k_ids"] = np.sort(rng.integers(0, 3, (batch, tk)), axis=1).astype(np.int32)
+        x["k"][x["k_ids"] == 2] = np.nan
+        x["v"][x["k_ids"] == 2] = np.nan
     x["kpm"] = rng.random((batch, tk)) < 0.8 if kpm else None
     if kpm and batch:
         x["kpm"][:, 3] = False
@@ -103,6 +116,9 @@ def cases(rng):
     x["v"][1, 70, :5] = np.nan  # attended by rows >= 70 of batch entry 1: they turn NaN on both devices
     yield "attended NaN value", x, causal32, 2, 0.0
     yield "batch 0", make(rng, causal32, 2, 64, batch=0, bias_shape=(1, 2), kpm=False), causal32, 2, 0.0
+    yield "gqa 4 on 2 + segment ids (NaN in a key-only segment)", \
+        make(rng, causal32, 4, 64, bias_shape=(1, 4), kv_heads=2, segments=True), causal32, 4, 0.1
+    yield "simt mqa + segment ids", make(rng, per_head8, 4, 24, kv_heads=1, segments=True), per_head8, 4, 0.0
     cross = random_tables(rng, 32, 3, 5, 2)
     yield "Tq != Tk, per-head layouts", make(rng, cross, 2, 64, bias_shape=(1, 2)), cross, 2, 0.1
     # Two tables of one shape (same row_ptr, different blocks and masks), in turn: the cache keys on contents.
@@ -111,6 +127,25 @@ def cases(rng):
         tril = lambda h, qb, kb: np.tril(np.ones((len(qb), 32, 32), bool))  # noqa: E731
         same_shape = build_fused_tables(layout, 32, np.zeros_like(layout), tril)
         yield f"same-shape tables: {name}", make(rng, same_shape, 2, 64, kpm=False), same_shape, 2, 0.0
+
+
+def zero_length_with_segments(rng, tq: int, tk: int, device: str = "/GPU:0", heads: int = 2, d: int = 32,
+                              bs: int = 16) -> bool:
+    """The raw ops on `device` with Tq = 0 or Tk = 0 and segment ids (TF hands the kernel a NULL pointer for the
+    empty side): output 0, lse -inf, gradients 0, as on the CPU."""
+    ops = load_ops()
+    with tf.device(device):
+        q, k, v = (tf.constant(rng.standard_normal((1, t, heads * d)), tf.float32) for t in (tq, tk, tk))
+        x = dict(q=q, k=k, v=v, row_ptr=np.zeros((1, tq // bs + 1), np.int32), row_entries=np.zeros((0, 2), np.int32),
+                 masks=np.zeros((0, bs, 1), np.int32), key_padding_mask=tf.zeros([0], tf.bool), bias=tf.zeros([0]),
+                 q_segment_ids=tf.zeros([1, tq], tf.int32), k_segment_ids=tf.zeros([1, tk], tf.int32),
+                 seed=tf.constant(0, tf.int64), heads=heads, block_size=bs, scale=0.5, has_segment_ids=True)
+        out, lse = ops.bsattn_fused_attention(**x)
+        grads = ops.bsattn_fused_attention_grad(**dict(
+            x, out=out, lse=lse, dout=tf.ones_like(out), dlse=tf.zeros([0]), col_ptr=np.zeros((1, tk // bs + 1), np.int32),
+            col_entries=np.zeros((0, 2), np.int32)))
+    return (out.shape == (1, tq, heads * d) and lse.shape == (1, heads, tq) and not out.numpy().any()
+            and bool(np.isneginf(lse.numpy()).all()) and all(not g.numpy().any() for g in grads[:3]))
 
 
 def random_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int):
@@ -183,6 +218,11 @@ def main() -> None:
                     where = "tf.function" if graph else "eager"
                     status = "ok  " if ok else "FAIL"
                     print(f"{status} impl {mode_name:8s} {engine:7s} {dtype.name:9s} {where:11s} {shown}", flush=True)
+    for tq, tk in ((0, 32), (32, 0)):
+        total += 1
+        ok = zero_length_with_segments(rng, tq, tk)
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} raw ops, Tq={tq} Tk={tk} with segment ids: zeros, lse -inf", flush=True)
     # Deterministic mode (TF's switch): the tensor-core gradient twice, bit for bit.
     tf.config.experimental.enable_op_determinism()
     causal32 = fused_tables_for_pattern(patterns.Causal(), 128, 128, 32)
