@@ -13,38 +13,13 @@ not compile under XLA, so this function refuses to run there.
 
 from __future__ import annotations
 
-import numbers
-
 import tensorflow as tf
 
-from bsattn import _checks as checks
 from bsattn._loader import load_ops
+from bsattn.colt5.coor_descent_args import check_args, compute_dtype, eps_schedule
 from bsattn.gather_attention import in_xla_context
 
 _DTYPES = (tf.float32, tf.float16, tf.bfloat16, tf.float64)
-
-
-def eps_schedule(n_iters: int, eps: float, eps_init: float | None = None, eps_decay: float = 1.0) -> list[float]:
-    """The eps of every iteration and of the output, as the original computes them (Python floats):
-    ``[eps_1, ..., eps_{n_iters}, eps_final]``, ``eps_1 = max(eps_init or eps, eps)``,
-    ``eps_{t+1} = max(eps_t * eps_decay, eps)``; ``n_iters + 1`` values."""
-    current = max(eps if eps_init is None else eps_init, eps)
-    out = []
-    for _ in range(n_iters + 1):
-        out.append(current)
-        current = max(current * eps_decay, eps)
-    return out
-
-
-def _real(name: str, value, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def fused_coor_descent(
@@ -78,41 +53,11 @@ def fused_coor_descent(
     Returns:
       ``y [..., n]`` in ``s``'s dtype; differentiable w.r.t. ``s`` (0 where masked) and ``k`` (a tensor).
     """
-    s = checks.float_tensor("s", s)
+    s, n_iters, k, eps, eps_init, eps_decay, mask = check_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
     if s.dtype not in _DTYPES:
         raise TypeError(f"s must be float32, float16, bfloat16 or float64, got {s.dtype.name}")
-    if s.shape.rank == 0:
-        raise ValueError("s must have rank >= 1 ([..., n]), got a scalar")
-    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or n_iters < 1:
-        raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}")
-    eps = _real("eps", eps)
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    eps_init = _real("eps_init", eps_init, allow_none=True)
-    eps_decay = _real("eps_decay", eps_decay)
-    k_dtype = tf.float64 if s.dtype == tf.float64 else tf.float32
-    if not isinstance(k, numbers.Real):  # a tensor, variable or array: one value, or one per row
-        try:
-            k_t = tf.cast(k, k_dtype)
-        except (TypeError, ValueError, tf.errors.OpError) as e:
-            raise TypeError(f"k must be a number or a float tensor [] or s.shape[:-1], got {k!r}: {e}") from None
-    else:
-        k_value = _real("k", k)
-        if k_value <= 0:
-            raise ValueError(f"k must be > 0, got {k_value}")
-        n = s.shape[-1]
-        if n is not None and k_value > n:
-            raise ValueError(f"k must be <= n = {n} (the last dimension of s), got {k_value}")
-        k_t = tf.constant(k_value, k_dtype)
-    schedule = tf.constant(eps_schedule(int(n_iters), eps, eps_init, eps_decay), k_dtype)
-    if mask is not None:
-        mask = tf.convert_to_tensor(mask)
-        if mask.dtype != tf.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype.name}")
-        try:
-            mask = tf.broadcast_to(mask, tf.shape(s))
-        except (tf.errors.InvalidArgumentError, ValueError) as e:
-            raise ValueError(f"mask of shape {mask.shape} does not broadcast to s's shape {s.shape}: {e}") from None
+    k_t = tf.cast(k, compute_dtype(s.dtype))
+    schedule = tf.constant(eps_schedule(n_iters, eps, eps_init, eps_decay), k_t.dtype)
     if in_xla_context():
         raise NotImplementedError(
             "fused_coor_descent is a custom op and cannot compile under XLA (jit_compile=True); "

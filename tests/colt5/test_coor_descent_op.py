@@ -25,7 +25,8 @@ from conftest import EPS
 from coor_descent_op_reference import ref_backward, ref_forward
 
 from bsattn.colt5.coor_descent import coor_descent
-from bsattn.colt5.coor_descent_op import eps_schedule, fused_coor_descent
+from bsattn.colt5.coor_descent_args import eps_schedule
+from bsattn.colt5.coor_descent_op import fused_coor_descent
 
 DTYPES = (tf.float64, tf.float32, tf.float16, tf.bfloat16)
 
@@ -234,28 +235,49 @@ def test_eps_schedule_is_the_originals():
 # ---- bad input ----------------------------------------------------------------------------------------------
 
 
+# Python-side checks: one function (coor_descent_args.check_args) for the fused and the unrolled paths, so both
+# reject the same arguments with the same messages.
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(k=11), ValueError, "k must be <= n = 10"),
-        (dict(k=0), ValueError, "k must be > 0"),
-        (dict(k=-1.5), ValueError, "k must be > 0"),
+        (dict(k=11), ValueError, r"k must be in \(0, n=10\]"),
+        (dict(k=0), ValueError, r"k must be in \(0, n=10\]"),
+        (dict(k=-1.5), ValueError, r"k must be in \(0, n=10\]"),
         (dict(k=2, n_iters=0), ValueError, "n_iters must be a positive integer"),
-        (dict(k=2, eps=0.0), ValueError, "eps must be > 0"),
-        (dict(k=2, mask=np.ones((3, 9), bool)), ValueError, "mask"),
+        (dict(k=2, eps=0.0), ValueError, "eps must be a positive finite number"),
+        (dict(k=2, eps_decay=0.0), ValueError, "eps_decay must be a positive finite number"),
+        (dict(k=2, eps_init=-1.0), ValueError, "eps_init must be a positive finite number"),
+        (dict(k=2, mask=np.ones((3, 9), bool)), ValueError, "mask of shape"),
         (dict(k=2, mask=np.ones((4, 10), np.float32)), TypeError, "mask must be a bool"),
-        (dict(k=tf.constant([1.0, 2.0])), tf.errors.InvalidArgumentError, "k must be a scalar or have shape"),
-        (dict(k=np.array([1.0, 2.0, 3.0, 4.0, 5.0])), tf.errors.InvalidArgumentError, "k must be a scalar or have"),
-        (dict(k="3"), TypeError, "k must be a number or a float tensor"),
-        (dict(k=tf.constant([1.0, 0.0, 2.0, 1.0])), tf.errors.InvalidArgumentError, r"finite and > 0.*k\[1\]"),
-        (dict(k=tf.constant([1.0, 11.0, 2.0, 1.0])), tf.errors.InvalidArgumentError, "k must be <= n = 10"),
+        (dict(k=tf.constant([1.0, 2.0])), ValueError, "k must be a number or have one value per row"),
+        (dict(k="3"), TypeError, "k must be a real number or tensor"),
+        (dict(k=tf.constant([1.0, 0.0, 2.0, 1.0])), ValueError, r"k must be in \(0, n=10\] for every row"),
+        (dict(k=tf.constant([1.0, 11.0, 2.0, 1.0])), ValueError, r"k must be in \(0, n=10\] for every row"),
     ],
 )
-def test_bad_input(rng, kwargs, error, match):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unrolled"])
+def test_bad_input(rng, kwargs, error, match, fused):
     s = tf.constant(rng.standard_normal((4, 10)), tf.float32)
     kwargs = dict(dict(n_iters=5), **kwargs)
     with pytest.raises(error, match=match):
-        fused_coor_descent(s, **kwargs)
+        coor_descent(s, fused=fused, **kwargs)
+
+
+# The op's own checks of per-row k values, which Python cannot see in a graph (k a tf.function argument).
+@pytest.mark.parametrize(
+    "k, match",
+    [
+        ([1.0, 0.0, 2.0, 1.0], r"finite and > 0.*k\[1\]"),
+        ([1.0, 11.0, 2.0, 1.0], "k must be <= n = 10"),
+        ([1.0, 2.0, 3.0, 4.0, 5.0], "k must be a scalar or have shape"),
+    ],
+)
+def test_bad_k_values_in_a_graph(rng, k, match):
+    s = tf.constant(rng.standard_normal((4, 10)), tf.float32)
+    fn = tf.function(lambda s, k: fused_coor_descent(s, n_iters=5, k=k), input_signature=[
+        tf.TensorSpec([4, 10], tf.float32), tf.TensorSpec([None], tf.float32)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        fn(s, tf.constant(k))
 
 
 def test_k_above_unmasked_count_saturates_as_the_unrolled_loop(rng):
