@@ -53,7 +53,7 @@ if step coor; then
 fi
 if step sanitizer; then
   # compute-sanitizer's four tools over the three harnesses' quick sets (every launcher, NaN cases
-  # included), all twelve runs in parallel on the one GPU; any report fails the step. Logs: $OUT/<harness>.<tool>.log.
+  # included), all runs in parallel on the one GPU; any report fails the step. Logs: $OUT/<harness>.<tool>[.<dtype>].log.
   # initcheck checks only bsattn's kernels (namespace bsattn_cuda): cuBLAS's Hopper kernels write their
   # results in ways initcheck does not track, so torch's dense baselines reading them were reported; with the
   # kernel filter, memory written by the unfiltered (untracked) torch kernels looks uninitialised to the
@@ -64,20 +64,26 @@ if step sanitizer; then
   SCRIPTS=${SCRIPTS:-"harness fused_harness coor_descent_harness"}
   start=$SECONDS
   pids=()
+  # The fused set under racecheck (the slowest tool) runs as one process per dtype: whole, it outlasted 440 s.
   for script in $SCRIPTS; do
     for tool in $TOOLS; do
       filter=(); [ "$tool" = initcheck ] && filter=(--kernel-name kns=bsattn_cuda --check-api-memory-access no)
-      timeout "${SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 3 \
-        python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench >"$OUT/$script.$tool.log" 2>&1 &
-      pids+=("$!:$script:$tool")
+      parts=(all); [ "$script:$tool" = fused_harness:racecheck ] && parts=(float32 float16 bfloat16)
+      for part in "${parts[@]}"; do
+        select=(); [ "$part" = all ] || select=(--dtypes "$part")
+        log="$OUT/$script.$tool$([ "$part" = all ] || echo ".$part").log"
+        timeout "${SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 3 \
+          python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench "${select[@]}" >"$log" 2>&1 &
+        pids+=("$!:$script:$tool:$log")
+      done
     done
   done
   for entry in "${pids[@]}"; do
-    IFS=: read -r pid script tool <<<"$entry"
+    IFS=: read -r pid script tool log <<<"$entry"
     if wait "$pid"; then
-      echo "compute-sanitizer $tool $script: clean ($(grep -h 'ERROR SUMMARY' "$OUT/$script.$tool.log" | tail -1); $(grep -E '^[0-9]+ passed' "$OUT/$script.$tool.log" | tail -1))"
+      echo "compute-sanitizer $tool $(basename "$log" .log): clean ($(grep -h 'ERROR SUMMARY' "$log" | tail -1); $(grep -E '^[0-9]+ passed' "$log" | tail -1))"
     else
-      echo "compute-sanitizer $tool $script: FAILED"; tail -25 "$OUT/$script.$tool.log"; rc=1
+      echo "compute-sanitizer $tool $(basename "$log" .log): FAILED"; tail -25 "$log"; rc=1
     fi
   done
   echo "compute-sanitizer: $((SECONDS - start)) s"
