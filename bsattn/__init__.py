@@ -10,7 +10,8 @@ Layout: the shared engine sits at the top (``patterns`` -> ``tables`` / ``fused_
 TensorFlow is absent, e.g. in the GPU device harness). The op library itself loads on the first op call.
 """
 
-import importlib
+from bsattn import colt5, memory_efficient
+from bsattn._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -41,26 +42,8 @@ _EXPORTS = {
     "SparseMultiHeadAttention": "bsattn.deepspeed.layers",
     "SparseGroupedQueryAttention": "bsattn.deepspeed.layers",
     "deepspeed_sparse_attention": "bsattn.deepspeed.layers",
-    "attention": "bsattn.memory_efficient.dense",
-    "memory_efficient_attention": "bsattn.memory_efficient.functions",
-    "flash_attention": "bsattn.memory_efficient.functions",
-    "numerically_unstable_memory_efficient_attention": "bsattn.memory_efficient.functions",
-    "MemoryEfficientAttention": "bsattn.memory_efficient.layers",
-    "FlashAttention": "bsattn.memory_efficient.layers",
-    "CosineSimAttention": "bsattn.memory_efficient.layers",
-    "coor_descent": "bsattn.colt5.coor_descent",
-    "topk": "bsattn.colt5.topk",
-    "TopkReturn": "bsattn.colt5.topk",
-    "CoordinateDescentRouter": "bsattn.colt5.router",
-    "RouterReturn": "bsattn.colt5.router",
-    "route_back": "bsattn.colt5.router",
-    "ConditionalRoutedFeedForward": "bsattn.colt5.layers",
-    "ConditionalRoutedAttention": "bsattn.colt5.layers",
-    "ConditionalRoutedAutoregressiveAttention": "bsattn.colt5.layers",
-    "ConditionalRoutedCrossAttention": "bsattn.colt5.layers",
-    "ConditionalRoutedImageAttention": "bsattn.colt5.layers",
-    "ConditionalRoutedTransformerBlock": "bsattn.colt5.layers",
-    "ConditionalRoutedViT": "bsattn.colt5.vit",
+    **memory_efficient.EXPORTS,
+    **colt5.EXPORTS,
 }
 _SUBMODULES = (
     "patterns",
@@ -77,19 +60,4 @@ _SUBMODULES = (
     "colt5",
 )
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"bsattn.{name}")
-    else:
-        raise AttributeError(f"module 'bsattn' has no attribute {name!r}")
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports("bsattn", _EXPORTS, _SUBMODULES)

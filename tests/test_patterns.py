@@ -1,5 +1,8 @@
 """Tests of bsattn.patterns: pictures, token/block consistency, sparse_attention equivalence, validation."""
 
+import os
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -417,3 +420,22 @@ def test_large_layouts_are_fast():
 def test_validation(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_public_names_resolve_and_numpy_parts_need_no_tensorflow():
+    """Importing bsattn and its NumPy-only modules does not import TensorFlow (the GPU device harness runs without
+    it); every name of ``bsattn.__all__`` and of the lazy subpackages resolves."""
+    code = (
+        "import sys, bsattn, bsattn.colt5, bsattn.memory_efficient\n"
+        "from bsattn import patterns, tables, fused_tables, reference\n"
+        "assert 'tensorflow' not in sys.modules, 'bsattn imported TensorFlow'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import bsattn
+    import bsattn.colt5
+    import bsattn.memory_efficient
+
+    for pkg in (bsattn, bsattn.colt5, bsattn.memory_efficient):
+        assert not [n for n in pkg.__all__ if getattr(pkg, n, None) is None], pkg.__name__
+        assert set(pkg.__all__) <= set(dir(pkg))

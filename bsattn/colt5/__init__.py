@@ -8,9 +8,9 @@ branches run on bsattn's fused attention op. Every public name is also exported 
 differs from the original is listed in the README's CoLT5 section.
 """
 
-import importlib
+from bsattn._lazy import lazy_exports
 
-_EXPORTS = {
+EXPORTS = {
     "coor_descent": "bsattn.colt5.coor_descent",
     "topk": "bsattn.colt5.topk",
     "TopkReturn": "bsattn.colt5.topk",
@@ -26,12 +26,4 @@ _EXPORTS = {
     "ConditionalRoutedViT": "bsattn.colt5.vit",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'bsattn.colt5' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__, __dir__ = lazy_exports("bsattn.colt5", EXPORTS)

@@ -7,9 +7,9 @@ Functions on ``[b, h, n, d]`` tensors (``bsattn.memory_efficient.functions``, ``
 chunked engine (``.chunked``, used under XLA). Every public name is also exported from ``bsattn``.
 """
 
-import importlib
+from bsattn._lazy import lazy_exports
 
-_EXPORTS = {
+EXPORTS = {
     "attention": "bsattn.memory_efficient.dense",
     "memory_efficient_attention": "bsattn.memory_efficient.functions",
     "flash_attention": "bsattn.memory_efficient.functions",
@@ -19,12 +19,4 @@ _EXPORTS = {
     "CosineSimAttention": "bsattn.memory_efficient.layers",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'bsattn.memory_efficient' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__, __dir__ = lazy_exports("bsattn.memory_efficient", EXPORTS)
