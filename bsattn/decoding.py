@@ -37,6 +37,7 @@ from bsattn import patterns
 from bsattn.fused_attention import fused_attention, fused_scale
 from bsattn.fused_tables import FusedTables, fused_tables_for_pattern
 from bsattn.gather_attention import _row_lists, in_xla_context
+from bsattn.sparse_attention import blocksparse_attention_impl
 from bsattn.tables import BLOCK_SIZES
 
 
@@ -102,7 +103,6 @@ def decode_attention(
                              f"kv_heads * head_dim), got {x.shape}")  # fmt: skip
     if tq > t_max:
         raise ValueError(f"q has Tq={tq} rows, more than the cache's T_max={t_max}")
-    position = _position("position", position, tq, t_max)
     scale = fused_scale(width // heads, scale)
     if key_padding_mask is not None:
         key_padding_mask = tf.convert_to_tensor(key_padding_mask)
@@ -115,10 +115,20 @@ def decode_attention(
         b = bias.shape
         if b.rank != 4 or b[2:] != [tq, t_max] or b[0] not in (1, None, q.shape[0]) or b[1] not in (1, heads):
             raise ValueError(f"bias must be [batch or 1, {heads} or 1, Tq={tq}, T_max={t_max}], got {bias.shape}")
+    if _is_prefill(position, tq, t_max):  # the whole cache at once: the normal op
+        return fused_attention(q, k_cache, v_cache, tables, heads, scale=scale, kv_heads=kv_heads,
+                               key_padding_mask=key_padding_mask, bias=bias)  # fmt: skip
+    position = _position("position", position, tq, t_max)
     if in_xla_context():
         return _decode_tf(q, k_cache, v_cache, position, tables, heads, kv_heads, scale, key_padding_mask, bias)
     return fused_attention(q, k_cache, v_cache, tables, heads, scale=scale, kv_heads=kv_heads,
                            key_padding_mask=key_padding_mask, bias=bias, q_offset=position)  # fmt: skip
+
+
+def _is_prefill(position, tq: int, t_max: int) -> bool:
+    """A call over the whole cache from the int position 0 (a prefill), which the normal op computes."""
+    is_int = isinstance(position, numbers.Integral) and not isinstance(position, bool)
+    return is_int and position == 0 and tq == t_max
 
 
 def _position(name: str, position, tq: int, t_max: int) -> tf.Tensor:
@@ -251,6 +261,9 @@ def blocksparse_decode_impl(
     scale = 1.0 / math.sqrt(q.shape[-1] // heads)
     pattern = patterns.mode_pattern(attn_mode, t_max, heads, local_attn_ctx, blocksize=blocksize,
                                     num_verts=num_verts, vertsize=vertsize)  # fmt: skip
+    if attn_mode == "strided" and _is_prefill(position, q.shape[1], t_max):  # the normal op, transposed
+        return blocksparse_attention_impl(q, k_cache, v_cache, heads, attn_mode, local_attn_ctx, blocksize,
+                                          num_verts, vertsize, kv_heads=kv_heads)  # fmt: skip
     if attn_mode != "strided":
         tables = decode_tables(pattern, t_max, blocksize)
         return decode_attention(q, k_cache, v_cache, position, tables, heads, scale=scale, kv_heads=kv_heads)
