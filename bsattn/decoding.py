@@ -118,7 +118,7 @@ def decode_attention(
     if _is_prefill(position, tq, t_max):  # the whole cache at once: the normal op
         return fused_attention(q, k_cache, v_cache, tables, heads, scale=scale, kv_heads=kv_heads,
                                key_padding_mask=key_padding_mask, bias=bias)  # fmt: skip
-    position = _position("position", position, tq, t_max)
+    position = checked_position("position", position, tq, t_max)
     if in_xla_context():
         return _decode_tf(q, k_cache, v_cache, position, tables, heads, kv_heads, scale, key_padding_mask, bias)
     return fused_attention(q, k_cache, v_cache, tables, heads, scale=scale, kv_heads=kv_heads,
@@ -142,6 +142,20 @@ def _position(name: str, position, tq: int, t_max: int) -> tf.Tensor:
     if not 0 <= position <= t_max - tq:
         raise ValueError(f"{name}={position} is out of range: 0 <= {name} and {name} + Tq ({tq}) <= T_max ({t_max})")
     return tf.constant(int(position), tf.int32)
+
+
+def checked_position(name: str, position, tq: int, t_max: int) -> tf.Tensor:
+    """``_position``, with a run-time check of a tensor: InvalidArgumentError naming ``name`` unless ``0 <= position``
+    and ``position + Tq <= T_max`` (under XLA, where assertions do not run, the op's bounds are not checked)."""
+    if not tf.is_tensor(position):
+        return _position(name, position, tq, t_max)  # range-checked there
+    position = _position(name, position, tq, t_max)
+    message = f"{name} is out of range: 0 <= {name} and {name} + Tq ({tq}) <= T_max ({t_max}) must hold"
+    with tf.control_dependencies([
+        tf.debugging.assert_greater_equal(position, 0, message=message),
+        tf.debugging.assert_less_equal(position, t_max - tq, message=message),
+    ]):  # fmt: skip
+        return tf.identity(position)
 
 
 @functools.lru_cache(maxsize=32)
@@ -168,13 +182,6 @@ def _decode_tf(q, k, v, position, tables, heads, kv_heads, scale, key_padding_ma
     n_rows = (tq + bs - 2) // bs + 1
     k_blocks, mask_ids, valid = (tf.constant(x) for x in _row_lists(tables))  # [L, nQb, R]
     r = k_blocks.shape[-1]
-    checks_ = [
-        tf.debugging.assert_greater_equal(position, 0, message="position must be >= 0"),
-        tf.debugging.assert_less_equal(position + tq, tables.n_q, message=f"position + Tq ({tq}) must be <= T_max "
-                                       f"({tables.n_q})"),  # fmt: skip
-    ]
-    with tf.control_dependencies(checks_):
-        position = tf.identity(position)
     row_ids = position // bs + tf.range(n_rows)  # [n_rows]
     rows = tf.minimum(row_ids, n_qb - 1)
     kb = tf.gather(k_blocks, rows, axis=1)  # [L, n, R]
@@ -280,7 +287,7 @@ def _strided_decode(q, k_cache, v_cache, position, heads, local_attn_ctx, blocks
     if tq is None:
         raise ValueError(f"q must have a static Tq, got shape {q.shape}")
     b_t = t_max // local_attn_ctx
-    position = _position("position", position, tq, t_max)
+    position = checked_position("position", position, tq, t_max)
     tokens = position + tf.range(tq)  # [Tq]
     a, b = tokens // local_attn_ctx, tokens % local_attn_ctx
     a_max = (position + tq - 1) // local_attn_ctx

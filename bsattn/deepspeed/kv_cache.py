@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bsattn.decoding import decode_attention, decode_tables
+from bsattn.decoding import checked_position, decode_attention, decode_tables
 from bsattn.patterns import Pattern
 
 
@@ -45,7 +45,7 @@ def check_index(index, tq: int, t_max: int) -> tf.Tensor | int:
         if not index.dtype.is_integer or index.shape.rank not in (0, None):
             raise TypeError(f"cache_update_index must be an int or an int scalar tensor, got {index.dtype.name} "
                             f"{index.shape}")  # fmt: skip
-        return tf.cast(index, tf.int32)
+        return checked_position("cache_update_index", index, tq, t_max)
     if isinstance(index, bool) or not isinstance(index, numbers.Integral):
         raise TypeError(f"cache_update_index must be an int or an int scalar tensor, got {index!r}")
     if not 0 <= index <= t_max - tq:
