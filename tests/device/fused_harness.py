@@ -72,6 +72,7 @@ class FusedArgs(ctypes.Structure):
         ("key_padding_mask", PTR), ("bias", PTR), ("bias_batch", I64), ("bias_heads", I64), ("scale", ctypes.c_float),
         ("dropout_rate", ctypes.c_float), ("seed", I64),
         ("kv_heads", I64), ("q_segment_ids", PTR), ("k_segment_ids", PTR),
+        ("q_offset", I64), ("decode", ctypes.c_int), ("t_max", I64),
     ]
 
 
