@@ -552,6 +552,12 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
     - ``value_dim != key_dim``: the narrower of q/k and v gets zero channels up to the wider one.
     - ``return_attention_scores=True`` runs Keras's dense path with the pattern as a mask: exact Keras semantics
       (also for padded queries) but ``O(B·N·T·S)`` memory, like Keras.
+    - ``cache [B, 2, T_max, N, key_dim]`` with ``cache_update_index`` (an int or an int scalar tensor): keras-hub's
+      ``CachedMultiHeadAttention`` convention (``bsattn.deepspeed.kv_cache``): the new rows' keys/values are written
+      at ``cache_update_index`` and the call returns ``(output, cache)``, the queries attending the cached keys at
+      their absolute positions through the pattern (the fused op's decode mode; no retracing per step, XLA too).
+      ``attention_mask`` then covers the ``T_max`` keys; value/key masks, segment ids and attention scores are not
+      taken with a cache; no attention dropout; a query with no key gives 0.
     """
 
     def __init__(
