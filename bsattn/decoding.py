@@ -150,6 +150,8 @@ def checked_position(name: str, position, tq: int, t_max: int) -> tf.Tensor:
     if not tf.is_tensor(position):
         return _position(name, position, tq, t_max)  # range-checked there
     position = _position(name, position, tq, t_max)
+    if in_xla_context():  # XLA drops assertions (with a warning per assertion)
+        return position
     message = f"{name} is out of range: 0 <= {name} and {name} + Tq ({tq}) <= T_max ({t_max}) must hold"
     with tf.control_dependencies([
         tf.debugging.assert_greater_equal(position, 0, message=message),

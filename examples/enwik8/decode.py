@@ -69,12 +69,11 @@ def decode(model: SparseTransformer, tokens: tf.Tensor, position, cache: KVCache
     """Logits float32 ``[B, Tq, 256]`` of the bytes ``tokens [B, Tq]`` at positions ``[position, position + Tq)``
     (an int32 scalar tensor, or the int 0 for the prefill of a full window), given the cache of the earlier
     positions; the cache gains theirs. No dropout."""
-    tq = tokens.shape[1]
-    positions = model.positions()
-    if isinstance(position, int):
-        pos = positions[position : position + tq]
+    t = position + tf.range(tokens.shape[1])  # only these rows of model.positions(): O(Tq) per step
+    if model.cfg.pos_embd == "factorized":
+        pos = tf.gather(model.pos_row, t // model.pos_width) + tf.gather(model.pos_col, t % model.pos_width)
     else:
-        pos = tf.gather(positions, position + tf.range(tq))
+        pos = tf.gather(model.pos, t)
     h = tf.cast(tf.gather(model.embed, tokens) + pos, model.compute_dtype)
     for block, caches in zip(model.blocks, cache.layers, strict=True):
         h = _block_decode(block, h, position, caches)
