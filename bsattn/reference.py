@@ -324,8 +324,10 @@ def _fmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(33))
 
 
-def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, n_k: int) -> np.ndarray:
-    """The fused op's dropout decisions → bool ``[B, H, Tq, Tk]`` (True = kept).
+def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, n_k: int,
+                      rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The fused op's dropout decisions → bool ``[B, H, Tq, Tk]`` (True = kept); with ``rows = (start, count)``
+    only the query rows ``[start, start + count)`` → ``[B, H, count, Tk]`` (a decoding step's).
 
     Entry ``(b, h, i, j)`` is kept iff the high 32 bits of ``fmix64(key ^ (counter * G))`` are at least
     ``floor(rate * 2^32)``, with ``counter = ((b*H + h)*Tq + i)*Tk + j``, ``key = fmix64(seed ^ G)`` and
@@ -334,7 +336,10 @@ def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, 
     rate = float(np.float32(rate))
     threshold = min(np.floor(rate * 2.0**32), 2.0**32 - 1)
     key = _fmix64(np.array([int(seed) & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(_GOLDEN))[0]
-    counter = np.arange(batch * heads * n_q * n_k, dtype=np.uint64).reshape(batch, heads, n_q, n_k)
+    start, count = (0, n_q) if rows is None else rows
+    bh = np.arange(batch * heads, dtype=np.uint64).reshape(batch, heads, 1, 1)
+    i = np.arange(start, start + count, dtype=np.uint64).reshape(1, 1, count, 1)
+    counter = (bh * np.uint64(n_q) + i) * np.uint64(n_k) + np.arange(n_k, dtype=np.uint64)
     bits = _fmix64(key ^ (counter * np.uint64(_GOLDEN)))
     return (bits >> np.uint64(32)) >= np.uint64(threshold)
 
@@ -395,8 +400,9 @@ def _kept_product(w: np.ndarray, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
     finite = np.isfinite(x)
     out = np.einsum("nhij,nhjd->nhid", w, np.where(finite, x, 0.0))
     keep = np.broadcast_to(keep, w.shape)
+    read = ~finite & keep.any(axis=2)[..., None]  # the non-finite values some row attends
     with np.errstate(invalid="ignore"):
-        for n, h, j, d in zip(*np.nonzero(~finite)):
+        for n, h, j, d in zip(*np.nonzero(read)):
             out[n, h, :, d] += np.where(keep[n, h, :, j], w[n, h, :, j] * x[n, h, j, d], 0.0)
     return out
 
@@ -412,7 +418,7 @@ def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int, rows: tuple[in
     if rows is None:
         return dropout_keep_mask(seed, rate, batch, heads, n_q, n_k) / (1.0 - rate)
     offset, t_max = rows
-    return dropout_keep_mask(seed, rate, batch, heads, t_max, n_k)[:, :, offset : offset + n_q] / (1.0 - rate)
+    return dropout_keep_mask(seed, rate, batch, heads, t_max, n_k, (offset, n_q)) / (1.0 - rate)
 
 
 def fused_attention(
