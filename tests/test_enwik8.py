@@ -248,8 +248,10 @@ def test_untrained_model_is_uniform_and_samples(corpus):
 
 
 @pytest.mark.parametrize("mode,extra", [("fixed", {}), ("strided", dict(n_timesteps=256, local_attn_ctx=16)),
-                                        ("local", dict(precision="mixed_bfloat16")), ("all", dict(pos_embd="dense"))],
-                         ids=["fixed", "strided", "local_bf16", "all_dense_positions"])  # fmt: skip
+                                        ("local", dict(precision="mixed_bfloat16")), ("all", dict(pos_embd="dense")),
+                                        ("fixed", dict(attention="dense")), ("all", dict(attention="memory_efficient"))],
+                         ids=["fixed", "strided", "local_bf16", "all_dense_positions", "dense_engine",
+                              "memory_efficient"])  # fmt: skip
 def test_decode_with_cache_equals_the_window(mode, extra):
     """The cached logits of every step are the full window's at that row; one trace for all the steps."""
     from examples.enwik8.decode import KVCache, decode
