@@ -2,7 +2,7 @@
 
 Layout: the shared engine sits at the top (``patterns`` -> ``tables`` / ``fused_tables`` -> op wrappers
 ``blocksparse_ops`` / ``fused_attention`` -> ``reference``, ``recompute``), with OpenAI's functions beside it
-(``sparse_attention``, ``transformer``); each further family has a subpackage: ``bsattn.deepspeed``,
+(``sparse_attention``, ``transformer``), and KV-cache decoding over them (``decoding``); each further family has a subpackage: ``bsattn.deepspeed``,
 ``bsattn.memory_efficient``, ``bsattn.colt5``.
 
 ``bsattn.patterns``, ``bsattn.tables``, ``bsattn.fused_tables``, ``bsattn.deepspeed.sparsity_config`` and
@@ -29,6 +29,9 @@ _EXPORTS = {
     "split_states": "bsattn.sparse_attention",
     "strided_transpose": "bsattn.sparse_attention",
     "recomputable": "bsattn.recompute",
+    "decode_attention": "bsattn.decoding",
+    "decode_tables": "bsattn.decoding",
+    "blocksparse_decode_impl": "bsattn.decoding",
     "SparsityConfig": "bsattn.deepspeed.sparsity_config",
     "DenseSparsityConfig": "bsattn.deepspeed.sparsity_config",
     "FixedSparsityConfig": "bsattn.deepspeed.sparsity_config",
@@ -55,6 +58,7 @@ _SUBMODULES = (
     "sparse_attention",
     "transformer",
     "recompute",
+    "decoding",
     "deepspeed",
     "memory_efficient",
     "colt5",

@@ -10,6 +10,9 @@ multi-query for 1) query head ``h`` reads K/V head ``h // (H // KVH)``, with no 
 ``q_segment_ids [B, Tq]`` / ``k_segment_ids [B, Tk]`` restrict each query to the keys of its own segment. Computes in float32 (float64 for float64 inputs)
 and returns the dtype of ``q`` (float32, float16, bfloat16 or float64).
 
+Decoding with a KV cache (``q_offset=p``, forward only): ``q`` holds ``Tq`` new queries at positions ``[p, p + Tq)``
+against the cache ``k, v``; only the table rows of those queries and the keys written so far (``< p + Tq``) are read.
+
 Under XLA (``tf.function(jit_compile=True)``, Keras's ``jit_compile``), where custom ops cannot compile, the same
 computation runs in TensorFlow ops instead (``bsattn.gather_attention``: same tables, same dropout hash).
 """
@@ -71,6 +74,7 @@ def fused_attention(
     kv_heads: int | None = None,
     q_segment_ids: tf.Tensor | None = None,
     k_segment_ids: tf.Tensor | None = None,
+    q_offset: int | tf.Tensor | None = None,
 ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
     """Block-sparse attention in one op: ``[B, Tq, H*D], [B, Tk, KVH*D] x2 -> [B, Tq, H*D]``.
 
@@ -100,6 +104,14 @@ def fused_attention(
       q_segment_ids, k_segment_ids: int ``[B, Tq]`` and ``[B, Tk]`` (both or neither): packed sequences; query
         ``i`` attends key ``j`` only if their ids are equal (on top of the tables, masks and bias). Blocks whose
         segments cannot meet are skipped per batch entry; a query with no key of its segment gives 0.
+      q_offset: KV-cache decoding (forward only): an int or an int32 scalar tensor ``p`` (pass a tensor in a
+        ``tf.function``: no retracing per step). ``q [B, Tq, H*D]`` then holds the queries at absolute positions
+        ``[p, p + Tq)`` (any ``Tq``), ``tables`` are those of the whole ``(pattern, T_max)`` (``tables.n_q = T_max``)
+        and ``k, v [B, tables.n_k, KVH*D]`` the cache, written up to ``p + Tq`` (``0 <= p``, ``p + Tq <= T_max``,
+        ``p + Tq <= tables.n_k``). Only the table rows covering ``[p, p + Tq)`` are visited and keys ``>= p + Tq``
+        are never read (garbage in the unwritten cache reaches no output); the rows equal the same rows of the
+        full op for patterns where no query sees a later key. ``bias [B|1, H|1, Tq, Tk]`` and ``q_segment_ids
+        [B, Tq]`` are those of the new rows; dropout uses the absolute rows. Its gradient raises an error.
     Returns:
       ``out`` or ``(out, lse)``.
     """
@@ -119,7 +131,9 @@ def fused_attention(
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
     if tables.lut_heads not in (1, heads):
         raise ValueError(f"tables have {tables.lut_heads} layout heads; with heads={heads} they need 1 or {heads}")
-    width = _check_activations(q, k, v, tables, heads, kv_heads)
+    decode = q_offset is not None
+    n_q = _decode_rows(q, q_offset, tables) if decode else tables.n_q  # the rows of q
+    width = _check_activations(q, k, v, tables, heads, kv_heads, n_q)
     if scale is None and width is None:
         raise ValueError("the default scale 1/sqrt(D) needs a static width of q; pass scale")
     scale = fused_scale(width // heads if width else 1, scale)
@@ -138,9 +152,9 @@ def fused_attention(
             key_padding_mask = tf.not_equal(key_padding_mask, tf.zeros([], key_padding_mask.dtype))
         _check_static_shape(key_padding_mask, "key_padding_mask", [q.shape[0], tables.n_k])
     if bias is not None:
-        bias = _bias4(tf.cast(bias, q.dtype), q.shape[0] if q.shape.rank else None, heads, tables)
+        bias = _bias4(tf.cast(bias, q.dtype), q.shape[0] if q.shape.rank else None, heads, tables, n_q)
     q_segment_ids, k_segment_ids = _segment_ids(q_segment_ids, k_segment_ids, q.shape[0] if q.shape.rank else None,
-                                                tables)
+                                                tables, n_q)
     if seed is None:
         with tf.device("/CPU:0"):  # the op reads the seed in host memory
             seed = tf.random.uniform([], 0, 2**62, dtype=tf.int64) if dropout_rate > 0 else tf.constant(0, tf.int64)
@@ -148,6 +162,13 @@ def fused_attention(
         raise TypeError(f"seed must be an integer, an int scalar tensor or None, got {seed!r}")
     seed = host_scalar(seed, tf.int64)
 
+    q_offset = host_scalar(q_offset if decode else 0, tf.int32)
+
+    if in_xla_context() and decode:
+        raise NotImplementedError(
+            "fused_attention(q_offset=...) (decoding) runs the custom op, which does not compile under XLA; "
+            "call it outside jit_compile"
+        )
     if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops
         return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse,
                                 kv_heads=kv_heads, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
@@ -175,10 +196,15 @@ def fused_attention(
         bias_t = inputs[3] if len(inputs) == 4 else tf.zeros([0, 0, 0, 0], q.dtype)
         out, lse = raw.bsattn_fused_attention(
             q, k, v, luts.row_ptr, luts.row_entries, luts.masks, padding, bias_t, q_segment_ids, k_segment_ids,
-            seed, Tlse=lse_dtype, **attrs,
+            seed, q_offset, Tlse=lse_dtype, decode=decode, **attrs,
         )
 
         def grad(dout, dlse=None):
+            if decode:
+                raise NotImplementedError(
+                    "decoding (q_offset) is forward-only; differentiate the full op (fused_attention without "
+                    "q_offset) instead"
+                )
             has_dlse = dlse is not None
             dq, dk, dv, dbias = raw.bsattn_fused_attention_grad(
                 q, k, v, out, lse, dout, dlse if has_dlse else tf.zeros([0, 0, 0], lse.dtype),
@@ -195,10 +221,10 @@ def fused_attention(
     return forward(*inputs)
 
 
-def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables) -> tf.Tensor:
+def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables, n_q: int | None) -> tf.Tensor:
     """``bias`` as the op's ``[B or 1, H or 1, Tq, Tk]`` (a rank-3 ``[H or 1, Tq, Tk]`` gains a batch dimension of
-    1); ValueError naming ``bias`` for any other static shape."""
-    size = f"{tables.n_q}, {tables.n_k}"
+    1; ``Tq = n_q``, the rows of q); ValueError naming ``bias`` for any other static shape."""
+    size = f"{'Tq' if n_q is None else n_q}, {tables.n_k}"
     expected = f"[1 or {batch or 'batch'}, 1 or {heads}, {size}] (or [1 or {heads}, {size}])"
     given = bias.shape
     if given.rank is None:
@@ -210,7 +236,7 @@ def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables) 
     if (
         (b is not None and b != 1 and batch is not None and b != batch)
         or (h is not None and h not in (1, heads))
-        or (tq is not None and tq != tables.n_q)
+        or (tq is not None and n_q is not None and tq != n_q)
         or (tk is not None and tk != tables.n_k)
     ):
         raise ValueError(f"bias must have shape {expected}, got {given}")
@@ -218,17 +244,18 @@ def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables) 
 
 
 def _segment_ids(
-    q_ids: tf.Tensor | None, k_ids: tf.Tensor | None, batch: int | None, tables: FusedTables
+    q_ids: tf.Tensor | None, k_ids: tf.Tensor | None, batch: int | None, tables: FusedTables, n_q: int | None
 ) -> tuple[tf.Tensor | None, tf.Tensor | None]:
-    """``(q_segment_ids [B, Tq], k_segment_ids [B, Tk])`` as int32 tensors (or both None); ValueError/TypeError
-    naming the argument for one without the other, a non-integer dtype or a wrong static shape."""
+    """``(q_segment_ids [B, Tq], k_segment_ids [B, Tk])`` as int32 tensors (or both None; ``Tq = n_q``, the rows
+    of q); ValueError/TypeError naming the argument for one without the other, a non-integer dtype or a wrong
+    static shape."""
     if (q_ids is None) != (k_ids is None):
         given, missing = ("q_segment_ids", "k_segment_ids") if k_ids is None else ("k_segment_ids", "q_segment_ids")
         raise ValueError(f"{given} was given without {missing}: pass both or neither")
     if q_ids is None:
         return None, None
     out = []
-    for name, ids, n in (("q_segment_ids", q_ids, tables.n_q), ("k_segment_ids", k_ids, tables.n_k)):
+    for name, ids, n in (("q_segment_ids", q_ids, n_q), ("k_segment_ids", k_ids, tables.n_k)):
         try:
             ids = tf.convert_to_tensor(ids)
         except (TypeError, ValueError) as e:
@@ -255,14 +282,38 @@ def _ids_as_int32(ids: tf.Tensor, name: str) -> tf.Tensor:
         return tf.cast(ids, tf.int32)
 
 
+def _decode_rows(q: tf.Tensor, q_offset: object, tables: FusedTables) -> int | None:
+    """Checks of a decoding call's ``q_offset`` (an int, or an integer scalar tensor checked by the op) → the
+    static number of rows of ``q`` (None if unknown)."""
+    if tf.is_tensor(q_offset):
+        if not q_offset.dtype.is_integer:
+            raise TypeError(f"q_offset must be an int or an integer scalar tensor, got dtype {q_offset.dtype.name}")
+        if q_offset.shape.rank not in (None, 0):
+            raise ValueError(f"q_offset must be a scalar, got shape {q_offset.shape}")
+        offset = None
+    elif isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+        raise TypeError(f"q_offset must be an int or an integer scalar tensor, got {q_offset!r}")
+    else:
+        offset = int(q_offset)
+        if not 0 <= offset < 2**31:
+            raise ValueError(f"q_offset must be in [0, 2**31), got {offset}")
+    n_q = q.shape[1] if q.shape.rank == 3 else None
+    if offset is not None and n_q is not None:
+        for what, limit in (("the tables' query length T_max", tables.n_q), ("the cache length (tables.n_k)", tables.n_k)):
+            if offset + n_q > limit:
+                raise ValueError(f"q_offset + Tq = {offset} + {n_q} must be <= {what} = {limit}")
+    return n_q
+
+
 def _check_activations(
-    q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int, kv_heads: int
+    q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int, kv_heads: int, n_q: int | None
 ) -> int | None:
-    """Static checks of ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]`` → the width ``H*D`` if known."""
+    """Static checks of ``q [B, Tq, H*D]`` (``Tq = n_q``; None = any), ``k, v [B, Tk, KVH*D]`` → the width ``H*D``
+    if known."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape.rank is not None and x.shape.rank != 3:
             raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
-    _check_static_shape(q, "q", [None, tables.n_q, None])
+    _check_static_shape(q, "q", [None, n_q, None])
     width = q.shape[-1] if q.shape.rank else None
     if width is not None and width % heads:
         raise ValueError(f"q width {width} is not divisible by heads {heads}")

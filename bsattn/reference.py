@@ -324,8 +324,10 @@ def _fmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(33))
 
 
-def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, n_k: int) -> np.ndarray:
-    """The fused op's dropout decisions → bool ``[B, H, Tq, Tk]`` (True = kept).
+def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, n_k: int,
+                      rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The fused op's dropout decisions → bool ``[B, H, Tq, Tk]`` (True = kept); with ``rows = (start, count)``
+    only the query rows ``[start, start + count)`` → ``[B, H, count, Tk]`` (a decoding step's).
 
     Entry ``(b, h, i, j)`` is kept iff the high 32 bits of ``fmix64(key ^ (counter * G))`` are at least
     ``floor(rate * 2^32)``, with ``counter = ((b*H + h)*Tq + i)*Tk + j``, ``key = fmix64(seed ^ G)`` and
@@ -334,7 +336,10 @@ def dropout_keep_mask(seed: int, rate: float, batch: int, heads: int, n_q: int, 
     rate = float(np.float32(rate))
     threshold = min(np.floor(rate * 2.0**32), 2.0**32 - 1)
     key = _fmix64(np.array([int(seed) & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(_GOLDEN))[0]
-    counter = np.arange(batch * heads * n_q * n_k, dtype=np.uint64).reshape(batch, heads, n_q, n_k)
+    start, count = (0, n_q) if rows is None else rows
+    bh = np.arange(batch * heads, dtype=np.uint64).reshape(batch, heads, 1, 1)
+    i = np.arange(start, start + count, dtype=np.uint64).reshape(1, 1, count, 1)
+    counter = (bh * np.uint64(n_q) + i) * np.uint64(n_k) + np.arange(n_k, dtype=np.uint64)
     bits = _fmix64(key ^ (counter * np.uint64(_GOLDEN)))
     return (bits >> np.uint64(32)) >= np.uint64(threshold)
 
@@ -345,18 +350,31 @@ def _bias4(bias: np.ndarray) -> np.ndarray:
     return bias[None] if bias.ndim == 3 else bias
 
 
+def _decode_keep(tables: FusedTables, q_offset: int, n_rows: int) -> np.ndarray:
+    """The attended pairs of a decoding step → bool ``[L, n_rows, Tk]``: rows ``[p, p + n_rows)`` of the tables'
+    token mask, keys ``>= p + n_rows`` (not yet written) dropped."""
+    p = int(q_offset)
+    if p < 0 or p + n_rows > tables.n_q or p + n_rows > tables.n_k:
+        raise ValueError(f"q_offset + Tq = {p} + {n_rows} must lie in [0, min(T_max, Tk)] = [0, "
+                         f"{min(tables.n_q, tables.n_k)}]")
+    return tables.token_mask()[:, p : p + n_rows] & (np.arange(tables.n_k) < p + n_rows)
+
+
 def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, kv_heads=None, q_segment_ids=None,
-                 k_segment_ids=None):
+                 k_segment_ids=None, q_offset=None):
     """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale, keep [B|1, H, Tq, Tk])`` of the fused attention (no
     dropout), float64. ``keep``: the attended entries (tables, key padding, bias other than -inf); a NaN
-    score elsewhere is never read, an attended one makes its row NaN (``lse`` too)."""
+    score elsewhere is never read, an attended one makes its row NaN (``lse`` too). With ``q_offset`` (decoding)
+    q's rows are the positions ``[q_offset, q_offset + Tq)`` (``_decode_keep``)."""
     qh, kh = _heads(q, heads), _kv_heads(k, heads, kv_heads)
-    if qh.shape[2] != tables.n_q or kh.shape[2] != tables.n_k:
-        raise ValueError(f"q and k must have {tables.n_q} and {tables.n_k} tokens, got {qh.shape[2]} and {kh.shape[2]}")
+    n_q = tables.n_q if q_offset is None else qh.shape[2]
+    if qh.shape[2] != n_q or kh.shape[2] != tables.n_k:
+        raise ValueError(f"q and k must have {n_q} and {tables.n_k} tokens, got {qh.shape[2]} and {kh.shape[2]}")
     if tables.lut_heads not in (1, heads):
         raise ValueError(f"tables have {tables.lut_heads} layout heads; heads={heads} needs 1 or {heads}")
     scale = float(np.float32(_default_scale(q, heads, scale)))
-    keep = np.broadcast_to(tables.token_mask()[None], (1, heads, tables.n_q, tables.n_k))
+    mask = tables.token_mask() if q_offset is None else _decode_keep(tables, q_offset, n_q)
+    keep = np.broadcast_to(mask[None], (1, heads, n_q, tables.n_k))
     if key_padding_mask is not None:
         keep = keep & np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
     keep = keep & _segment_keep(q_segment_ids, k_segment_ids)
@@ -382,19 +400,25 @@ def _kept_product(w: np.ndarray, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
     finite = np.isfinite(x)
     out = np.einsum("nhij,nhjd->nhid", w, np.where(finite, x, 0.0))
     keep = np.broadcast_to(keep, w.shape)
+    read = ~finite & keep.any(axis=2)[..., None]  # the non-finite values some row attends
     with np.errstate(invalid="ignore"):
-        for n, h, j, d in zip(*np.nonzero(~finite)):
+        for n, h, j, d in zip(*np.nonzero(read)):
             out[n, h, :, d] += np.where(keep[n, h, :, j], w[n, h, :, j] * x[n, h, j, d], 0.0)
     return out
 
 
-def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int) -> np.ndarray | float:
-    """The factor applied to the probabilities: ``keep / (1 - rate)``, or 1 without dropout."""
+def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int, rows: tuple[int, int] | None = None
+                   ) -> np.ndarray | float:
+    """The factor applied to the probabilities: ``keep / (1 - rate)``, or 1 without dropout. ``rows = (q_offset,
+    T_max)`` (decoding): ``p``'s rows are rows ``[q_offset, q_offset + Tq)`` of the full op's ``T_max``."""
     if not dropout_rate:
         return 1.0
     batch, heads, n_q, n_k = p.shape
     rate = float(np.float32(dropout_rate))
-    return dropout_keep_mask(seed, rate, batch, heads, n_q, n_k) / (1.0 - rate)
+    if rows is None:
+        return dropout_keep_mask(seed, rate, batch, heads, n_q, n_k) / (1.0 - rate)
+    offset, t_max = rows
+    return dropout_keep_mask(seed, rate, batch, heads, t_max, n_k, (offset, n_q)) / (1.0 - rate)
 
 
 def fused_attention(
@@ -411,8 +435,14 @@ def fused_attention(
     kv_heads: int | None = None,
     q_segment_ids: np.ndarray | None = None,
     k_segment_ids: np.ndarray | None = None,
+    q_offset: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
+
+    ``q_offset = p`` (decoding with a KV cache): q's ``Tq`` rows (any number) are the queries at positions
+    ``[p, p + Tq)``, attending what rows ``[p, p + Tq)`` of the tables' token mask keep among the keys ``< p + Tq``
+    (the cache written so far; later keys are never read); ``bias [B|1, H|1, Tq, Tk]`` and ``q_segment_ids [B, Tq]``
+    are those of the new rows; dropout decisions are those of the full op's rows ``p + i``.
 
     ``kv_heads`` (None = ``heads``): query head ``h`` reads K/V head ``h // (H // KVH)``. ``q_segment_ids [B, Tq]``,
     ``k_segment_ids [B, Tk]`` (both or neither): query ``i`` attends key ``j`` only if their ids are equal.
@@ -424,8 +454,9 @@ def fused_attention(
     or ``bias`` there stays out of every result; an attended NaN score makes its row (and ``lse``) NaN.
     """
     segments = (kv_heads, q_segment_ids, k_segment_ids)
-    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments)
-    out = _kept_product(p * _dropout_scale(p, dropout_rate, seed), _kv_heads(v, heads, kv_heads), keep)
+    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments, q_offset=q_offset)
+    rows = None if q_offset is None else (int(q_offset), tables.n_q)
+    out = _kept_product(p * _dropout_scale(p, dropout_rate, seed, rows), _kv_heads(v, heads, kv_heads), keep)
     return _unheads(out), lse
 
 

@@ -247,6 +247,50 @@ def test_untrained_model_is_uniform_and_samples(corpus):
     assert len(greedy) == 3
 
 
+@pytest.mark.parametrize("mode,extra", [("fixed", {}), ("strided", dict(n_timesteps=256, local_attn_ctx=16)),
+                                        ("local", dict(precision="mixed_bfloat16")), ("all", dict(pos_embd="dense")),
+                                        ("fixed", dict(attention="dense")), ("all", dict(attention="memory_efficient"))],
+                         ids=["fixed", "strided", "local_bf16", "all_dense_positions", "dense_engine",
+                              "memory_efficient"])  # fmt: skip
+def test_decode_with_cache_equals_the_window(mode, extra):
+    """The cached logits of every step are the full window's at that row; one trace for all the steps."""
+    from examples.enwik8.decode import KVCache, decode
+
+    model = SparseTransformer(tiny(attn_mode=mode, n_layer=2, **extra))
+    model.head.w.assign(tf.random.stateless_normal(model.head.w.shape, [1, 2]))
+    t = model.cfg.n_timesteps
+    tokens = tf.random.stateless_uniform([2, t], [3, 4], 0, 256, tf.int32)
+    full = model(tokens).numpy()
+    cache = KVCache(model, 2)
+    window = tf.concat([tokens[:, :20], tf.zeros([2, t - 20], tf.int32)], 1)  # the rest: never read
+    np.testing.assert_allclose(decode(model, window, 0, cache)[:, :20], full[:, :20], rtol=1e-5, atol=1e-5)
+    step = tf.function(lambda x, p: decode(model, x, p, cache), autograph=False)
+    tol = 2e-2 if extra.get("precision") else 1e-5
+    for p in range(20, min(t, 100)):  # every row written in turn
+        np.testing.assert_allclose(step(tokens[:, p : p + 1], tf.constant(p))[:, 0], full[:, p], rtol=tol, atol=tol)
+    assert step.experimental_get_tracing_count() == 1
+
+
+def test_cached_sampling_gives_the_same_bytes():
+    model = SparseTransformer(tiny(n_layer=2))
+    model.head.w.assign(tf.random.stateless_normal(model.head.w.shape, [1, 2]))
+    prompt = b"def main(argv):\n    "
+    for kwargs in (dict(temperature=0.0, window_shift=16), dict(temperature=1.0, top_k=5, seed=3, window_shift=64)):
+        cached = eval_lib.sample(model, prompt, 60, cache=True, **kwargs)  # the window moves past 64 bytes
+        assert cached == eval_lib.sample(model, prompt, 60, cache=False, **kwargs) and len(cached) == 60
+    logits = tf.random.stateless_normal([1, 256], [5, 6])
+    top = set(tf.math.top_k(logits, 5).indices.numpy()[0].tolist())
+    drawn = {int(eval_lib.pick(logits, 1.0, 5, tf.constant([i, 0], tf.int64))[0]) for i in range(40)}
+    assert drawn <= top and len(drawn) > 1
+    with pytest.raises(ValueError, match="top_k must be an integer in"):
+        eval_lib.sample(model, prompt, 1, top_k=300)
+    with pytest.raises(ValueError, match="window_shift must be an integer in"):
+        eval_lib.sample(model, prompt, 1, window_shift=0)
+    colt5 = SparseTransformer(tiny(block="colt5", colt5_light_window=16, colt5_heavy_tokens_q=4,
+                                   colt5_heavy_tokens_kv=8, colt5_heavy_ff_tokens=4))  # fmt: skip
+    assert len(eval_lib.sample(colt5, prompt, 2)) == 2  # no cache there: re-runs the window
+
+
 def test_settings_are_checked():
     with pytest.raises(SettingsError, match="--n_state=30 must be a multiple of --n_head=4"):
         tiny(n_state=30, n_head=4).validate()

@@ -493,6 +493,7 @@ def forward_inputs(**changes):
         "q_segment_ids": tf.zeros([0, 0], tf.int32),
         "k_segment_ids": tf.zeros([0, 0], tf.int32),
         "seed": tf.constant(0, tf.int64),
+        "q_offset": tf.constant(0, tf.int32),
         "heads": H,
         "block_size": BS,
         "scale": 0.5,
@@ -504,10 +505,15 @@ def forward_inputs(**changes):
     return x
 
 
+def without_q_offset(x):
+    """The forward's raw inputs as the gradient op's (which has no q_offset)."""
+    return {name: value for name, value in x.items() if name != "q_offset"}
+
+
 def grad_inputs(**changes):
     fwd = forward_inputs()
     out, lse = load_ops().bsattn_fused_attention(**fwd)
-    x = dict(fwd, out=out, lse=lse, dout=tf.ones_like(out), dlse=tf.ones_like(lse), col_ptr=COL_PTR,
+    x = dict(without_q_offset(fwd), out=out, lse=lse, dout=tf.ones_like(out), dlse=tf.ones_like(lse), col_ptr=COL_PTR,
              col_entries=COL_ENTRIES, has_dlse=True)  # fmt: skip
     x.update(changes)
     return x
@@ -791,7 +797,7 @@ def test_zero_lengths_of_the_raw_ops(rng, tq, tk):
     assert np.isneginf(lse.numpy()).all()
     dout = tf.constant(rng.standard_normal(out.shape), tf.float32)
     grads = load_ops().bsattn_fused_attention_grad(**dict(
-        x, out=out, lse=lse, dout=dout, dlse=tf.ones_like(lse), col_ptr=np.zeros((1, n_kb + 1), np.int32),
+        without_q_offset(x), out=out, lse=lse, dout=dout, dlse=tf.ones_like(lse), col_ptr=np.zeros((1, n_kb + 1), np.int32),
         col_entries=np.zeros((0, 2), np.int32), has_dlse=True))
     for grad, like in zip(grads, (x["q"], x["k"], x["v"], x["bias"])):
         assert grad.shape == like.shape

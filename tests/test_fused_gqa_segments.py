@@ -314,7 +314,7 @@ def _raw_inputs(tables, **changes):
         "row_ptr": t.row_ptr, "row_entries": t.row_entries, "masks": t.masks,
         "key_padding_mask": tf.zeros([0, 0], tf.bool), "bias": tf.zeros([0, 0, 0, 0]),
         "q_segment_ids": tf.zeros([1, 64], tf.int32), "k_segment_ids": tf.zeros([1, 64], tf.int32),
-        "seed": tf.constant(0, tf.int64), "heads": H, "kv_heads": 2, "block_size": BS, "scale": 0.5,
+        "seed": tf.constant(0, tf.int64), "q_offset": tf.constant(0, tf.int32), "heads": H, "kv_heads": 2, "block_size": BS, "scale": 0.5,
         "has_segment_ids": True,
     }  # fmt: skip
     x.update(changes)

@@ -39,6 +39,7 @@ from keras.src.backend import get_keras_mask, set_keras_mask
 
 from bsattn.fused_attention import fused_attention, fused_scale
 from bsattn.fused_tables import fused_tables_for_pattern
+from bsattn.deepspeed import kv_cache
 from bsattn.deepspeed.sparsity_config import (
     DenseSparsityConfig,
     FixedSparsityConfig,
@@ -551,6 +552,12 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
     - ``value_dim != key_dim``: the narrower of q/k and v gets zero channels up to the wider one.
     - ``return_attention_scores=True`` runs Keras's dense path with the pattern as a mask: exact Keras semantics
       (also for padded queries) but ``O(B·N·T·S)`` memory, like Keras.
+    - ``cache [B, 2, T_max, N, key_dim]`` with ``cache_update_index`` (an int or an int scalar tensor): keras-hub's
+      ``CachedMultiHeadAttention`` convention (``bsattn.deepspeed.kv_cache``): the new rows' keys/values are written
+      at ``cache_update_index`` and the call returns ``(output, cache)``, the queries attending the cached keys at
+      their absolute positions through the pattern (the fused op's decode mode; no retracing per step, XLA too).
+      ``attention_mask`` then covers the ``T_max`` keys; value/key masks, segment ids and attention scores are not
+      taken with a cache; no attention dropout; a query with no key gives 0.
     """
 
     def __init__(
@@ -608,9 +615,14 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         training=None,
         use_causal_mask=False,
         segment_ids=None,
+        cache=None,
+        cache_update_index=None,
     ):
         if key is None:
             key = value
+        if cache is not None or cache_update_index is not None:
+            return self._cached_call(query, value, key, attention_mask, cache, cache_update_index, use_causal_mask,
+                                     return_attention_scores, value_mask, key_mask, segment_ids)  # fmt: skip
         segments = _segment_pair(segment_ids)
         # As Keras: the query's own mask is what the output carries; the masks are consumed here.
         query_mask = get_keras_mask(query)
@@ -641,6 +653,31 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         if query_mask is not None:
             set_keras_mask(out, query_mask)
         return (out, scores) if return_attention_scores else out
+
+    def _cached_call(self, query, value, key, attention_mask, cache, cache_update_index, use_causal_mask,
+                     return_attention_scores, value_mask, key_mask, segment_ids):  # fmt: skip
+        """keras-hub's ``CachedMultiHeadAttention`` call (``bsattn.deepspeed.kv_cache``) → ``(output, cache)``."""
+        if cache is None:
+            raise ValueError("cache_update_index was given without cache: pass both (or neither)")
+        given = [n for n, x in (("return_attention_scores", return_attention_scores), ("value_mask", value_mask),
+                                ("key_mask", key_mask), ("segment_ids", segment_ids)) if x is not None and x is not False]
+        if given:
+            raise ValueError(f"{self.name}: {', '.join(given)} cannot be combined with cache (pass attention_mask "
+                             "[batch, Tq, T_max] for the keys of the cache)")  # fmt: skip
+        bs = self.sparsity_config.block
+        cache = kv_cache.check_cache(cache, self._num_heads, self._key_dim, self._value_dim, bs, self.compute_dtype)
+        t_max = cache.shape[2]
+        if self.max_seq_length is not None and t_max > self.max_seq_length:
+            raise ValueError(f"{self.name}: cache T_max={t_max} is more than max_seq_length={self.max_seq_length}")
+        for x in (query, value, key):
+            set_keras_mask(x, None)
+        gate = self._gate_dense(query) if self._use_gate else None
+        q, k, v = self._query_dense(query), self._key_dense(key), self._value_dense(value)
+        index = kv_cache.check_index(cache_update_index, q.shape[1], t_max)
+        mask = None if attention_mask is None else _rank4_mask(attention_mask, "attention_mask")
+        out, cache = kv_cache.cached_attention(self, self._pattern(use_causal_mask), bs, q, k, v, cache, index, mask,
+                                               self._inverse_sqrt_key_dim)  # fmt: skip
+        return self._output_dense(out * gate if gate is not None else out), cache
 
     def _pattern(self, use_causal_mask: bool) -> Pattern:
         pattern: Pattern = self.sparsity_config

@@ -115,7 +115,14 @@ class Config:
     final_eval: bool = _field(True, "after training: bits per byte on all of valid and test, and a sample")
     sample_bytes: int = _field(200, "bytes to sample after training (0 = none)")
     sample_prompt: str = _field("", "prompt of the sample; empty: the first 120 bytes of the test split")
-    sample_temperature: float = _field(0.8, "sampling temperature")
+    sample_temperature: float = _field(0.8, "sampling temperature (0 = greedy)")
+    sample_top_k: int = _field(0, "sample from the k likeliest bytes only (0 = all 256)")
+    sample_cache: bool = _field(
+        True, "sample with a key/value cache (one decoding step per byte; not --block=colt5); off: re-run the window"
+    )
+    sample_window_shift: int = _field(
+        1, "bytes the sampling window moves once the context exceeds n_timesteps (1: sliding; larger: fewer re-runs)"
+    )
 
     @property
     def d_head(self) -> int:

@@ -426,7 +426,7 @@ def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = 
                 write_scalar(f"{split}/bits_per_byte", bpb)
         if cfg.sample_bytes:
             prompt = cfg.sample_prompt.encode() or bytes(splits.test[:120])
-            text = eval_lib.sample(trainer.model, prompt, cfg.sample_bytes, cfg.sample_temperature, cfg.seed)
+            text = eval_lib.sample_with_settings(trainer.model, prompt, cfg)
             results["sample"] = eval_lib.printable(text)
             log(f"--- prompt ---\n{eval_lib.printable(prompt)}\n--- sample ---\n{results['sample']}\n---")
     writer.flush()

@@ -112,6 +112,16 @@ typedef struct bsattn_fused_args {
                                    [B, Tk, kv_heads*D], query head h reads K/V head h / (heads / kv_heads) */
   const int32_t* q_segment_ids; /* [B, Tq] or NULL (then k_segment_ids is NULL too) */
   const int32_t* k_segment_ids; /* [B, Tk] or NULL: query i attends key j only if the ids are equal */
+  /* appended in session 5 (KV-cache decoding; forward only): */
+  int64_t q_offset; /* decode: absolute position of q row 0 */
+  int decode;       /* nonzero: q (and out, lse, bias rows, q_segment_ids) has tq rows, any tq >= 0, the
+                       queries at positions [q_offset, q_offset + tq); the tables are those of the whole
+                       (pattern, T_max) (t_max below: row_ptr has t_max / block_size rows), in-block masks
+                       apply at the absolute rows, the dropout hash uses the absolute row of a T_max-row op;
+                       keys >= q_offset + tq are never read (0 <= q_offset, q_offset + tq <= min(T_max, tk):
+                       the caller checks). The backward launchers return BSATTN_ERROR_SHAPE. */
+  int64_t t_max; /* decode: the tables' query length T_max (a multiple of block_size); unused otherwise.
+                    Not in the agreed interface: a launcher cannot read it from the device tables. */
 } bsattn_fused_args;
 
 /* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose

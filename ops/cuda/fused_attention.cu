@@ -3,6 +3,10 @@
 // cases with tensor-core shapes go to fused_attention_mma.cu (forward) and
 // fused_attention_mma_grad.cu (backward) instead.
 //
+// Decoding (args->decode, forward only): the forward's CTAs cover the table rows of q's queries
+// [q_offset, q_offset + tq) only, rows outside q are neither read nor written, and keys >= q_offset + tq
+// are never read (FusedParams).
+//
 // SIMT layout: a CTA holds `rows` = min(bs, 16) rows of one block (one warp per row) and streams
 // the blocks of the row's table entry by entry, 32 keys (or queries) at a time through shared
 // memory, in float32:
@@ -117,7 +121,10 @@ __device__ __forceinline__ void AccumulateRows(float (&acc)[DC], float w, const 
   }
 }
 
-// Grid (n_qb * bs / rows, H, B), rows warps. Shared: q [rows][D], k [32][D+1], v [32][D].
+// Grid (n_rows * bs / rows, H, B), rows warps; CTA x covers table row row0 + x / (bs / rows).
+// Shared: q [rows][D], k [32][D+1], v [32][D]. Decoding: a warp whose row is outside q computes
+// nothing (it joins the barriers), a row's walk stops at the first block at or past key_end and
+// only the keys before key_end are staged.
 template <typename T, int DC>
 __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* out, float* lse) {
   extern __shared__ float smem[];
@@ -126,28 +133,32 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
   float* ks = qs + rows * D;
   float* vs = ks + kChunk * (D + 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t groups = p.bs / rows, qb = blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
+  const int64_t groups = p.bs / rows, qb = p.row0 + blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
   const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
-  const int64_t qi = qb * p.bs + bi;
+  const int64_t qi = qb * p.bs + bi, t = qi - p.q_offset;  // absolute row, q's row
+  const bool valid = t >= 0 && t < p.tq;  // always without decoding
   const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
-  LoadRow<T>(p, p.q, qv, b, qi, qs + warp * D, lane);
+  if (valid) LoadRow<T>(p, p.q, qv, b, t, qs + warp * D, lane);
 
   float m = -INFINITY, l = 0.0f, acc[DC] = {};
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int2 q_ids = p.q_segment_ids != nullptr ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   for (int e = range.x; e < range.y; ++e) {
     const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs;
+    if (k0 >= p.key_end) break;  // sorted by Kb: the rest of the row is not written yet (decoding)
     if (p.q_segment_ids != nullptr && !RangesMeet(q_ids, KeyBlockIds(p, b, kb, lane))) continue;
     const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
-    for (int c0 = 0; c0 < p.bs; c0 += kc) {
+    const int n_keys = static_cast<int>(BlockKeys(p, kb));
+    for (int c0 = 0; c0 < n_keys; c0 += kc) {
+      const int n = min(kc, n_keys - c0);  // keys of the chunk that may be read
       __syncthreads();  // the previous chunk is consumed (and q is loaded, on the first)
-      LoadChunk<T>(p, p.k, nullptr, kv, b, k0 + c0, kc, ks, nullptr, D + 1);
-      LoadChunk<T>(p, p.v, nullptr, kv, b, k0 + c0, kc, vs, nullptr, D);
+      LoadChunk<T>(p, p.k, nullptr, kv, b, k0 + c0, n, ks, nullptr, D + 1);
+      LoadChunk<T>(p, p.v, nullptr, kv, b, k0 + c0, n, vs, nullptr, D);
       __syncthreads();
       float x = -INFINITY;  // score in log2 units
-      if (lane < kc) {
+      if (valid && lane < n) {
         const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
-        x = ScaledScore(s, p.scale, ScoreOffset<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane)) * kLog2e;
+        x = ScaledScore(s, p.scale, ScoreOffset<T>(p, b, h, t, k0 + c0 + lane, mask_row, c0 + lane)) * kLog2e;
       }
       const unsigned kept = __ballot_sync(kFull, x != -INFINITY);
       const float m_new = fmaxf(m, WarpMax(x));
@@ -155,15 +166,16 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
       const float alpha = exp2f(m - m_use), prob = exp2f(x - m_use);
       l = l * alpha + WarpSum(prob);  // l sums the undropped probabilities
       m = m_new;
-      const float weight = p.dropout && lane < kc ? prob * DropoutFactor(p, b, h, qi, k0 + c0 + lane) : prob;
+      const float weight = p.dropout && lane < n ? prob * DropoutFactor(p, b, h, qi, k0 + c0 + lane) : prob;
 #pragma unroll
       for (int c = 0; c < DC; ++c) acc[c] *= alpha;
-      AccumulateRows(acc, weight, vs, D, kc, D, lane, kept);
+      AccumulateRows(acc, weight, vs, D, n, D, lane, kept);
     }
   }
+  if (!valid) return;
   const bool empty = l == 0.0f;  // no kept key: output 0, lse -inf (a NaN sum: an attended NaN score)
-  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, qv, b, qi, lane);
-  if (lane == 0) lse[(b * p.heads + h) * p.tq + qi] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
+  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, qv, b, t, lane);
+  if (lane == 0) lse[(b * p.heads + h) * p.tq + t] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
 }
 
 // delta[b, h, i] = rowsum(dout * out) - dlse, one warp per (b, i, h) row.
@@ -353,8 +365,12 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
     return BSATTN_ERROR_DTYPE;
   if (!IsBlockSize(a->block_size)) return BSATTN_ERROR_BLOCK_SIZE;
   if (a->head_dim > 256) return BSATTN_ERROR_HEAD_DIM;
+  const bool decode = a->decode != 0;
+  if (decode && (a->t_max <= 0 || a->t_max % a->block_size != 0 || a->q_offset < 0 ||
+                 a->q_offset + a->tq > a->t_max || a->q_offset + a->tq > a->tk))
+    return BSATTN_ERROR_SHAPE;
   if (a->batch < 0 || a->heads <= 0 || a->head_dim <= 0 || a->tq < 0 || a->tk < 0 ||
-      a->tq % a->block_size != 0 || a->tk % a->block_size != 0 ||
+      (!decode && a->tq % a->block_size != 0) || a->tk % a->block_size != 0 ||
       (a->layout_heads != 1 && a->layout_heads != a->heads) || a->kv_heads < 0 ||
       (a->kv_heads > 0 && a->heads % a->kv_heads != 0) ||
       // An empty side may come without its ids pointer (TF hands out NULL for empty tensors).
@@ -376,8 +392,14 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   p->tq = a->tq;
   p->tk = a->tk;
   p->bs = a->block_size;
-  p->n_qb = a->tq / a->block_size;
+  p->n_qb = (decode ? a->t_max : a->tq) / a->block_size;
   p->n_kb = a->tk / a->block_size;
+  p->decode = decode;
+  p->q_offset = decode ? a->q_offset : 0;
+  p->key_end = decode ? a->q_offset + a->tq : a->tk;
+  p->hash_tq = decode ? a->t_max : a->tq;
+  p->row0 = p->q_offset / a->block_size;
+  p->n_rows = !decode ? p->n_qb : a->tq == 0 ? 0 : (p->key_end - 1) / a->block_size - p->row0 + 1;
   if (p->n_qb * (a->block_size / std::min<int64_t>(a->block_size, kMaxRows)) > 0x7fffffff ||
       p->n_kb * a->block_size > 0x7fffffff || a->heads > 65535 || a->batch > 65535)
     return BSATTN_ERROR_SHAPE;
@@ -437,7 +459,7 @@ struct ForwardRunner {
     const int rows = RowsPerCta(p), D = static_cast<int>(p.head_dim);
     const size_t smem = sizeof(float) * (rows * D + kChunk * (D + 1) + kChunk * D);
     AllowSharedMemory(ForwardSimt<T, DC>, smem);
-    const dim3 grid(static_cast<unsigned>(p.n_qb * (p.bs / rows)), p.heads, p.batch);
+    const dim3 grid(static_cast<unsigned>(p.n_rows * (p.bs / rows)), p.heads, p.batch);
     ForwardSimt<T, DC><<<grid, 32 * rows, smem, stream>>>(p, static_cast<T*>(out), lse);
   }
 };
@@ -553,6 +575,7 @@ int bsattn_fused_backward_ex(const bsattn_fused_args* args, const void* out, con
                              const void* dout, const float* dlse, void* dq, void* dk, void* dv,
                              void* dbias, void* workspace, int64_t workspace_bytes, int flags,
                              bsattn_stream_t stream) {
+  if (args->decode != 0) return BSATTN_ERROR_SHAPE;  // decoding is forward-only
   FusedParams p;
   if (const int status = bsattn_cuda::MakeParams(args, &p)) return status;
   if (dbias != nullptr && p.bias == nullptr) return BSATTN_ERROR_SHAPE;

@@ -10,6 +10,10 @@
 // distinct banks. CTAs take query blocks from the last one down: in causal-like layouts the long
 // rows start first.
 // Grouped-query attention: K/V rows are KVH*D wide, query head h reads K/V head h / group.
+// Decoding (FusedParams::decode): a CTA covers a table row of q's queries; its rows outside q are
+// staged as zeros, masked and never stored, the row's entries end at the first block at or past
+// key_end (binary search), and the steps of its last block stop at key_end, the keys past it
+// zero-filled and masked: nothing outside q, out, lse or the written cache is read or written.
 // Segment ids: the row's entries are taken in windows of kWindow; the CTA first lists, in shared
 // memory, the window's key blocks whose [min, max] ids meet the query block's (one thread per
 // entry), marking those where both blocks hold one and the same id (no per-entry rule needed), and
@@ -72,7 +76,7 @@ __device__ int ListLiveEntries(const FusedParams& p, int64_t b, int2 q_ids, int 
     int flag = 0;
     if (idx < n) {
       const int64_t kb = p.row_entries[2 * (first + idx)];
-      const int2 k_ids = IdRange(p.k_segment_ids + b * p.tk + kb * p.bs, p.bs);
+      const int2 k_ids = IdRange(p.k_segment_ids + b * p.tk + kb * p.bs, BlockKeys(p, kb));
       live = RangesMeet(q_ids, k_ids);
       flag = q_ids.x == q_ids.y && k_ids.x == k_ids.y && q_ids.x == k_ids.x ? kOneSegment : 0;
     }
@@ -109,12 +113,22 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   __shared__ int live_s[kWindow];              // the window's listed entries (segment ids)
   __shared__ int warp_counts_s[kNT / 32];
 
-  const int64_t qb = p.n_qb - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t qb = p.row0 + p.n_rows - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
+  if (p.decode) {  // the row's entries with Kb * BS < key_end (sorted by Kb)
+    int lo = range.x, hi = range.y;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (int64_t{p.row_entries[2 * mid]} * BS < p.key_end) lo = mid + 1; else hi = mid;
+    }
+    range.y = lo;
+  }
   const bool segments = p.q_segment_ids != nullptr;
   const int2 q_ids = segments ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
-  const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + qb * BS) * p.width + h * D;
+  const int2 q_rows = QueryRows(p, qb);  // absolute rows of the block that q holds
+  const int q_lo = q_rows.x - static_cast<int>(qb * BS), q_hi = q_rows.y - static_cast<int>(qb * BS);
+  const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + q_rows.x - p.q_offset) * p.width + h * D;  // row q_lo
   const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + KvCol(p, h);
   const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + KvCol(p, h);
   int window = range.x;  // the first entry of the current window
@@ -128,19 +142,33 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   auto load_step = [&](int step) {
     const int buf = step & 1;
     const int64_t k0 = first_key(step);
-    LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.kv_width, p.kv_width, kKeys);
-    LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.kv_width, p.kv_width, kKeys);
+    const int n = static_cast<int>(min(int64_t{kKeys}, p.key_end - k0));  // keys that may be read
+    if (n == kKeys) {
+      LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.kv_width, p.kv_width, kKeys);
+      LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.kv_width, p.kv_width, kKeys);
+    } else {
+      LoadTileRowsAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.kv_width, p.kv_width, kKeys, 0, n);
+      LoadTileRowsAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.kv_width, p.kv_width, kKeys, 0, n);
+    }
   };
   auto start_window = [&]() {  // lists the window's entries; loads step 0; returns the step count
     const int n = min(kWindow, range.y - window);
     const int listed = segments ? ListLiveEntries<kNT>(p, b, q_ids, window, n, live_s, warp_counts_s) : n;
-    const int steps = listed * kSteps;
+    int steps = listed * kSteps;
+    if (steps > 0) {  // decoding: the last block's steps at or past key_end are not run
+      const int64_t k_last = int64_t{p.row_entries[2 * entry_at(steps - 1).x]} * BS;
+      if (k_last + BS > p.key_end) steps -= kSteps - static_cast<int>((p.key_end - k_last + kKeys - 1) / kKeys);
+    }
     if (steps > 0) load_step(0);
     CpAsyncCommit();
     return steps;
   };
 
-  LoadTileAsync<T, D, kNT>(q_s, q_g, p.width, BS);
+  if (q_lo == 0 && q_hi == BS) {
+    LoadTileAsync<T, D, kNT>(q_s, q_g, p.width, BS);
+  } else {
+    LoadTileRowsAsync<T, D, kNT>(q_s, q_g, p.width, BS, q_lo, q_hi);
+  }
   int n_steps = start_window();
   CpAsyncWait<0>();
   __syncthreads();
@@ -207,8 +235,10 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     const int2 entry = entry_at(step);
     const int32_t mask_id = p.row_entries[2 * entry.x + 1];
     // Segment ids need the per-entry rule unless both blocks hold one id, the same.
-    const bool plain_step = plain && (!segments || entry.y != 0);
     const int64_t k0 = first_key(step);
+    // Keys past key_end (decoding) need the per-entry rule too (rows outside q may take the plain
+    // path: their results are never stored).
+    const bool plain_step = plain && (!segments || entry.y != 0) && k0 + kKeys <= p.key_end;
     const int bj0 = (step % kSteps) * kKeys;  // first key of the step within its block
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -225,8 +255,8 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
-            const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half, k0 + col, mask_rows[half],
-                                                bj0 + col);
+            const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half - p.q_offset, k0 + col,
+                                                mask_rows[half], bj0 + col);
             s[mt][t][e] = ScaledScore(s[mt][t][e], p.scale, offset) * kLog2e;
           }
       }
@@ -330,7 +360,8 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       const float total = QuadSum(l[mt][half]);
       const bool empty = total == 0.0f;  // no kept key (a NaN sum: an attended NaN score, NaN row)
       const float inv = empty ? 0.0f : 1.0f / total;
-      const int64_t qi = qi_base + 16 * mt + 8 * half;
+      const int64_t qi = qi_base + 16 * mt + 8 * half - p.q_offset;  // q's row
+      if (qi < 0 || qi >= p.tq) continue;  // decoding: a row outside q (uniform over its quad)
       T* out_row = out + (b * p.tq + qi) * p.width + h * D;
 #pragma unroll
       for (int t = 0; t < kOTiles; ++t) {
@@ -349,7 +380,7 @@ void LaunchForward(const FusedParams& p, void* out, float* lse, cudaStream_t str
   auto kernel = ForwardMma<T, BS, D>;
   if (Shape::kSharedBytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSharedBytes));
-  const dim3 grid(static_cast<unsigned>(p.n_qb), static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>(p.n_rows), static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
   kernel<<<grid, Shape::kThreads, Shape::kSharedBytes, stream>>>(p, static_cast<T*>(out), lse);
 }
 

@@ -48,7 +48,27 @@ struct FusedParams {
   uint64_t dropout_key = 0;
   uint32_t dropout_threshold = 0;
   float dropout_scale = 1.0f;  // 1 / (1 - rate)
+  // Decoding (bsattn_fused_args.decode): q, out, lse, the bias rows and q_segment_ids have tq rows, the
+  // queries at absolute rows [q_offset, q_offset + tq); the tables have n_qb = T_max / bs rows, of which
+  // the forward's CTAs cover [row0, row0 + n_rows); keys >= key_end = q_offset + tq are never read.
+  // Without decoding: q_offset 0, row0 0, n_rows n_qb, key_end tk, hash_tq tq.
+  bool decode = false;
+  int64_t q_offset = 0, row0 = 0, n_rows = 0, key_end = 0;
+  int64_t hash_tq = 0;  // the dropout counter's query length: the full op's (T_max when decoding)
 };
+
+// The absolute query rows [x, y) of table row qb that q holds: the whole block, or when decoding its
+// part inside [q_offset, q_offset + tq).
+__host__ __device__ __forceinline__ int2 QueryRows(const FusedParams& p, int64_t qb) {
+  const int64_t lo = qb * p.bs, hi = lo + p.bs, end = p.q_offset + p.tq;
+  return make_int2(static_cast<int>(lo > p.q_offset ? lo : p.q_offset), static_cast<int>(hi < end ? hi : end));
+}
+
+// The number of keys of key block kb that may be read: bs, or when decoding those before key_end.
+__host__ __device__ __forceinline__ int64_t BlockKeys(const FusedParams& p, int64_t kb) {
+  const int64_t n = p.key_end - kb * p.bs;
+  return n < p.bs ? (n > 0 ? n : 0) : p.bs;
+}
 
 // The row (or column) range of head h in a per-head CSR table with n rows.
 __device__ __forceinline__ int2 TableRange(const int32_t* ptr, bool shared, int64_t h, int64_t n,
@@ -122,12 +142,14 @@ __device__ __forceinline__ int2 WarpIdRange(const int32_t* ids, int64_t n, int l
   return make_int2(lo, hi);
 }
 
-// The [min, max] segment id of query block qb (keys: key block kb) of batch entry b, to every lane.
+// The [min, max] segment id of query block qb (its rows in q: QueryRows) and of key block kb (its
+// readable keys: BlockKeys) of batch entry b, to every lane.
 __device__ __forceinline__ int2 QueryBlockIds(const FusedParams& p, int64_t b, int64_t qb, int lane) {
-  return WarpIdRange(p.q_segment_ids + b * p.tq + qb * p.bs, p.bs, lane);
+  const int2 rows = QueryRows(p, qb);
+  return WarpIdRange(p.q_segment_ids + b * p.tq + rows.x - p.q_offset, rows.y - rows.x, lane);
 }
 __device__ __forceinline__ int2 KeyBlockIds(const FusedParams& p, int64_t b, int64_t kb, int lane) {
-  return WarpIdRange(p.k_segment_ids + b * p.tk + kb * p.bs, p.bs, lane);
+  return WarpIdRange(p.k_segment_ids + b * p.tk + kb * p.bs, BlockKeys(p, kb), lane);
 }
 
 // Whether two blocks' id ranges overlap (their segments can meet); a block whose segments cannot
@@ -136,10 +158,12 @@ __host__ __device__ __forceinline__ bool RangesMeet(int2 a, int2 b) { return a.x
 
 // What entry (query i, key j) of head (b, h) adds to its scaled score, in natural units: -inf
 // when the in-block mask (mask_row, key bj of the block), the key padding or different segment ids
-// drop it, else the bias (0 without one).
+// drop it, else the bias (0 without one). i is q's row (when decoding: the absolute row - q_offset;
+// a row outside q, or a key >= key_end, is -inf and reads nothing).
 template <typename T>
 __device__ __forceinline__ float ScoreOffset(const FusedParams& p, int64_t b, int64_t h, int64_t i,
                                              int64_t j, const uint32_t* mask_row, int bj) {
+  if (p.decode && (j >= p.key_end || i < 0 || i >= p.tq)) return -INFINITY;
   if (mask_row != nullptr && !((mask_row[bj >> 5] >> (bj & 31)) & 1u)) return -INFINITY;
   if (p.key_padding_mask != nullptr && p.key_padding_mask[b * p.tk + j] == 0) return -INFINITY;
   if (p.q_segment_ids != nullptr && p.q_segment_ids[b * p.tq + i] != p.k_segment_ids[b * p.tk + j]) return -INFINITY;
@@ -153,10 +177,11 @@ __device__ __forceinline__ float ScaledScore(float s, float scale, float offset)
   return offset == -INFINITY ? -INFINITY : s * scale + offset;
 }
 
-// The dropout factor of entry (i, j) of head (b, h): 1 / (1 - rate) if kept, else 0.
+// The dropout factor of entry (i, j) of head (b, h): 1 / (1 - rate) if kept, else 0. i is the
+// absolute query row (decoding: that of the full op, whose length is hash_tq).
 __device__ __forceinline__ float DropoutFactor(const FusedParams& p, int64_t b, int64_t h, int64_t i,
                                                int64_t j) {
-  const uint64_t counter = static_cast<uint64_t>(((b * p.heads + h) * p.tq + i) * p.tk + j);
+  const uint64_t counter = static_cast<uint64_t>(((b * p.heads + h) * p.hash_tq + i) * p.tk + j);
   return bsattn::DropoutKeep(p.dropout_key, counter, p.dropout_threshold) ? p.dropout_scale : 0.0f;
 }
 

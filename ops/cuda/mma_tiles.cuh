@@ -89,6 +89,22 @@ __device__ __forceinline__ void LoadTileAsync(T* dst, const T* src, int64_t stri
   }
 }
 
+// LoadTileAsync of tile rows [lo, hi) only (src points at row lo), the other rows of the `rows`-row
+// tile zero-filled: what decoding stages when a tile's rows (queries outside q, keys not yet written)
+// must not be read.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void LoadTileRowsAsync(T* dst, const T* src, int64_t stride, int rows, int lo, int hi) {
+  constexpr int kVec = 8, kPerRow = D / kVec;
+  for (int idx = threadIdx.x; idx < rows * kPerRow; idx += NT) {
+    const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+    if (r >= lo && r < hi) {
+      CpAsync16(dst + r * (D + 8) + c, src + (r - lo) * stride + c);
+    } else {
+      *reinterpret_cast<uint4*>(dst + r * (D + 8) + c) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
 // Starts loading step + 1 (into the other buffer) and waits until this thread's copies of step's
 // tiles have landed (visible to this thread only).
 template <typename Load>

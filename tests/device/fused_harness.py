@@ -15,11 +15,13 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
            bias [B, H]; with NaN q at one segment's queries, which reaches no other segment). Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
+  decode   (variant) KV-cache decoding steps against the float64 reference, NaN in the unwritten cache
+           (tests/device/fused_decode.py); --decode times one decode step against FlexAttention's decode.
   bench    bf16 forward (and forward+backward) of the fused op against FlexAttention with the same
            block mask (BlockMask.from_kv_blocks of our tables, full/partial blocks alike) and against
            dense causal SDPA (flash and cuDNN backends), for causal / local / strided / fixed layouts.
 
-    python tests/device/fused_harness.py --lib build/device/libbsattn_cuda.so [--quick] [--no-bench]
+    python tests/device/fused_harness.py --lib build/device/libbsattn_cuda.so [--quick] [--no-bench] [--decode]
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from bsattn.fused_tables import (
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias", "nan_masked",
-            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan")
+            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan", "decode")
 # The bias shape [Bb, Hb] of each variant (B = 2, H = 2 or 4): every broadcast combination appears.
 BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
                "batch_bias": (2, 1), "nan_masked": (2, 2), "gqa": (1, 4), "mqa": (2, 1), "segments_gqa_bias": (2, 4)}
@@ -72,6 +74,7 @@ class FusedArgs(ctypes.Structure):
         ("key_padding_mask", PTR), ("bias", PTR), ("bias_batch", I64), ("bias_heads", I64), ("scale", ctypes.c_float),
         ("dropout_rate", ctypes.c_float), ("seed", I64),
         ("kv_heads", I64), ("q_segment_ids", PTR), ("k_segment_ids", PTR),
+        ("q_offset", I64), ("decode", ctypes.c_int), ("t_max", I64),
     ]
 
 
@@ -98,7 +101,9 @@ class DeviceCase:
     reused before the kernel reads it) and its FusedArgs. q, k, v: device tensors [B, T, H*D]."""
 
     def __init__(self, code: int, q, k, v, tables: FusedTables, heads: int, scale: float, kpm=None, bias=None,
-                 dropout_rate: float = 0.0, seed: int = 0, kv_heads: int = 0, q_ids=None, k_ids=None):
+                 dropout_rate: float = 0.0, seed: int = 0, kv_heads: int = 0, q_ids=None, k_ids=None,
+                 q_offset: int | None = None):
+        """q_offset (decoding): q holds the queries at [q_offset, q_offset + Tq) of tables' T_max rows."""
         self.tensors = {"q": q, "k": k, "v": v}
         if q_ids is not None:
             self.tensors["q_ids"], self.tensors["k_ids"] = dev(q_ids), dev(k_ids)
@@ -119,7 +124,8 @@ class DeviceCase:
             col_entries=ptr("col_entries"), masks=ptr("masks"), key_padding_mask=ptr("kpm"), bias=ptr("bias"),
             bias_batch=0 if bias is None else bias.shape[0], bias_heads=0 if bias is None else bias.shape[1],
             scale=scale, dropout_rate=dropout_rate, seed=seed, kv_heads=kv_heads, q_segment_ids=ptr("q_ids"),
-            k_segment_ids=ptr("k_ids"))
+            k_segment_ids=ptr("k_ids"), q_offset=q_offset or 0, decode=int(q_offset is not None),
+            t_max=tables.n_q if q_offset is not None else 0)
 
 
 def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
@@ -260,6 +266,10 @@ def nan_error(ours: torch.Tensor, ref: np.ndarray, pattern: bool = True) -> floa
 
 
 def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim: int, variant: str) -> dict:
+    if variant == "decode":  # KV-cache decoding steps, forward only (fused_decode.py)
+        from fused_decode import run_decode_check
+
+        return run_decode_check(launchers, rng, dtype_name, bs, head_dim)
     dtype, code = DTYPES[dtype_name]
     c = variant_inputs(rng, variant, dtype, bs, head_dim)
     case = DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
@@ -534,6 +544,9 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--compare", default="", help="comma list of other builds (.so) to time against --lib")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the check variants to run")
+    parser.add_argument("--decode", action="store_true", help="time one decode step against FlexAttention's decode")
+    parser.add_argument("--decode-batches", default="1,4,8")
+    parser.add_argument("--decode-budget", type=float, default=150.0, help="seconds of decode timing at most")
     args = parser.parse_args()
     launchers = FusedLaunchers(args.lib)
     start = time.time()
@@ -573,9 +586,17 @@ def main() -> None:
                 print(f"{t['T']:6d} {t['D']:4d} {t['pattern']:>8} {t['ours_fwd_bwd_ms']:10.3f} "
                       f"{t['ours_fwd_bwd_det_ms']:8.3f} {t['flex_fwd_bwd_ms']:9.3f} {t['fwd_bwd_vs_flex']:9.2f} "
                       f"{t['fwd_bwd_over_fwd']:8.2f} {t['ours_fwd_bwd_det_ms'] / t['ours_fwd_bwd_ms']:10.2f}")
+    decode_rows = []
+    if args.decode:
+        from fused_decode import decode_bench, print_decode_table
+
+        decode_rows = decode_bench(launchers, [int(x) for x in args.decode_batches.split(",")],
+                                   [int(x) for x in args.dims.split(",")], [int(x) for x in args.lengths.split(",")],
+                                   args.decode_budget)
+        print_decode_table(decode_rows)
     out = Path(os.environ.get("OUT", "."))
     (out / ("fused_quick.json" if args.quick else "fused.json")).write_text(
-        json.dumps({"checks": rows, "bench": timings}, indent=1))
+        json.dumps({"checks": rows, "bench": timings, "decode_bench": decode_rows}, indent=1))
     for r in failed:
         print("FAILED", r)
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")

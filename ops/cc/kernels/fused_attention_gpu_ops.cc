@@ -1,6 +1,6 @@
 // GPU kernels of BsattnFusedAttention and BsattnFusedAttentionGrad: thin wrappers around
 // bsattn_fused_forward / bsattn_fused_backward_ex (ops/cuda/bsattn_cuda.h). The tables (row and
-// column lists, masks) and the seed arrive in host memory and pass the CPU kernels' checks
+// column lists, masks), the seed and q_offset (decoding) arrive in host memory and pass the CPU kernels' checks
 // (fused_checks); the kernel keeps device copies of the tables (DeviceTableCache: uploaded once
 // per distinct table, found again by content), so a call copies nothing and never waits for the
 // GPU. Key padding mask, bias and segment ids stay on the device (their contents need no check).
@@ -68,6 +68,9 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
   args->scale = a.scale;
   args->dropout_rate = a.dropout_rate;
   args->seed = d.seed;
+  args->decode = a.decode;
+  args->q_offset = d.q_offset;
+  args->t_max = a.decode ? d.n_q_blocks * d.block_size : 0;
   return absl::OkStatus();
 }
 
@@ -144,7 +147,8 @@ class FusedAttentionGradGpuOp : public OpKernel {
                               .HostMemory("row_ptr")           \
                               .HostMemory("row_entries")       \
                               .HostMemory("masks")             \
-                              .HostMemory("seed"),             \
+                              .HostMemory("seed")              \
+                              .HostMemory("q_offset"),         \
                           FusedAttentionGpuOp<T>);             \
   REGISTER_KERNEL_BUILDER(Name("BsattnFusedAttentionGrad")     \
                               .Device(tensorflow::DEVICE_GPU)  \

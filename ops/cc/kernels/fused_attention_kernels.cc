@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "ops/cc/kernels/attention_math.h"
+#include "ops/cc/kernels/fused_tiles.h"
 #include "ops/cc/kernels/tile_io.h"
 
 namespace bsattn {
@@ -162,26 +163,12 @@ bool Kept(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, in
              -std::numeric_limits<Acc>::infinity();
 }
 
-// Whether all n values at x are finite (x - x is 0 exactly for finite x).
-template <typename Acc>
-bool AllFinite(const Acc* x, int64_t n) {
-  bool finite = true;
-  for (int64_t i = 0; i < n; ++i) finite &= (x[i] - x[i]) == Acc(0);
-  return finite;
-}
-
 // Whether none of the n values at x is NaN.
 template <typename Acc>
 bool NoNaN(const Acc* x, int64_t n) {
   bool none = true;
   for (int64_t i = 0; i < n; ++i) none &= x[i] == x[i];
   return none;
-}
-
-// Zeroes the non-finite values of the n values at x.
-template <typename Acc>
-void ZeroNonFinite(Acc* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - x[i]) == Acc(0) ? x[i] : Acc(0);
 }
 
 // Zeroes the rows (kTransposed: columns) of the padded keys [k0, k0 + bs) of batch entry b in a
@@ -316,23 +303,6 @@ int64_t TotalEntries(const FusedAttentionParams<T>& p) {
   return total * (p.heads / layouts);
 }
 
-// Consecutive scratch arrays of the given sizes from a per-thread buffer that is kept across calls,
-// so that no work unit allocates (a thread runs one unit at a time; the arrays are not zeroed).
-template <typename Acc, size_t N>
-std::array<Acc*, N> ThreadScratch(const std::array<int64_t, N>& sizes) {
-  thread_local std::vector<Acc> buffer;
-  int64_t total = 0;
-  for (const int64_t size : sizes) total += size;
-  if (static_cast<int64_t>(buffer.size()) < total) buffer.resize(total);
-  std::array<Acc*, N> out;
-  Acc* at = buffer.data();
-  for (size_t i = 0; i < N; ++i) {
-    out[i] = at;
-    at += sizes[i];
-  }
-  return out;
-}
-
 // Rough cycles of a unit of a pass doing `matmuls` bs x bs x D products per block.
 template <typename T>
 int64_t UnitCost(const FusedAttentionParams<T>& p, int64_t entries, int64_t units, int matmuls) {
@@ -398,11 +368,6 @@ class MergedRows {
   int32_t block_;
   std::array<int32_t, kMaxGroup> at_{}, end_{};
 };
-
-// The pointers of layout head h in a per-head CSR table with n rows.
-inline const int32_t* HeadPointers(const int32_t* ptr, bool shared, int64_t h, int64_t n) {
-  return ptr + (shared ? 0 : h) * (n + 1);
-}
 
 }  // namespace
 
@@ -819,6 +784,10 @@ void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t
       ranges[2 * blk + 1] = *hi;
     }
   });
+}
+
+void CountComputedBlocks(int pass, int64_t blocks) {
+  computed_blocks[pass].fetch_add(blocks, std::memory_order_relaxed);
 }
 
 void FusedComputedBlocks(int64_t counts[2]) {

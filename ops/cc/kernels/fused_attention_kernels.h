@@ -46,6 +46,13 @@ struct FusedAttentionParams {
   const int32_t* q_block_segments = nullptr;  // [B, nQb, 2] (min, max)
   const int32_t* k_block_segments = nullptr;  // [B, nKb, 2]
 
+  // Decoding (FusedDecodeForward): q's tq rows are the absolute positions [q_offset, q_offset + tq)
+  // of tables with n_q_blocks rows; keys >= q_offset + tq are never read. The cache is read in its
+  // storage dtype, tile by tile (k, v above stay null: no per-call conversion of the whole cache).
+  int64_t q_offset = 0;
+  const T* k_store = nullptr;  // [B, Tk, KVH*D]
+  const T* v_store = nullptr;  // [B, Tk, KVH*D]
+
   Acc scale = 1;
   bool dropout = false;
   uint64_t dropout_key = 0;
@@ -62,10 +69,21 @@ void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t
 // library was loaded, counted per call: what the segment-id block skipping is tested with.
 void FusedComputedBlocks(int64_t counts[2]);
 
+// Adds `blocks` to the counter of pass 0 (forward) or 1 (gradient).
+void CountComputedBlocks(int pass, int64_t blocks);
+
 // out [B, Tq, H*D] and lse [B, H, Tq] from p. Work units are (batch, head, query-block row).
 template <typename T>
 void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
                            T* out, typename AccumulatorOf<T>::type* lse);
+
+// A decoding step: out [B, Tq, H*D] and lse [B, H, Tq] of the queries at [q_offset, q_offset + Tq)
+// against the cache k_store, v_store. Work units are (batch, head, table row covering some of those
+// queries); a unit computes only its rows' part of each active block whose keys start before
+// q_offset + Tq, in its storage dtype tile by tile. Costs what the active blocks of those rows cost.
+template <typename T>
+void FusedDecodeForward(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p, T* out,
+                        typename AccumulatorOf<T>::type* lse);
 
 // What the gradient reads besides the forward's inputs.
 template <typename T>

@@ -86,6 +86,8 @@ class FusedAttentionBase : public OpKernel {
     if (attrs_.has_segment_ids) {
       p->q_segment_ids = FusedInput(ctx, "q_segment_ids").flat<int32_t>().data();
       p->k_segment_ids = FusedInput(ctx, "k_segment_ids").flat<int32_t>().data();
+    }
+    if (attrs_.has_segment_ids && !attrs_.decode) {  // a decoding step takes the ranges of the blocks it visits
       const int64_t sizes[2] = {d.n_q_blocks, d.n_k_blocks};
       const int32_t* ids[2] = {p->q_segment_ids, p->k_segment_ids};
       for (int i = 0; i < 2; ++i) {
@@ -103,6 +105,12 @@ class FusedAttentionBase : public OpKernel {
     p->dropout_scale = static_cast<Acc>(1.0 / (1.0 - static_cast<double>(attrs_.dropout_rate)));
 
     TF_RETURN_IF_ERROR(AsAccumulator<T>(ctx, ctx->input(0), &temps[0], &p->q));
+    if (attrs_.decode) {  // the cache is read tile by tile in its own dtype
+      p->q_offset = d.q_offset;
+      p->k_store = ctx->input(1).flat<T>().data();
+      p->v_store = ctx->input(2).flat<T>().data();
+      return absl::OkStatus();
+    }
     TF_RETURN_IF_ERROR(AsAccumulator<T>(ctx, ctx->input(1), &temps[1], &p->k));
     TF_RETURN_IF_ERROR(AsAccumulator<T>(ctx, ctx->input(2), &temps[2], &p->v));
     return absl::OkStatus();
@@ -126,7 +134,11 @@ class FusedAttentionOp : public FusedAttentionBase<T> {
     Tensor *out = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({p.batch, p.heads, p.tq}), &lse));
-    FusedAttentionForward(ctx, p, out->flat<T>().data(), lse->flat<Acc>().data());
+    if (this->attrs_.decode) {
+      FusedDecodeForward(ctx, p, out->flat<T>().data(), lse->flat<Acc>().data());
+    } else {
+      FusedAttentionForward(ctx, p, out->flat<T>().data(), lse->flat<Acc>().data());
+    }
   }
 };
 

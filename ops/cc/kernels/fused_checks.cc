@@ -20,6 +20,44 @@ absl::Status CheckShape(const Tensor& t, const char* name, const TensorShape& ex
   return absl::OkStatus();
 }
 
+// q_offset (the forward's; the gradient has none): 0 without decode; with decode the number of
+// table rows comes from row_ptr and the rows [q_offset, q_offset + Tq) must lie inside the tables
+// and the cache.
+absl::Status CheckQueryOffset(tensorflow::OpKernelContext* ctx, const FusedAttrs& a, const Tensor& row_ptr,
+                              FusedDims* d) {
+  if (a.gradient) return absl::OkStatus();
+  const Tensor* q_offset;
+  TF_RETURN_IF_ERROR(ctx->input("q_offset", &q_offset));
+  if (q_offset->dims() != 0) {
+    return Invalid("q_offset must be a scalar, got shape " + q_offset->shape().DebugString());
+  }
+  const int64_t p = q_offset->scalar<int32_t>()();
+  if (!a.decode) {
+    if (p != 0) return Invalid(absl::StrCat("q_offset must be 0 unless decode=true, got ", p));
+    return absl::OkStatus();
+  }
+  if (row_ptr.dims() != 2 || row_ptr.dim_size(1) < 1) {
+    return Invalid("row_ptr must have shape [L, nQb + 1], got " + row_ptr.shape().DebugString());
+  }
+  const int64_t bs = a.block_size, t_max = (row_ptr.dim_size(1) - 1) * bs;
+  if (p < 0) return Invalid(absl::StrCat("q_offset must be >= 0, got ", p));
+  if (p + d->tq > t_max) {
+    return Invalid(absl::StrCat("q_offset + Tq = ", p, " + ", d->tq, " must be <= the tables' query length T_max = ",
+                                t_max, " (decode)"));
+  }
+  if (p + d->tq > d->tk) {
+    return Invalid(absl::StrCat("q_offset + Tq = ", p, " + ", d->tq, " must be <= the cache length Tk = ", d->tk,
+                                " (k's length; decode)"));
+  }
+  d->q_offset = p;
+  d->n_q_blocks = t_max / bs;
+  if (d->tq > 0) {
+    d->decode_rows[0] = p / bs;
+    d->decode_rows[1] = (p + d->tq - 1) / bs + 1;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* a) {
@@ -40,7 +78,12 @@ absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradien
   }
   TF_RETURN_IF_ERROR(ctx->GetAttr("has_key_padding_mask", &a->has_key_padding_mask));
   TF_RETURN_IF_ERROR(ctx->GetAttr("has_bias", &a->has_bias));
-  if (gradient) TF_RETURN_IF_ERROR(ctx->GetAttr("has_dlse", &a->has_dlse));
+  a->gradient = gradient;
+  if (gradient) {
+    TF_RETURN_IF_ERROR(ctx->GetAttr("has_dlse", &a->has_dlse));
+  } else {
+    TF_RETURN_IF_ERROR(ctx->GetAttr("decode", &a->decode));
+  }
   return absl::OkStatus();
 }
 
@@ -59,7 +102,7 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   TF_RETURN_IF_ERROR(ctx->input("k_segment_ids", &k_segment_ids));
   TF_RETURN_IF_ERROR(ctx->input("seed", &seed));
   const int64_t bs = a.block_size;
-  TF_RETURN_IF_ERROR(CheckDense(*q, "q", bs, a.heads));
+  TF_RETURN_IF_ERROR(a.decode ? CheckDense(*q, "q", 1, a.heads) : CheckDense(*q, "q", bs, a.heads));
   TF_RETURN_IF_ERROR(CheckDense(*k, "k", bs, a.kv_heads));
   TF_RETURN_IF_ERROR(CheckShape(*v, "v", k->shape()));
   if (q->dim_size(2) == 0) return Invalid("q width must be positive (heads * head_dim)");
@@ -80,10 +123,12 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   d->block_size = bs;
   d->n_q_blocks = d->tq / bs;
   d->n_k_blocks = d->tk / bs;
+  TF_RETURN_IF_ERROR(CheckQueryOffset(ctx, a, *row_ptr, d));
 
   TF_RETURN_IF_ERROR(CheckFusedMasks(*masks, bs));
-  TF_RETURN_IF_ERROR(CheckFusedTable(*row_ptr, *row_entries, "row_ptr", "row_entries", a.heads,
-                                     d->n_q_blocks, d->n_k_blocks, masks->dim_size(0)));
+  TF_RETURN_IF_ERROR(CheckFusedTableRows(*row_ptr, *row_entries, "row_ptr", "row_entries", a.heads, d->n_q_blocks,
+                                         d->n_k_blocks, masks->dim_size(0), a.decode ? d->decode_rows[0] : 0,
+                                         a.decode ? d->decode_rows[1] : d->n_q_blocks));
   d->layout_heads = row_ptr->dim_size(0);
   d->n_masks = masks->dim_size(0);
   d->mask_words = masks->dim_size(2);

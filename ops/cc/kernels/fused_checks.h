@@ -21,6 +21,8 @@ struct FusedAttrs {
   bool has_key_padding_mask = false;
   bool has_bias = false;
   bool has_dlse = false;
+  bool gradient = false;  // BsattnFusedAttentionGrad (no decode attr, no q_offset input)
+  bool decode = false;    // the forward's decode attr (KV-cache decoding)
 };
 absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* attrs);
 
@@ -33,11 +35,17 @@ struct FusedDims {
   int64_t n_masks = 0, mask_words = 1;
   int64_t bias_batch = 0, bias_heads = 0;  // bias [1 or B, 1 or H, Tq, Tk]; 0 without a bias
   int64_t seed = 0;
+  // Decoding (attrs.decode): q's rows are the absolute positions [q_offset, q_offset + tq); the
+  // table rows covering them are [decode_rows[0], decode_rows[1]) ([0, 0) when tq = 0).
+  int64_t q_offset = 0;
+  int64_t decode_rows[2] = {0, 0};
 };
 
 // The forward's inputs q, k, v, row_ptr, row_entries, masks, key_padding_mask, bias,
-// q_segment_ids, k_segment_ids, seed (the
-// gradient has them too, under the same names).
+// q_segment_ids, k_segment_ids, seed (the gradient has them too, under the same names) and
+// q_offset (forward only). With decode, q's length is any Tq, the number of table rows nQb comes
+// from row_ptr, 0 <= q_offset, q_offset + Tq <= nQb * bs and <= Tk, and only the table rows
+// covering [q_offset, q_offset + Tq) are checked (a step reads no other row).
 absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs& attrs, FusedDims* dims);
 
 // The gradient's further inputs: out, lse, dout, dlse (when has_dlse) and the column table, which

@@ -138,6 +138,12 @@ absl::Status CheckFusedMasks(const Tensor& masks, int64_t block_size) {
 absl::Status CheckFusedTable(const Tensor& ptr, const Tensor& entries, const char* ptr_name,
                              const char* entries_name, int64_t heads, int64_t n_rows,
                              int64_t n_partners, int64_t n_masks) {
+  return CheckFusedTableRows(ptr, entries, ptr_name, entries_name, heads, n_rows, n_partners, n_masks, 0, n_rows);
+}
+
+absl::Status CheckFusedTableRows(const Tensor& ptr, const Tensor& entries, const char* ptr_name,
+                                 const char* entries_name, int64_t heads, int64_t n_rows,
+                                 int64_t n_partners, int64_t n_masks, int64_t row_begin, int64_t row_end) {
   if (ptr.dims() != 2 || ptr.dim_size(1) != n_rows + 1) {
     return Invalid(absl::StrCat(ptr_name, " must have shape [L, ", n_rows + 1, "], got ",
                                 ptr.shape().DebugString()));
@@ -154,15 +160,15 @@ absl::Status CheckFusedTable(const Tensor& ptr, const Tensor& entries, const cha
   const auto p = ptr.matrix<int32_t>();
   const auto e = entries.matrix<int32_t>();
   for (int64_t l = 0; l < ptr.dim_size(0); ++l) {
-    for (int64_t r = 0; r <= n_rows; ++r) {
+    for (int64_t r = row_begin; r <= row_end; ++r) {
       const int64_t at = p(l, r);
-      if (at < 0 || at > n_entries || (r > 0 && at < p(l, r - 1))) {
+      if (at < 0 || at > n_entries || (r > row_begin && at < p(l, r - 1))) {
         return Invalid(absl::StrCat(ptr_name, "[", l, ", ", r, "] = ", at,
                                     " breaks the row pointers: they must be non-decreasing within [0, ",
                                     n_entries, "]"));
       }
     }
-    for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t r = row_begin; r < row_end; ++r) {
       for (int64_t i = p(l, r); i < p(l, r + 1); ++i) {
         const int32_t partner = e(i, 0), mask_id = e(i, 1);
         if (partner < 0 || partner >= n_partners || (i > p(l, r) && partner <= e(i - 1, 0))) {

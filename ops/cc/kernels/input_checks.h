@@ -40,6 +40,13 @@ absl::Status CheckFusedTable(const tensorflow::Tensor& ptr, const tensorflow::Te
                              const char* ptr_name, const char* entries_name, int64_t heads,
                              int64_t n_rows, int64_t n_partners, int64_t n_masks);
 
+// The same for the rows [row_begin, row_end) only (the shapes are checked in full): pointers
+// row_begin..row_end and the entries of those rows. What a decoding step reads of a long table.
+absl::Status CheckFusedTableRows(const tensorflow::Tensor& ptr, const tensorflow::Tensor& entries,
+                                 const char* ptr_name, const char* entries_name, int64_t heads,
+                                 int64_t n_rows, int64_t n_partners, int64_t n_masks, int64_t row_begin,
+                                 int64_t row_end);
+
 // The column table (col_ptr, col_entries) must list exactly the blocks of the row table, with the
 // same mask ids, for every layout head. Both tables must have passed CheckFusedTable.
 absl::Status CheckFusedTransposed(const tensorflow::Tensor& row_ptr,

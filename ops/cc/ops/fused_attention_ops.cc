@@ -27,6 +27,8 @@
 //   k_segment_ids      [B, Tk] int32     i attends key j only if their ids are equal; blocks whose
 //                                        [min, max] id ranges do not overlap are skipped per batch
 //                                        entry, other-segment entries of computed blocks are masked
+//   q_offset           scalar int32      (forward) 0 unless decode; with decode (KV-cache decoding) the
+//                                        absolute position p of q's row 0 (see the op's doc)
 #include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -91,10 +93,15 @@ absl::Status CheckGroupsAndSegments(InferenceContext* c, int index) {
   return absl::OkStatus();
 }
 
-// out = q's shape, lse = [B, heads, Tq].
+// out = q's shape, lse = [B, heads, Tq]; q_offset (input 11) is a scalar.
 absl::Status FusedForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckBiasRank(c, 7));
   TF_RETURN_IF_ERROR(CheckGroupsAndSegments(c, 8));
+  ShapeHandle unused;
+  if (!c->WithRank(c->input(11), 0, &unused).ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("q_offset must be a scalar, got shape ", c->DebugString(c->input(11))));
+  }
   ShapeHandle q, k, v;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
@@ -138,6 +145,7 @@ REGISTER_OP("BsattnFusedAttention")
     .Input("q_segment_ids: int32")
     .Input("k_segment_ids: int32")
     .Input("seed: int64")
+    .Input("q_offset: int32")
     .Output("out: T")
     .Output("lse: Tlse")
     .Attr("T: {float, half, bfloat16, double}")
@@ -150,6 +158,7 @@ REGISTER_OP("BsattnFusedAttention")
     .Attr("has_key_padding_mask: bool = false")
     .Attr("has_bias: bool = false")
     .Attr("has_segment_ids: bool = false")
+    .Attr("decode: bool = false")
     .SetShapeFn(FusedForwardShape)
     .Doc(R"doc(
 Fused block-sparse attention: out = softmax(scale * q k^T + bias, masked) v per head, over the
@@ -160,6 +169,14 @@ key j only if q_segment_ids[b, i] == k_segment_ids[b, j] (blocks whose segments 
 skipped).
 Dropout (dropout_rate > 0) zeroes probabilities by a counter-based hash of (seed, b, h, i, j) and
 scales the kept ones by 1 / (1 - dropout_rate). Tlse is float64 for float64 inputs, else float32.
+q_offset must be 0 unless decode.
+decode (KV-cache decoding; forward only): q [B, Tq, H*D] holds the queries at absolute positions
+[p, p + Tq), p = q_offset, any Tq >= 0; the tables are those of the whole (pattern, T_max), T_max =
+nQb * bs, and k, v [B, Tk, kv_heads * D] are the cache; 0 <= p, p + Tq <= T_max and p + Tq <= Tk.
+Only the table rows covering [p, p + Tq) are visited, in-block masks apply at the absolute rows,
+and keys j >= p + Tq (the part of the cache not yet written) are never read, whatever the pattern.
+bias [B or 1, heads or 1, Tq, Tk] and q_segment_ids [B, Tq] are those of the new rows; the dropout
+hash uses the absolute row: a step equals the same rows of the full op (up to summation order).
 )doc");
 
 REGISTER_OP("BsattnFusedAttentionGrad")
