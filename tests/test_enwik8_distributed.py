@@ -88,3 +88,100 @@ def test_context_parallel_settings_are_checked():
         Config(**{**SETTINGS["fixed"], "attn_mode": "all"}, attention="dense", context_parallel=2).validate()
     with pytest.raises(SettingsError, match="context_parallel must be >= 1"):
         Config(**SETTINGS["fixed"], context_parallel=0).validate()
+
+
+# ---- multi-worker: 2 processes on 127.0.0.1 ----------------------------------------------------------------------
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from examples.enwik8 import data as data_lib, train as train_lib
+    from examples.enwik8.config import Config
+
+    settings, until = json.loads(sys.argv[1]), int(sys.argv[2])
+    corpus = data_lib.load_bytes(None)[:200_000]
+    results = train_lib.run(Config(**settings), corpus, until_step=until or None)
+    trainer = results["trainer"]
+    print("RESULT " + json.dumps({"losses": results["losses"], "start_step": results["start_step"],
+                                  "chief": trainer.chief, "replicas": trainer.strategy.num_replicas_in_sync,
+                                  "ckpt_dir": str(trainer.manager.directory)}))
+    """
+)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` ports free on 127.0.0.1 now (the OS picks them); skips the test if nothing can bind there."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    except OSError as err:
+        pytest.skip(f"cannot bind a port on 127.0.0.1 here ({err}): multi-worker needs local TCP ports")
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_workers(settings: dict, until_step: int = 0) -> list[dict]:
+    """Two worker processes (``TF_CONFIG`` on 127.0.0.1, worker 0 the chief) running ``train.run``; their results."""
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, json.dumps(settings), str(until_step)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TIMEOUT))
+    finally:
+        for proc in procs:  # a worker whose peer died waits for it: end both
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    results = []
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, stderr[-4000:]
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+    return results
+
+
+def one_process_losses(tmp_path: Path, settings: dict) -> list[float]:
+    from examples.enwik8 import data as data_lib
+    from examples.enwik8 import train as train_lib
+    from examples.enwik8.config import Config
+
+    corpus = data_lib.load_bytes(None)[:200_000]
+    cfg = Config(**settings, model_dir=str(tmp_path / "one"))
+    return train_lib.Trainer(cfg, data_lib.split(corpus), log=lambda *a: None).train()
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_write_checkpoints_on_the_chief_and_resume_context_parallel(tmp_path):
+    """2 worker processes on 127.0.0.1, the losses of one process at the same global batch (2):
+
+    - steps 1-2 data parallel (1 sequence per worker), a checkpoint at step 2 written by the chief only (the
+      other worker's copy goes to a temporary directory, emptied after each save);
+    - a fresh pair of processes resumes from the chief's checkpoint for steps 3-4 with ``--context_parallel=2``
+      (not a setting of the run's identity: the same run, split differently), each worker holding half of
+      both sequences.
+    """
+    settings = {**SETTINGS["fixed"], **COMMON, "strategy": "multi_worker", "model_dir": str(tmp_path / "mw")}
+    reference = one_process_losses(tmp_path, {k: v for k, v in settings.items() if k not in ("strategy", "model_dir")})
+    first = run_workers(settings, until_step=2)
+    ckpts = tmp_path / "mw" / "checkpoints"
+    assert [r["chief"] for r in first] == [True, False] and all(r["replicas"] == 2 for r in first)
+    assert first[0]["ckpt_dir"] == str(ckpts) and not first[1]["ckpt_dir"].startswith(str(tmp_path))
+    assert not list(Path(first[1]["ckpt_dir"]).iterdir())
+    assert sorted(p.name for p in ckpts.glob("*.index")) == ["ckpt-2.index"]
+    second = run_workers({**settings, "context_parallel": 2})
+    assert [r["start_step"] for r in second] == [2, 2]
+    assert sorted(p.name for p in ckpts.glob("*.index")) == ["ckpt-2.index", "ckpt-4.index"]
+    for worker in range(2):
+        np.testing.assert_allclose(first[worker]["losses"], reference[:2], rtol=1e-5)
+        np.testing.assert_allclose(second[worker]["losses"], reference[2:], rtol=1e-5)

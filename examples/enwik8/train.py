@@ -270,7 +270,14 @@ class Trainer:
         return [p for p in reversed(listed) if tf.io.gfile.exists(p + ".index")]
 
     def save(self) -> str:
-        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+        """Save the step's checkpoint (collective: every worker calls it); a non-chief worker's copy is deleted at
+        once, so only the chief's checkpoint directory holds checkpoints. Returns the saved path."""
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if not self.chief:
+            directory = self.manager.directory
+            tf.io.gfile.rmtree(directory)
+            tf.io.gfile.makedirs(directory)  # empty, for the next save
+        return path
 
     # -- the step
 
