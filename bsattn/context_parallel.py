@@ -276,10 +276,32 @@ def context_parallel_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1] // checks.positive_int("heads", heads))
     gathered = exchange_kv(k, v, plan, shard)
+    out = shard_attention(q, k, v, gathered, plan, shard, heads, scale, kv_heads)
+    if gathered is not None:
+        # Every replica must join the all-gather's backward (an all-reduce): a replica whose rows read no remote
+        # block (causal: the first) depends on the buffer through an empty slice, so its tape still calls it.
+        out += tf.cast(tf.reduce_sum(gathered[:, :0, :1]), out.dtype)
+    return out
+
+
+def shard_attention(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    v: tf.Tensor,
+    gathered: tf.Tensor | None,
+    plan: ContextParallelPlan,
+    shard: int,
+    heads: int,
+    scale: float,
+    kv_heads: int | None = None,
+) -> tf.Tensor:
+    """Shard ``shard``'s attention from its own ``q, k, v [B, T/N, ...]`` and the all-gathered buffer of
+    ``exchange_kv`` (no collective here): one fused op per source shard its rows touch, merged by lse →
+    ``[B, T/N, H*D]``."""
     width = k.shape[-1]
     outs, lses = [], []
     offset = 0
-    for source in range(n):
+    for source in range(plan.n_shards):
         pair = plan.pair_tables(shard, source)
         size = plan.send_tokens(source)
         if source == shard:
@@ -293,27 +315,25 @@ def context_parallel_attention(
         out, lse = fused_attention(q, ks, vs, pair, heads, scale=scale, return_lse=True, kv_heads=kv_heads)
         outs.append(out)
         lses.append(lse)
-    out = merge_partials(outs, lses, heads)
-    if gathered is not None:
-        # Every replica must join the all-gather's backward (an all-reduce): a replica whose rows read no remote
-        # block (causal: the first) depends on the buffer through an empty slice, so its tape still calls it.
-        out += tf.cast(tf.reduce_sum(gathered[:, :0, :1]), out.dtype)
-    return out
+    return merge_partials(outs, lses, heads)
 
 
 def merge_partials(outs: list[tf.Tensor], lses: list[tf.Tensor], heads: int) -> tf.Tensor:
     """Exact merge of partial attentions over disjoint key sets: ``outs[i] [B, Tq, H*D]`` (0 where a row has no
     key), ``lses[i] [B, H, Tq]`` (-inf there) → ``[B, Tq, H*D]`` in the dtype of ``outs``; a row with no key in
-    any part gives 0. No NaN in the value or the gradient."""
+    any part gives 0. No NaN in the value or the gradient. Accumulates part by part (no stacked copy of the
+    outputs): the temporaries are a few ``[B, Tq, H*D]`` tensors however many parts there are."""
     if len(outs) == 1:
         return outs[0]
-    lse = tf.stack(lses)  # [S, B, H, Tq]
-    top = tf.stop_gradient(tf.reduce_max(lse, axis=0))
+    top = tf.stop_gradient(tf.reduce_max(tf.stack(lses), axis=0))  # [B, H, Tq]
     top = tf.where(tf.math.is_finite(top), top, tf.zeros_like(top))
-    weights = tf.exp(lse - top)  # exp(-inf) = 0: an empty part has weight 0 (and gradient 0)
-    total = tf.reduce_sum(weights, axis=0)
+    weights = [tf.exp(lse - top) for lse in lses]  # exp(-inf) = 0: an empty part has weight 0 (and gradient 0)
+    total = tf.add_n(weights)
     total = tf.where(total > 0, total, tf.ones_like(total))
-    weights = tf.transpose(weights / total, [0, 1, 3, 2])[..., None]  # [S, B, Tq, H, 1]
     shape = tf.shape(outs[0])
-    stacked = tf.reshape(tf.cast(tf.stack(outs), lse.dtype), [len(outs), shape[0], shape[1], heads, -1])
-    return tf.cast(tf.reshape(tf.reduce_sum(weights * stacked, axis=0), shape), outs[0].dtype)
+    merged = None
+    for out, weight in zip(outs, weights):
+        w = tf.transpose(weight / total, [0, 2, 1])[..., None]  # [B, Tq, H, 1]
+        part = tf.reshape(tf.cast(out, w.dtype), [shape[0], shape[1], heads, -1]) * w
+        merged = part if merged is None else merged + part
+    return tf.cast(tf.reshape(merged, shape), outs[0].dtype)

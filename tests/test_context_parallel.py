@@ -35,17 +35,21 @@ CASES = {
     "fixed": ("fixed", 64, {"num_verts": 2, "vertsize": 1}),
     "gqa_causal": ("all", None, {"kv_heads": 1}),
     "bigbird": "bigbird",
+    "bigbird_keras": "bigbird",  # the same layout through SparseSelfAttention(context_parallel=strategy)
 }
 
 
+def bigbird_config():
+    return BigBirdSparsityConfig(num_heads=H, block=BS, different_layout_per_head=True, num_random_blocks=1,
+                                 num_sliding_window_blocks=3, num_global_blocks=1, seed=3)  # fmt: skip
+
+
 def bigbird_tables():
-    config = BigBirdSparsityConfig(num_heads=H, block=BS, different_layout_per_head=True, num_random_blocks=1,
-                                   num_sliding_window_blocks=3, num_global_blocks=1, seed=3)  # fmt: skip
-    return fused_tables_for_layout(config.make_layout(T), BS)
+    return fused_tables_for_layout(bigbird_config().make_layout(T), BS)
 
 
 def case_tables(name):
-    if name == "bigbird":
+    if CASES[name] == "bigbird":
         return bigbird_tables()
     mode, ctx, extra = CASES[name]
     pattern = patterns.mode_pattern(mode, T, H, ctx, blocksize=BS, num_verts=extra.get("num_verts"),
@@ -65,7 +69,7 @@ SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
     sys.path.insert(0, sys.argv[1])
     from tests import test_context_parallel as spec
-    from bsattn import blocksparse_attention_impl
+    from bsattn import SparseSelfAttention, blocksparse_attention_impl
     from bsattn.context_parallel import context_parallel_attention, context_parallel_plan, exchange_kv
     from bsattn.fused_attention import fused_attention
 
@@ -80,6 +84,11 @@ SCRIPT = textwrap.dedent(
         return [tf.constant(rng.uniform(0.05, 1, s) * rng.choice([-1, 1], s), dtype) for s in shapes]
 
     def attend(name, q, k, v, strategy):
+        if name == "bigbird_keras":
+            layer = SparseSelfAttention(spec.bigbird_config(), max_seq_length=T, context_parallel=strategy)
+            heads4 = [tf.transpose(tf.reshape(x, [B, x.shape[1], -1, D]), [0, 2, 1, 3]) for x in (q, k, v)]
+            out = layer(*heads4)
+            return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [B, -1, H * D])
         if name == "bigbird":
             tables = spec.bigbird_tables()
             if strategy is None:
@@ -99,7 +108,7 @@ SCRIPT = textwrap.dedent(
     L = T // n
     for name in spec.CASES:
         for dtype in (tf.float32, tf.float64) if name == "all" else (tf.float32,):
-            kv_heads = spec.CASES[name][2].get("kv_heads", H) if name != "bigbird" else H
+            kv_heads = H if spec.CASES[name] == "bigbird" else spec.CASES[name][2].get("kv_heads", H)
             full = inputs(kv_heads, dtype)
             ref = grads(name, *full)
             sharded = [strategy.experimental_distribute_values_from_function(
