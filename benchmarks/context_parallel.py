@@ -2,6 +2,7 @@
 
     python benchmarks/context_parallel.py                 # T = 32768, N = 1, 2, 4; table + JSON
     python benchmarks/context_parallel.py --n_ctx 4096    # quicker
+    python benchmarks/context_parallel.py --out benchmarks/results/context_parallel.json   # the committed one
 
 For each N (a subprocess with N logical CPU devices: they must be configured before TensorFlow starts) and each
 pattern ('local' and 'fixed', sparse_attention's modes), B = 1, H heads of size D, float32, forward + backward:
@@ -19,7 +20,7 @@ pattern ('local' and 'fixed', sparse_attention's modes), B = 1, H heads of size 
   the fastest of ``--repeats``. Logical CPUs share the machine's cores, so this shows the overhead of the split
   (more, smaller op calls and the exchange) and not a speed-up; on N GPUs each device does 1/N of the work.
 
-Writes ``benchmarks/results/context_parallel.json``.
+Writes ``--out`` (default outside the repository: ``benchmarks/outputs.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from outputs import default_out
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"local": ("local", 512), "fixed": ("fixed", 1024)}  # name -> (attn_mode, local_attn_ctx)
@@ -146,7 +149,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "context_parallel.json"))
+    parser.add_argument(
+        "--out", default=default_out("context_parallel.json"), help="results JSON (default outside the repository)"
+    )
     args = parser.parse_args()
     sizes = (args.n_ctx, args.heads, args.head_dim, args.block, args.repeats)
     if args.worker:
@@ -172,7 +177,9 @@ def main() -> None:
         print(" | ".join([r["pattern"], str(r["n"]), f"{r['peak_mb_per_device']:.1f}", f"{r['step_seconds']:.3f}",
                           mb(r["received"]), mb(r["required"]), mb(r["all_kv"]),
                           mb(r["backward_allreduce_per_replica"])]))  # fmt: skip
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker")}
+    Path(args.out).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

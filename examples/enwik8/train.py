@@ -416,6 +416,7 @@ def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = 
         f"splits: train {splits.train.size:,} / valid {splits.valid.size:,} / test {splits.test.size:,} bytes; "
         f"model: {cfg.n_layer} layers, d={cfg.n_state}, {cfg.n_head} heads, {trainer.model.n_params():,} parameters; "
         f"attention: {cfg.attention} {cfg.attn_mode}, T={cfg.n_timesteps}; {strategy.num_replicas_in_sync} replica(s)"
+        + (", each sequence split over them (--context_parallel)" if cfg.context_parallel > 1 else "")
     )
     run_dir = Path(cfg.run_dir)
     resuming = (run_dir / "config.json").exists()
