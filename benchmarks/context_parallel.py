@@ -161,7 +161,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     for n in args.replicas:
         cmd = [sys.executable, __file__, "--worker", str(n), "--n_ctx", str(args.n_ctx), "--heads", str(args.heads),
-               "--head_dim", str(args.head_dim), "--block", str(args.block), "--repeats", str(args.repeats)]  # fmt: skip
+               "--head_dim", str(args.head_dim), "--block", str(args.block),
+               "--repeats", str(args.repeats)]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -170,7 +171,8 @@ def main() -> None:
     rows.sort(key=lambda r: (r["pattern"], r["n"]))
     print(f"T={args.n_ctx}, B=1, H={args.heads}, D={args.head_dim}, block {args.block}, float32, forward+backward; "
           "MB of K+V (all replicas summed) for the forward all-gather")  # fmt: skip
-    header = ("pattern", "N", "peak MB/device", "step s", "received MB", "required MB", "all-K/V MB", "bwd all-reduce MB/replica")
+    header = ("pattern", "N", "peak MB/device", "step s", "received MB", "required MB", "all-K/V MB",
+              "bwd all-reduce MB/replica")  # fmt: skip
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows:

@@ -7,7 +7,8 @@ the query-block rows of shard ``r``, only the key blocks those rows make active.
 1. packs the key/value blocks of its shard that the rows of *any other* shard need (its send set, fixed by the
    layout: ``ContextParallelPlan.send_blocks``) into one ``[B, n_send * bs, 2 * KVH * D]`` buffer;
 2. all-gathers the buffers (``ReplicaContext.all_gather`` along the time axis: send sets of different sizes
-   need no padding; a shard that nobody needs sends 0 blocks);
+   need no padding; a shard that nobody needs sends one placeholder token, since TensorFlow's collective fails
+   on an empty contribution);
 3. runs the fused op once per source shard whose blocks its rows touch, with the tables of
    ``(its rows) x (that shard's blocks)`` (``ContextParallelPlan.pair_tables``, block indices into the packed
    buffer for a remote shard), each giving ``(out_s, lse_s)``;
@@ -15,14 +16,16 @@ the query-block rows of shard ``r``, only the key blocks those rows make active.
 
 The backward pass runs through the same graph: the fused op's gradient takes ``dlse``, and the all-gather's
 gradient (TensorFlow's: an all-reduce of the gathered buffer's gradient, each replica keeping its slice) returns
-the gradient of each sent block to its owner, where the gather's gradient scatters it into ``dK``/``dV``.
+the gradient of each sent block to its owner, where the gather's gradient scatters it into ``dK``/``dV``. That
+all-reduce is a collective too, so every replica's output depends on the gathered buffer (through an empty slice
+where its rows read no remote block), and every replica's tape joins it.
 
 Why an all-gather and not a ring of point-to-point permutes: ``tf.distribute``'s cross-replica primitives are
 all-reduce, all-gather and broadcast (no send/receive between two replicas), and the same code then runs on
 ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy``. A replica receives every other shard's send set, which
 is what its rows need for the usual patterns' last shard (causal: all earlier shards; fixed: all earlier summary
 columns) and more than that for the first shards; ``ContextParallelPlan.exchange_bytes`` counts both, and the
-payload is always at most (and for sparse layouts far below) an all-gather of all of K/V.
+payload is at most (and for sparse layouts far below) an all-gather of all of K/V, plus the placeholders.
 
 Supported: any ``FusedTables`` of ``n_q = n_k = T`` (every bsattn pattern, DeepSpeed layouts through
 ``fused_tables_for_layout``), grouped-query ``kv_heads``, any scale, float dtypes. Not under context
@@ -52,6 +55,9 @@ class NaturalStrided(patterns.Pattern):
     is a global permutation of the tokens; a sequence split into contiguous shards keeps the original order."""
 
     local_attn_ctx: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "local_attn_ctx", checks.positive_int("local_attn_ctx", self.local_attn_ctx))
 
     def allowed(self, head, q, k, n_q, n_k):
         d = q - k

@@ -2,8 +2,9 @@
 
 Logical devices must be configured before TensorFlow initialises (and two MirroredStrategies of different
 device sets in one process clash in their collective groups), so the distributed cases run in one subprocess
-per ``N`` (``N`` logical CPUs, MirroredStrategy over them) that prints its results as JSON; the checks run here. Each case: the sharded outputs and gradients (of q, k, v) concatenated over the replicas
-equal the single-device op on the whole sequence, and the all-gathered buffer has exactly the tokens that the
+per ``N`` (``N`` logical CPUs, MirroredStrategy over them) that prints its results as JSON; the checks run here.
+Each case: the sharded outputs and gradients (of q, k, v) concatenated over the replicas equal the single-device
+op on the whole sequence, and the all-gathered buffer has exactly the tokens that the
 plan's send sets give, which are checked against a brute-force reading of the token mask.
 """
 

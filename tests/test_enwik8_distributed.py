@@ -23,12 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 TIMEOUT = 240  # seconds per subprocess (the machine may be shared; a run takes ~10-30 s)
 
-# A tiny model: 'fixed' with stride 32 at T = 128 (4 shards of 2 blocks at N = 4), or strided (local + strided heads).
+# A tiny model: 'fixed' with stride 32 at T = 128 (4 shards of 2 blocks at N = 4), or strided (local + strided heads,
+# each block recomputed in the backward pass: the exchange runs again there).
 SETTINGS = {
     "fixed": dict(n_layer=1, n_state=32, n_head=2, n_timesteps=128, n_batch=2, local_attn_ctx=32, blocksize=16,
                   attn_mode="fixed"),
     "strided": dict(n_layer=1, n_state=32, n_head=2, n_timesteps=256, n_batch=2, local_attn_ctx=16, blocksize=16,
-                    attn_mode="strided"),
+                    attn_mode="strided", recompute=True),
 }  # fmt: skip
 COMMON = dict(n_steps=4, warmup_iters=1, lr=3e-3, resid_pdrop=0.0, embed_pdrop=0.0, eval_every=0, ckpt_every=2,
               log_every=2, final_eval=False, sample_bytes=0)  # fmt: skip
@@ -69,7 +70,7 @@ CONTEXT_PARALLEL_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_context_parallel_training_matches_one_device(tmp_path):
     """``--context_parallel=4`` (4 logical CPUs, one sequence split in 4): the loss curve, the trained weights and
-    the evaluation of one device, for 'fixed' and for 'strided' (local + strided heads)."""
+    the evaluation of one device, for 'fixed' and for 'strided' (local + strided heads, with --recompute)."""
     out = run_script(CONTEXT_PARALLEL_SCRIPT, str(tmp_path), json.dumps(SETTINGS), json.dumps(COMMON), "4")
     for mode in SETTINGS:
         one, split = out[f"{mode}/1"], out[f"{mode}/4"]
@@ -132,8 +133,8 @@ def run_workers(settings: dict, until_step: int = 0) -> list[dict]:
     procs = []
     for index in range(2):
         env = {**ENV, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, json.dumps(settings), str(until_step)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        cmd = [sys.executable, "-c", WORKER_SCRIPT, json.dumps(settings), str(until_step)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
         for proc in procs:

@@ -217,7 +217,8 @@ def deepspeed_sparse_attention(
 
 
 def _context_parallel(query, key, value, config, scale, strategy, dropout_rate, **unsupported) -> tf.Tensor:
-    """``deepspeed_sparse_attention(..., context_parallel=strategy)``: ``[B, H, T/N, D]`` shards → ``[B, H, T/N, D]``."""
+    """``deepspeed_sparse_attention(..., context_parallel=strategy)``: ``[B, H, T/N, D]`` shards →
+    ``[B, H, T/N, D]``."""
     from bsattn.context_parallel import context_parallel_attention, replica_shard
 
     if not isinstance(strategy, tf.distribute.Strategy):

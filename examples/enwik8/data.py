@@ -253,7 +253,9 @@ def _context_parallel_dataset(
     def shards(step):
         offsets = window_offsets(size, n_timesteps, n_batch, seed, step)
         w = tf.cast(tf.gather(buffer, offsets[:, None] + span), tf.int32)  # [n_batch, T + 1]
-        cut = lambda t: tf.stack([t[:, (first + j) * length : (first + j + 1) * length] for j in range(local)])
+        def cut(t):  # [n_batch, T] -> [local, n_batch, T/N]: this worker's replicas' shards
+            return tf.stack([t[:, (first + j) * length : (first + j + 1) * length] for j in range(local)])
+
         step_ids = tf.fill([local, n_batch], tf.cast(step, tf.int64))
         return {"x": cut(w[:, :-1]), "y": cut(w[:, 1:]), "step": step_ids}  # [local, n_batch, T/N]
 
