@@ -222,6 +222,7 @@ def blocksparse_attention_impl(
     *,
     engine: str = "fused",
     kv_heads: int | None = None,
+    context_parallel: tf.distribute.Strategy | None = None,
 ) -> tf.Tensor:
     """Block-sparse attention of a mode: ``q [B, T, H*D]``, ``k, v [B, T, KVH*D]`` -> ``[B, T, H*D]``.
 
@@ -238,10 +239,21 @@ def blocksparse_attention_impl(
     ``kv_heads`` (None = ``heads``) dividing ``heads``: grouped-query (1: multi-query) attention, query head ``h``
     reading K/V head ``h // (heads // kv_heads)``. The fused engine reads the shared K/V heads in place; the
     unfused one repeats them to ``heads`` first (a copy of K and V).
+
+    ``context_parallel=strategy``: the sequence is split over ``strategy``'s ``N`` replicas (call inside
+    ``strategy.run``; replica ``r`` passes its shard ``[B, T/N, ...]``, tokens ``[r T/N, (r+1) T/N)``, and gets its
+    shard of the output); the replicas exchange only the key/value blocks the pattern needs
+    (``bsattn.context_parallel``). Same result as the whole sequence on one device; fused engine only, not under
+    XLA; ``'strided'`` runs in the original token order there (``NaturalStrided``).
     """
     checks.choice("engine", engine, ("fused", "unfused"))
     q, k, v = _check_attention_args(q, k, v, heads, attn_mode, local_attn_ctx, blocksize, kv_heads)
     kv_heads = heads if kv_heads is None else kv_heads
+    if context_parallel is not None:
+        return _context_parallel_impl(
+            q, k, v, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, engine, kv_heads,
+            context_parallel,
+        )  # fmt: skip
     n_ctx = shape_list(q)[1]
     if attn_mode == "strided":
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
@@ -262,3 +274,35 @@ def blocksparse_attention_impl(
     if attn_mode == "strided":
         a = _strided_untranspose(a, n_ctx, local_attn_ctx)
     return a
+
+
+def _context_parallel_impl(
+    q, k, v, heads, attn_mode, local_attn_ctx, blocksize, num_verts, vertsize, engine, kv_heads, strategy
+) -> tf.Tensor:
+    """``blocksparse_attention_impl(..., context_parallel=strategy)`` on this replica's shard."""
+    from bsattn import context_parallel as cp
+
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(f"context_parallel must be a tf.distribute.Strategy or None, got {type(strategy).__name__}")
+    if engine != "fused":
+        raise ValueError(f"context_parallel needs engine='fused', got engine={engine!r}")
+    if in_xla_context():
+        raise ValueError("context_parallel does not run under XLA (jit_compile): the fused op cannot compile there")
+    n_local = q.shape[1] if q.shape.rank else None
+    if n_local is None:
+        raise ValueError(f"context_parallel needs a static shard length, got q of shape {q.shape}")
+    if n_local % blocksize:
+        raise ValueError(
+            f"context_parallel: this replica's shard (q.shape[1] = {n_local}) must be a multiple of "
+            f"blocksize={blocksize}, i.e. T must be a multiple of replicas * blocksize"
+        )
+    _, n_shards = cp.replica_shard(strategy)
+    n_ctx = n_local * n_shards
+    pattern = patterns.mode_pattern(
+        attn_mode, n_ctx, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
+    )
+    if attn_mode == "strided":
+        pattern = cp.NaturalStrided(local_attn_ctx)
+    tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, blocksize)
+    scale = 1.0 / math.sqrt(shape_list(q)[-1] // heads)
+    return cp.context_parallel_attention(q, k, v, tables, heads, strategy, scale=scale, kv_heads=kv_heads)

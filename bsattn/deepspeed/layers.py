@@ -111,6 +111,7 @@ def deepspeed_sparse_attention(
     dropout_rate: float = 0.0,
     seed: int | tf.Tensor | None = None,
     segment_ids: tf.Tensor | None = None,
+    context_parallel: tf.distribute.Strategy | None = None,
 ) -> tf.Tensor:
     """DeepSpeed's ``SparseSelfAttention.forward`` on the fused op: ``[B, H, T, D] x3 → [B, H, T, D]``.
 
@@ -124,6 +125,9 @@ def deepspeed_sparse_attention(
       scale: default ``1/sqrt(D)``.
       dropout_rate, seed: attention dropout of the fused op (DeepSpeed has none).
       segment_ids: int ``[B, T]``: packed sequences (module docstring).
+      context_parallel: a ``tf.distribute.Strategy``: the sequence is split over its ``N`` replicas (call inside
+        ``strategy.run``; ``T`` above is this replica's shard, the layout is the one of ``N * T`` tokens;
+        ``bsattn.context_parallel``); not with rpe, masks, segment ids or dropout.
     """
     config = _check_config(sparsity_config)
     _check_mode("key_padding_mask_mode", key_padding_mask_mode)
@@ -152,6 +156,10 @@ def deepspeed_sparse_attention(
         raise ValueError(f"query has {heads} heads but sparsity_config.num_heads is {config.num_heads}")
     if t % config.block:
         raise ValueError(f"Sequence Length, {t}, needs to be dividable by Block size {config.block}!")
+    if context_parallel is not None:
+        return _context_parallel(query, key, value, config, scale, context_parallel,
+                                 rpe=rpe, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                 segment_ids=segment_ids, dropout_rate=dropout_rate)  # fmt: skip
     tables = fused_tables_for_pattern(config, t, t, config.block)
     scale = fused_scale(d, scale)
     dtype = query.dtype
@@ -209,6 +217,25 @@ def deepspeed_sparse_attention(
     return attend(query, key, value, keep, key_bias, bias)
 
 
+def _context_parallel(query, key, value, config, scale, strategy, dropout_rate, **unsupported) -> tf.Tensor:
+    """``deepspeed_sparse_attention(..., context_parallel=strategy)``: ``[B, H, T/N, D]`` shards →
+    ``[B, H, T/N, D]``."""
+    from bsattn.context_parallel import context_parallel_attention, replica_shard
+
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(f"context_parallel must be a tf.distribute.Strategy or None, got {type(strategy).__name__}")
+    given = [name for name, x in unsupported.items() if x is not None] + (["dropout_rate"] if dropout_rate else [])
+    if given:
+        raise ValueError(f"context_parallel does not support {', '.join(given)}")
+    _, heads, t, d = query.shape.as_list()
+    n_ctx = t * replica_shard(strategy)[1]
+    tables = fused_tables_for_pattern(config, n_ctx, n_ctx, config.block)
+    flat = [tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [-1, t, x.shape[1] * d]) for x in (query, key, value)]
+    out = context_parallel_attention(*flat, tables, heads, strategy, scale=fused_scale(d, scale),
+                                     kv_heads=key.shape[1])  # fmt: skip
+    return tf.transpose(tf.reshape(out, [-1, t, heads, d]), [0, 2, 1, 3])
+
+
 # ---- layers ------------------------------------------------------------------------------------------------
 
 
@@ -221,6 +248,10 @@ class SparseSelfAttention(keras.layers.Layer):
     The layout is built for the actual ``T`` (DeepSpeed sliced the ``max_seq_length`` layout); ``T`` above
     ``max_seq_length`` is an error (DeepSpeed failed later, on shapes). Any float dtype; under a mixed
     precision policy the inputs arrive in the compute dtype.
+
+    ``context_parallel=strategy``: the sequence is split over the strategy's replicas (``deepspeed_sparse_attention``;
+    ``T`` is then each replica's shard, ``max_seq_length`` bounds the whole sequence). A strategy is not
+    serialisable: ``get_config`` leaves it out (pass it again when loading).
     """
 
     def __init__(
@@ -229,9 +260,11 @@ class SparseSelfAttention(keras.layers.Layer):
         key_padding_mask_mode: str = "add",
         attn_mask_mode: str = "mul",
         max_seq_length: int = 2048,
+        context_parallel: tf.distribute.Strategy | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.context_parallel = context_parallel
         if sparsity_config is None:
             raise ValueError(
                 "sparsity_config is required (DeepSpeed's default, the abstract SparsityConfig(num_heads=4), has no "
@@ -255,12 +288,16 @@ class SparseSelfAttention(keras.layers.Layer):
 
     def call(self, query, key, value, rpe=None, key_padding_mask=None, attn_mask=None, segment_ids=None):
         t = query.shape[2]
+        if t is not None and self.context_parallel is not None:
+            from bsattn.context_parallel import replica_shard
+
+            t *= replica_shard(self.context_parallel)[1]
         if t is not None and t > self.max_seq_length:
             raise ValueError(f"query has T={t} tokens, more than max_seq_length={self.max_seq_length}")
         return deepspeed_sparse_attention(
             query, key, value, self.sparsity_config, rpe=rpe, key_padding_mask=key_padding_mask,
             attn_mask=attn_mask, key_padding_mask_mode=self.key_padding_mask_mode,
-            attn_mask_mode=self.attn_mask_mode, segment_ids=segment_ids,
+            attn_mask_mode=self.attn_mask_mode, segment_ids=segment_ids, context_parallel=self.context_parallel,
         )  # fmt: skip
 
     def compute_output_shape(self, query_shape, *args, **kwargs):

@@ -100,6 +100,12 @@ class Config:
     # ---- distribution
     strategy: str = _field("default", "tf.distribute strategy (multi_worker reads TF_CONFIG)", STRATEGIES)
     n_cpu_devices: int = _field(1, "split the CPU into this many logical devices (to try mirrored without GPUs)")
+    context_parallel: int = _field(
+        1,
+        "split each sequence over this many replicas (bsattn.context_parallel: each holds T/N tokens and receives "
+        "the key/value blocks its rows need); with --strategy=default a MirroredStrategy over the first N GPUs, "
+        "else N logical CPUs; with mirrored/multi_worker the strategy's replicas must be N. --attention=sparse only",
+    )
     # ---- bookkeeping
     model_dir: str = _field(
         "",
@@ -134,7 +140,8 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise SettingsError(f"--{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
-        positive = ("n_timesteps", "n_batch", "n_layer", "n_state", "n_head", "mlp_ratio", "n_steps", "n_cpu_devices")
+        positive = ("n_timesteps", "n_batch", "n_layer", "n_state", "n_head", "mlp_ratio", "n_steps", "n_cpu_devices",
+                    "context_parallel")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -142,6 +149,8 @@ class Config:
             raise SettingsError(f"--n_state={self.n_state} must be a multiple of --n_head={self.n_head}")
         if self.n_timesteps % self.blocksize:
             raise SettingsError(f"--n_timesteps={self.n_timesteps} must be a multiple of --blocksize={self.blocksize}")
+        if self.context_parallel > 1:
+            self._validate_context_parallel()
         if self.block == "colt5":
             self._validate_colt5()
             return
@@ -156,6 +165,19 @@ class Config:
         if not 0.0 <= self.resid_pdrop < 1.0 or not 0.0 <= self.embed_pdrop < 1.0:
             raise SettingsError("--resid_pdrop and --embed_pdrop must be in [0, 1)")
         self._validate_patterns()
+
+    def _validate_context_parallel(self) -> None:
+        n = self.context_parallel
+        if self.block != "transformer" or self.attention != "sparse":
+            raise SettingsError(
+                f"--context_parallel={n} needs --block=transformer --attention=sparse (the fused block-sparse op), "
+                f"got --block={self.block} --attention={self.attention}"
+            )
+        if self.n_timesteps % (n * self.blocksize):
+            raise SettingsError(
+                f"--context_parallel={n}: --n_timesteps={self.n_timesteps} must be a multiple of context_parallel * "
+                f"blocksize = {n} * {self.blocksize} (each replica holds whole blocks)"
+            )
 
     def _validate_colt5(self) -> None:
         for name in COLT5_FIELDS:

@@ -198,6 +198,7 @@ def train_dataset(
     seed: int,
     start_step: int = 0,
     input_context: tf.distribute.InputContext | None = None,
+    context_parallel: int = 1,
 ) -> tf.data.Dataset:
     """Random training windows, one global batch of ``n_batch`` per step, from ``start_step`` on.
 
@@ -205,8 +206,15 @@ def train_dataset(
     int64 ``[b]``. Without ``input_context``, ``b = n_batch``. With one (``distribute_datasets_from_function``),
     this worker keeps its contiguous share of each global batch and emits it as per-replica batches, so the
     replicas of all workers together see exactly the global batch of the single-device run.
+
+    ``context_parallel = N > 1`` (with an ``input_context`` of ``N`` replicas): every replica gets the whole
+    global batch, cut to its shard of the sequence: ``x``, ``y`` ``[n_batch, T/N]`` (tokens ``[r T/N, (r+1) T/N)``
+    for replica ``r``); this worker emits the shards of its local replicas, in replica order.
     """
     buffer = tf.constant(data)
+    if context_parallel > 1:
+        return _context_parallel_dataset(buffer, data.size, n_timesteps, n_batch, seed, start_step, input_context,
+                                         context_parallel)  # fmt: skip
     if input_context is None:
         first, count, per_replica = 0, n_batch, n_batch
     else:
@@ -227,6 +235,31 @@ def train_dataset(
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(windows)
     if per_replica != count:
         ds = ds.rebatch(per_replica, drop_remainder=True)
+    return ds.prefetch(2)
+
+
+def _context_parallel_dataset(
+    buffer: tf.Tensor, size: int, n_timesteps: int, n_batch: int, seed: int, start_step: int,
+    input_context: tf.distribute.InputContext | None, n_shards: int,
+) -> tf.data.Dataset:  # fmt: skip
+    if input_context is None or input_context.num_replicas_in_sync != n_shards:
+        replicas = 1 if input_context is None else input_context.num_replicas_in_sync
+        raise ValueError(f"--context_parallel={n_shards} needs {n_shards} replicas in sync, got {replicas}")
+    local = n_shards // input_context.num_input_pipelines  # replicas of this worker
+    first = local * input_context.input_pipeline_id
+    span = tf.range(n_timesteps + 1, dtype=tf.int64)
+    length = n_timesteps // n_shards
+
+    def shards(step):
+        offsets = window_offsets(size, n_timesteps, n_batch, seed, step)
+        w = tf.cast(tf.gather(buffer, offsets[:, None] + span), tf.int32)  # [n_batch, T + 1]
+        def cut(t):  # [n_batch, T] -> [local, n_batch, T/N]: this worker's replicas' shards
+            return tf.stack([t[:, (first + j) * length : (first + j + 1) * length] for j in range(local)])
+
+        step_ids = tf.fill([local, n_batch], tf.cast(step, tf.int64))
+        return {"x": cut(w[:, :-1]), "y": cut(w[:, 1:]), "step": step_ids}  # [local, n_batch, T/N]
+
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(shards).unbatch()
     return ds.prefetch(2)
 
 

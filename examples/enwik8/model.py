@@ -139,6 +139,9 @@ class Block(tf.Module):
             if mode == "fixed":
                 kwargs.update(num_verts=cfg.num_verts, vertsize=cfg.vertsize)
             qg, kg, vg = (t[..., start : start + width] for t in (q, k, v)) if len(self.modes) > 1 else (q, k, v)
+            strategy = context_shard(cfg)[2]
+            if strategy is not None:
+                kwargs["context_parallel"] = strategy
             outputs.append(impl(qg, kg, vg, heads, mode, **kwargs))
             start += width
         return outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=-1)
@@ -250,11 +253,18 @@ class SparseTransformer(tf.Module):
         return self.pos
 
     def __call__(self, tokens: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
-        """``seed`` int64 ``[2]``: training (dropout on, seeded); None: evaluation."""
+        """``seed`` int64 ``[2]``: training (dropout on, seeded); None: evaluation.
+
+        Under context parallelism (``cfg.context_parallel = N > 1``, called inside ``strategy.run`` of ``N``
+        replicas) ``tokens`` is this replica's shard ``[B, T/N]`` (tokens ``[r T/N, (r+1) T/N)``) and so are the
+        logits; elsewhere (evaluation, sampling) the whole window."""
         cfg = self.cfg
-        if tokens.shape[-1] != cfg.n_timesteps:
-            raise ValueError(f"the model runs on windows of n_timesteps={cfg.n_timesteps} bytes, got {tokens.shape}")
-        h = tf.gather(self.embed, tokens) + self.positions()
+        shard, n_shards, _ = context_shard(cfg)
+        length = cfg.n_timesteps // n_shards
+        if tokens.shape[-1] != length:
+            expected = f"n_timesteps={cfg.n_timesteps}" + (f" / {n_shards} replicas" if n_shards > 1 else "")
+            raise ValueError(f"the model runs on windows of {expected} bytes, got {tokens.shape}")
+        h = tf.gather(self.embed, tokens) + self.positions()[shard * length : (shard + 1) * length]
         h = dropout(tf.cast(h, self.compute_dtype), cfg.embed_pdrop, self._fold(seed, 0))
         for i, block in enumerate(self.blocks):
             h = _recomputable_block(block, h, seed=self._fold(seed, i + 1), recompute=cfg.recompute)
@@ -273,6 +283,22 @@ class SparseTransformer(tf.Module):
 @recomputable
 def _recomputable_block(block: Block, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
     return block(h, seed)
+
+
+def context_shard(cfg: Config) -> tuple[int, int, tf.distribute.Strategy | None]:
+    """``(shard, n_shards, strategy)`` of the calling replica when the sequence is split (``--context_parallel``
+    > 1, inside ``strategy.run`` of that many replicas), else ``(0, 1, None)`` (evaluation, sampling, one device)."""
+    ctx = tf.distribute.get_replica_context()
+    if cfg.context_parallel == 1 or ctx is None or ctx.num_replicas_in_sync == 1:
+        return 0, 1, None
+    if ctx.num_replicas_in_sync != cfg.context_parallel:
+        raise ValueError(
+            f"--context_parallel={cfg.context_parallel} but the strategy has {ctx.num_replicas_in_sync} replicas"
+        )
+    from bsattn.context_parallel import replica_shard
+
+    shard, n = replica_shard(ctx.strategy)
+    return shard, n, ctx.strategy
 
 
 def token_losses(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:

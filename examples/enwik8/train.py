@@ -65,8 +65,22 @@ def configure_devices(n_cpu_devices: int) -> None:
             ) from err
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """``default`` (one device), ``mirrored`` (all GPUs, else all logical CPUs), ``multi_worker`` (TF_CONFIG)."""
+def cpu_devices_needed(cfg: Config) -> int:
+    """Logical CPU devices to configure: ``--n_cpu_devices``, or ``--context_parallel`` when that runs on CPUs
+    (``--strategy=default`` on a machine without GPUs)."""
+    if cfg.context_parallel > 1 and cfg.strategy == "default" and not tf.config.list_physical_devices("GPU"):
+        return max(cfg.n_cpu_devices, cfg.context_parallel)
+    return cfg.n_cpu_devices
+
+
+def make_strategy(name: str, context_parallel: int = 1) -> tf.distribute.Strategy:
+    """``default`` (one device; with ``context_parallel = N > 1`` a MirroredStrategy over the first N GPUs, else
+    N logical CPUs), ``mirrored`` (all GPUs, else all logical CPUs), ``multi_worker`` (TF_CONFIG)."""
+    if name == "default" and context_parallel > 1:
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        if len(devices) < context_parallel:
+            raise ValueError(f"--context_parallel={context_parallel}: only {len(devices)} devices")
+        return tf.distribute.MirroredStrategy([d.name for d in devices[:context_parallel]])
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -201,7 +215,11 @@ class Trainer:
         self.chief = is_chief(self.strategy)
         self.log = log or (print if self.chief else (lambda *_: None))
         replicas = self.strategy.num_replicas_in_sync
-        if cfg.n_batch % replicas:
+        if cfg.context_parallel > 1 and replicas != cfg.context_parallel:
+            raise ValueError(
+                f"--context_parallel={cfg.context_parallel} needs a strategy of that many replicas, got {replicas}"
+            )
+        if cfg.context_parallel == 1 and cfg.n_batch % replicas:
             raise ValueError(f"--n_batch={cfg.n_batch} must be a multiple of the {replicas} replicas")
         with self.strategy.scope():
             self.model = SparseTransformer(cfg)
@@ -252,7 +270,14 @@ class Trainer:
         return [p for p in reversed(listed) if tf.io.gfile.exists(p + ".index")]
 
     def save(self) -> str:
-        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+        """Save the step's checkpoint (collective: every worker calls it); a non-chief worker's copy is deleted at
+        once, so only the chief's checkpoint directory holds checkpoints. Returns the saved path."""
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if not self.chief:
+            directory = self.manager.directory
+            tf.io.gfile.rmtree(directory)
+            tf.io.gfile.makedirs(directory)  # empty, for the next save
+        return path
 
     # -- the step
 
@@ -294,7 +319,9 @@ class Trainer:
     def dataset(self, start_step: int):
         cfg, train = self.cfg, self.splits.train
         return self.strategy.distribute_datasets_from_function(
-            lambda ctx: data_lib.train_dataset(train, cfg.n_timesteps, cfg.n_batch, cfg.seed, start_step, ctx)
+            lambda ctx: data_lib.train_dataset(
+                train, cfg.n_timesteps, cfg.n_batch, cfg.seed, start_step, ctx, cfg.context_parallel
+            )
         )
 
     def learning_rate(self) -> float:
@@ -377,8 +404,8 @@ def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = 
     killed after that step's checkpoint (the schedule still ends at ``n_steps``).
     """
     cfg.validate()
-    configure_devices(cfg.n_cpu_devices)
-    strategy = make_strategy(cfg.strategy)
+    configure_devices(cpu_devices_needed(cfg))
+    strategy = make_strategy(cfg.strategy, cfg.context_parallel)
     if corpus is None:
         corpus = data_lib.load_bytes(cfg.data_path)
     splits = data_lib.split(corpus)
@@ -389,6 +416,7 @@ def run(cfg: Config, corpus: np.ndarray | None = None, until_step: int | None = 
         f"splits: train {splits.train.size:,} / valid {splits.valid.size:,} / test {splits.test.size:,} bytes; "
         f"model: {cfg.n_layer} layers, d={cfg.n_state}, {cfg.n_head} heads, {trainer.model.n_params():,} parameters; "
         f"attention: {cfg.attention} {cfg.attn_mode}, T={cfg.n_timesteps}; {strategy.num_replicas_in_sync} replica(s)"
+        + (", each sequence split over them (--context_parallel)" if cfg.context_parallel > 1 else "")
     )
     run_dir = Path(cfg.run_dir)
     resuming = (run_dir / "config.json").exists()
@@ -442,7 +470,7 @@ def main(argv: list[str]) -> None:
     cfg = config_lib.from_flags()
     try:
         cfg.validate()
-        configure_devices(cfg.n_cpu_devices)
+        configure_devices(cpu_devices_needed(cfg))
         corpus = data_lib.load_bytes(cfg.data_path)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
