@@ -119,7 +119,10 @@ typedef struct bsattn_fused_args {
                        (pattern, T_max) (t_max below: row_ptr has t_max / block_size rows), in-block masks
                        apply at the absolute rows, the dropout hash uses the absolute row of a T_max-row op;
                        keys >= q_offset + tq are never read (0 <= q_offset, q_offset + tq <= min(T_max, tk):
-                       the caller checks). The backward launchers return BSATTN_ERROR_SHAPE. */
+                       the caller checks). The backward launchers return BSATTN_ERROR_SHAPE. On tensor cores a
+                       step with too few rows for the GPU is split over the keys: its partial rows go to a
+                       stream-ordered temporary (cudaMallocAsync / cudaFreeAsync on `stream`; without memory it
+                       runs unsplit); $BSATTN_DECODE_SPLITS = N fixes the split count (1 = none). */
   int64_t t_max; /* decode: the tables' query length T_max (a multiple of block_size); unused otherwise.
                     Not in the agreed interface: a launcher cannot read it from the device tables. */
 } bsattn_fused_args;

@@ -10,10 +10,12 @@
 // distinct banks. CTAs take query blocks from the last one down: in causal-like layouts the long
 // rows start first.
 // Grouped-query attention: K/V rows are KVH*D wide, query head h reads K/V head h / group.
-// Decoding (FusedParams::decode): a CTA covers a table row of q's queries; its rows outside q are
-// staged as zeros, masked and never stored, the row's entries end at the first block at or past
-// key_end (binary search), and the steps of its last block stop at key_end, the keys past it
-// zero-filled and masked: nothing outside q, out, lse or the written cache is read or written.
+// Decoding (FusedParams::decode): a CTA covers a table row of q's queries, or a part of that row's
+// entries when the rows are too few for the GPU (split over the keys: DecodeSplits, MergeSplits);
+// its rows outside q are staged as zeros, masked, computed by no warp and never stored, the row's
+// entries end at the first block at or past key_end (binary search), and the steps of its last
+// block stop at key_end, the keys past it zero-filled and masked: nothing outside q, out, lse or
+// the written cache is read or written.
 // Segment ids: the row's entries are taken in windows of kWindow; the CTA first lists, in shared
 // memory, the window's key blocks whose [min, max] ids meet the query block's (one thread per
 // entry), marking those where both blocks hold one and the same id (no per-entry rule needed), and
@@ -22,7 +24,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "ops/cuda/bsattn_cuda.h"
 #include "ops/cuda/cuda_common.cuh"
@@ -113,7 +117,8 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   __shared__ int live_s[kWindow];              // the window's listed entries (segment ids)
   __shared__ int warp_counts_s[kNT / 32];
 
-  const int64_t qb = p.row0 + p.n_rows - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int split = static_cast<int>(blockIdx.x % p.n_split);
+  const int64_t qb = p.row0 + p.n_rows - 1 - blockIdx.x / p.n_split, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   if (p.decode) {  // the row's entries with Kb * BS < key_end (sorted by Kb)
@@ -123,6 +128,11 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       if (int64_t{p.row_entries[2 * mid]} * BS < p.key_end) lo = mid + 1; else hi = mid;
     }
     range.y = lo;
+  }
+  if (p.n_split > 1) {  // this split's part of the entries (possibly none)
+    const int per = (range.y - range.x + p.n_split - 1) / p.n_split;
+    range.x = min(range.y, range.x + split * per);
+    range.y = min(range.y, range.x + per);
   }
   const bool segments = p.q_segment_ids != nullptr;
   const int2 q_ids = segments ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
@@ -173,6 +183,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   CpAsyncWait<0>();
   __syncthreads();
   const int row_base = warp * 16 * kMT;  // this warp's first row; m-tile mt holds rows + 16 mt
+  const bool warp_live = row_base < q_hi && row_base + 16 * kMT > q_lo;  // always without decoding
   uint32_t q_frag[kMT][kQFrags][4];
   if constexpr (Shape::kQInRegisters) {
 #pragma unroll
@@ -208,140 +219,143 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       __syncthreads();
     }
 
-    float s[kMT][kSTiles][4];
+    // Decoding: a warp whose rows are all outside q computes nothing (it still loads and synchronises).
+    if (warp_live) {
+      float s[kMT][kSTiles][4];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) Zero(s[mt]);
+      for (int mt = 0; mt < kMT; ++mt) Zero(s[mt]);
 #pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk) {
-      uint32_t qa[kMT][4];
-      if constexpr (!Shape::kQInRegisters) {
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        uint32_t qa[kMT][4];
+        if constexpr (!Shape::kQInRegisters) {
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) LoadA(qa[mt], q_s, kLd, row_base + 16 * mt, kk * 16, lane);
-      }
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t bk[4];
-        LoadBTransposed(bk, ks, kLd, np * 16, kk * 16, lane);
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          const uint32_t(&a)[4] = Shape::kQInRegisters ? q_frag[mt][kk % kQFrags] : qa[mt];
-          Mma<T>(s[mt][2 * np], a, bk[0], bk[1]);
-          Mma<T>(s[mt][2 * np + 1], a, bk[2], bk[3]);
+          for (int mt = 0; mt < kMT; ++mt) LoadA(qa[mt], q_s, kLd, row_base + 16 * mt, kk * 16, lane);
         }
-      }
-    }
-
-    // Scores in log2 units, with the bias and the masks.
-    const int2 entry = entry_at(step);
-    const int32_t mask_id = p.row_entries[2 * entry.x + 1];
-    // Segment ids need the per-entry rule unless both blocks hold one id, the same.
-    const int64_t k0 = first_key(step);
-    // Keys past key_end (decoding) need the per-entry rule too (rows outside q may take the plain
-    // path: their results are never stored).
-    const bool plain_step = plain && (!segments || entry.y != 0) && k0 + kKeys <= p.key_end;
-    const int bj0 = (step % kSteps) * kKeys;  // first key of the step within its block
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      if (plain_step && mask_id < 0) {
+        for (int np = 0; np < kSTiles / 2; ++np) {
+          uint32_t bk[4];
+          LoadBTransposed(bk, ks, kLd, np * 16, kk * 16, lane);
 #pragma unroll
-        for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][t][e] *= scale_log2;
-      } else {
-        const int r0 = row_base + 16 * mt + lane / 4;
-        const uint32_t* mask_rows[2] = {MaskRow(p, mask_id, r0), MaskRow(p, mask_id, r0 + 8)};
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
-            const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half - p.q_offset, k0 + col,
-                                                mask_rows[half], bj0 + col);
-            s[mt][t][e] = ScaledScore(s[mt][t][e], p.scale, offset) * kLog2e;
+          for (int mt = 0; mt < kMT; ++mt) {
+            const uint32_t(&a)[4] = Shape::kQInRegisters ? q_frag[mt][kk % kQFrags] : qa[mt];
+            Mma<T>(s[mt][2 * np], a, bk[0], bk[1]);
+            Mma<T>(s[mt][2 * np + 1], a, bk[2], bk[3]);
           }
-      }
-
-      if (v_bad) {  // kept entries (slot 2t + (e & 1) of rows `half`)
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (s[mt][t][e] != -INFINITY) kept_bits[mt][e / 2] |= 1u << (2 * t + (e & 1));
-      }
-
-      // Online softmax over the step's keys, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * half], s[mt][t][2 * half + 1]));
-        const float m_new = fmaxf(m[mt][half], QuadMax(mx));
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
-        const float alpha = exp2f(m[mt][half] - m_use);
-        float sum = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t) {
-          s[mt][t][2 * half] = exp2f(s[mt][t][2 * half] - m_use);
-          s[mt][t][2 * half + 1] = exp2f(s[mt][t][2 * half + 1] - m_use);
-          sum += s[mt][t][2 * half] + s[mt][t][2 * half + 1];
-        }
-        l[mt][half] = l[mt][half] * alpha + sum;  // this thread's columns; summed over the quad at the end
-        m[mt][half] = m_new;
-#pragma unroll
-        for (int t = 0; t < kOTiles; ++t) {
-          o[mt][t][2 * half] *= alpha;
-          o[mt][t][2 * half + 1] *= alpha;
         }
       }
-      if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
-#pragma unroll
-        for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = t * 8 + (lane % 4) * 2 + (e & 1);
-            s[mt][t][e] *= DropoutFactor(p, b, h, qi_base + 16 * mt + 8 * (e / 2), k0 + col);
-          }
-      }
-    }
 
-    if (v_bad) {  // nonzero (dropped-out or underflowed) probabilities of the kept entries
+      // Scores in log2 units, with the bias and the masks.
+      const int2 entry = entry_at(step);
+      const int32_t mask_id = p.row_entries[2 * entry.x + 1];
+      // Segment ids need the per-entry rule unless both blocks hold one id, the same.
+      const int64_t k0 = first_key(step);
+      // Keys past key_end (decoding) need the per-entry rule too (rows outside q may take the plain
+      // path: their results are never stored).
+      const bool plain_step = plain && (!segments || entry.y != 0) && k0 + kKeys <= p.key_end;
+      const int bj0 = (step % kSteps) * kKeys;  // first key of the step within its block
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+      for (int mt = 0; mt < kMT; ++mt) {
+        if (plain_step && mask_id < 0) {
 #pragma unroll
-        for (int t = 0; t < kSTiles; ++t)
+          for (int t = 0; t < kSTiles; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (s[mt][t][e] != 0.0f) kept_bits[mt][e / 2] |= 1u << (16 + 2 * t + (e & 1));
-    }
-
-    // O += P V: the S accumulators of n-tiles 2kt and 2kt+1 are the A fragment of key step kt.
+            for (int e = 0; e < 4; ++e) s[mt][t][e] *= scale_log2;
+        } else {
+          const int r0 = row_base + 16 * mt + lane / 4;
+          const uint32_t* mask_rows[2] = {MaskRow(p, mask_id, r0), MaskRow(p, mask_id, r0 + 8)};
 #pragma unroll
-    for (int kt = 0; kt < kKeys / 16; ++kt) {
-      uint32_t a[kMT][4];
+          for (int t = 0; t < kSTiles; ++t)
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) AccumulatorsAsA<T>(a[mt], s[mt], kt);
-#pragma unroll
-      for (int dp = 0; dp < kOTiles / 2; ++dp) {
-        uint32_t bv[4];
-        LoadB(bv, vs, kLd, kt * 16, dp * 16, lane);
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Mma<T>(o[mt][2 * dp], a[mt], bv[0], bv[1]);
-          Mma<T>(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+            for (int e = 0; e < 4; ++e) {
+              const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
+              const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half - p.q_offset, k0 + col,
+                                                  mask_rows[half], bj0 + col);
+              s[mt][t][e] = ScaledScore(s[mt][t][e], p.scale, offset) * kLog2e;
+            }
         }
-      }
-    }
-    if (v_bad) {  // key j of the step is held by lane 4 * (lane / 4) + (j % 8) / 2 in slot 2 (j / 8) + j % 2
-      const T* v_rows = v_g + first_key(step) * p.kv_width;
+
+        if (v_bad) {  // kept entries (slot 2t + (e & 1) of rows `half`)
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+          for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (s[mt][t][e] != -INFINITY) kept_bits[mt][e / 2] |= 1u << (2 * t + (e & 1));
+        }
+
+        // Online softmax over the step's keys, rows r0 (e = 0, 1) and r0 + 8 (e = 2, 3).
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          AddNonFiniteTerms<T, kOTiles>(
-              o[mt], half, kept_bits[mt][half], 0u, v_rows, p.kv_width, kKeys, lane,
-              [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
-          kept_bits[mt][half] = 0;
+          float mx = -INFINITY;
+#pragma unroll
+          for (int t = 0; t < kSTiles; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * half], s[mt][t][2 * half + 1]));
+          const float m_new = fmaxf(m[mt][half], QuadMax(mx));
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row masked so far stays at 0
+          const float alpha = exp2f(m[mt][half] - m_use);
+          float sum = 0.0f;
+#pragma unroll
+          for (int t = 0; t < kSTiles; ++t) {
+            s[mt][t][2 * half] = exp2f(s[mt][t][2 * half] - m_use);
+            s[mt][t][2 * half + 1] = exp2f(s[mt][t][2 * half + 1] - m_use);
+            sum += s[mt][t][2 * half] + s[mt][t][2 * half + 1];
+          }
+          l[mt][half] = l[mt][half] * alpha + sum;  // this thread's columns; summed over the quad at the end
+          m[mt][half] = m_new;
+#pragma unroll
+          for (int t = 0; t < kOTiles; ++t) {
+            o[mt][t][2 * half] *= alpha;
+            o[mt][t][2 * half + 1] *= alpha;
+          }
         }
+        if (p.dropout) {  // l keeps the undropped sum; only the product with V sees the mask
+#pragma unroll
+          for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = t * 8 + (lane % 4) * 2 + (e & 1);
+              s[mt][t][e] *= DropoutFactor(p, b, h, qi_base + 16 * mt + 8 * (e / 2), k0 + col);
+            }
+        }
+      }
+
+      if (v_bad) {  // nonzero (dropped-out or underflowed) probabilities of the kept entries
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (s[mt][t][e] != 0.0f) kept_bits[mt][e / 2] |= 1u << (16 + 2 * t + (e & 1));
+      }
+
+      // O += P V: the S accumulators of n-tiles 2kt and 2kt+1 are the A fragment of key step kt.
+#pragma unroll
+      for (int kt = 0; kt < kKeys / 16; ++kt) {
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) AccumulatorsAsA<T>(a[mt], s[mt], kt);
+#pragma unroll
+        for (int dp = 0; dp < kOTiles / 2; ++dp) {
+          uint32_t bv[4];
+          LoadB(bv, vs, kLd, kt * 16, dp * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma<T>(o[mt][2 * dp], a[mt], bv[0], bv[1]);
+            Mma<T>(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+          }
+        }
+      }
+      if (v_bad) {  // key j of the step is held by lane 4 * (lane / 4) + (j % 8) / 2 in slot 2 (j / 8) + j % 2
+        const T* v_rows = v_g + first_key(step) * p.kv_width;
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            AddNonFiniteTerms<T, kOTiles>(
+                o[mt], half, kept_bits[mt][half], 0u, v_rows, p.kv_width, kKeys, lane,
+                [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
+            kept_bits[mt][half] = 0;
+          }
+      }
     }
     __syncthreads();  // every warp is done with this buffer before step + 2 loads into it
   }
@@ -362,6 +376,17 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       const float inv = empty ? 0.0f : 1.0f / total;
       const int64_t qi = qi_base + 16 * mt + 8 * half - p.q_offset;  // q's row
       if (qi < 0 || qi >= p.tq) continue;  // decoding: a row outside q (uniform over its quad)
+      if (p.n_split > 1) {  // the unnormalised partial row and its (m, l), merged by MergeSplits
+        const int64_t row = split * p.batch * p.heads * p.tq + (b * p.heads + h) * p.tq + qi;
+        float* part = p.split_out + row * D;
+#pragma unroll
+        for (int t = 0; t < kOTiles; ++t) {
+          *reinterpret_cast<float2*>(part + t * 8 + (lane % 4) * 2) =
+              make_float2(o[mt][t][2 * half], o[mt][t][2 * half + 1]);
+        }
+        if (lane % 4 == 0) *reinterpret_cast<float2*>(p.split_ml + 2 * row) = make_float2(m[mt][half], total);
+        continue;
+      }
       T* out_row = out + (b * p.tq + qi) * p.width + h * D;
 #pragma unroll
       for (int t = 0; t < kOTiles; ++t) {
@@ -374,14 +399,84 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     }
 }
 
+// out and lse of each decoded row from the n_split partial rows: M = max m_s, w_s = 2^(m_s - M),
+// out = sum w_s o_s / sum w_s l_s, lse = (M + log2 sum w_s l_s) ln 2; one warp per (b, h, row).
+template <typename T>
+__global__ void MergeSplits(FusedParams p, T* out, float* lse) {
+  const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32, rows = p.batch * p.heads * p.tq;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float m_max = -INFINITY;
+  for (int s = 0; s < p.n_split; ++s) m_max = fmaxf(m_max, p.split_ml[2 * (s * rows + row)]);
+  float total = 0.0f;
+  for (int s = 0; s < p.n_split; ++s) {
+    const float2 ml = *reinterpret_cast<const float2*>(p.split_ml + 2 * (s * rows + row));
+    // A split without kept keys adds nothing; one whose only attended scores are NaN (m -inf, l NaN)
+    // makes the row NaN, as in one CTA.
+    if (ml.x != -INFINITY) {
+      total += exp2f(ml.x - m_max) * ml.y;
+    } else if (ml.y != 0.0f) {
+      total = NAN;
+    }
+  }
+  const bool empty = total == 0.0f;
+  const int64_t b = row / (p.heads * p.tq), h = (row / p.tq) % p.heads, t = row % p.tq;
+  T* dst = out + (b * p.tq + t) * p.width + h * p.head_dim;
+  for (int64_t d = lane; d < p.head_dim; d += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s < p.n_split; ++s) {
+      const float m_s = p.split_ml[2 * (s * rows + row)];
+      if (m_s != -INFINITY) acc += exp2f(m_s - m_max) * p.split_out[(s * rows + row) * p.head_dim + d];
+    }
+    dst[d] = FromFloat<T>(empty ? 0.0f : acc / total);
+  }
+  if (lane == 0) lse[(b * p.heads + h) * p.tq + t] = empty ? -INFINITY : (m_max + log2f(total)) * kLn2;
+}
+
+// Key splits of a decoding step: enough CTAs for about two per SM, at most 64 and one per key block;
+// $BSATTN_DECODE_SPLITS = N fixes the count (1 = no split). 1 without decoding.
+int DecodeSplits(const FusedParams& p) {
+  if (!p.decode) return 1;
+  static const int fixed = [] {
+    const char* v = std::getenv("BSATTN_DECODE_SPLITS");
+    return v != nullptr ? std::atoi(v) : 0;
+  }();
+  int64_t want = fixed;
+  if (want <= 0) {
+    int device = 0, sms = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int64_t ctas = std::max<int64_t>(1, p.n_rows * p.heads * p.batch);
+    want = (2 * sms + ctas - 1) / ctas;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, 64, p.n_kb})));
+}
+
 template <typename T, int BS, int D>
 void LaunchForward(const FusedParams& p, void* out, float* lse, cudaStream_t stream) {
   using Shape = ForwardMmaShape<T, BS, D>;
   auto kernel = ForwardMma<T, BS, D>;
   if (Shape::kSharedBytes > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSharedBytes));
-  const dim3 grid(static_cast<unsigned>(p.n_rows), static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  kernel<<<grid, Shape::kThreads, Shape::kSharedBytes, stream>>>(p, static_cast<T*>(out), lse);
+  FusedParams q = p;
+  q.n_split = DecodeSplits(p);
+  const int64_t rows = p.batch * p.heads * p.tq;
+  void* workspace = nullptr;  // stream-ordered: freed after the merge, no host wait
+  if (q.n_split > 1 && cudaMallocAsync(&workspace, sizeof(float) * q.n_split * rows * (D + 2), stream) != cudaSuccess) {
+    q.n_split = 1;  // no memory for the partial rows: one CTA per row
+    workspace = nullptr;
+  }
+  if (workspace != nullptr) {
+    q.split_out = static_cast<float*>(workspace);
+    q.split_ml = q.split_out + q.n_split * rows * D;
+  }
+  const dim3 grid(static_cast<unsigned>(p.n_rows * q.n_split), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  kernel<<<grid, Shape::kThreads, Shape::kSharedBytes, stream>>>(q, static_cast<T*>(out), lse);
+  if (workspace != nullptr) {
+    MergeSplits<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(q, static_cast<T*>(out), lse);
+    cudaFreeAsync(workspace, stream);
+  }
 }
 
 template <typename T, int BS>

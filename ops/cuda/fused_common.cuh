@@ -55,6 +55,12 @@ struct FusedParams {
   bool decode = false;
   int64_t q_offset = 0, row0 = 0, n_rows = 0, key_end = 0;
   int64_t hash_tq = 0;  // the dropout counter's query length: the full op's (T_max when decoding)
+  // Decoding on tensor cores, split over the keys (FlashDecoding): n_split CTAs per table row take
+  // consecutive parts of its entries and write unnormalised partial rows, merged by their (m, l):
+  // split_out [n_split, B*H*tq, D] and split_ml [n_split, B*H*tq, 2] float32 (m in log2 units).
+  int n_split = 1;
+  float* split_out = nullptr;
+  float* split_ml = nullptr;
 };
 
 // The absolute query rows [x, y) of table row qb that q holds: the whole block, or when decoding its

@@ -43,12 +43,10 @@ def _steps(bs: int) -> list[tuple]:
     ]
 
 
-def decode_tables(rng, name: str, bs: int, heads: int) -> FusedTables:
+def decode_tables(rng, name: str, bs: int, heads: int, random_tables) -> FusedTables:
     t_max = N_QB * bs
     if name == "random":
-        from fused_harness import random_fused_tables
-
-        return random_fused_tables(rng, bs, N_QB, N_QB, heads, masked_rows=True)
+        return random_tables(rng, bs, N_QB, N_QB, heads, masked_rows=True)
     pattern = {"causal": patterns.Causal(), "local": patterns.Local(2 * bs),
                "fixed": patterns.Fixed(2 * bs, 2, 1, heads, bs)}[name]  # fmt: skip
     return fused_tables_for_pattern(pattern, t_max, t_max, bs)
@@ -88,15 +86,15 @@ def _lse_error(ours: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.abs(got[~empty] - ref[~empty]).max(initial=0) / max(np.abs(ref[~empty]).max(initial=0), 1e-30))
 
 
-def run_decode_check(launchers, rng, dtype_name: str, bs: int, head_dim: int) -> dict:
-    """{"out": (worst err, torch err), "lse": (...)} over the steps of _steps(bs)."""
-    from fused_harness import DeviceCase
-
+def run_decode_check(launchers, rng, dtype_name: str, bs: int, head_dim: int, device_case, random_tables) -> dict:
+    """{"out": (worst err, torch err), "lse": (...)} over the steps of _steps(bs). device_case, random_tables:
+    fused_harness's DeviceCase and random_fused_tables (passed in: that module runs as __main__, and a second
+    import of it would make its ctypes structure a different class)."""
     dtype, code = DTYPES[dtype_name]
     cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
     worst = {"out": (0.0, 0.0), "lse": (0.0, 0.0)}
     for name, heads, kvh, n, p, features in _steps(bs):
-        tables = decode_tables(rng, name, bs, heads)
+        tables = decode_tables(rng, name, bs, heads, random_tables)
         t_max, width, kv_width = tables.n_q, heads * head_dim, kvh * head_dim
         c = {"tables": tables, "heads": heads, "kv_heads": kvh, "p": p,
              "scale": float(np.float32(rng.uniform(0.5, 1.5) / math.sqrt(head_dim))),
@@ -114,7 +112,7 @@ def run_decode_check(launchers, rng, dtype_name: str, bs: int, head_dim: int) ->
         if "segments" in features:
             ids = np.repeat(np.arange(3), [p + 1, bs, t_max - p - 1 - bs])[None].repeat(B, 0).astype(np.int32)
             c["k_ids"], c["q_ids"] = ids, ids[:, p : p + n]
-        case = DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), tables, heads,
+        case = device_case(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), tables, heads,
                           c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype),
                           c["dropout_rate"], c["seed"], kvh, c["q_ids"], c["k_ids"], q_offset=p)  # fmt: skip
         out, lse = poisoned((B, n, width), dtype), poisoned((B, heads, n), torch.float32)
@@ -160,11 +158,22 @@ def _flex_decode_mask(tables: FusedTables, mask_mod, p: int, batch: int, heads: 
                                     seq_lengths=(1, tables.n_q))  # fmt: skip
 
 
-def decode_bench(launchers, batches, dims, lengths, budget_s: float) -> list[dict]:
-    """One decode step of ours for every (T_max, pattern, D, B), then FlexAttention's decode on the same inputs
-    (each a compile) in the order of the rows until budget_s seconds have passed (NaN after that)."""
+def _decode_mask_mod(pname: str, p_t: torch.Tensor, window: int):
+    """FlexAttention's mask_mod of a decode step: query index q_idx is the absolute position q_idx + p_t."""
+    if pname == "local":
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx + p_t) & (q_idx + p_t - kv_idx < window)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + p_t
+    return mask_mod
+
+
+def decode_bench(launchers, batches, dims, lengths, budget_s: float, device_case, median_ms) -> list[dict]:
+    """One decode step of ours for every (T_max, pattern, D, B), and FlexAttention's decode on the same inputs
+    (each a compile) while less than budget_s seconds have passed (NaN after that). device_case, median_ms:
+    fused_harness's (see run_decode_check)."""
     import torch._dynamo
-    from fused_harness import DeviceCase, median_ms
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.recompile_limit = 512
@@ -181,7 +190,7 @@ def decode_bench(launchers, batches, dims, lengths, budget_s: float) -> list[dic
         width = heads * head_dim
         q = torch.randn(batch, 1, width, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, t_max, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        case = DeviceCase(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim), q_offset=p)
+        case = device_case(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim), q_offset=p)
         args = case.args
         out = torch.empty_like(q)
         lse = torch.empty(batch, heads, 1, device="cuda", dtype=torch.float32)
@@ -191,13 +200,7 @@ def decode_bench(launchers, batches, dims, lengths, budget_s: float) -> list[dic
         kv_bytes = 2 * batch * width * 2 * (min(p + 1, window) if pname == "local" else p + 1)
         flex_ms = diff = float("nan")
         if time.time() - start < budget_s:
-            p_t = torch.tensor(p, device="cuda")
-            if pname == "local":
-                def mask_mod(b, h, q_idx, kv, p_t=p_t):
-                    return (kv <= q_idx + p_t) & (q_idx + p_t - kv < window)
-            else:
-                def mask_mod(b, h, q_idx, kv, p_t=p_t):
-                    return kv <= q_idx + p_t
+            mask_mod = _decode_mask_mod(pname, torch.tensor(p, device="cuda"), window)
             qh = q.view(batch, 1, heads, head_dim).transpose(1, 2)
             kh, vh = (x.view(batch, t_max, heads, head_dim).transpose(1, 2) for x in (k, v))
             try:

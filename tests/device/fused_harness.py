@@ -269,7 +269,7 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
     if variant == "decode":  # KV-cache decoding steps, forward only (fused_decode.py)
         from fused_decode import run_decode_check
 
-        return run_decode_check(launchers, rng, dtype_name, bs, head_dim)
+        return run_decode_check(launchers, rng, dtype_name, bs, head_dim, DeviceCase, random_fused_tables)
     dtype, code = DTYPES[dtype_name]
     c = variant_inputs(rng, variant, dtype, bs, head_dim)
     case = DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
@@ -592,7 +592,7 @@ def main() -> None:
 
         decode_rows = decode_bench(launchers, [int(x) for x in args.decode_batches.split(",")],
                                    [int(x) for x in args.dims.split(",")], [int(x) for x in args.lengths.split(",")],
-                                   args.decode_budget)
+                                   args.decode_budget, DeviceCase, median_ms)
         print_decode_table(decode_rows)
     out = Path(os.environ.get("OUT", "."))
     (out / ("fused_quick.json" if args.quick else "fused.json")).write_text(
