@@ -46,7 +46,22 @@ CXX_FLAGS = ["-O3", "-fPIC", *WARNING_FLAGS]
 # (virtual arch, real arch): SASS for A100 (sm_80, also run by sm_86/sm_89) and Hopper (sm_90a: wgmma/TMA).
 # No compute_90 PTX: it would let newer GPUs (Blackwell) JIT the kernels, at a cost measured in the README
 # (Install); add ("compute_90", "compute_90") here for that.
-CUDA_ARCHS = [("compute_80", "sm_80"), ("compute_90a", "sm_90a")]
+ALL_CUDA_ARCHS = [("compute_80", "sm_80"), ("compute_90a", "sm_90a")]
+
+
+def _selected_cuda_archs() -> list[tuple[str, str]]:
+    """ALL_CUDA_ARCHS, or the ones ``$BSATTN_CUDA_ARCHS`` names (space/comma separated real archs, e.g. ``sm_80``:
+    CI's Bazel build compiles one, the pip build of the same run having compiled both)."""
+    names = os.environ.get("BSATTN_CUDA_ARCHS", "").replace(",", " ").split()
+    if not names:
+        return list(ALL_CUDA_ARCHS)
+    known = {real for _, real in ALL_CUDA_ARCHS}
+    if not set(names) <= known:
+        raise SystemExit(f"BSATTN_CUDA_ARCHS={' '.join(names)}: each must be one of {sorted(known)}")
+    return [arch for arch in ALL_CUDA_ARCHS if arch[1] in names]
+
+
+CUDA_ARCHS = _selected_cuda_archs()
 GENCODE_FLAGS = [f"-gencode=arch={virt},code={real}" for virt, real in CUDA_ARCHS]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *GENCODE_FLAGS]
 CUDA_LINK_LIBS = ["-ldl", "-lrt", "-lpthread"]  # what libcudart_static.a needs

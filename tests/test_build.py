@@ -345,3 +345,20 @@ def test_gpu_kernels_registered_iff_cuda_build(op):
     assert devices.count("CPU") >= 3
     per_dtype = 5 if op in ("BsattnNn", "BsattnTn") else 3
     assert devices.count("GPU") == (per_dtype if _loader.build_info()["cuda"] else 0)
+
+
+@pytest.mark.parametrize("archs, expected", [("", ["sm_80", "sm_90a"]), ("sm_80", ["sm_80"]), ("sm_90a", ["sm_90a"]),
+                                             ("sm_90a,sm_80", ["sm_80", "sm_90a"])])
+def test_cuda_archs_from_the_environment(archs, expected):
+    """$BSATTN_CUDA_ARCHS picks the cubins nvcc builds (CI's Bazel build: sm_80 only); an unknown one is an error."""
+    code = "import build_config as b; print(' '.join(real for _, real in b.CUDA_ARCHS), len(b.GENCODE_FLAGS))"
+    env = dict(os.environ, BSATTN_CUDA_ARCHS=archs)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == [*expected, str(len(expected))], done.stderr
+
+
+def test_unknown_cuda_arch_is_an_error():
+    env = dict(os.environ, BSATTN_CUDA_ARCHS="sm_70")
+    done = subprocess.run([sys.executable, "-c", "import build_config"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "BSATTN_CUDA_ARCHS=sm_70: each must be one of ['sm_80', 'sm_90a']" in done.stderr
