@@ -13,6 +13,12 @@ Three parts, every case in a fresh process (2 TF intra-op threads, 1 inter-op; t
   (c) peak resident memory (ru_maxrss) of fused forward+backward of 'fixed' and 'strided', with the
       memory after importing TensorFlow and making the inputs ("base"). Target: linear in T, < 2 GB
       at T = 65536 with H = 4, D = 64.
+  (d) bfloat16: the fused op (dense causal and 'fixed' tables) in bfloat16 at each CPU level
+      (``BSATTN_CPU_ISA``: avx512bf16 = vdpbf16ps products, avx512 = the float32 products of the widened
+      inputs) against the fused op in float32 and torch's ``scaled_dot_product_attention(is_causal=True)``
+      in bfloat16 (dense causal for both tables: torch has no block-sparse kernel), forward and
+      forward+backward. GF/s over the computed blocks (bs² pairs each), x3.5 for forward+backward.
+      Targets: bf16 >= 4x fused float32 and >= 2x torch bf16. torch runs in ``--torch-python``.
 
     python benchmarks/cpu_attention.py              # the full measurement (quiet machine: ~15 min)
     python benchmarks/cpu_attention.py --quick      # small sizes: checks that everything runs
@@ -40,8 +46,9 @@ from pathlib import Path
 
 from outputs import default_out
 
-FULL = {"a": [2048, 4096, 8192], "b": [4096, 8192, 16384], "c": [16384, 65536]}
-QUICK = {"a": [512, 1024], "b": [1024, 2048], "c": [2048, 8192]}
+FULL = {"a": [2048, 4096, 8192], "b": [4096, 8192, 16384], "c": [16384, 65536], "d": [4096, 8192]}
+QUICK = {"a": [512, 1024], "b": [1024, 2048], "c": [2048, 8192], "d": [512, 1024]}
+BF16_LEVELS = ("avx512bf16", "avx512")  # the BSATTN_CPU_ISA values of part (d)'s bfloat16 rows
 MODES = ("fixed", "strided")
 
 
@@ -95,11 +102,13 @@ def tf_runners(tf, attend, inputs):
 def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     """kind: 'fused' (a: causal fused op), 'torch' (a), 'sparse' / 'dense' (b: the two attention impls),
     'memory' (c: peak RSS of one fused forward+backward)."""
-    if kind == "torch":
+    if kind == "torch":  # mode: "all" (float32) or "bfloat16"
         import torch
 
         torch.set_num_threads(args.threads)
-        q, k, v = (torch.rand(args.batch, args.heads, n_ctx, args.head_dim, requires_grad=True) for _ in range(3))
+        dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
+        q, k, v = (torch.rand(args.batch, args.heads, n_ctx, args.head_dim, dtype=dtype, requires_grad=True)
+                   for _ in range(3))  # fmt: skip
 
         def forward():
             with torch.no_grad():
@@ -121,8 +130,15 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     rng = np.random.default_rng(0)
     shape = (args.batch, n_ctx, heads * args.head_dim)
     inputs = [tf.constant(rng.random(shape, dtype=np.float32) * 2 - 1) for _ in range(3)]  # no float64 temporaries
-    if kind == "fused":
-        tables = fused_tables_for_pattern(bsattn.patterns.Causal(), n_ctx, n_ctx, args.blocksize)
+    if kind in ("fused", "fused_dtype"):  # fused_dtype (d): mode "PATTERN-DTYPE", e.g. "fixed-bfloat16"
+        pattern, dtype = mode.split("-") if kind == "fused_dtype" else ("causal", "float32")
+        if pattern == "causal":
+            layout = bsattn.patterns.Causal()
+        else:
+            layout = bsattn.patterns.mode_pattern(pattern, n_ctx, heads, blocksize=args.blocksize,
+                                                  **mode_kwargs(pattern, n_ctx, args.blocksize))  # fmt: skip
+        tables = fused_tables_for_pattern(layout, n_ctx, n_ctx, args.blocksize)
+        inputs = [tf.cast(x, dtype) for x in inputs]
         fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), inputs)
         result = {"blocks": int(tables.blocks_per_head.sum()) * heads // tables.lut_heads}  # over all heads
         return dict(result, fwd=timed(fwd, args.repeats), fwdbwd=timed(fwd_bwd, args.repeats))
@@ -139,10 +155,11 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     return {"fwd": timed(fwd, args.repeats), "fwdbwd": timed(fwd_bwd, args.repeats)}
 
 
-def in_subprocess(kind: str, n_ctx: int, mode: str, args) -> dict:
-    """Runs ``worker`` in a fresh process; a failure (e.g. out of memory) is reported, not fatal."""
-    cmd = [sys.executable, __file__, "--worker", kind, str(n_ctx), mode, *args.passthrough]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+def in_subprocess(kind: str, n_ctx: int, mode: str, args, python: str = sys.executable, env: dict | None = None) -> dict:
+    """Runs ``worker`` in a fresh process (``python``, environment ``env``); a failure (e.g. out of memory) is
+    reported, not fatal."""
+    cmd = [python, __file__, "--worker", kind, str(n_ctx), mode, *args.passthrough]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         if proc.returncode in (-9, 137):
             return {"error": "out of memory (killed)"}
@@ -213,6 +230,36 @@ def part_c(args) -> list[dict]:
     return rows
 
 
+def part_d(args) -> list[dict]:
+    """One row per (T, pattern): the columns are the cases of ``bf16_cases``."""
+    rows = []
+    torch_bf16 = {}
+    for n_ctx in args.lengths["d"]:
+        if args.torch_python:
+            torch_bf16[n_ctx] = in_subprocess("torch", n_ctx, "bfloat16", args, python=args.torch_python)
+        for pattern in ("causal", "fixed"):
+            row = {"T": n_ctx, "pattern": pattern, "torch_bf16": torch_bf16.get(n_ctx, {"error": "no torch"})}
+            row["float32"] = in_subprocess("fused_dtype", n_ctx, f"{pattern}-float32", args)
+            for level in BF16_LEVELS:
+                env = dict(os.environ, BSATTN_CPU_ISA=level)
+                row[level] = in_subprocess("fused_dtype", n_ctx, f"{pattern}-bfloat16", args, env=env)
+            computed = 4 * args.head_dim * args.batch * row["float32"].get("blocks", 0) * args.blocksize**2
+            useful_causal = 4 * args.head_dim * args.batch * args.heads * n_ctx * (n_ctx + 1) / 2
+            for part, factor in (("fwd", 1.0), ("fwdbwd", 3.5)):
+                for case in ("float32", *BF16_LEVELS):
+                    row[f"{case}_{part}_gflops"] = _rate(computed, row[case], part, factor)
+                row[f"torch_bf16_{part}_gflops"] = _rate(useful_causal, row["torch_bf16"], part, factor)
+                best = row[f"{BF16_LEVELS[0]}_{part}_gflops"]
+                f32, tor = row[f"float32_{part}_gflops"], row["torch_bf16"].get(part)
+                if best and f32:
+                    row[f"bf16_over_float32_{part}"] = best / f32
+                if best and tor:  # times: torch's dense causal call against the fused op's
+                    row[f"bf16_over_torch_{part}"] = tor["median"] / row[BF16_LEVELS[0]][part]["median"]
+            rows.append(row)
+            print(f"done (d) T={n_ctx} {pattern}", flush=True)
+    return rows
+
+
 # ---- output --------------------------------------------------------------------------------------------------
 
 
@@ -267,9 +314,25 @@ def print_tables(results: dict, args) -> None:
                   f" {r['peak_mb'] - r['base_mb']:>9.0f} | {r['fwdbwd_first_s']:>8.2f}s")  # fmt: skip
 
 
+def print_part_d(rows: list[dict], args) -> None:
+    print(f"\n(d) bfloat16, B={args.batch} H={args.heads} D={args.head_dim} bs={args.blocksize}: seconds (median) and GF/s"
+          " over computed blocks; bf16 = BSATTN_CPU_ISA level; torch = dense causal SDPA bf16 (its GF/s over causal"
+          " pairs); x f32 / x torch: the avx512bf16 row's speed-up (targets 4x, 2x)")  # fmt: skip
+    cases = ("float32", *BF16_LEVELS)
+    for part in ("fwd", "fwdbwd"):
+        head = " ".join(f"{c + ' ' + part:>22}" for c in (*cases, "torch_bf16"))
+        print(f"{'T':>6} {'pattern':>7} | {head} | {'x f32':>6} {'x torch':>7}")
+        for r in rows:
+            cells = " ".join(f"{secs(r[c], part)} {fmt(r[f'{c}_{part}_gflops'], '12.1f')}" for c in (*cases, "torch_bf16"))
+            print(f"{r['T']:>6} {r['pattern']:>7} | {cells} | {fmt(r.get(f'bf16_over_float32_{part}'), '5.2f')}x"
+                  f" {fmt(r.get(f'bf16_over_torch_{part}'), '6.2f')}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
+    parser.add_argument("--torch-python", default=os.environ.get("BSATTN_TORCH_PYTHON", "/tmp/torchenv/bin/python"),
+                        help="the python with torch for part (d)'s bfloat16 baseline (skipped when absent)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: checks that it runs")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4, help="heads of (a) and (c)")
@@ -304,11 +367,15 @@ def main() -> None:
     except ImportError:
         args.torch = None
         print("torch is not installed (pip install torch==2.13.0): part (a) runs without the baseline")
+    if not Path(args.torch_python).exists():
+        args.torch_python = None
     results = {}
-    for part, run in (("a", part_a), ("b", part_b), ("c", part_c)):
+    for part, run in (("a", part_a), ("b", part_b), ("c", part_c), ("d", part_d)):
         if part in args.parts:
             results[part] = run(args)
     print_tables(results, args)
+    if "d" in results:
+        print_part_d(results["d"], args)
 
     from importlib.metadata import version
 
@@ -323,7 +390,8 @@ def main() -> None:
             k: getattr(args, k)
             for k in ("batch", "heads", "dense_heads", "head_dim", "blocksize", "threads", "repeats")
         },
-        "dtype": "float32",
+        "dtype": "float32 (d: bfloat16 too)",
+        "torch_python": args.torch_python,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, **results}, indent=1))
