@@ -84,6 +84,20 @@ def timed(fn, repeats: int) -> dict:
     return {"median": statistics.median(times), "min": min(times)}
 
 
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """``timed`` for several functions, their repeats interleaved (a, b, a, b, ...), so that a shared machine's
+    load disturbs them alike: name -> {"median", "min"}."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
+
+
 def tf_runners(tf, attend, inputs):
     @tf.function
     def forward():
@@ -130,15 +144,25 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     rng = np.random.default_rng(0)
     shape = (args.batch, n_ctx, heads * args.head_dim)
     inputs = [tf.constant(rng.random(shape, dtype=np.float32) * 2 - 1) for _ in range(3)]  # no float64 temporaries
-    if kind in ("fused", "fused_dtype"):  # fused_dtype (d): mode "PATTERN-DTYPE", e.g. "fixed-bfloat16"
-        pattern, dtype = mode.split("-") if kind == "fused_dtype" else ("causal", "float32")
-        if pattern == "causal":
+    if kind == "fused_dtypes":  # (d): mode = pattern; float32 and bfloat16 in one process, timed interleaved
+        if mode == "causal":
             layout = bsattn.patterns.Causal()
         else:
-            layout = bsattn.patterns.mode_pattern(pattern, n_ctx, heads, blocksize=args.blocksize,
-                                                  **mode_kwargs(pattern, n_ctx, args.blocksize))  # fmt: skip
+            layout = bsattn.patterns.mode_pattern(mode, n_ctx, heads, blocksize=args.blocksize,
+                                                  **mode_kwargs(mode, n_ctx, args.blocksize))  # fmt: skip
         tables = fused_tables_for_pattern(layout, n_ctx, n_ctx, args.blocksize)
-        inputs = [tf.cast(x, dtype) for x in inputs]
+        fns = {}
+        for dtype in ("float32", "bfloat16"):
+            cast = [tf.cast(x, dtype) for x in inputs]
+            fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), cast)
+            fns[f"{dtype}_fwd"], fns[f"{dtype}_fwdbwd"] = fwd, fwd_bwd
+        times = timed_interleaved(fns, args.repeats)
+        result = {"blocks": int(tables.blocks_per_head.sum()) * heads // tables.lut_heads}
+        for dtype in ("float32", "bfloat16"):
+            result[dtype] = {part: times[f"{dtype}_{part}"] for part in ("fwd", "fwdbwd")}
+        return result
+    if kind == "fused":
+        tables = fused_tables_for_pattern(bsattn.patterns.Causal(), n_ctx, n_ctx, args.blocksize)
         fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), inputs)
         result = {"blocks": int(tables.blocks_per_head.sum()) * heads // tables.lut_heads}  # over all heads
         return dict(result, fwd=timed(fwd, args.repeats), fwdbwd=timed(fwd_bwd, args.repeats))
@@ -231,8 +255,9 @@ def part_c(args) -> list[dict]:
 
 
 def part_d(args) -> list[dict]:
-    """One row per (T, pattern): fused float32, fused bfloat16 per level, torch bf16. Rates and ratios use the
-    fastest of the repeats (the machine is shared: the minimum is the least disturbed)."""
+    """One row per (T, pattern): fused float32, fused bfloat16 per level, torch bf16. Each level's process
+    times float32 and bfloat16 interleaved (its own float32 column: the ratio compares runs under the same
+    load); rates and ratios use the fastest repeat (the machine is shared: the least disturbed)."""
     rows = []
     torch_bf16 = {}
     for n_ctx in args.lengths["d"]:
@@ -240,22 +265,23 @@ def part_d(args) -> list[dict]:
             torch_bf16[n_ctx] = in_subprocess("torch", n_ctx, "bfloat16", args, python=args.torch_python)
         for pattern in ("causal", "fixed"):
             row = {"T": n_ctx, "pattern": pattern, "torch_bf16": torch_bf16.get(n_ctx, {"error": "no torch"})}
-            row["float32"] = in_subprocess("fused_dtype", n_ctx, f"{pattern}-float32", args)
             for level in BF16_LEVELS:
                 env = dict(os.environ, BSATTN_CPU_ISA=level)
-                row[level] = in_subprocess("fused_dtype", n_ctx, f"{pattern}-bfloat16", args, env=env)
-            computed = 4 * args.head_dim * args.batch * row["float32"].get("blocks", 0) * args.blocksize**2
+                row[level] = in_subprocess("fused_dtypes", n_ctx, pattern, args, env=env)
+            first = row[BF16_LEVELS[0]]
+            computed = 4 * args.head_dim * args.batch * first.get("blocks", 0) * args.blocksize**2
             useful_causal = 4 * args.head_dim * args.batch * args.heads * n_ctx * (n_ctx + 1) / 2
             for part, factor in (("fwd", 1.0), ("fwdbwd", 3.5)):
-                for case in ("float32", *BF16_LEVELS):
-                    row[f"{case}_{part}_gflops"] = _rate(computed, row[case], part, factor, "min")
+                for level in BF16_LEVELS:
+                    for dtype in ("float32", "bfloat16"):
+                        row[f"{level}_{dtype}_{part}_gflops"] = _rate(computed, row[level].get(dtype, {}), part,
+                                                                      factor, "min")  # fmt: skip
                 row[f"torch_bf16_{part}_gflops"] = _rate(useful_causal, row["torch_bf16"], part, factor, "min")
-                best = row[f"{BF16_LEVELS[0]}_{part}_gflops"]
-                f32, tor = row[f"float32_{part}_gflops"], row["torch_bf16"].get(part)
-                if best and f32:
-                    row[f"bf16_over_float32_{part}"] = best / f32
-                if best and tor:  # times: torch's dense causal call against the fused op's
-                    row[f"bf16_over_torch_{part}"] = tor["min"] / row[BF16_LEVELS[0]][part]["min"]
+                if "float32" in first:
+                    best = first["bfloat16"][part]["min"]
+                    row[f"bf16_over_float32_{part}"] = first["float32"][part]["min"] / best
+                    if part in row["torch_bf16"]:  # times: torch's dense causal call against the fused op's
+                        row[f"bf16_over_torch_{part}"] = row["torch_bf16"][part]["min"] / best
             rows.append(row)
             print(f"done (d) T={n_ctx} {pattern}", flush=True)
     return rows
@@ -316,16 +342,19 @@ def print_tables(results: dict, args) -> None:
 
 
 def print_part_d(rows: list[dict], args) -> None:
-    print(f"\n(d) bfloat16, B={args.batch} H={args.heads} D={args.head_dim} bs={args.blocksize}: seconds (min of the repeats)"
-          " and GF/s over computed blocks; bf16 = BSATTN_CPU_ISA level; torch = dense causal SDPA bf16 (its GF/s over causal"
-          " pairs); x f32 / x torch: the avx512bf16 row's speed-up (targets 4x, 2x)")  # fmt: skip
-    cases = ("float32", *BF16_LEVELS)
+    print(f"\n(d) bfloat16, B={args.batch} H={args.heads} D={args.head_dim} bs={args.blocksize}: seconds (min of the"
+          " repeats) and GF/s over computed blocks, per BSATTN_CPU_ISA level (float32 and bfloat16 timed interleaved"
+          " in one process); torch = dense causal SDPA bf16 (GF/s over causal pairs); x f32 / x torch: the"
+          f" {BF16_LEVELS[0]} bfloat16 speed-up over its float32 and over torch (targets 4x, 2x)")  # fmt: skip
+    cols = [(level, dtype) for level in BF16_LEVELS for dtype in ("float32", "bfloat16")]
     for part in ("fwd", "fwdbwd"):
-        head = " ".join(f"{c + ' ' + part:>22}" for c in (*cases, "torch_bf16"))
-        print(f"{'T':>6} {'pattern':>7} | {head} | {'x f32':>6} {'x torch':>7}")
+        head = " ".join(f"{level + (' f32' if dtype == 'float32' else ' bf16'):>20}" for level, dtype in cols)
+        print(f"{part:>6} {'pattern':>7} | {head} | {'torch bf16':>20} | {'x f32':>6} {'x torch':>7}")
         for r in rows:
-            cells = " ".join(f"{secs(r[c], part, 'min')} {fmt(r[f'{c}_{part}_gflops'], '12.1f')}" for c in (*cases, "torch_bf16"))
-            print(f"{r['T']:>6} {r['pattern']:>7} | {cells} | {fmt(r.get(f'bf16_over_float32_{part}'), '5.2f')}x"
+            cells = " ".join(f"{secs(r[level].get(dtype, r[level]), part, 'min')}"
+                             f" {fmt(r[f'{level}_{dtype}_{part}_gflops'], '10.1f')}" for level, dtype in cols)  # fmt: skip
+            tor = f"{secs(r['torch_bf16'], part, 'min')} {fmt(r[f'torch_bf16_{part}_gflops'], '10.1f')}"
+            print(f"{r['T']:>6} {r['pattern']:>7} | {cells} | {tor} | {fmt(r.get(f'bf16_over_float32_{part}'), '5.2f')}x"
                   f" {fmt(r.get(f'bf16_over_torch_{part}'), '6.2f')}x")  # fmt: skip
 
 
