@@ -13,6 +13,12 @@ Three parts, every case in a fresh process (2 TF intra-op threads, 1 inter-op; t
   (c) peak resident memory (ru_maxrss) of fused forward+backward of 'fixed' and 'strided', with the
       memory after importing TensorFlow and making the inputs ("base"). Target: linear in T, < 2 GB
       at T = 65536 with H = 4, D = 64.
+  (d) bfloat16: the fused op (dense causal and 'fixed' tables) in bfloat16 at each CPU level
+      (``BSATTN_CPU_ISA``: avx512bf16 = vdpbf16ps products, avx512 = the float32 products of the widened
+      inputs) against the fused op in float32 and torch's ``scaled_dot_product_attention(is_causal=True)``
+      in bfloat16 (dense causal for both tables: torch has no block-sparse kernel), forward and
+      forward+backward. GF/s over the computed blocks (bs² pairs each), x3.5 for forward+backward.
+      Targets: bf16 >= 4x fused float32 and >= 2x torch bf16. torch runs in ``--torch-python``.
 
     python benchmarks/cpu_attention.py              # the full measurement (quiet machine: ~15 min)
     python benchmarks/cpu_attention.py --quick      # small sizes: checks that everything runs
@@ -40,8 +46,9 @@ from pathlib import Path
 
 from outputs import default_out
 
-FULL = {"a": [2048, 4096, 8192], "b": [4096, 8192, 16384], "c": [16384, 65536]}
-QUICK = {"a": [512, 1024], "b": [1024, 2048], "c": [2048, 8192]}
+FULL = {"a": [2048, 4096, 8192], "b": [4096, 8192, 16384], "c": [16384, 65536], "d": [4096, 8192]}
+QUICK = {"a": [512, 1024], "b": [1024, 2048], "c": [2048, 8192], "d": [512, 1024]}
+BF16_LEVELS = ("avx512bf16", "avx512")  # the BSATTN_CPU_ISA values of part (d)'s bfloat16 rows
 MODES = ("fixed", "strided")
 
 
@@ -77,6 +84,20 @@ def timed(fn, repeats: int) -> dict:
     return {"median": statistics.median(times), "min": min(times)}
 
 
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """``timed`` for several functions, their repeats interleaved (a, b, a, b, ...), so that a shared machine's
+    load disturbs them alike: name -> {"median", "min"}."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
+
+
 def tf_runners(tf, attend, inputs):
     @tf.function
     def forward():
@@ -95,11 +116,13 @@ def tf_runners(tf, attend, inputs):
 def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     """kind: 'fused' (a: causal fused op), 'torch' (a), 'sparse' / 'dense' (b: the two attention impls),
     'memory' (c: peak RSS of one fused forward+backward)."""
-    if kind == "torch":
+    if kind == "torch":  # mode: "all" (float32) or "bfloat16"
         import torch
 
         torch.set_num_threads(args.threads)
-        q, k, v = (torch.rand(args.batch, args.heads, n_ctx, args.head_dim, requires_grad=True) for _ in range(3))
+        dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
+        q, k, v = (torch.rand(args.batch, args.heads, n_ctx, args.head_dim, dtype=dtype, requires_grad=True)
+                   for _ in range(3))  # fmt: skip
 
         def forward():
             with torch.no_grad():
@@ -121,6 +144,23 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     rng = np.random.default_rng(0)
     shape = (args.batch, n_ctx, heads * args.head_dim)
     inputs = [tf.constant(rng.random(shape, dtype=np.float32) * 2 - 1) for _ in range(3)]  # no float64 temporaries
+    if kind == "fused_dtypes":  # (d): mode = pattern; float32 and bfloat16 in one process, timed interleaved
+        if mode == "causal":
+            layout = bsattn.patterns.Causal()
+        else:
+            layout = bsattn.patterns.mode_pattern(mode, n_ctx, heads, blocksize=args.blocksize,
+                                                  **mode_kwargs(mode, n_ctx, args.blocksize))  # fmt: skip
+        tables = fused_tables_for_pattern(layout, n_ctx, n_ctx, args.blocksize)
+        fns = {}
+        for dtype in ("float32", "bfloat16"):
+            cast = [tf.cast(x, dtype) for x in inputs]
+            fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), cast)
+            fns[f"{dtype}_fwd"], fns[f"{dtype}_fwdbwd"] = fwd, fwd_bwd
+        times = timed_interleaved(fns, args.repeats)
+        result = {"blocks": int(tables.blocks_per_head.sum()) * heads // tables.lut_heads}
+        for dtype in ("float32", "bfloat16"):
+            result[dtype] = {part: times[f"{dtype}_{part}"] for part in ("fwd", "fwdbwd")}
+        return result
     if kind == "fused":
         tables = fused_tables_for_pattern(bsattn.patterns.Causal(), n_ctx, n_ctx, args.blocksize)
         fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), inputs)
@@ -139,10 +179,11 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     return {"fwd": timed(fwd, args.repeats), "fwdbwd": timed(fwd_bwd, args.repeats)}
 
 
-def in_subprocess(kind: str, n_ctx: int, mode: str, args) -> dict:
-    """Runs ``worker`` in a fresh process; a failure (e.g. out of memory) is reported, not fatal."""
-    cmd = [sys.executable, __file__, "--worker", kind, str(n_ctx), mode, *args.passthrough]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+def in_subprocess(kind: str, n_ctx: int, mode: str, args, python: str = sys.executable, env: dict | None = None) -> dict:
+    """Runs ``worker`` in a fresh process (``python``, environment ``env``); a failure (e.g. out of memory) is
+    reported, not fatal."""
+    cmd = [python, __file__, "--worker", kind, str(n_ctx), mode, *args.passthrough]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         if proc.returncode in (-9, 137):
             return {"error": "out of memory (killed)"}
@@ -153,8 +194,8 @@ def in_subprocess(kind: str, n_ctx: int, mode: str, args) -> dict:
 # ---- the three parts -----------------------------------------------------------------------------------------
 
 
-def _rate(flops: float, result: dict, key: str, factor: float = 1.0):
-    t = result.get(key, {}).get("median") if isinstance(result.get(key), dict) else None
+def _rate(flops: float, result: dict, key: str, factor: float = 1.0, stat: str = "median"):
+    t = result.get(key, {}).get(stat) if isinstance(result.get(key), dict) else None
     return None if not t else factor * flops / t / 1e9
 
 
@@ -213,6 +254,39 @@ def part_c(args) -> list[dict]:
     return rows
 
 
+def part_d(args) -> list[dict]:
+    """One row per (T, pattern): fused float32, fused bfloat16 per level, torch bf16. Each level's process
+    times float32 and bfloat16 interleaved (its own float32 column: the ratio compares runs under the same
+    load); rates and ratios use the fastest repeat (the machine is shared: the least disturbed)."""
+    rows = []
+    torch_bf16 = {}
+    for n_ctx in args.lengths["d"]:
+        if args.torch_python:
+            torch_bf16[n_ctx] = in_subprocess("torch", n_ctx, "bfloat16", args, python=args.torch_python)
+        for pattern in ("causal", "fixed"):
+            row = {"T": n_ctx, "pattern": pattern, "torch_bf16": torch_bf16.get(n_ctx, {"error": "no torch"})}
+            for level in BF16_LEVELS:
+                env = dict(os.environ, BSATTN_CPU_ISA=level)
+                row[level] = in_subprocess("fused_dtypes", n_ctx, pattern, args, env=env)
+            first = row[BF16_LEVELS[0]]
+            computed = 4 * args.head_dim * args.batch * first.get("blocks", 0) * args.blocksize**2
+            useful_causal = 4 * args.head_dim * args.batch * args.heads * n_ctx * (n_ctx + 1) / 2
+            for part, factor in (("fwd", 1.0), ("fwdbwd", 3.5)):
+                for level in BF16_LEVELS:
+                    for dtype in ("float32", "bfloat16"):
+                        row[f"{level}_{dtype}_{part}_gflops"] = _rate(computed, row[level].get(dtype, {}), part,
+                                                                      factor, "min")  # fmt: skip
+                row[f"torch_bf16_{part}_gflops"] = _rate(useful_causal, row["torch_bf16"], part, factor, "min")
+                if "float32" in first:
+                    best = first["bfloat16"][part]["min"]
+                    row[f"bf16_over_float32_{part}"] = first["float32"][part]["min"] / best
+                    if part in row["torch_bf16"]:  # times: torch's dense causal call against the fused op's
+                        row[f"bf16_over_torch_{part}"] = row["torch_bf16"][part]["min"] / best
+            rows.append(row)
+            print(f"done (d) T={n_ctx} {pattern}", flush=True)
+    return rows
+
+
 # ---- output --------------------------------------------------------------------------------------------------
 
 
@@ -220,10 +294,10 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def secs(result: dict, key: str) -> str:
+def secs(result: dict, key: str, stat: str = "median") -> str:
     if "error" in result:
         return f"{result['error'][:10]:>9}"
-    return fmt(result[key]["median"], "8.4f") + "s"
+    return fmt(result[key][stat], "8.4f") + "s"
 
 
 def print_tables(results: dict, args) -> None:
@@ -267,9 +341,28 @@ def print_tables(results: dict, args) -> None:
                   f" {r['peak_mb'] - r['base_mb']:>9.0f} | {r['fwdbwd_first_s']:>8.2f}s")  # fmt: skip
 
 
+def print_part_d(rows: list[dict], args) -> None:
+    print(f"\n(d) bfloat16, B={args.batch} H={args.heads} D={args.head_dim} bs={args.blocksize}: seconds (min of the"
+          " repeats) and GF/s over computed blocks, per BSATTN_CPU_ISA level (float32 and bfloat16 timed interleaved"
+          " in one process); torch = dense causal SDPA bf16 (GF/s over causal pairs); x f32 / x torch: the"
+          f" {BF16_LEVELS[0]} bfloat16 speed-up over its float32 and over torch (targets 4x, 2x)")  # fmt: skip
+    cols = [(level, dtype) for level in BF16_LEVELS for dtype in ("float32", "bfloat16")]
+    for part in ("fwd", "fwdbwd"):
+        head = " ".join(f"{level + (' f32' if dtype == 'float32' else ' bf16'):>20}" for level, dtype in cols)
+        print(f"{part:>6} {'pattern':>7} | {head} | {'torch bf16':>20} | {'x f32':>6} {'x torch':>7}")
+        for r in rows:
+            cells = " ".join(f"{secs(r[level].get(dtype, r[level]), part, 'min')}"
+                             f" {fmt(r[f'{level}_{dtype}_{part}_gflops'], '10.1f')}" for level, dtype in cols)  # fmt: skip
+            tor = f"{secs(r['torch_bf16'], part, 'min')} {fmt(r[f'torch_bf16_{part}_gflops'], '10.1f')}"
+            print(f"{r['T']:>6} {r['pattern']:>7} | {cells} | {tor} | {fmt(r.get(f'bf16_over_float32_{part}'), '5.2f')}x"
+                  f" {fmt(r.get(f'bf16_over_torch_{part}'), '6.2f')}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
+    parser.add_argument("--torch-python", default=os.environ.get("BSATTN_TORCH_PYTHON", "/tmp/torchenv/bin/python"),
+                        help="the python with torch for part (d)'s bfloat16 baseline (skipped when absent)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: checks that it runs")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4, help="heads of (a) and (c)")
@@ -304,11 +397,15 @@ def main() -> None:
     except ImportError:
         args.torch = None
         print("torch is not installed (pip install torch==2.13.0): part (a) runs without the baseline")
+    if not Path(args.torch_python).exists():
+        args.torch_python = None
     results = {}
-    for part, run in (("a", part_a), ("b", part_b), ("c", part_c)):
+    for part, run in (("a", part_a), ("b", part_b), ("c", part_c), ("d", part_d)):
         if part in args.parts:
             results[part] = run(args)
     print_tables(results, args)
+    if "d" in results:
+        print_part_d(results["d"], args)
 
     from importlib.metadata import version
 
@@ -323,7 +420,8 @@ def main() -> None:
             k: getattr(args, k)
             for k in ("batch", "heads", "dense_heads", "head_dim", "blocksize", "threads", "repeats")
         },
-        "dtype": "float32",
+        "dtype": "float32 (d: bfloat16 too)",
+        "torch_python": args.torch_python,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, **results}, indent=1))

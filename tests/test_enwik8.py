@@ -265,9 +265,11 @@ def test_decode_with_cache_equals_the_window(mode, extra):
     window = tf.concat([tokens[:, :20], tf.zeros([2, t - 20], tf.int32)], 1)  # the rest: never read
     np.testing.assert_allclose(decode(model, window, 0, cache)[:, :20], full[:, :20], rtol=1e-5, atol=1e-5)
     step = tf.function(lambda x, p: decode(model, x, p, cache), autograph=False)
-    tol = 2e-2 if extra.get("precision") else 1e-5
+    # mixed bfloat16: the full forward's products run in bf16 on CPUs with AVX512-BF16, a decoding step's in float32
+    # (memory-bound: nothing to gain), so the logits agree to bf16 rounding of the activations, ~1% of their range.
+    rtol, atol = (2e-2, 1e-2 * float(np.abs(full).max())) if extra.get("precision") else (1e-5, 1e-5)
     for p in range(20, min(t, 100)):  # every row written in turn
-        np.testing.assert_allclose(step(tokens[:, p : p + 1], tf.constant(p))[:, 0], full[:, p], rtol=tol, atol=tol)
+        np.testing.assert_allclose(step(tokens[:, p : p + 1], tf.constant(p))[:, 0], full[:, p], rtol=rtol, atol=atol)
     assert step.experimental_get_tracing_count() == 1
 
 

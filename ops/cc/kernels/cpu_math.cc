@@ -166,8 +166,8 @@ const IsaKernels& Kernels() {
 
 }  // namespace
 
-// The best level the CPU supports, or $BSATTN_CPU_ISA (avx512, avx2, baseline) capped by it, so that
-// tests can run the lower levels too. Chosen once.
+// The best level the CPU supports, or $BSATTN_CPU_ISA (cpu_math.h: avx512bf16 and avx512 are the AVX-512
+// level here) capped by it, so that tests can run the lower levels too. Chosen once.
 int CpuIsaLevel() {
   static const int level = [] {
     __builtin_cpu_init();

@@ -6,7 +6,13 @@ namespace bsattn {
 
 // The float32 kernels are compiled once per ISA level (AVX-512 with 16-lane vectors, AVX2+FMA and
 // the x86-64 baseline with 8 lanes); the best level the CPU has is chosen once, at the first call.
-// $BSATTN_CPU_ISA = avx512 | avx2 | baseline caps it (for tests of the lower levels).
+// $BSATTN_CPU_ISA caps it (for tests and benchmarks of the lower levels), from the top:
+//   avx512bf16  the default: AVX-512 float32 kernels, and bfloat16 products (vdpbf16ps) for bfloat16
+//               inputs of the fused attention where the CPU has AVX512-BF16 (cpu_bf16.h)
+//   avx512      AVX-512 float32 kernels; bfloat16 inputs widened to float32 (the float32 products)
+//   avx2        AVX2 + FMA float32 kernels, bfloat16 widened
+//   baseline    x86-64 baseline (SSE2) float32 kernels, bfloat16 widened
+// Any other value means the default.
 
 // The level in use: "avx512", "avx2" or "baseline"; CpuIsaLevel() is the same as 2, 1 or 0 (the one
 // choice for every vectorised kernel of the library).

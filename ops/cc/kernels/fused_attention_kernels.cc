@@ -35,9 +35,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cc/kernels/attention_math.h"
+#include "ops/cc/kernels/cpu_bf16.h"
 #include "ops/cc/kernels/fused_tiles.h"
 #include "ops/cc/kernels/tile_io.h"
 
@@ -303,6 +305,13 @@ int64_t TotalEntries(const FusedAttentionParams<T>& p) {
   return total * (p.heads / layouts);
 }
 
+// Whether the products run in bfloat16 (cpu_bf16.h): bfloat16 inputs on a CPU level that has them, for
+// tile shapes it serves; otherwise (and for every other dtype) the float32 / float64 products.
+template <typename T>
+bool Bf16Products(const FusedAttentionParams<T>& p) {
+  return std::is_same_v<T, Eigen::bfloat16> && Bf16Serves(p.block_size, p.head_dim);
+}
+
 // Rough cycles of a unit of a pass doing `matmuls` bs x bs x D products per block.
 template <typename T>
 int64_t UnitCost(const FusedAttentionParams<T>& p, int64_t entries, int64_t units, int matmuls) {
@@ -379,18 +388,24 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
   const std::vector<uint32_t> masks_t = TransposedMasks(ctx, p);
   const int64_t group = GroupSize(ctx, p.batch * p.heads, n_qb);
   const int64_t n_groups = (n_qb + group - 1) / group;
+  const bool bf16 = Bf16Products(p);  // S^T and P V as bfloat16 products (cpu_bf16.h)
   auto work = [&](int64_t begin, int64_t end) {
     const int64_t tile = bs * d, square = bs * bs, g_tile = group * tile, g_row = group * bs;
-    // Per query block of the group: qt, acc, m, l, alpha; shared: st, z, k_tile, v_tile.
-    const auto [qt, acc, m, l, alpha, st, z, k_tile, v_tile] = ThreadScratch<Acc, 9>(
-        {g_tile, g_tile, g_row, g_row, g_row, square, p.dropout ? square : 0, tile, tile});
+    // Per query block of the group: qt, acc, m, l, alpha; shared: st, z, k_tile, v_tile; with bf16, the
+    // packed bfloat16 operands (two per float): qt's per query block, K, V and P's shared.
+    const int64_t packed = bf16 ? (g_tile + 2 * tile + square + 1) / 2 : 0;
+    const auto [qt, acc, m, l, alpha, st, z, k_tile, v_tile, packed_scratch] = ThreadScratch<Acc, 10>(
+        {g_tile, g_tile, g_row, g_row, g_row, square, p.dropout ? square : 0, tile, tile, packed});
+    uint16_t* const qt_b = reinterpret_cast<uint16_t*>(packed_scratch);
+    uint16_t *const k_b = qt_b + g_tile, *const v_b = k_b + tile, *const p_b = v_b + tile;
     int64_t computed = 0;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t qb0 = (unit % n_groups) * group, h = (unit / n_groups) % p.heads;
       const int64_t b = unit / (n_groups * p.heads), count = std::min(group, n_qb - qb0);
       const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
-      for (int64_t g = 0; g < count; ++g) {
-        LoadScaledTranspose(p, p.q, qv, b, (qb0 + g) * bs, p.scale, qt + g * tile);
+      for (int64_t g = 0; g < count; ++g) {  // bf16: the scale is applied to S^T in float32
+        LoadScaledTranspose(p, p.q, qv, b, (qb0 + g) * bs, bf16 ? Acc(1) : p.scale, qt + g * tile);
+        if (bf16) PackPairsOf(qt + g * tile, bs, d, bs, qt_b + g * tile);
       }
       std::fill_n(m, count * bs, -std::numeric_limits<Acc>::infinity());
       std::fill_n(l, count * bs, Acc(0));
@@ -412,13 +427,21 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
         ZeroPaddedKeys<false>(p, b, k0, v_tile);
         const bool v_finite = AllFinite(v_tile, tile);
         if (!v_finite) ZeroNonFinite(v_tile, tile);  // their products are added exactly below
+        if (bf16) {
+          PackRowsOf(k_tile, d, bs, d, k_b);
+          PackPairsOf(v_tile, d, bs, d, v_b);
+        }
         for (int64_t g = 0; g < count; ++g) {
           if (!live[g]) continue;
           const int32_t e = walk.Entry(g);
           const int64_t q0 = (qb0 + g) * bs;
           ++computed;
           Acc *m_g = m + g * bs, *l_g = l + g * bs, *alpha_g = alpha + g * bs;
-          MatMul(k_tile, d, qt + g * tile, bs, st, bs, bs, d, bs);
+          if (bf16) {
+            Bf16MatMulOf(RowsOperand(k_b, d), qt_b + g * tile, st, bs, bs, d, bs, true, p.scale, nullptr);
+          } else {
+            MatMul(k_tile, d, qt + g * tile, bs, st, bs, bs, d, bs);
+          }
           const int32_t mask_id = p.row_entries[2 * e + 1];
           ApplyBiasAndMasks<true>(p, masks_t.data(), b, h, q0, k0, mask_id, st);
           OnlineSoftmaxStep(st, bs, bs, m_g, l_g, alpha_g);
@@ -428,7 +451,12 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
             Multiply(st, z, st, bs * bs);
           }
           // acc = alpha acc + P V: the online softmax's rescaling folded into the product.
-          MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
+          if (bf16) {  // P rounded to bfloat16 (st = P^T: the transposed operand of its pairs)
+            PackPairsOf(st, bs, bs, bs, p_b);
+            Bf16MatMulOf(TransposedOperand(p_b, bs), v_b, acc + g * tile, d, bs, bs, d, false, Acc(1), alpha_g);
+          } else {
+            MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
+          }
           if (!v_finite) {  // st is P^T: w(i, j) = st[j * bs + i]
             AddNonFiniteProducts(p, Rows(p.v, kv, b, k0), kv.width, b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile,
                                  d);
@@ -612,13 +640,21 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
     std::fill(partial + begin, partial + end, Acc(0));
   });
 
+  const bool bf16 = Bf16Products(p);  // the five products in bfloat16 (cpu_bf16.h)
   auto work = [&](int64_t begin, int64_t end) {
     const int64_t tile = bs * d, square = bs * bs, dropout = p.dropout ? square : 0;
     const int64_t g_tile = kMaxGroup * tile;
     // Per key block of a group: kt, vt, k_tile, dk_acc, dv_acc; shared: the rest (q_z, do_z: the
-    // query tiles with their non-finite values zeroed).
-    const auto [kt, vt, k_tile, dk_acc, dv_acc, s, dp, pd, z, q_tile, do_tile, q_z, do_z] = ThreadScratch<Acc, 13>(
-        {g_tile, g_tile, g_tile, g_tile, g_tile, square, square, dropout, dropout, tile, tile, tile, tile});
+    // query tiles with their non-finite values zeroed). With bf16 the packed bfloat16 operands (two per
+    // float): kt's, vt's and k_tile's per key block; Q and dO as rows and as pairs, P^T, dS^T, dS shared.
+    const int64_t packed = bf16 ? (3 * g_tile + 4 * tile + 3 * square + 1) / 2 : 0;
+    const auto [kt, vt, k_tile, dk_acc, dv_acc, s, dp, pd, z, q_tile, do_tile, q_z, do_z, packed_scratch] =
+        ThreadScratch<Acc, 14>({g_tile, g_tile, g_tile, g_tile, g_tile, square, square, dropout, dropout, tile, tile,
+                                tile, tile, packed});
+    uint16_t* const kt_b = reinterpret_cast<uint16_t*>(packed_scratch);
+    uint16_t *const vt_b = kt_b + g_tile, *const k_b = vt_b + g_tile, *const q_rows_b = k_b + g_tile;
+    uint16_t *const do_rows_b = q_rows_b + tile, *const q_b = do_rows_b + tile, *const do_b = q_b + tile;
+    uint16_t *const pt_b = do_b + tile, *const dst_b = pt_b + square, *const ds_b = dst_b + square;
     int64_t computed = 0;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t chunk = unit % chunks, group = unit / chunks;
@@ -643,7 +679,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
           if (run_start) {
             for (int64_t g = 0; g < count; ++g) {
               const int64_t k0 = (kb0 + g) * bs;
-              LoadScaledTranspose(p, p.k, kv, b, k0, p.scale, kt + g * tile);
+              LoadScaledTranspose(p, p.k, kv, b, k0, bf16 ? Acc(1) : p.scale, kt + g * tile);  // bf16: S scaled
               LoadScaledTranspose(p, p.v, kv, b, k0, Acc(1), vt + g * tile);
               CopyRows(p, p.k, kv, b, k0, k_tile + g * tile);
               ZeroPaddedKeys<true>(p, b, k0, kt + g * tile);
@@ -652,6 +688,11 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               v_finite[g] = AllFinite(vt + g * tile, tile);
               k_finite[g] = AllFinite(k_tile + g * tile, tile);
               if (!k_finite[g]) ZeroNonFinite(k_tile + g * tile, tile);  // dQ's products added exactly
+              if (bf16) {
+                PackPairsOf(kt + g * tile, bs, d, bs, kt_b + g * tile);
+                PackPairsOf(vt + g * tile, bs, d, bs, vt_b + g * tile);
+                PackPairsOf(k_tile + g * tile, d, bs, d, k_b + g * tile);
+              }
             }
             std::fill_n(dk_acc, count * tile, Acc(0));
             std::fill_n(dv_acc, count * tile, Acc(0));
@@ -694,18 +735,32 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
               ZeroNonFinite(do_z, tile);
               do_use = do_z;
             }
+            if (bf16) {
+              PackRowsOf(q_rows, d, bs, d, q_rows_b);
+              PackRowsOf(do_rows, d, bs, d, do_rows_b);
+              PackPairsOf(q_use, d, bs, d, q_b);
+              PackPairsOf(do_use, d, bs, d, do_b);
+            }
             for (int64_t g = 0; g < count; ++g) {
               if (!live[g]) continue;
               ++computed;
               const int32_t e = walk.Entry(g);
               const int64_t k0 = (kb0 + g) * bs;
               const bool exact = !v_finite[g] || !q_finite || !do_finite || !rows_finite;
-              MatMul(q_rows, d, kt + g * tile, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
+              if (bf16) {
+                Bf16MatMulOf(RowsOperand(q_rows_b, d), kt_b + g * tile, s, bs, bs, d, bs, true, p.scale, nullptr);
+              } else {
+                MatMul(q_rows, d, kt + g * tile, bs, s, bs, bs, d, bs);  // S = Q (scale K)^T
+              }
               const int32_t mask_id = p.col_entries[2 * e + 1];
               ApplyBiasAndMasks<false>(p, p.masks, b, h, q0, k0, mask_id, s);
               ExpMinusRowVector(s, bs, bs, lse_shift + stat);  // P
               if (exact) ZeroUnattended(p, b, h, q0, k0, mask_id, s);
-              MatMul(do_rows, d, vt + g * tile, bs, dp, bs, bs, d, bs);  // dP = dO V^T
+              if (bf16) {
+                Bf16MatMulOf(RowsOperand(do_rows_b, d), vt_b + g * tile, dp, bs, bs, d, bs, true, Acc(1), nullptr);
+              } else {
+                MatMul(do_rows, d, vt + g * tile, bs, dp, bs, bs, d, bs);  // dP = dO V^T
+              }
               const Acc* p_used = s;  // the probabilities that multiplied V in the forward
               if (p.dropout) {
                 DropoutTile(z, bs, bs, p.dropout_key, DropoutBase(p, b, h, q0, k0), p.tk, 1,
@@ -713,19 +768,35 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
                 Multiply(s, z, pd, bs * bs);
                 p_used = pd;
               }
-              MatMulAccumulateTransposedA(p_used, bs, do_use, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
+              if (bf16) {  // P rounded to bfloat16
+                PackPairsOf(p_used, bs, bs, bs, pt_b);
+                Bf16MatMulOf(TransposedOperand(pt_b, bs), do_b, dv_acc + g * tile, d, bs, bs, d, false, Acc(1), nullptr);
+              } else {
+                MatMulAccumulateTransposedA(p_used, bs, do_use, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
+              }
               if (!do_finite) {
                 AddNonFiniteProductsT(p, Rows(in.dout, qv, b, q0), qv.width, b, h, q0, k0, mask_id, p_used,
                                       dv_acc + g * tile, d);
               }
               SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
               if (exact) ZeroUnattended(p, b, h, q0, k0, mask_id, dp);  // dP there may be NaN
-              MatMulAccumulateTransposedA(dp, bs, q_use, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
+              if (bf16) {  // dS rounded to bfloat16, as rows (dQ) and as pairs (dK)
+                PackPairsOf(dp, bs, bs, bs, dst_b);
+                PackRowsOf(dp, bs, bs, bs, ds_b);
+                Bf16MatMulOf(TransposedOperand(dst_b, bs), q_b, dk_acc + g * tile, d, bs, bs, d, false, Acc(1), nullptr);
+              } else {
+                MatMulAccumulateTransposedA(dp, bs, q_use, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
+              }
               if (!q_finite) {
                 AddNonFiniteProductsT(p, Rows(p.q, qv, b, q0), qv.width, b, h, q0, k0, mask_id, dp,
                                       dk_acc + g * tile, d);
               }
-              MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
+              if (bf16) {
+                Bf16MatMulOf(RowsOperand(ds_b, bs), k_b + g * tile, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d, false, Acc(1),
+                           nullptr);
+              } else {
+                MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
+              }
               if (!k_finite[g]) {
                 AddNonFiniteProducts(p, Rows(p.k, kv, b, k0), kv.width, b, h, q0, k0, mask_id, dp, bs, 1,
                                      dq_chunk + (q0 - row_lo) * d, d);
