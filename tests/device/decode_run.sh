@@ -3,7 +3,8 @@
 # built beforehand (PREBUILT=1 of run.sh: build/device/libbsattn_cuda.so carried along).
 #   1. fused_harness.py --variants decode (every dtype, block size, head dim; float64 reference), with the
 #      tensor-core step split over the keys as chosen (BSATTN_DECODE_SPLITS unset) and unsplit (=1)
-#   2. compute-sanitizer memcheck over the quick decode set (nothing outside q/out/lse/the written cache)
+#   2. compute-sanitizer over the quick decode set: $DECODE_TOOLS (default memcheck: nothing outside q/out/lse/the
+#      written cache; racecheck, initcheck (bsattn's kernels only, as in run.sh) on request)
 #   3. --decode: one decode step vs FlexAttention's decode (DECODE_BUDGET seconds of Flex compiles at most),
 #      then ours unsplit (no Flex)
 # Logs and JSON go to $OUT.
@@ -25,11 +26,16 @@ done
 unset BSATTN_DECODE_SPLITS
 cp "$OUT/fused.json" "$OUT/decode_checks.json" 2>/dev/null
 echo "checks: $((SECONDS - start)) s"
-timeout "${SANITIZER_TIMEOUT:-90}" compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 tests/device/fused_harness.py --lib "$LIB" --variants decode --quick --no-bench >"$OUT/decode_memcheck.log" 2>&1
-sc=$?
-echo "memcheck: rc=$sc ($(grep -h 'ERROR SUMMARY' "$OUT/decode_memcheck.log" | tail -1); $(grep -E '^[0-9]+ passed' "$OUT/decode_memcheck.log" | tail -1)) at $((SECONDS - start)) s"
-[ "$sc" = 0 ] || { tail -30 "$OUT/decode_memcheck.log"; rc=1; }
+for tool in ${DECODE_TOOLS:-memcheck}; do
+  filter=(); [ "$tool" = initcheck ] && filter=(--kernel-name kns=bsattn_cuda --check-api-memory-access no)
+  log="$OUT/decode_$tool.log"
+  timeout "${SANITIZER_TIMEOUT:-90}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 3 \
+    python3 tests/device/fused_harness.py --lib "$LIB" --variants decode --quick --no-bench >"$log" 2>&1
+  sc=$?
+  echo "$tool: rc=$sc ($(grep -h 'ERROR SUMMARY' "$log" | tail -1); $(grep -E '^[0-9]+ passed' "$log" | tail -1)) at $((SECONDS - start)) s"
+  [ "$sc" = 0 ] || { tail -30 "$log"; rc=1; }
+done
+[ "${DECODE_BENCH:-1}" = 1 ] || { echo "total: $((SECONDS - start)) s"; exit $rc; }
 python3 tests/device/fused_harness.py --lib "$LIB" --no-check --no-bench --decode --decode-batches "${DECODE_BATCHES:-1,8}" \
   --decode-budget "${DECODE_BUDGET:-100}" 2>&1 | tee "$OUT/decode_bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1

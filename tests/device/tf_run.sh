@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TensorFlow's side of the GPU checks, on the device machine (issue 14 §3):
-#   (a) tests/device/tf_fused_gpu.py: every op (fused forward/gradient; nt, nn, tn, masked softmax and its
+#   (a) tests/device/tf_fused_gpu.py and tf_decode_coor_gpu.py (decode steps, fused coordinate descent): every op (fused forward/gradient; nt, nn, tn, masked softmax and its
 #       gradient through blocksparse_attention_impl), dtype and feature on /GPU:0 against /CPU:0, eager and
 #       tf.function, table-cache and determinism cases;
 #   (b) the TF-level timing table beside the launcher's (launcher_timing.py, then tf_timing.py with the GPU
@@ -25,6 +25,9 @@ step() { [[ " $STEPS " == *" $1 "* ]]; }
 if step check; then
   (source /tmp/tf/env.sh && python3 tests/device/tf_fused_gpu.py) 2>&1 | grep -v "^WARNING\|^I0000\|^E0000" \
     | tee "$OUT/tf_fused_gpu.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  (source /tmp/tf/env.sh && python3 tests/device/tf_decode_coor_gpu.py) 2>&1 | grep -v "^WARNING\|^I0000\|^E0000" \
+    | tee "$OUT/tf_decode_coor_gpu.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if step timing; then
