@@ -64,14 +64,27 @@ if step sanitizer; then
   SCRIPTS=${SCRIPTS:-"harness fused_harness coor_descent_harness"}
   start=$SECONDS
   pids=()
-  # The fused set under racecheck (the slowest tool) runs as one process per dtype: whole, it outlasted 440 s.
+  # The fused set under racecheck (the slowest tool) runs as one process per 16-bit dtype and four for float32
+  # (its SIMT kernels, each a quarter of the variants): whole it outlasted 440 s, float32 alone did too.
   for script in $SCRIPTS; do
     for tool in $TOOLS; do
       filter=(); [ "$tool" = initcheck ] && filter=(--kernel-name kns=bsattn_cuda --check-api-memory-access no)
-      parts=(all); [ "$script:$tool" = fused_harness:racecheck ] && parts=(float32 float16 bfloat16)
+      parts=(all)
+      if [ "$script:$tool" = fused_harness:racecheck ]; then
+        parts=(float16 bfloat16)
+        mapfile -t quarters < <(python3 -c "import sys; sys.path.insert(0, 'tests/device')
+from fused_harness import VARIANTS
+print(*(','.join(VARIANTS[i::4]) for i in range(4)), sep='\\n')")
+        for i in "${!quarters[@]}"; do parts+=("float32.$i@${quarters[$i]}"); done
+      fi
       for part in "${parts[@]}"; do
-        select=(); [ "$part" = all ] || select=(--dtypes "$part")
-        log="$OUT/$script.$tool$([ "$part" = all ] || echo ".$part").log"
+        select=()
+        case "$part" in
+          all) ;;
+          *@*) select=(--dtypes "${part%%.*}" --variants "${part#*@}") ;;
+          *) select=(--dtypes "$part") ;;
+        esac
+        log="$OUT/$script.$tool$([ "$part" = all ] || echo ".${part%%@*}").log"
         timeout "${SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 3 \
           python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench "${select[@]}" >"$log" 2>&1 &
         pids+=("$!:$script:$tool:$log")
