@@ -5,7 +5,9 @@
 the longest row ``R`` with invalid slots), forms the scores of those blocks only, applies the in-block masks, key
 padding, segment ids, bias and the op's dropout hash (so the same entries are dropped for the same seed), and takes
 a masked softmax in float32 (float64 for float64 inputs). Grouped-query K/V (``kv_heads``) are read per query head
-by a gather of the K/V heads. Gradients are TensorFlow's own.
+by a gather of the K/V heads. Gradients are TensorFlow's own, except that the two products never multiply a masked
+entry's zero by a NaN/Inf (the op's rule: what is masked is never read; an attended NaN propagates, a non-finite
+attended value as NaN).
 
 Memory: the forward pass holds one chunk of scores at a time (about ``_CHUNK_ELEMS`` scores per batch entry);
 the backward pass keeps, as TensorFlow does for any graph, the probabilities of every chunk: ``B·H·Tq·R·bs``
@@ -72,6 +74,53 @@ def _dropout_keep(seed: tf.Tensor, rate: float, counter: tf.Tensor) -> tf.Tensor
     return tf.bitwise.right_shift(bits, tf.constant(32, tf.uint64)) >= tf.constant(threshold, tf.uint64)
 
 
+def _finite(x: tf.Tensor) -> tf.Tensor:
+    """x with its NaN/±inf entries set to 0."""
+    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
+
+# The masked entries of the score, probability and score-gradient matrices are exact zeros (selected, never
+# multiplied), but a product with them still reads the other operand: 0 · NaN = NaN. So each product below takes
+# the other operand with its non-finite entries zeroed where a masked entry could meet it, and an attended
+# non-finite entry is made to propagate explicitly (as NaN), as it does in dense TF.
+
+
+@tf.custom_gradient
+def _scores(q: tf.Tensor, k: tf.Tensor):
+    """Scores ``[B, H, c, bs, R, bs]`` of ``q [B, H, c, bs, D]`` and the gathered keys ``k [B, H, c, R, bs, D]``.
+    dq and dk multiply ds by the finite parts of k and q: ds is 0 at masked scores, and an attended NaN reaches
+    dq / dk through ds itself (its score, hence its row of ds, is NaN)."""
+
+    def grad(ds):
+        return (tf.einsum("bhcirj,bhcrjd->bhcid", ds, _finite(k)),
+                tf.einsum("bhcirj,bhcid->bhcrjd", ds, _finite(q)))  # fmt: skip
+
+    return tf.einsum("bhcid,bhcrjd->bhcirj", q, k), grad
+
+
+@tf.custom_gradient
+def _weighted_values(p: tf.Tensor, v: tf.Tensor, keep: tf.Tensor):
+    """``o [B, H, c, bs, D] = p [B, H, c, bs, R, bs] · v [B, H, c, R, bs, D]``, p 0 where ``keep`` (its shape) is
+    False. A non-finite v entry reaches only the rows that keep its key: there o (that component) and dp (the
+    score of that key) are NaN; the other rows see it as 0."""
+    bad = tf.logical_not(tf.math.is_finite(v))
+    any_bad = tf.reduce_any(bad)
+    keep_f = tf.cast(keep, p.dtype)
+    o = tf.einsum("bhcirj,bhcrjd->bhcid", p, _finite(v))
+    nan = tf.constant(np.nan, p.dtype)
+    o = tf.cond(any_bad,
+                lambda: tf.where(tf.einsum("bhcirj,bhcrjd->bhcid", keep_f, tf.cast(bad, p.dtype)) > 0, nan, o),
+                lambda: o)  # fmt: skip
+
+    def grad(do):
+        dp = tf.einsum("bhcid,bhcrjd->bhcirj", do, _finite(v))
+        bad_key = tf.reduce_any(bad, axis=-1)[:, :, :, None]  # [B, H, c, 1, R, bs]
+        dp = tf.cond(any_bad, lambda: tf.where(keep & bad_key, nan, dp), lambda: dp)
+        return dp, tf.einsum("bhcirj,bhcid->bhcrjd", p, do), None
+
+    return o, grad
+
+
 @tf.autograph.experimental.do_not_convert  # Python loops over static chunks only: nothing for autograph
 def gather_attention(
     q: tf.Tensor,
@@ -131,7 +180,7 @@ def gather_attention(
         idx = np.broadcast_to(k_blocks[:, rows], (heads,) + k_blocks[:, rows].shape[1:])  # [H, c, R]
         gather_idx = tf.broadcast_to(tf.constant(idx), tf.concat([[batch], idx.shape], 0))
         kc, vc = (tf.gather(x, gather_idx, axis=2, batch_dims=2) for x in (kh, vh))  # [B, H, c, R, bs, D]
-        s = tf.einsum("bhcid,bhcrjd->bhcirj", qh[:, :, rows], kc) * tf.constant(scale, acc)
+        s = _scores(qh[:, :, rows], kc) * tf.constant(scale, acc)
         keep = np.broadcast_to(valid[:, rows, :, None, None] & masks[mask_ids[:, rows]], idx.shape + (bs, bs))
         keep = tf.constant(np.transpose(keep, [0, 1, 3, 2, 4]))[None]  # [1, H, c, bs, R, bs]
         if key_padding_mask is not None:
@@ -147,16 +196,19 @@ def gather_attention(
             b_rows = tf.broadcast_to(b_rows, tf.concat([tf.shape(b_rows)[:1], [heads], tf.shape(b_rows)[2:]], 0))
             b_idx = tf.broadcast_to(tf.constant(idx), tf.concat([tf.shape(b_rows)[:1], idx.shape], 0))
             gathered = tf.gather(b_rows, b_idx, axis=3, batch_dims=3)  # [B|1, H, c, R, bs_i, bs_j]
-            s += tf.transpose(gathered, [0, 1, 2, 4, 3, 5])
+            gathered = tf.transpose(gathered, [0, 1, 2, 4, 3, 5])
+            s += gathered
+            keep = keep & (gathered > tf.constant(-np.inf, acc))  # a -inf bias masks: NaN k/v there is never read
         s = tf.where(keep, s, tf.constant(-np.inf, acc))
         m = tf.stop_gradient(tf.reduce_max(s, axis=[4, 5], keepdims=True))  # softmax is invariant to it
         m = tf.where(tf.math.is_inf(m), tf.zeros_like(m), m)  # a row with no key: m = 0, p = 0
-        p = tf.exp(s - m)
+        p = tf.where(keep, tf.exp(s - m), tf.zeros_like(s))  # 0 at masked entries even when m is NaN
         total = tf.reduce_sum(p, axis=[4, 5], keepdims=True)
         has_key = total > 0
+        no_key = tf.where(tf.math.is_nan(total), tf.constant(np.nan, acc), tf.constant(-np.inf, acc))
         total = tf.where(has_key, total, tf.ones_like(total))
-        if return_lse:
-            lse = tf.where(has_key, m + tf.math.log(total), tf.constant(-np.inf, acc))
+        if return_lse:  # NaN for a row with an attended NaN score, -inf for a row without keys
+            lse = tf.where(has_key, m + tf.math.log(total), no_key)
             lses.append(tf.reshape(lse, [batch, heads, -1]))
         p = p / total
         if dropout_rate > 0:
@@ -167,7 +219,7 @@ def gather_attention(
             counter = head_base[:, :, None, None, None, None] + tf.constant(local)[None]
             kept = _dropout_keep(seed, dropout_rate, counter)
             p = tf.where(kept, p / tf.constant(1.0 - float(np.float32(dropout_rate)), acc), tf.zeros_like(p))
-        o = tf.einsum("bhcirj,bhcrjd->bhcid", p, vc)  # [B, H, c, bs, D]
+        o = _weighted_values(p, vc, tf.broadcast_to(keep, tf.shape(p)))  # [B, H, c, bs, D]
         outs.append(tf.reshape(tf.transpose(o, [0, 2, 3, 1, 4]), [batch, -1, heads * d]))
     out = tf.cast(tf.concat(outs, axis=1), q.dtype)
     if return_lse:

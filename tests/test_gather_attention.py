@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import f64
+import test_fused_attention
 from test_fused_attention import FEATURES, H, check, dense_tf, feature_case, run_reference
 
 import bsattn.fused_attention as fused_module
@@ -102,3 +103,24 @@ def test_keras_fit_with_jit_compile(rng):
     history = model.fit(x, y, epochs=6, batch_size=8, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert np.isfinite(f64(model(x))).all()
+
+
+NAN_CASES = {
+    "padded v": (test_fused_attention.test_nan_at_padded_key_never_read, {"where": "v"}),
+    "padded k": (test_fused_attention.test_nan_at_padded_key_never_read, {"where": "k"}),
+    "padded bias": (test_fused_attention.test_nan_at_padded_key_never_read, {"where": "bias"}),
+    "-inf bias column": (test_fused_attention.test_nan_under_minus_inf_bias_never_read, {}),
+    "v in a partial block": (test_fused_attention.test_nan_value_inside_a_partial_block, {}),
+    "k in a partial block": (test_fused_attention.test_nan_key_inside_a_partial_block, {}),
+    "lse of a NaN row": (test_fused_attention.test_lse_of_a_nan_row_is_nan, {}),
+}
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_rules_of_the_op(rng, forced, case, dtype):
+    """The op's NaN rules hold in the fallback: NaN/Inf at a masked position (padded key, a key masked inside
+    its block, under a -inf bias) reaches no output or gradient; an attended NaN propagates; a NaN row's lse is
+    NaN. (The op's own tests, run with the fallback forced.)"""
+    test, kwargs = NAN_CASES[case]
+    test(rng, dtype=dtype, **kwargs)

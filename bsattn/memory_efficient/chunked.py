@@ -13,7 +13,9 @@ bias gradient), one over key chunks gives ``dk, dv`` — no scatter into a share
 ``[i, j]`` unless the bias itself is. With a single key chunk the first pass accumulates ``dk, dv`` too. ``eps`` enters exactly: ``out = acc / (l + eps)``, and its gradient is
 that of ``exp(s - lse)`` with the same ``lse``.
 
-Computes in float32 (float64 for float64 inputs); returns the dtype of ``q``.
+NaN/Inf follow the fused op's rule: a masked entry (padding, causal, a False mask, a -inf bias) is never read into
+any result, an attended NaN propagates (a non-finite attended value as NaN). Computes in float32 (float64 for
+float64 inputs); returns the dtype of ``q``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,38 @@ def _scores(spec: _Spec, t: _Tensors, qi, kc, q_c, k_c) -> tf.Tensor:
     return tf.where(valid, s, tf.constant(-float("inf"), s.dtype))
 
 
+# A masked score is an exact -inf and its probability and score gradient exact zeros, but a product with them still
+# reads the other operand: 0 · NaN = NaN. So the products take that operand with its non-finite entries zeroed, and
+# an attended non-finite value propagates explicitly (as NaN), as it does in dense TF; an attended NaN score needs
+# nothing (its row of p and ds is NaN by itself).
+
+
+def _finite(x: tf.Tensor) -> tf.Tensor:
+    """x with its NaN/±inf entries set to 0."""
+    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
+
+def _attended(s: tf.Tensor) -> tf.Tensor:
+    """The attended entries of a masked score tile (masked ones are exactly -inf; a NaN score is attended)."""
+    return tf.logical_not(tf.equal(s, tf.constant(-float("inf"), s.dtype)))
+
+
+def _weighted_values(p: tf.Tensor, v_c: tf.Tensor, attended: tf.Tensor) -> tf.Tensor:
+    """``p [B, H, qb, kb] · v_c [B, H, kb, D]``; a non-finite v entry makes NaN only the rows that attend its key."""
+    bad = tf.logical_not(tf.math.is_finite(v_c))
+    o = tf.matmul(p, _finite(v_c))
+    hit = lambda: tf.matmul(tf.cast(attended, p.dtype), tf.cast(bad, p.dtype)) > 0  # noqa: E731
+    return tf.cond(tf.reduce_any(bad), lambda: tf.where(hit(), tf.constant(float("nan"), p.dtype), o), lambda: o)
+
+
+def _value_scores(do_c: tf.Tensor, v_c: tf.Tensor, attended: tf.Tensor) -> tf.Tensor:
+    """``dp = do_c · v_cᵀ [B, H, qb, kb]``: NaN at the attended keys whose v is not finite, finite elsewhere."""
+    bad_key = tf.reduce_any(tf.logical_not(tf.math.is_finite(v_c)), -1)[:, :, None, :]  # [B, H, 1, kb]
+    dp = tf.matmul(do_c, _finite(v_c), transpose_b=True)
+    nan = tf.constant(float("nan"), dp.dtype)
+    return tf.cond(tf.reduce_any(bad_key), lambda: tf.where(attended & bad_key, nan, dp), lambda: dp)
+
+
 def _dropout(spec: _Spec, t: _Tensors, qi, kc, dtype) -> tf.Tensor | None:
     if t.key is None:
         return None
@@ -153,7 +187,7 @@ def _forward(spec: _Spec, t: _Tensors) -> tuple[tf.Tensor, tf.Tensor]:
             else:  # bounded (cosine-sim) scores: plain exp, no max
                 p = tf.exp(s)
             z = _dropout(spec, t, qi, kc, dtype)
-            acc = acc + tf.matmul(p if z is None else p * z, v_c)
+            acc = acc + _weighted_values(p if z is None else p * z, v_c, _attended(s))
             return kc + 1, m, l + tf.reduce_sum(p, -1), acc
 
         m0 = tf.fill(stats_shape, tf.constant(-float("inf"), dtype))
@@ -161,7 +195,8 @@ def _forward(spec: _Spec, t: _Tensors) -> tuple[tf.Tensor, tf.Tensor]:
         n = _key_chunks_of(spec, qi)
         _, m, l, acc = tf.while_loop(lambda kc, *_: kc < n, body, init, parallel_iterations=1)
         norm = l + spec.eps
-        out = tf.where(l[..., None] > 0, acc / tf.where(norm > 0, norm, tf.ones_like(norm))[..., None], tf.zeros([], dtype))
+        kept = (l > 0) | tf.math.is_nan(l)  # a NaN row (an attended NaN score) stays NaN; a row without keys gives 0
+        out = tf.where(kept[..., None], acc / tf.where(norm > 0, norm, tf.ones_like(norm))[..., None], tf.zeros([], dtype))
         lse = tf.math.log(norm) + (m if spec.stable else 0)
         return out, lse
 
@@ -187,12 +222,15 @@ class _Saved(NamedTuple):
 def _grad_tile(spec: _Spec, t: _Tensors, g: _Saved, qi, kc):
     """``(p·z, ds)`` of tile ``(qi, kc)``, each ``[B, H, qb, kb]``."""
     q_c, k_c, v_c, do_c = t.q[qi], t.k[kc], t.v[kc], g.do[qi]
-    p = tf.exp(_scores(spec, t, qi, kc, q_c, k_c) - g.lse[qi][..., None])
-    dp = tf.matmul(do_c, v_c, transpose_b=True)
+    s = _scores(spec, t, qi, kc, q_c, k_c)
+    attended = _attended(s)
+    zero = tf.zeros([], s.dtype)
+    p = tf.where(attended, tf.exp(s - g.lse[qi][..., None]), zero)  # 0 at masked entries, even in a NaN row
+    dp = _value_scores(do_c, v_c, attended)
     z = _dropout(spec, t, qi, kc, p.dtype)
     if z is not None:
         dp = dp * z
-    ds = p * (dp - g.delta[qi][..., None])
+    ds = tf.where(attended, p * (dp - g.delta[qi][..., None]), zero)
     return (p if z is None else p * z), ds
 
 
@@ -215,12 +253,12 @@ def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None, with_k
     def row(qi, dk, dv):
         def body(kc, dq, db, dk, dv):
             pz, ds = _grad_tile(spec, t, g, qi, kc)
-            dq = dq + tf.matmul(ds, t.k[kc])
+            dq = dq + tf.matmul(ds, _finite(t.k[kc]))
             if bias_shape is not None:
                 db = db.write(kc, bias_tile(ds)) if cols else db + bias_tile(ds)
             if with_kv:  # kc is 0: the only key chunk
                 dv = dv + tf.matmul(pz, g.do[qi], transpose_a=True)
-                dk = dk + tf.matmul(ds, t.q[qi], transpose_a=True)
+                dk = dk + tf.matmul(ds, _finite(t.q[qi]), transpose_a=True)
             return kc + 1, dq, db, dk, dv
 
         batch = tf.shape(t.q)[1]
@@ -270,7 +308,7 @@ def _grad_kv(spec: _Spec, t: _Tensors, g: _Saved):
         def body(qi, dk, dv):
             pz, ds = _grad_tile(spec, t, g, qi, kc)
             dv = dv + tf.matmul(pz, g.do[qi], transpose_a=True)
-            dk = dk + tf.matmul(ds, t.q[qi], transpose_a=True)
+            dk = dk + tf.matmul(ds, _finite(t.q[qi]), transpose_a=True)
             return qi + 1, dk, dv
 
         zeros = tf.zeros_like(t.k[kc])

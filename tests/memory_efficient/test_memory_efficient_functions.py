@@ -196,6 +196,39 @@ def test_fully_masked_rows_give_zero_and_finite_gradients(name, rng):
         assert np.isfinite(out).all() and all(np.isfinite(g.numpy()).all() for g in grads)
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("name", ["mea-chunked", "mea-fused", "unstable-chunked"])
+def test_nan_reaches_only_what_attends_it(name, where, rng):
+    """One NaN row of q, k or v (batch 0, head 1, position 20) under causal and a full mask that hides key 20
+    from some rows inside its chunks: exactly the rows that attend it turn NaN (for k and v: the rows attending
+    key 20; for q: row 20), in out and dq; dk and dv only at keys those rows attend (dv stays finite for a NaN
+    v, whose scores are finite); every other entry equals the clean inputs' result."""
+    n = 37
+    (q, k, v), _ = inputs(rng, n, n, scale=0.5 if "unstable" in name else 1.0)
+    mask = make_mask(rng, "full", n, n)
+    keep = keep_mask(B, H, n, n, mask, True)[0, 1]  # [i, j] of the poisoned (batch, head)
+    dout = tf.constant(rng.standard_normal((B, H, n, D)), tf.float32)
+    clean = with_grads(lambda: call(name, q, k, v, mask, True, None), [q, k, v], dout)
+    poisoned = {"q": q, "k": k, "v": v}
+    a = poisoned[where].numpy()
+    a[0, 1, 20] = np.nan
+    poisoned[where] = tf.constant(a)
+    bad = with_grads(lambda: call(name, *poisoned.values(), mask, True, None), list(poisoned.values()), dout)
+    rows = np.zeros(n, bool)
+    if where == "q":
+        rows[20] = keep[20].any()
+    else:
+        rows = keep[:, 20].copy()
+    keys = keep[rows].any(0)
+    expect = {"out": rows, "dq": rows, "dk": keys, "dv": keys if where != "v" else np.zeros(n, bool)}
+    for label, b, c in zip(["out", "dq", "dk", "dv"], [bad[0], *bad[1]], [clean[0], *clean[1]]):
+        b, c = b.numpy(), c.numpy()
+        nan_rows = np.isnan(b[0, 1]).all(-1)
+        np.testing.assert_array_equal(nan_rows, expect[label], err_msg=f"{label}: NaN rows")
+        b[0, 1, expect[label]] = c[0, 1, expect[label]] = 0
+        np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6, err_msg=f"{label}: the untouched entries")
+
+
 def test_jit_compile_runs_the_chunked_engine(rng, monkeypatch):
     (q, k, v), bias = inputs(rng, 21, 45, tf.float32, (1, H, 21, 45))
     mask = make_mask(rng, "key", 21, 45)
