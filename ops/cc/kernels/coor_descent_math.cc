@@ -148,7 +148,9 @@ BSATTN_AI typename O::S BackwardInitPass(const typename O::S* x, const typename 
   for (int64_t j = begin; j < end; j += O::kLanes) {
     const V xv = O::Load(x + j);
     const V y = O::Exp((Min<O>(xv, O::Splat(theta)) - theta) * inv);
-    const V d = (xv <= O::Splat(theta)) & (y > zero) ? O::Load(g + j) * y * inv : zero;
+    // Two selects, not one on (a & b): GCC lowers the AND of two AVX-512 comparisons lane by lane.
+    const V gy = y > zero ? O::Load(g + j) * y : zero;
+    const V d = xv <= O::Splat(theta) ? gy * inv : zero;
     O::Store(dx + j, d);
     acc += d;
   }
