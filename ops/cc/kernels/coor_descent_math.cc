@@ -196,7 +196,7 @@ BSATTN_AI void FinishPass(typename O::S* dx, const typename O::S* acc, int64_t b
   for (int64_t j = begin; j < end; j += O::kLanes) O::Store(dx + j, O::Load(dx + j) - da * O::Load(acc + j));
 }
 
-// ---- whole rows: O for the bulk, T (scalars) for the tail ----------------------------------------
+// ---- whole rows: O for the bulk, Tail (scalars) for the tail ----------------------------------------
 
 // a_t from lse_t, exactly as the forward computed it (the backward recomputes it bit for bit).
 template <typename Acc>
@@ -204,12 +204,12 @@ BSATTN_AI Acc AFromLse(Acc eps_t, Acc log_k, Acc lse_t) {
   return eps_t * (log_k - lse_t);
 }
 
-template <class O, class T>
+template <class O, class Tail>
 BSATTN_AI void RowForwardImpl(const typename O::S* x, int64_t n, int64_t n_unmasked, typename O::S log_k,
                               const typename O::S* eps, int n_iters, typename O::S* lse, typename O::S* y) {
   using S = typename O::S;
   const int64_t bulk = n - n % O::kLanes;
-  const S x_max = std::max(MaxPass<O>(x, 0, bulk), MaxPass<T>(x, bulk, n));
+  const S x_max = std::max(MaxPass<O>(x, 0, bulk), MaxPass<Tail>(x, bulk, n));
   lse[0] = std::log(static_cast<S>(n_unmasked));  // z_1 = (x - x) / eps_1 = 0 on every unmasked entry
   S a = AFromLse(eps[0], log_k, lse[0]);
   bool stored = false;  // y holds E_j = exp((x_j - c) / stored_eps)
@@ -221,13 +221,19 @@ BSATTN_AI void RowForwardImpl(const typename O::S* x, int64_t n, int64_t n_unmas
     S sum;
     if (stored && e == stored_eps && std::abs(static_cast<double>(m - c) * inv) <= kWindow) {
       const S cap = ExpScalar((m - c) * inv);
-      sum = SumMinPass<O>(y, 0, bulk, cap) + SumMinPass<T>(y, bulk, n, cap);
+      sum = SumMinPass<O>(y, 0, bulk, cap) + SumMinPass<Tail>(y, bulk, n, cap);
     } else {
       stored = eps[t + 1] == e;  // the next iteration (or the output) has this eps: keep E
       stored_eps = e;
       c = m;
-      sum = stored ? ExpSumPass<O, true>(x, 0, bulk, c, inv, S(1), y) + ExpSumPass<T, true>(x, bulk, n, c, inv, S(1), y)
-                   : ExpSumPass<O, false>(x, 0, bulk, c, inv, S(1), y) + ExpSumPass<T, false>(x, bulk, n, c, inv, S(1), y);
+      // cap 1: c = min(x_max, theta) is the largest min(x_j, theta), so exp((min(x_j, theta) - c) / eps)
+      // is min(E_j, 1).
+      if (stored) {
+        sum = ExpSumPass<O, true>(x, 0, bulk, c, inv, S(1), y) + ExpSumPass<Tail, true>(x, bulk, n, c, inv, S(1), y);
+      } else {
+        sum = ExpSumPass<O, false>(x, 0, bulk, c, inv, S(1), y) +
+              ExpSumPass<Tail, false>(x, bulk, n, c, inv, S(1), y);
+      }
     }
     // In float64: c / eps is large (~|x| / eps), its float32 rounding would be a relative error of every p.
     lse[t] = static_cast<S>(static_cast<double>(c) / e + std::log(static_cast<double>(sum)));
@@ -237,10 +243,10 @@ BSATTN_AI void RowForwardImpl(const typename O::S* x, int64_t n, int64_t n_unmas
   if (stored && e == stored_eps && std::abs(static_cast<double>(theta - c) * inv) <= kWindow) {
     const S r = ExpScalar((c - theta) * inv);  // y = min(E_j, exp((theta - c) / eps)) / exp((theta - c) / eps)
     ScaleMinPass<O>(y, 0, bulk, r);
-    ScaleMinPass<T>(y, bulk, n, r);
+    ScaleMinPass<Tail>(y, bulk, n, r);
   } else {
     OutputPass<O>(x, 0, bulk, theta, inv, y);
-    OutputPass<T>(x, bulk, n, theta, inv, y);
+    OutputPass<Tail>(x, bulk, n, theta, inv, y);
   }
 }
 
@@ -250,59 +256,59 @@ struct Group {
   std::vector<int> iters;  // t (header numbering) of the members
 };
 
-template <class O, class T>
+template <class O, class Tail>
 BSATTN_AI typename O::S RowBackwardImpl(const typename O::S* x, const typename O::S* g, int64_t n,
                                         typename O::S log_k, const typename O::S* eps, int n_iters,
                                         const typename O::S* lse, typename O::S* dx) {
   using S = typename O::S;
-  const int T_ = n_iters;
+  const int iters = n_iters;
   // theta[t] = -a_t, t = 1..T (index 0 unused).
-  std::vector<S> theta(T_ + 1);
-  for (int t = 1; t <= T_; ++t) theta[t] = -AFromLse(eps[t - 1], log_k, lse[t - 1]);
+  std::vector<S> theta(iters + 1);
+  for (int t = 1; t <= iters; ++t) theta[t] = -AFromLse(eps[t - 1], log_k, lse[t - 1]);
   const int64_t bulk_n = n - n % O::kLanes;
-  const S x_max = std::max(MaxPass<O>(x, 0, bulk_n), MaxPass<T>(x, bulk_n, n));
+  const S x_max = std::max(MaxPass<O>(x, 0, bulk_n), MaxPass<Tail>(x, bulk_n, n));
 
   // Pass A: dx = the output's term, da_T = its sum, and count_t = #{x_j > theta_t}, t < T (only the
   // thresholds below x_max: nothing is above the others).
-  std::vector<int64_t> count(T_ + 1, 0);
+  std::vector<int64_t> count(iters + 1, 0);
   std::vector<int> counted;
-  for (int t = 1; t < T_; ++t)
+  for (int t = 1; t < iters; ++t)
     if (theta[t] < x_max) counted.push_back(t);
   const int chunks = (static_cast<int>(counted.size()) + kCountChunk - 1) / kCountChunk;
   std::vector<S> th(static_cast<size_t>(chunks) * kCountChunk, std::numeric_limits<S>::infinity());
   for (size_t i = 0; i < counted.size(); ++i) th[i] = theta[counted[i]];
   std::vector<int64_t> chunk_counts(th.size(), 0);
-  const S inv_out = S(1) / eps[T_];
+  const S inv_out = S(1) / eps[iters];
   S da = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t end = std::min(n, b + kBlock), bulk = end - (end - b) % O::kLanes;
-    da += BackwardInitPass<O>(x, g, b, bulk, theta[T_], inv_out, dx) +
-          BackwardInitPass<T>(x, g, bulk, end, theta[T_], inv_out, dx);
+    da += BackwardInitPass<O>(x, g, b, bulk, theta[iters], inv_out, dx) +
+          BackwardInitPass<Tail>(x, g, bulk, end, theta[iters], inv_out, dx);
     for (int ch = 0; ch < chunks; ++ch) {
       CountPass<O>(x, b, bulk, th.data() + ch * kCountChunk, chunk_counts.data() + ch * kCountChunk);
-      CountPass<T>(x, bulk, end, th.data() + ch * kCountChunk, chunk_counts.data() + ch * kCountChunk);
+      CountPass<Tail>(x, bulk, end, th.data() + ch * kCountChunk, chunk_counts.data() + ch * kCountChunk);
     }
   }
   for (size_t i = 0; i < counted.size(); ++i) count[counted[i]] = chunk_counts[i];
 
   // The chain, in float64: da_t = da_T D_t with D_T = 1, D_{t-1} = D_t S_t, S_t = sum_j p_tj [x_j > theta_{t-1}]
   // = count_{t-1} exp(theta_{t-1} / eps_t - lse_t) (every such entry has z_tj = theta_{t-1} / eps_t).
-  std::vector<double> d_chain(T_ + 1, 0.0);
-  d_chain[T_] = 1.0;
-  for (int t = T_; t >= 2; --t) {
+  std::vector<double> d_chain(iters + 1, 0.0);
+  d_chain[iters] = 1.0;
+  for (int t = iters; t >= 2; --t) {
     const double s_t = count[t - 1] == 0 ? 0.0
                                          : static_cast<double>(count[t - 1]) *
                                                std::exp(static_cast<double>(theta[t - 1]) / eps[t - 1] - lse[t - 1]);
     d_chain[t - 1] = d_chain[t] * s_t;
   }
   double dlog_k = 0;  // da_t / dlog k = eps_t
-  for (int t = 1; t <= T_; ++t) dlog_k += d_chain[t] * eps[t - 1];
+  for (int t = 1; t <= iters; ++t) dlog_k += d_chain[t] * eps[t - 1];
 
   // dx_j -= da_T sum_{t=2..T} D_t p_tj [x_j <= theta_{t-1}], p_tj = exp(x_j / eps_t - lse_t) there. The
   // iterations with equal eps form groups: with c the group's largest min(x_max, theta_{t-1}) (every
   // contributing x_j is <= c), p_tj = E_j exp(c / eps - lse_t), E_j = exp((x_j - c) / eps) <= 1.
   std::vector<Group> groups;
-  for (int t = T_; t >= 2; --t) {
+  for (int t = iters; t >= 2; --t) {
     if (d_chain[t] == 0) continue;
     const double e = eps[t - 1], m = std::min(x_max, theta[t - 1]);
     Group* into = nullptr;
@@ -341,10 +347,10 @@ BSATTN_AI typename O::S RowBackwardImpl(const typename O::S* x, const typename O
         const S* gf = member_f.data() + first[i];
         const int members = first[i + 1] - first[i];
         GroupPass<O>(x + b, 0, bulk_len, c, inv, gth, gf, members, acc);
-        GroupPass<T>(x + b, bulk_len, len, c, inv, gth, gf, members, acc);
+        GroupPass<Tail>(x + b, bulk_len, len, c, inv, gth, gf, members, acc);
       }
       FinishPass<O>(dx + b, acc, 0, bulk_len, da);
-      FinishPass<T>(dx + b, acc, bulk_len, len, da);
+      FinishPass<Tail>(dx + b, acc, bulk_len, len, da);
     }
   }
   return static_cast<S>(dlog_k * da);
