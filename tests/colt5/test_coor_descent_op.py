@@ -182,6 +182,45 @@ def test_gradients(rng, name, dtype):
         assert np.all(ours[0][~mask] == 0)
 
 
+# Rows longer than the backward's 1024-entry blocks and not a multiple of the vector lanes; schedules whose equal
+# eps let iterations share exponentials (coor_descent_math.cc): the router's (the floor from iteration 15 on), a
+# constant eps under which the threshold moves by ~50 eps (past the 30-eps window: the shared exponentials are
+# recomputed, the backward's groups split), and a constant eps = 0.5 (one group throughout).
+LONG_SCHEDULES = {
+    "router_floor_midway": dict(n_iters=20, eps=0.03, eps_init=4.0, eps_decay=0.7),
+    "constant_eps_drifting": dict(n_iters=40, eps=0.01, eps_init=None, eps_decay=1.0),
+    "constant_eps_decay_1": dict(n_iters=15, eps=0.5, eps_init=None, eps_decay=1.0),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(LONG_SCHEDULES))
+@pytest.mark.parametrize("dtype", (tf.float64, tf.float32), ids=lambda d: d.name)
+def test_long_rows_shared_exponentials(rng, schedule, dtype):
+    kw = LONG_SCHEDULES[schedule]
+    shape = (3, 2500)
+    s = tf.cast(tf.constant(rng.standard_normal(shape)), dtype)
+    mask = rng.random(shape) < 0.9
+    mask[1] = True  # one row without masked entries
+    k = tf.constant(rng.uniform(200.0, 400.0, shape[0]), dtype)
+    w = tf.constant(rng.standard_normal(shape), dtype)
+    with tf.GradientTape() as tape:
+        tape.watch([s, k])
+        y = fused_coor_descent(s, k=k, mask=mask, **kw)
+    ds, dk = tape.gradient(y, [s, k], output_gradients=w)
+    y_ref, trace = ref_forward(f64(s), f64(k), mask=mask, **kw)
+    ds_ref, dk_ref = ref_backward(f64(w), f64(k), trace)
+    if dtype == tf.float32:  # the float32 unrolled loop's errors set the scale, as in the tests above
+        with tf.GradientTape() as tape:
+            tape.watch([s, k])
+            y_base = unrolled_tf(s, k, mask=mask, **kw)
+        base = [f64(y_base), *[f64(g) for g in tape.gradient(y_base, [s, k], output_gradients=w)]]
+    for i, (ours, ref) in enumerate([(y, y_ref), (ds, ds_ref), (dk, dk_ref)]):
+        base_err = 0.0 if dtype == tf.float64 else np.abs(base[i] - ref).max()
+        err = np.abs(f64(ours) - ref).max()
+        assert err <= tolerance(dtype, base_err, np.abs(ref).max(), 2 if i == 0 else 3, s, kw), (i, err, base_err)
+    assert np.all(f64(y)[~mask] == 0) and np.all(f64(ds)[~mask] == 0)
+
+
 def test_converged_row_sums_are_k(rng):
     s = tf.constant(rng.standard_normal((4, 512)), tf.float64)
     y = fused_coor_descent(s, n_iters=50, k=64, eps=1.0).numpy()
@@ -351,7 +390,9 @@ from bsattn.colt5.coor_descent import coor_descent
 from bsattn.colt5.coor_descent_op import fused_coor_descent
 rng = np.random.default_rng(0)
 errors = []
-for shape, kw in [((3, 37), dict(n_iters=30, eps=1.0)), ((2, 45), dict(n_iters=12, eps=0.2, eps_init=1.0, eps_decay=0.8))]:
+cases = [((3, 37), dict(n_iters=30, eps=1.0)), ((2, 45), dict(n_iters=12, eps=0.2, eps_init=1.0, eps_decay=0.8)),
+         ((2, 2100), dict(n_iters=20, eps=0.1, eps_init=4.0, eps_decay=0.7))]  # the last: several blocks, a floor
+for shape, kw in cases:
     s, w = rng.standard_normal(shape), rng.standard_normal(shape)
     mask = rng.random(shape) < 0.8
     mask[:, :6] = True

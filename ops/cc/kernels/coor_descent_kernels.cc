@@ -1,8 +1,9 @@
-// OpKernels of BsattnCoorDescent and BsattnCoorDescentGrad (CPU). One row per work item: the row is
-// converted to a dense Acc buffer (masked entries -inf) that stays in cache for all the iterations
-// (coor_descent_math.h has the math and the reverse-mode derivation).
-#include <atomic>
+// OpKernels of BsattnCoorDescent and BsattnCoorDescentGrad (CPU). One row per work item, as a dense Acc
+// row with masked entries -inf (coor_descent_math.h has the math and the reverse-mode derivation). float32
+// and float64 rows without a mask are read, and their outputs written, in place; the others go through
+// per-thread Acc buffers.
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops/cc/kernels/coor_descent_checks.h"
@@ -33,6 +34,39 @@ int64_t LoadRow(const T* s, const bool* mask, int64_t n, Acc* x) {
   return count;
 }
 
+// The row as Acc, -inf where masked, and its unmasked count: s itself where T is Acc and nothing is
+// masked, else a copy in *buf.
+template <typename T, typename Acc>
+const Acc* RowView(const T* s, const bool* mask, int64_t n, std::vector<Acc>* buf, int64_t* unmasked) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (mask == nullptr) {
+      *unmasked = n;
+      return s;
+    }
+  }
+  buf->resize(n);
+  *unmasked = LoadRow(s, mask, n, buf->data());
+  return buf->data();
+}
+
+// Where a row's Acc result goes: the output row itself where T is Acc, else *buf (converted after).
+template <typename T, typename Acc>
+Acc* ResultRow(T* out, int64_t n, std::vector<Acc>* buf) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return out;
+  } else {
+    buf->resize(n);
+    return buf->data();
+  }
+}
+
+template <typename T, typename Acc>
+void StoreRow(const Acc* result, int64_t n, T* out) {
+  if constexpr (!std::is_same_v<T, Acc>) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(result[j]);
+  }
+}
+
 // Rough cycles per row, for the thread pool's shards.
 int64_t RowCost(const CoorDims& d) { return std::max<int64_t>(1, d.n) * (d.n_iters + 2) * 8; }
 
@@ -61,9 +95,10 @@ class CoorDescentOp : public OpKernel {
     Acc* lse = lse_out->flat<Acc>().data();
     const int64_t n = d.n;
     ParallelForBalanced(ctx, d.rows, RowCost(d), [&](int64_t begin, int64_t end) {
-      std::vector<Acc> x(n), yr(n);
+      std::vector<Acc> x_buf, y_buf;
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t unmasked = LoadRow(s_ptr + r * n, mask ? mask + r * n : nullptr, n, x.data());
+        int64_t unmasked;
+        const Acc* x = RowView(s_ptr + r * n, mask ? mask + r * n : nullptr, n, &x_buf, &unmasked);
         const Acc k_r = k[d.scalar_k ? 0 : r];
         Acc* lse_r = lse + r * n_iters_;
         T* y_r = y + r * n;
@@ -72,8 +107,9 @@ class CoorDescentOp : public OpKernel {
           std::fill(lse_r, lse_r + n_iters_, -std::numeric_limits<Acc>::infinity());
           continue;
         }
-        CoorDescentRowForward(x.data(), n, unmasked, CoorLogK(k_r), eps, n_iters_, lse_r, yr.data());
-        for (int64_t j = 0; j < n; ++j) y_r[j] = static_cast<T>(yr[j]);  // yr is 0 where masked
+        Acc* yr = ResultRow(y_r, n, &y_buf);  // also the forward's scratch
+        CoorDescentRowForward(x, n, unmasked, CoorLogK(k_r), eps, n_iters_, lse_r, yr);
+        StoreRow(yr, n, y_r);  // yr is 0 where masked
       }
     });
   }
@@ -111,9 +147,10 @@ class CoorDescentGradOp : public OpKernel {
     Acc* dk_rows = dk_rows_t.flat<Acc>().data();
     const int64_t n = d.n;
     ParallelForBalanced(ctx, d.rows, RowCost(d) * 2, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> x(n), g(n), dx(n);
+      std::vector<Acc> x_buf, g_buf, dx_buf;
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t unmasked = LoadRow(s_ptr + r * n, mask ? mask + r * n : nullptr, n, x.data());
+        int64_t unmasked;
+        const Acc* x = RowView(s_ptr + r * n, mask ? mask + r * n : nullptr, n, &x_buf, &unmasked);
         const Acc k_r = k[d.scalar_k ? 0 : r];
         T* ds_r = ds + r * n;
         dk_rows[r] = 0;
@@ -121,11 +158,13 @@ class CoorDescentGradOp : public OpKernel {
           std::fill(ds_r, ds_r + n, T(0));
           continue;
         }
-        for (int64_t j = 0; j < n; ++j) g[j] = static_cast<Acc>(dy[r * n + j]);
-        const Acc dlog_k =
-            CoorDescentRowBackward(x.data(), g.data(), n, CoorLogK(k_r), eps, n_iters_, lse + r * n_iters_, dx.data());
+        // g is read only where x is finite: the row of dy as it is (no mask applied).
+        int64_t all;
+        const Acc* g = RowView(dy + r * n, static_cast<const bool*>(nullptr), n, &g_buf, &all);
+        Acc* dx = ResultRow(ds_r, n, &dx_buf);
+        const Acc dlog_k = CoorDescentRowBackward(x, g, n, CoorLogK(k_r), eps, n_iters_, lse + r * n_iters_, dx);
         dk_rows[r] = k_r >= Acc(1e-20) ? dlog_k / k_r : Acc(0);
-        for (int64_t j = 0; j < n; ++j) ds_r[j] = static_cast<T>(dx[j]);
+        StoreRow(dx, n, ds_r);
       }
     });
     Acc* dk = dk_out->flat<Acc>().data();

@@ -12,15 +12,21 @@
 // carried from one iteration to the next is ONE scalar per row. The forward stores lse_1..lse_T
 // (n_iters values per row); a_t = eps_t * (log k - lse_t) is recomputed bit for bit from them.
 //
+// Since x - relu(x + a) = min(x, -a), z_tj = min(x_j, theta_{t-1}) / eps_t with theta = -a: the
+// entries above the threshold all have z = theta / eps_t, the others x_j / eps_t.
+//
 // Reverse mode (g = dL/dy; [.] is 1 if true else 0; relu'(0) = 0 as in autograd):
-//   u_j = x_j + a_T,  dx_j = g_j y_j / eps_{T+1} [u_j <= 0],  da_T = sum_j dx_j
-//   for t = T .. 2, with u_j = x_j + a_{t-1}, p_j = exp(z_tj - lse_t) (softmax of z_t):
-//     dx_j    -= da_t p_j [u_j <= 0]          (da_t/dx_j     = -p_j [u_j <= 0])
-//     dlogk   += da_t eps_t                   (da_t/dlog k   = eps_t)
-//     da_{t-1} = da_t sum_j p_j [u_j > 0]     (da_t/da_{t-1} = sum_j p_j [u_j > 0])
+//   dx_j = g_j y_j / eps_{T+1} [x_j <= theta_T],  da_T = sum_j dx_j
+//   for t = T .. 2, with p_j = exp(z_tj - lse_t) (softmax of z_t):
+//     dx_j    -= da_t p_j [x_j <= theta_{t-1}]    (da_t/dx_j     = -p_j [x_j <= theta_{t-1}])
+//     dlogk   += da_t eps_t                       (da_t/dlog k   = eps_t)
+//     da_{t-1} = da_t S_t                         (da_t/da_{t-1} = S_t = sum_j p_j [x_j > theta_{t-1}])
 //   dlogk += da_1 eps_1;  dk = dlogk / k  (0 where k < 1e-20: log clamps k there, as the original)
-// so the backward costs T passes over the row, recomputing z from x and the stored lse. Memory:
-// the row and its gradient (O(n)) plus the lse (O(n_iters)), never O(n_iters * n).
+// S_t = count_t exp(theta_{t-1} / eps_t - lse_t), count_t = #{j: x_j > theta_{t-1}}: the chain of da needs
+// only the counts. So the backward counts in one pass (with dx's first term), runs the chain on scalars,
+// and adds every iteration's term to dx in ONE more pass, recomputing z from x and the stored lse (one
+// exponential per entry and distinct eps: iterations with equal eps share it, coor_descent_math.cc).
+// Memory: the row and its gradient (O(n)) plus the lse (O(n_iters)), never O(n_iters * n).
 #ifndef BSATTN_OPS_CC_KERNELS_COOR_DESCENT_MATH_H_
 #define BSATTN_OPS_CC_KERNELS_COOR_DESCENT_MATH_H_
 
@@ -33,7 +39,8 @@ template <typename Acc>
 Acc CoorLogK(Acc k);
 
 // One row forward: x [n] (-inf = masked), n_unmasked >= 1 of its entries finite, eps [n_iters + 1]
-// (the schedule, eps[t-1] = eps_t); writes lse [n_iters] and y [n] (y may alias nothing else).
+// (the schedule, eps[t-1] = eps_t); writes lse [n_iters] and y [n] (y may alias nothing else; it is
+// also the forward's scratch).
 template <typename Acc>
 void CoorDescentRowForward(const Acc* x, int64_t n, int64_t n_unmasked, Acc log_k, const Acc* eps,
                            int n_iters, Acc* lse, Acc* y);
