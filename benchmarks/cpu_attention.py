@@ -142,7 +142,7 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     from bsattn.fused_attention import fused_attention
     from bsattn.fused_tables import fused_tables_for_pattern
 
-    heads = args.dense_heads if kind in ("sparse", "dense") else args.heads
+    heads = args.dense_heads if kind in ("sparse", "dense", "strided_paths") else args.heads
     rng = np.random.default_rng(0)
     shape = (args.batch, n_ctx, heads * args.head_dim)
     inputs = [tf.constant(rng.random(shape, dtype=np.float32) * 2 - 1) for _ in range(3)]  # no float64 temporaries
