@@ -517,14 +517,14 @@ namespace {
 
 // delta = rowsum(dout * out) - dlse and lse_shift = lse (+inf where lse = -inf, so that
 // exp(S - lse_shift) = 0 on empty rows), both [B, H, Tq] by position (the inputs are by token);
-// units are (batch, position) rows.
+// units are (batch, token) rows, read in order.
 template <typename T, typename Acc>
 void DeltaRows(const FusedAttentionParams<T>& p, const FusedAttentionGradInputs<T>& in, Acc* delta,
                Acc* lse_shift, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / p.tq, t = row % p.tq, token = StridedToken(t, p.tq, p.strided_period);
+    const int64_t b = row / p.tq, token = row % p.tq, t = StridedPosition(token, p.tq, p.strided_period);
     for (int64_t h = 0; h < p.heads; ++h) {
-      const int64_t at = (b * p.tq + token) * p.width + h * p.head_dim, bh = (b * p.heads + h) * p.tq;
+      const int64_t at = row * p.width + h * p.head_dim, bh = (b * p.heads + h) * p.tq;
       const int64_t stat = bh + t, token_stat = bh + token;
       Acc sum = 0;
       for (int64_t c = 0; c < p.head_dim; ++c) sum += in.dout[at + c] * static_cast<Acc>(in.out[at + c]);
@@ -853,13 +853,13 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   const int64_t cost = UnitCost(p, p.batch * TotalEntries(p), groups * chunks, 5);
   ParallelForBalanced(ctx, groups * chunks, cost, work);
 
-  // dq = scale * (sum of the partial buffers of the chunks that reach the row), in chunk order. The
-  // buffers' rows are positions t, dq's tokens.
+  // dq = scale * (sum of the partial buffers of the chunks that reach the row), in chunk order. Units
+  // are dq's (batch, token) rows, written in order; the buffers' rows are positions t.
   ParallelFor(ctx, p.batch * p.tq, 2 * chunks * p.width, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / p.tq, t = row % p.tq;
+      const int64_t b = row / p.tq, t = StridedPosition(row % p.tq, p.tq, p.strided_period);
       for (int64_t h = 0; h < p.heads; ++h) {
-        T* dst = dq + (b * p.tq + StridedToken(t, p.tq, p.strided_period)) * p.width + h * d;
+        T* dst = dq + row * p.width + h * d;
         std::array<const Acc*, 16> src;  // GradChunks keeps chunks <= 16
         int64_t n_src = 0;
         for (int64_t chunk = 0; chunk < chunks; ++chunk) {

@@ -74,6 +74,12 @@ inline int64_t StridedToken(int64_t t, int64_t len, int64_t period) {
   return (t % block_tokens) * period + t / block_tokens;
 }
 
+// The position of token t (the inverse of StridedToken): (t % L) * (len / L) + t / L.
+inline int64_t StridedPosition(int64_t t, int64_t len, int64_t period) {
+  if (period == 0) return t;
+  return (t % period) * (len / period) + t / period;
+}
+
 // The [min, max] segment id of each block of positions of ids [B, len] (len = n_blocks * block_size;
 // tokens of the positions as StridedToken(., len, period) says) into ranges [B, n_blocks, 2].
 void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t batch, int64_t n_blocks,
