@@ -181,7 +181,8 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
         for name, attend in (("one_op", one_op), ("transposed", transposed)):
             fns[f"{name}_fwd"], fns[f"{name}_fwdbwd"] = tf_runners(tf, attend, inputs)
         times = timed_interleaved(fns, args.repeats)
-        return {name: {part: times[f"{name}_{part}"] for part in ("fwd", "fwdbwd")} for name in ("one_op", "transposed")}
+        parts = ("fwd", "fwdbwd")
+        return {name: {part: times[f"{name}_{part}"] for part in parts} for name in ("one_op", "transposed")}
     if kind == "fused":
         tables = fused_tables_for_pattern(bsattn.patterns.Causal(), n_ctx, n_ctx, args.blocksize)
         fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), inputs)

@@ -66,10 +66,13 @@ def run_op(x, tables, kv_heads, period, **kw):
 
 def permuted(x, perm):
     """The inputs in permuted order (position p holds token perm[p]), as the transposed path gives them."""
-    take = lambda a, axis: None if a is None else tf.gather(a, perm, axis=axis)  # noqa: E731
-    return dict(x, q=take(x["q"], 1), k=take(x["k"], 1), v=take(x["v"], 1), dout=take(x["dout"], 1),
-                kpm=None if x["kpm"] is None else x["kpm"][:, perm], ids=None if x["ids"] is None else x["ids"][:, perm],
-                dlse=take(x["dlse"], 2))  # fmt: skip
+
+    def take(a, axis):
+        return None if a is None else tf.gather(a, perm, axis=axis)
+
+    kpm, ids = (None if x[name] is None else x[name][:, perm] for name in ("kpm", "ids"))
+    return dict(x, q=take(x["q"], 1), k=take(x["k"], 1), v=take(x["v"], 1), dout=take(x["dout"], 1), kpm=kpm,
+                ids=ids, dlse=take(x["dlse"], 2))  # fmt: skip
 
 
 def run_transposed(x, tables, kv_heads, period, **kw):
