@@ -10,6 +10,8 @@ Three parts, every case in a fresh process (2 TF intra-op threads, 1 inter-op; t
       Target: fused / torch >= 1.0 (the ratio of times).
   (b) ``blocksparse_attention_impl`` (fused engine) against dense ``attention_impl`` for the 'fixed' and
       'strided' modes: speed-up against 1 / density (active / all blocks). Target: speed-up >= 0.8 / density.
+      'strided' runs one op reading the permuted order in place (``strided_period``); its rows also time the
+      previous path (``strided_transpose`` of q, k, v, the op, the inverse transpose), interleaved with it.
   (c) peak resident memory (ru_maxrss) of fused forward+backward of 'fixed' and 'strided', with the
       memory after importing TensorFlow and making the inputs ("base"). Target: linear in T, < 2 GB
       at T = 65536 with H = 4, D = 64.
@@ -140,7 +142,7 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
     from bsattn.fused_attention import fused_attention
     from bsattn.fused_tables import fused_tables_for_pattern
 
-    heads = args.dense_heads if kind in ("sparse", "dense") else args.heads
+    heads = args.dense_heads if kind in ("sparse", "dense", "strided_paths") else args.heads
     rng = np.random.default_rng(0)
     shape = (args.batch, n_ctx, heads * args.head_dim)
     inputs = [tf.constant(rng.random(shape, dtype=np.float32) * 2 - 1) for _ in range(3)]  # no float64 temporaries
@@ -161,6 +163,26 @@ def worker(kind: str, n_ctx: int, mode: str, args) -> dict:
         for dtype in ("float32", "bfloat16"):
             result[dtype] = {part: times[f"{dtype}_{part}"] for part in ("fwd", "fwdbwd")}
         return result
+    if kind == "strided_paths":  # (b): 'strided' in one op against the transposed path, timed interleaved
+        from bsattn.sparse_attention import _strided_untranspose, strided_transpose
+
+        kwargs = mode_kwargs("strided", n_ctx, args.blocksize)
+        period, bs = kwargs["local_attn_ctx"], args.blocksize
+        tables = fused_tables_for_pattern(bsattn.patterns.Strided(period), n_ctx, n_ctx, bs)
+
+        def transposed(q, k, v):
+            q, k, v = (strided_transpose(t, n_ctx, period, bs) for t in (q, k, v))
+            return _strided_untranspose(fused_attention(q, k, v, tables, heads), n_ctx, period)
+
+        def one_op(q, k, v):
+            return bsattn.blocksparse_attention_impl(q, k, v, heads, "strided", blocksize=bs, **kwargs)
+
+        fns = {}
+        for name, attend in (("one_op", one_op), ("transposed", transposed)):
+            fns[f"{name}_fwd"], fns[f"{name}_fwdbwd"] = tf_runners(tf, attend, inputs)
+        times = timed_interleaved(fns, args.repeats)
+        parts = ("fwd", "fwdbwd")
+        return {name: {part: times[f"{name}_{part}"] for part in parts} for name in ("one_op", "transposed")}
     if kind == "fused":
         tables = fused_tables_for_pattern(bsattn.patterns.Causal(), n_ctx, n_ctx, args.blocksize)
         fwd, fwd_bwd = tf_runners(tf, lambda q, k, v: fused_attention(q, k, v, tables, heads), inputs)
@@ -235,6 +257,8 @@ def part_b(args) -> list[dict]:
             row = {"T": n_ctx, "mode": mode, **kwargs, "density": density}
             for kind in ("sparse", "dense"):
                 row[kind] = in_subprocess(kind, n_ctx, mode, args)
+            if mode == "strided":
+                row["strided_paths"] = in_subprocess("strided_paths", n_ctx, mode, args)
             for part in ("fwd", "fwdbwd"):
                 sparse, dense = row["sparse"].get(part), row["dense"].get(part)
                 if sparse and dense:
@@ -329,6 +353,21 @@ def print_tables(results: dict, args) -> None:
                 f" {secs(r['dense'], 'fwdbwd')} {fmt(r.get('speedup_fwdbwd'), '7.1f')}x"
                 f" {fmt(r.get('speedup_fwdbwd_vs_target'), '6.2f')}"
             )
+        strided = [r for r in results["b"] if "strided_paths" in r]
+        if strided:
+            print("\n(b) 'strided': one op (strided_period) vs the transposed path, timed interleaved in one process")
+            print(f"{'T':>6} {'L':>4} | {'one op fwd':>10} {'transp fwd':>10} {'ratio':>6} | {'one op f+b':>10}"
+                  f" {'transp f+b':>10} {'ratio':>6}")  # fmt: skip
+        for r in strided:
+            paths = r["strided_paths"]
+            if "error" in paths:
+                print(f"{r['T']:>6} {r['local_attn_ctx']:>4} | {paths['error']}")
+                continue
+            cells = []
+            for part in ("fwd", "fwdbwd"):
+                new, old = paths["one_op"][part]["median"], paths["transposed"][part]["median"]
+                cells.append(f"{new:>9.4f}s {old:>9.4f}s {old / new:>5.2f}x")
+            print(f"{r['T']:>6} {r['local_attn_ctx']:>4} | {cells[0]} | {cells[1]}")
     if "c" in results:
         print(f"\n(c) peak RSS of fused forward+backward, B={args.batch} H={args.heads} D={args.head_dim} "
               f"bs={args.blocksize} (base: after importing TF and making the inputs)")  # fmt: skip

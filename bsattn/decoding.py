@@ -270,7 +270,7 @@ def blocksparse_decode_impl(
     scale = 1.0 / math.sqrt(q.shape[-1] // heads)
     pattern = patterns.mode_pattern(attn_mode, t_max, heads, local_attn_ctx, blocksize=blocksize,
                                     num_verts=num_verts, vertsize=vertsize)  # fmt: skip
-    if attn_mode == "strided" and _is_prefill(position, q.shape[1], t_max):  # the normal op, transposed
+    if attn_mode == "strided" and _is_prefill(position, q.shape[1], t_max):  # the normal op
         return blocksparse_attention_impl(q, k_cache, v_cache, heads, attn_mode, local_attn_ctx, blocksize,
                                           num_verts, vertsize, kv_heads=kv_heads)  # fmt: skip
     if attn_mode != "strided":

@@ -13,6 +13,10 @@ and returns the dtype of ``q`` (float32, float16, bfloat16 or float64).
 Decoding with a KV cache (``q_offset=p``, forward only): ``q`` holds ``Tq`` new queries at positions ``[p, p + Tq)``
 against the cache ``k, v``; only the table rows of those queries and the keys written so far (``< p + Tq``) are read.
 
+sparse_attention's ``'strided'`` without transposes (``strided_period=L``): the tables address the permuted
+positions of ``strided_transpose`` while every tensor stays in token order; the op reads each block as one residue
+class (rows ``L`` apart).
+
 Under XLA (``tf.function(jit_compile=True)``, Keras's ``jit_compile``), where custom ops cannot compile, the same
 computation runs in TensorFlow ops instead (``bsattn.gather_attention``: same tables, same dropout hash).
 """
@@ -27,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from bsattn import _checks as checks
+from bsattn import patterns
 from bsattn._loader import load_ops
 from bsattn._table_constants import host_scalar, int32_table, table_constants
 from bsattn.fused_tables import FusedTables
@@ -75,6 +80,7 @@ def fused_attention(
     q_segment_ids: tf.Tensor | None = None,
     k_segment_ids: tf.Tensor | None = None,
     q_offset: int | tf.Tensor | None = None,
+    strided_period: int = 0,
 ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
     """Block-sparse attention in one op: ``[B, Tq, H*D], [B, Tk, KVH*D] x2 -> [B, Tq, H*D]``.
 
@@ -112,6 +118,12 @@ def fused_attention(
         are never read (garbage in the unwritten cache reaches no output); the rows equal the same rows of the
         full op for patterns where no query sees a later key. ``bias [B|1, H|1, Tq, Tk]`` and ``q_segment_ids
         [B, Tq]`` are those of the new rows; dropout uses the absolute rows. Its gradient raises an error.
+      strided_period: ``L >= 0``; 0 = none. ``L > 0`` (self-attention, ``T = tables.n_q = tables.n_k``, ``T % L == 0``,
+        ``(T / L) % tables.block_size == 0``; no ``bias``, no ``q_offset``): ``tables`` address the permuted positions
+        ``p`` of ``patterns.strided_permutation(T, L)`` (``patterns.Strided(L)``'s coordinates), position ``p`` being
+        token ``(p % (T/L)) * L + p // (T/L)``, while ``q, k, v``, the output, ``lse``, ``key_padding_mask`` and the
+        segment ids are all in token order; the dropout hash uses ``p``. The result equals, bit for bit, permuting
+        the inputs, running the op with ``strided_period=0`` and un-permuting the outputs, without the copies.
     Returns:
       ``out`` or ``(out, lse)``.
     """
@@ -163,12 +175,16 @@ def fused_attention(
     seed = host_scalar(seed, tf.int64)
 
     q_offset = host_scalar(q_offset if decode else 0, tf.int32)
+    strided_period = _check_strided_period(strided_period, tables, decode, bias is not None)
 
     if in_xla_context() and decode:
         raise NotImplementedError(
             "fused_attention(q_offset=...) (decoding) runs the custom op, which does not compile under XLA; "
             "call it outside jit_compile"
         )
+    if in_xla_context() and strided_period:  # the fallback in permuted order, then back to token order
+        return _strided_gather_attention(q, k, v, tables, heads, scale, key_padding_mask, dropout_rate, seed,
+                                         return_lse, kv_heads, q_segment_ids, k_segment_ids, strided_period)
     if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops
         return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse,
                                 kv_heads=kv_heads, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
@@ -186,6 +202,7 @@ def fused_attention(
         "dropout_rate": dropout_rate,
         "has_key_padding_mask": key_padding_mask is not None,
         "has_bias": bias is not None,
+        "strided_period": strided_period,
     }
     lse_dtype = tf.float64 if q.dtype == tf.float64 else tf.float32
     padding = key_padding_mask if key_padding_mask is not None else tf.zeros([0, 0], tf.bool)
@@ -219,6 +236,50 @@ def fused_attention(
 
     inputs = (q, k, v) if bias is None else (q, k, v, bias)
     return forward(*inputs)
+
+
+def _check_strided_period(period: object, tables: FusedTables, decode: bool, has_bias: bool) -> int:
+    """``strided_period`` as an int after the checks of ``fused_attention``'s docstring; errors name it."""
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral):
+        raise TypeError(f"strided_period must be a non-negative int, got {period!r}")
+    period = int(period)
+    if period < 0:
+        raise ValueError(f"strided_period must be >= 0, got {period}")
+    if period == 0:
+        return 0
+    if decode:
+        raise ValueError("strided_period must be 0 with q_offset (decoding): decode 'strided' by its residue class")
+    if has_bias:
+        raise ValueError("strided_period must be 0 with a bias (the strided mode takes no bias)")
+    n, bs = tables.n_q, tables.block_size
+    if tables.n_k != n:
+        raise ValueError(f"strided_period needs self-attention tables (n_q == n_k), got n_q={n}, n_k={tables.n_k}")
+    if n % period or (n // period) % bs:
+        raise ValueError(
+            f"strided_period={period}: T={n} must be a multiple of it and T / strided_period a multiple of "
+            f"block_size={bs}"
+        )
+    return period
+
+
+def _strided_gather_attention(q, k, v, tables, heads, scale, key_padding_mask, dropout_rate, seed, return_lse,
+                              kv_heads, q_segment_ids, k_segment_ids, period):
+    """``fused_attention(strided_period=period)`` under XLA: the TensorFlow-ops fallback on permuted q, k, v
+    (and padding, ids), its outputs gathered back to token order."""
+    perm = patterns.strided_permutation(tables.n_q, period)
+    inverse = np.argsort(perm).astype(np.int32)
+    perm = perm.astype(np.int32)
+
+    def permuted(x):
+        return None if x is None else tf.gather(x, perm, axis=1)
+
+    result = gather_attention(permuted(q), permuted(k), permuted(v), tables, heads, scale, permuted(key_padding_mask),
+                              None, dropout_rate, seed, return_lse, kv_heads=kv_heads,
+                              q_segment_ids=permuted(q_segment_ids), k_segment_ids=permuted(k_segment_ids))
+    if return_lse:
+        out, lse = result
+        return tf.gather(out, inverse, axis=1), tf.gather(lse, inverse, axis=2)
+    return tf.gather(result, inverse, axis=1)
 
 
 def _bias4(bias: tf.Tensor, batch: int | None, heads: int, tables: FusedTables, n_q: int | None) -> tf.Tensor:

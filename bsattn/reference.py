@@ -360,12 +360,26 @@ def _decode_keep(tables: FusedTables, q_offset: int, n_rows: int) -> np.ndarray:
     return tables.token_mask()[:, p : p + n_rows] & (np.arange(tables.n_k) < p + n_rows)
 
 
+def _to_tokens(x: np.ndarray, strided_period: int) -> np.ndarray:
+    """``x [..., T, T]`` indexed by the strided-permuted positions of ``strided_period = L`` (position ``p`` is token
+    ``(p % (T/L)) * L + p // (T/L)``) → indexed by tokens; ``x`` itself for 0."""
+    if not strided_period:
+        return x
+    n = x.shape[-1]
+    if x.shape[-2] != n or n % strided_period:
+        raise ValueError(f"strided_period={strided_period} needs [..., T, T] with T % strided_period == 0, got "
+                         f"{x.shape}")
+    position = np.arange(n).reshape(strided_period, n // strided_period).T.reshape(-1)  # of token t: t%L*bT + t//L
+    return x[..., position[:, None], position[None, :]]
+
+
 def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, kv_heads=None, q_segment_ids=None,
-                 k_segment_ids=None, q_offset=None):
+                 k_segment_ids=None, q_offset=None, strided_period=0):
     """``(p [B, H, Tq, Tk], lse [B, H, Tq], scale, keep [B|1, H, Tq, Tk])`` of the fused attention (no
     dropout), float64. ``keep``: the attended entries (tables, key padding, bias other than -inf); a NaN
     score elsewhere is never read, an attended one makes its row NaN (``lse`` too). With ``q_offset`` (decoding)
-    q's rows are the positions ``[q_offset, q_offset + Tq)`` (``_decode_keep``)."""
+    q's rows are the positions ``[q_offset, q_offset + Tq)`` (``_decode_keep``). With ``strided_period`` the
+    tables' mask is in permuted positions, everything else in token order (``_to_tokens``)."""
     qh, kh = _heads(q, heads), _kv_heads(k, heads, kv_heads)
     n_q = tables.n_q if q_offset is None else qh.shape[2]
     if qh.shape[2] != n_q or kh.shape[2] != tables.n_k:
@@ -374,6 +388,7 @@ def _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, kv_heads=No
         raise ValueError(f"tables have {tables.lut_heads} layout heads; heads={heads} needs 1 or {heads}")
     scale = float(np.float32(_default_scale(q, heads, scale)))
     mask = tables.token_mask() if q_offset is None else _decode_keep(tables, q_offset, n_q)
+    mask = _to_tokens(mask, strided_period)
     keep = np.broadcast_to(mask[None], (1, heads, n_q, tables.n_k))
     if key_padding_mask is not None:
         keep = keep & np.asarray(key_padding_mask, dtype=bool)[:, None, None, :]
@@ -407,16 +422,18 @@ def _kept_product(w: np.ndarray, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int, rows: tuple[int, int] | None = None
-                   ) -> np.ndarray | float:
+def _dropout_scale(p: np.ndarray, dropout_rate: float, seed: int, rows: tuple[int, int] | None = None,
+                   strided_period: int = 0) -> np.ndarray | float:
     """The factor applied to the probabilities: ``keep / (1 - rate)``, or 1 without dropout. ``rows = (q_offset,
-    T_max)`` (decoding): ``p``'s rows are rows ``[q_offset, q_offset + Tq)`` of the full op's ``T_max``."""
+    T_max)`` (decoding): ``p``'s rows are rows ``[q_offset, q_offset + Tq)`` of the full op's ``T_max``.
+    ``strided_period``: the hash's rows and columns are the permuted positions (``_to_tokens``)."""
     if not dropout_rate:
         return 1.0
     batch, heads, n_q, n_k = p.shape
     rate = float(np.float32(dropout_rate))
     if rows is None:
-        return dropout_keep_mask(seed, rate, batch, heads, n_q, n_k) / (1.0 - rate)
+        keep = _to_tokens(dropout_keep_mask(seed, rate, batch, heads, n_q, n_k), strided_period)
+        return keep / (1.0 - rate)
     offset, t_max = rows
     return dropout_keep_mask(seed, rate, batch, heads, t_max, n_k, (offset, n_q)) / (1.0 - rate)
 
@@ -436,6 +453,7 @@ def fused_attention(
     q_segment_ids: np.ndarray | None = None,
     k_segment_ids: np.ndarray | None = None,
     q_offset: int | None = None,
+    strided_period: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fused op: ``q [B, Tq, H*D]``, ``k, v [B, Tk, KVH*D]`` → ``(out [B, Tq, H*D], lse [B, H, Tq])``.
 
@@ -452,11 +470,17 @@ def fused_attention(
     kept key, whose output is 0); ``out = (P ⊙ keep / (1 - rate)) · v`` with the dropout mask of
     ``dropout_keep_mask``. ``scale`` defaults to ``1/sqrt(D)``. Masked entries are never read: NaN/Inf in ``k``, ``v``
     or ``bias`` there stays out of every result; an attended NaN score makes its row (and ``lse``) NaN.
+
+    ``strided_period = L > 0`` (self-attention): the tables (and the dropout hash) address the permuted positions
+    ``p`` of ``patterns.strided_permutation`` (position ``p`` is token ``(p % (T/L)) * L + p // (T/L)``); every array
+    is in token order.
     """
     segments = (kv_heads, q_segment_ids, k_segment_ids)
-    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments, q_offset=q_offset)
+    p, lse, _, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments, q_offset=q_offset,
+                                   strided_period=strided_period)
     rows = None if q_offset is None else (int(q_offset), tables.n_q)
-    out = _kept_product(p * _dropout_scale(p, dropout_rate, seed, rows), _kv_heads(v, heads, kv_heads), keep)
+    z = _dropout_scale(p, dropout_rate, seed, rows, strided_period)
+    out = _kept_product(p * z, _kv_heads(v, heads, kv_heads), keep)
     return _unheads(out), lse
 
 
@@ -476,17 +500,20 @@ def fused_attention_grad(
     kv_heads: int | None = None,
     q_segment_ids: np.ndarray | None = None,
     k_segment_ids: np.ndarray | None = None,
+    strided_period: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Analytic gradients of ``fused_attention`` for upstream ``dout [B, Tq, H*D]`` (and ``dlse [B, H, Tq]``)
     → ``(dq, dk, dv, dbias)``; ``dbias`` has the shape of ``bias`` (summed over the batch and/or heads it
     broadcasts over), None without a bias. ``dk``, ``dv`` are ``[B, Tk, KVH*D]``, summed over each K/V head's group
-    of query heads. A query with no kept key contributes nothing (NaN in its q or dout included)."""
+    of query heads. A query with no kept key contributes nothing (NaN in its q or dout included).
+    ``strided_period``: as in ``fused_attention``."""
     segments = (kv_heads, q_segment_ids, k_segment_ids)
-    p, _, scale, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments)
+    p, _, scale, keep = _fused_probs(q, k, tables, heads, scale, key_padding_mask, bias, *segments,
+                                     strided_period=strided_period)
     # Masked entries (other segments included) are never read, even in a NaN row: their P and dS are 0 and
     # no product reads their q, k, v or dout (a query with no kept key contributes nothing).
     active = np.broadcast_to(keep, p.shape)
-    z = _dropout_scale(p, dropout_rate, seed)
+    z = _dropout_scale(p, dropout_rate, seed, strided_period=strided_period)
     qh, doh = _heads(q, heads), _heads(dout, heads)
     kh, vh = _kv_heads(k, heads, kv_heads), _kv_heads(v, heads, kv_heads)
     p = np.where(active, p, 0.0)

@@ -108,14 +108,20 @@ def strided_transpose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int, blocksize: 
     Token ``t = a*L + b`` moves to position ``b*(T/L) + a``, so each residue class becomes one
     contiguous chunk of ``T/L`` tokens, which must be a multiple of ``blocksize``.
     """
+    bt_ctx = _check_strided_sizes(n_ctx, local_attn_ctx, blocksize)
+    n, t, embd = shape_list(x)
+    x = tf.reshape(x, [n, bt_ctx, local_attn_ctx, embd])
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [n, t, embd])
+
+
+def _check_strided_sizes(n_ctx: int, local_attn_ctx: int, blocksize: int) -> int:
+    """'strided''s size checks → ``n_ctx / local_attn_ctx`` (tokens per residue class)."""
     if n_ctx % local_attn_ctx:
         raise ValueError(f"n_ctx={n_ctx} must be a multiple of local_attn_ctx={local_attn_ctx}")
     bt_ctx = n_ctx // local_attn_ctx
     if bt_ctx % blocksize:
         raise ValueError(f"n_ctx / local_attn_ctx = {bt_ctx} must be a multiple of blocksize={blocksize}")
-    n, t, embd = shape_list(x)
-    x = tf.reshape(x, [n, bt_ctx, local_attn_ctx, embd])
-    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [n, t, embd])
+    return bt_ctx
 
 
 def _strided_untranspose(x: tf.Tensor, n_ctx: int, local_attn_ctx: int) -> tf.Tensor:
@@ -227,7 +233,9 @@ def blocksparse_attention_impl(
     """Block-sparse attention of a mode: ``q [B, T, H*D]``, ``k, v [B, T, KVH*D]`` -> ``[B, T, H*D]``.
 
     ``'all'`` is causal attention, ``'local'`` attends the last ``local_attn_ctx`` tokens,
-    ``'strided'`` every ``local_attn_ctx``-th earlier token (computed after ``strided_transpose``),
+    ``'strided'`` every ``local_attn_ctx``-th earlier token (the fused op reads the permuted order of
+    ``strided_transpose`` in place, ``fused_attention(strided_period=local_attn_ctx)``; the unfused engine and the
+    XLA fallback transpose q, k, v and the output),
     ``'fixed'`` the same stride-chunk plus the last ``vertsize*blocksize`` tokens of every chunk
     (per head group when ``num_verts > 1``). Scale ``1/sqrt(D)``.
 
@@ -255,15 +263,21 @@ def blocksparse_attention_impl(
             context_parallel,
         )  # fmt: skip
     n_ctx = shape_list(q)[1]
+    xla = in_xla_context()
+    # 'strided' in the fused op: one op reading the permuted order in place (no transposes, no copies).
+    strided_in_op = attn_mode == "strided" and engine == "fused" and not xla
     if attn_mode == "strided":
+        _check_strided_sizes(n_ctx, local_attn_ctx, blocksize)
+    if attn_mode == "strided" and not strided_in_op:
         q, k, v = (strided_transpose(t, n_ctx, local_attn_ctx, blocksize) for t in (q, k, v))
     n_state = shape_list(q)[-1] // heads
-    if engine == "fused" or in_xla_context():  # under XLA the unfused ops cannot run: the same attention
+    if engine == "fused" or xla:  # under XLA the unfused ops cannot run: the same attention
         pattern = patterns.mode_pattern(
             attn_mode, n_ctx, heads, local_attn_ctx, blocksize=blocksize, num_verts=num_verts, vertsize=vertsize
         )
         tables = fused_tables_for_pattern(pattern, n_ctx, n_ctx, blocksize)
-        a = fused_attention(q, k, v, tables, heads, scale=1.0 / math.sqrt(n_state), kv_heads=kv_heads)
+        a = fused_attention(q, k, v, tables, heads, scale=1.0 / math.sqrt(n_state), kv_heads=kv_heads,
+                            strided_period=local_attn_ctx if strided_in_op else 0)
     else:
         if kv_heads != heads:  # the unfused ops take one K/V head per query head
             k, v = (_repeat_kv_heads(t, kv_heads, heads) for t in (k, v))
@@ -271,7 +285,7 @@ def blocksparse_attention_impl(
         w = bst.query_key_op(q, k)
         w = bst.masked_softmax(w, scale=1.0 / math.sqrt(n_state))
         a = bst.weight_value_op(w, v)
-    if attn_mode == "strided":
+    if attn_mode == "strided" and not strided_in_op:
         a = _strided_untranspose(a, n_ctx, local_attn_ctx)
     return a
 

@@ -25,6 +25,12 @@
 // column's V is not finite (it is NaN there; P = 0 makes dS 0). A finiteness scan per staged tile
 // is all that full tiles pay.
 //
+// strided_period L (sparse_attention's 'strided' without transposes): the tables' positions are
+// permuted tokens, and a block of positions is one residue class, tokens t0 + r * L: every tile
+// load and store takes the block's first token and a row stride of L rows (HeadView), per-token
+// arrays (key padding, segment ids, lse) the same step (BlockTokens). Work order, scratch and
+// summation order are those of the op on permuted inputs, so the results equal it bit for bit.
+//
 // Per-thread scratch is kept across units and calls; each output tile (and dbias entry) has exactly
 // one writer and sums in a fixed order, so two runs give the same bits.
 #include "ops/cc/kernels/fused_attention_kernels.h"
@@ -50,19 +56,39 @@ std::atomic<int64_t> computed_blocks[2];  // forward, gradient (FusedComputedBlo
 
 // Where the rows of one head of a [B, len, width] tensor are: channels [col, col + D) of each row.
 // q, out, dq, dout: (Tq, H*D, h*D); k, v, dk, dv: (Tk, KVH*D, (h / group)*D), the K/V head that
-// serves query head h.
+// serves query head h. With strided_period L the rows of a block of positions t0.. are the tokens
+// StridedToken(t0) + r * L: a block is its first token's row and a row stride of L rows.
 struct HeadView {
-  int64_t len, width, col;
+  int64_t len, width, col, period;
+  // The element offset of channel col of position t0's token in batch entry b.
+  int64_t Offset(int64_t b, int64_t t0) const { return (b * len + StridedToken(t0, len, period)) * width + col; }
+  // The elements between the rows of consecutive positions of a block.
+  int64_t Stride() const { return period == 0 ? width : period * width; }
 };
 
 template <typename T>
 HeadView QueryView(const FusedAttentionParams<T>& p, int64_t h) {
-  return {p.tq, p.width, h * p.head_dim};
+  return {p.tq, p.width, h * p.head_dim, p.strided_period};
 }
 
 template <typename T>
 HeadView KeyView(const FusedAttentionParams<T>& p, int64_t h) {
-  return {p.tk, p.kv_width, (h / p.group) * p.head_dim};
+  return {p.tk, p.kv_width, (h / p.group) * p.head_dim, p.strided_period};
+}
+
+// The values of a per-token array x [B, len] (key padding, segment ids) at the block of positions
+// t0.. of batch entry b: at(j) = x[b][token of position t0 + j].
+template <typename U>
+struct BlockTokens {
+  const U* first;
+  int64_t step;
+  U operator[](int64_t j) const { return first[j * step]; }
+};
+
+template <typename T, typename U>
+BlockTokens<U> TokensOf(const FusedAttentionParams<T>& p, const U* x, int64_t len, int64_t b, int64_t t0) {
+  const int64_t period = p.strided_period;
+  return {x + b * len + StridedToken(t0, len, period), period == 0 ? 1 : period};
 }
 
 // Whether block (Qb, Kb) of batch entry b can hold a pair of equal segment ids (always without
@@ -131,15 +157,15 @@ void ApplyBiasAndMasks(const FusedAttentionParams<T>& p, const uint32_t* masks, 
     ApplyKeepBits(tile, bs, bs, masks + mask_id * bs * p.mask_words, p.mask_words);
   }
   if (p.key_padding_mask != nullptr) {
-    const bool* keep = p.key_padding_mask + b * p.tk + k0;
+    const BlockTokens<bool> keep = TokensOf(p, p.key_padding_mask, p.tk, b, k0);
     for (int64_t j = 0; j < bs; ++j) {
       if (keep[j]) continue;
       for (int64_t i = 0; i < bs; ++i) tile[at(i, j)] = kMasked;
     }
   }
   if (SegmentsDiffer(p, b, q0 / bs, k0 / bs)) {  // entries of different segments, like mask bits
-    const int32_t* qs = p.q_segment_ids + b * p.tq + q0;
-    const int32_t* ks = p.k_segment_ids + b * p.tk + k0;
+    const BlockTokens<int32_t> qs = TokensOf(p, p.q_segment_ids, p.tq, b, q0);
+    const BlockTokens<int32_t> ks = TokensOf(p, p.k_segment_ids, p.tk, b, k0);
     for (int64_t i = 0; i < bs; ++i)
       for (int64_t j = 0; j < bs; ++j)
         if (qs[i] != ks[j]) tile[at(i, j)] = kMasked;
@@ -156,8 +182,9 @@ bool Kept(const FusedAttentionParams<T>& p, int64_t b, int64_t h, int64_t q0, in
     const uint32_t word = p.masks[(mask_id * p.block_size + i) * p.mask_words + (j >> 5)];
     if (!((word >> (j & 31)) & 1u)) return false;
   }
-  if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * p.tk + k0 + j]) return false;
-  if (p.q_segment_ids != nullptr && p.q_segment_ids[b * p.tq + q0 + i] != p.k_segment_ids[b * p.tk + k0 + j]) {
+  if (p.key_padding_mask != nullptr && !TokensOf(p, p.key_padding_mask, p.tk, b, k0)[j]) return false;
+  if (p.q_segment_ids != nullptr &&
+      TokensOf(p, p.q_segment_ids, p.tq, b, q0)[i] != TokensOf(p, p.k_segment_ids, p.tk, b, k0)[j]) {
     return false;
   }
   return p.bias == nullptr ||
@@ -178,7 +205,7 @@ bool NoNaN(const Acc* x, int64_t n) {
 template <bool kTransposed, typename T, typename Acc>
 void ZeroPaddedKeys(const FusedAttentionParams<T>& p, int64_t b, int64_t k0, Acc* tile) {
   if (p.key_padding_mask == nullptr) return;
-  const bool* keep = p.key_padding_mask + b * p.tk + k0;
+  const BlockTokens<bool> keep = TokensOf(p, p.key_padding_mask, p.tk, b, k0);
   const int64_t bs = p.block_size, d = p.head_dim;
   for (int64_t j = 0; j < bs; ++j) {
     if (keep[j]) continue;
@@ -252,13 +279,13 @@ template <typename T, typename Acc>
 void LoadScaledTranspose(const FusedAttentionParams<T>& p, const Acc* x, HeadView at, int64_t b, int64_t t0,
                          Acc scale, Acc* dst) {
   const int64_t bs = p.block_size, d = p.head_dim;
-  TransposeScaled(x + (b * at.len + t0) * at.width + at.col, at.width, bs, d, scale, dst);
+  TransposeScaled(x + at.Offset(b, t0), at.Stride(), bs, d, scale, dst);
 }
 
-// Rows [t0, t0 + bs) of head view `at` of x (rows at.width apart).
+// Rows [t0, t0 + bs) of head view `at` of x (rows at.Stride() apart).
 template <typename Acc>
 const Acc* Rows(const Acc* x, HeadView at, int64_t b, int64_t t0) {
-  return x + (b * at.len + t0) * at.width + at.col;
+  return x + at.Offset(b, t0);
 }
 
 // Copies rows [t0, t0 + bs) of head view `at` of x into a dense bs x D tile. The products read
@@ -268,7 +295,7 @@ template <typename T, typename Acc>
 const Acc* CopyRows(const FusedAttentionParams<T>& p, const Acc* x, HeadView at, int64_t b, int64_t t0, Acc* dst) {
   const Acc* src = Rows(x, at, b, t0);
   for (int64_t r = 0; r < p.block_size; ++r) {
-    std::memcpy(dst + r * p.head_dim, src + r * at.width, p.head_dim * sizeof(Acc));
+    std::memcpy(dst + r * p.head_dim, src + r * at.Stride(), p.head_dim * sizeof(Acc));
   }
   return dst;
 }
@@ -278,7 +305,7 @@ const Acc* CopyRows(const FusedAttentionParams<T>& p, const Acc* x, HeadView at,
 template <typename T, typename Acc>
 void PrefetchRows(const FusedAttentionParams<T>& p, const Acc* x, HeadView at, int64_t b, int64_t t0) {
   const char* src = reinterpret_cast<const char*>(Rows(x, at, b, t0));
-  const int64_t bytes = p.head_dim * sizeof(Acc), stride = at.width * sizeof(Acc);
+  const int64_t bytes = p.head_dim * sizeof(Acc), stride = at.Stride() * sizeof(Acc);
   for (int64_t r = 0; r < p.block_size; ++r)
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(src + r * stride + off, 0, 2);
 }
@@ -290,7 +317,7 @@ void StoreScaled(const FusedAttentionParams<T>& p, Acc* tile, Acc scale, HeadVie
   if (scale != Acc(1)) {
     for (int64_t i = 0; i < n; ++i) tile[i] *= scale;
   }
-  StoreTile(tile, p.block_size, p.head_dim, y + (b * at.len + t0) * at.width + at.col, at.width);
+  StoreTile(tile, p.block_size, p.head_dim, y + at.Offset(b, t0), at.Stride());
 }
 
 // Blocks over all heads (for the cost estimate only).
@@ -458,7 +485,7 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
             MatMulAccumulateTransposedA(st, bs, v_tile, d, acc + g * tile, d, bs, bs, d, alpha_g);
           }
           if (!v_finite) {  // st is P^T: w(i, j) = st[j * bs + i]
-            AddNonFiniteProducts(p, Rows(p.v, kv, b, k0), kv.width, b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile,
+            AddNonFiniteProducts(p, Rows(p.v, kv, b, k0), kv.Stride(), b, h, q0, k0, mask_id, st, 1, bs, acc + g * tile,
                                  d);
           }
         }
@@ -467,11 +494,13 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
         const int64_t q0 = (qb0 + g) * bs;
         const Acc *m_g = m + g * bs, *l_g = l + g * bs;
         Acc* alpha_g = alpha + g * bs;
-        Acc* lse_row = lse + (b * p.heads + h) * p.tq + q0;
+        // lse is in token order: the block's rows are the tokens of its positions (step 1 or L).
+        const int64_t lse_step = p.strided_period == 0 ? 1 : p.strided_period;
+        Acc* lse_row = lse + (b * p.heads + h) * p.tq + StridedToken(q0, p.tq, p.strided_period);
         for (int64_t i = 0; i < bs; ++i) {
           // No kept key: output 0, lse -inf. A NaN sum (an attended NaN score) gives NaN for both.
           const bool empty = l_g[i] == 0;
-          lse_row[i] = empty ? -std::numeric_limits<Acc>::infinity() : m_g[i] + std::log(l_g[i]);
+          lse_row[i * lse_step] = empty ? -std::numeric_limits<Acc>::infinity() : m_g[i] + std::log(l_g[i]);
           alpha_g[i] = empty ? Acc(0) : 1 / l_g[i];
         }
         ScaleRows(acc + g * tile, bs, d, d, alpha_g);
@@ -487,18 +516,20 @@ void FusedAttentionForward(tensorflow::OpKernelContext* ctx, const FusedAttentio
 namespace {
 
 // delta = rowsum(dout * out) - dlse and lse_shift = lse (+inf where lse = -inf, so that
-// exp(S - lse_shift) = 0 on empty rows), both [B, H, Tq]; units are (batch, query) rows.
+// exp(S - lse_shift) = 0 on empty rows), both [B, H, Tq] by position (the inputs are by token);
+// units are (batch, token) rows, read in order.
 template <typename T, typename Acc>
 void DeltaRows(const FusedAttentionParams<T>& p, const FusedAttentionGradInputs<T>& in, Acc* delta,
                Acc* lse_shift, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / p.tq, t = row % p.tq;
+    const int64_t b = row / p.tq, token = row % p.tq, t = StridedPosition(token, p.tq, p.strided_period);
     for (int64_t h = 0; h < p.heads; ++h) {
-      const int64_t at = row * p.width + h * p.head_dim, stat = (b * p.heads + h) * p.tq + t;
+      const int64_t at = row * p.width + h * p.head_dim, bh = (b * p.heads + h) * p.tq;
+      const int64_t stat = bh + t, token_stat = bh + token;
       Acc sum = 0;
       for (int64_t c = 0; c < p.head_dim; ++c) sum += in.dout[at + c] * static_cast<Acc>(in.out[at + c]);
-      delta[stat] = sum - (in.dlse != nullptr ? in.dlse[stat] : Acc(0));
-      const Acc l = in.lse[stat];
+      delta[stat] = sum - (in.dlse != nullptr ? in.dlse[token_stat] : Acc(0));
+      const Acc l = in.lse[token_stat];
       lse_shift[stat] = l == -std::numeric_limits<Acc>::infinity() ? std::numeric_limits<Acc>::infinity() : l;
     }
   }
@@ -775,7 +806,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
                 MatMulAccumulateTransposedA(p_used, bs, do_use, d, dv_acc + g * tile, d, bs, bs, d);  // dV += P^T dO
               }
               if (!do_finite) {
-                AddNonFiniteProductsT(p, Rows(in.dout, qv, b, q0), qv.width, b, h, q0, k0, mask_id, p_used,
+                AddNonFiniteProductsT(p, Rows(in.dout, qv, b, q0), qv.Stride(), b, h, q0, k0, mask_id, p_used,
                                       dv_acc + g * tile, d);
               }
               SoftmaxGrad(s, dp, p.dropout ? z : nullptr, bs, bs, delta + stat, false);  // dS
@@ -788,7 +819,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
                 MatMulAccumulateTransposedA(dp, bs, q_use, d, dk_acc + g * tile, d, bs, bs, d);  // dK += dS^T Q
               }
               if (!q_finite) {
-                AddNonFiniteProductsT(p, Rows(p.q, qv, b, q0), qv.width, b, h, q0, k0, mask_id, dp,
+                AddNonFiniteProductsT(p, Rows(p.q, qv, b, q0), qv.Stride(), b, h, q0, k0, mask_id, dp,
                                       dk_acc + g * tile, d);
               }
               if (bf16) {
@@ -798,7 +829,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
                 MatMulAccumulate(dp, bs, k_tile + g * tile, d, dq_chunk + (q0 - row_lo) * d, d, bs, bs, d);  // dQ += dS K
               }
               if (!k_finite[g]) {
-                AddNonFiniteProducts(p, Rows(p.k, kv, b, k0), kv.width, b, h, q0, k0, mask_id, dp, bs, 1,
+                AddNonFiniteProducts(p, Rows(p.k, kv, b, k0), kv.Stride(), b, h, q0, k0, mask_id, dp, bs, 1,
                                      dq_chunk + (q0 - row_lo) * d, d);
               }
               if (dbias != nullptr) {
@@ -822,10 +853,11 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
   const int64_t cost = UnitCost(p, p.batch * TotalEntries(p), groups * chunks, 5);
   ParallelForBalanced(ctx, groups * chunks, cost, work);
 
-  // dq = scale * (sum of the partial buffers of the chunks that reach the row), in chunk order.
+  // dq = scale * (sum of the partial buffers of the chunks that reach the row), in chunk order. Units
+  // are dq's (batch, token) rows, written in order; the buffers' rows are positions t.
   ParallelFor(ctx, p.batch * p.tq, 2 * chunks * p.width, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / p.tq, t = row % p.tq;
+      const int64_t b = row / p.tq, t = StridedPosition(row % p.tq, p.tq, p.strided_period);
       for (int64_t h = 0; h < p.heads; ++h) {
         T* dst = dq + row * p.width + h * d;
         std::array<const Acc*, 16> src;  // GradChunks keeps chunks <= 16
@@ -846,13 +878,19 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
 }
 
 void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t batch, int64_t n_blocks,
-                   int64_t block_size, int32_t* ranges) {
+                   int64_t block_size, int64_t period, int32_t* ranges) {
+  const int64_t len = n_blocks * block_size, step = period == 0 ? 1 : period;
   ParallelFor(ctx, batch * n_blocks, 2 * block_size, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int32_t* x = ids + blk * block_size;
-      const auto [lo, hi] = std::minmax_element(x, x + block_size);
-      ranges[2 * blk] = *lo;
-      ranges[2 * blk + 1] = *hi;
+      const int64_t b = blk / n_blocks, t0 = (blk % n_blocks) * block_size;
+      const int32_t* x = ids + b * len + StridedToken(t0, len, period);  // the block's tokens are step apart
+      int32_t lo = x[0], hi = x[0];
+      for (int64_t r = 1; r < block_size; ++r) {
+        lo = std::min(lo, x[r * step]);
+        hi = std::max(hi, x[r * step]);
+      }
+      ranges[2 * blk] = lo;
+      ranges[2 * blk + 1] = hi;
     }
   });
 }

@@ -21,6 +21,12 @@ struct FusedAttentionParams {
   int64_t batch = 0, heads = 0, head_dim = 0, width = 0;
   int64_t kv_heads = 0, kv_width = 0, group = 1;  // KVH, KVH*D, H / KVH
   int64_t tq = 0, tk = 0, block_size = 0, n_q_blocks = 0, n_k_blocks = 0;
+  // L > 0 (the op's strided_period; tq == tk == T, (T / L) % block_size == 0, no bias, not decode): the
+  // tables, the dropout hash and the gradient's delta / lse_shift scratch address strided-permuted
+  // positions p, which hold token (p % (T / L)) * L + p / (T / L) of q, k, v, out, lse, dq, dk, dv,
+  // key_padding_mask and the segment ids (all in token order). The block_size positions of a block
+  // are one residue class: tokens token(p0) + r * L (StridedToken). 0: positions are tokens.
+  int64_t strided_period = 0;
   const Acc* q = nullptr;  // [B, Tq, H*D]
   const Acc* k = nullptr;  // [B, Tk, KVH*D]
   const Acc* v = nullptr;  // [B, Tk, KVH*D]
@@ -60,10 +66,24 @@ struct FusedAttentionParams {
   Acc dropout_scale = 1;  // 1 / (1 - rate): kept probabilities are scaled up
 };
 
-// The [min, max] segment id of each block of ids [B, len] (len = n_blocks * block_size) into
-// ranges [B, n_blocks, 2].
+// The token of position t of a sequence of len tokens under strided_period (0: t itself); see
+// FusedAttentionParams::strided_period.
+inline int64_t StridedToken(int64_t t, int64_t len, int64_t period) {
+  if (period == 0) return t;
+  const int64_t block_tokens = len / period;  // tokens per residue class
+  return (t % block_tokens) * period + t / block_tokens;
+}
+
+// The position of token t (the inverse of StridedToken): (t % L) * (len / L) + t / L.
+inline int64_t StridedPosition(int64_t t, int64_t len, int64_t period) {
+  if (period == 0) return t;
+  return (t % period) * (len / period) + t / period;
+}
+
+// The [min, max] segment id of each block of positions of ids [B, len] (len = n_blocks * block_size;
+// tokens of the positions as StridedToken(., len, period) says) into ranges [B, n_blocks, 2].
 void SegmentRanges(tensorflow::OpKernelContext* ctx, const int32_t* ids, int64_t batch, int64_t n_blocks,
-                   int64_t block_size, int32_t* ranges);
+                   int64_t block_size, int64_t period, int32_t* ranges);
 
 // Blocks (one (b, h, Qb, Kb) each) the forward [0] and the gradient [1] have computed since the
 // library was loaded, counted per call: what the segment-id block skipping is tested with.
@@ -96,7 +116,8 @@ struct FusedAttentionGradInputs {
 };
 
 // dq [B, Tq, H*D], dk, dv ([B, Tk, KVH*D], each summed over its group of query heads; fully written) and, when dbias is not null, dbias [bias_batch,
-// bias_heads, Tq, Tk] accumulated into (the caller zeroes it). delta and lse_shift are [B, H, Tq] scratch.
+// bias_heads, Tq, Tk] accumulated into (the caller zeroes it). delta and lse_shift are [B, H, Tq] scratch
+// (indexed by position: permuted with strided_period).
 template <typename T>
 void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionParams<T>& p,
                         const FusedAttentionGradInputs<T>& in, typename AccumulatorOf<T>::type* delta,

@@ -71,6 +71,7 @@ class FusedAttentionBase : public OpKernel {
     p->block_size = d.block_size;
     p->n_q_blocks = d.n_q_blocks;
     p->n_k_blocks = d.n_k_blocks;
+    p->strided_period = attrs_.strided_period;  // checked by CheckFusedInputs
     p->shared_layout = d.layout_heads == 1;
     p->row_ptr = FusedInput(ctx, "row_ptr").flat<int32_t>().data();
     p->row_entries = FusedInput(ctx, "row_entries").flat<int32_t>().data();
@@ -93,7 +94,8 @@ class FusedAttentionBase : public OpKernel {
       for (int i = 0; i < 2; ++i) {
         TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32, TensorShape({d.batch, sizes[i], 2}),
                                               &segment_ranges[i]));
-        SegmentRanges(ctx, ids[i], d.batch, sizes[i], d.block_size, segment_ranges[i].flat<int32_t>().data());
+        SegmentRanges(ctx, ids[i], d.batch, sizes[i], d.block_size, attrs_.strided_period,
+                      segment_ranges[i].flat<int32_t>().data());
       }
       p->q_block_segments = segment_ranges[0].flat<int32_t>().data();
       p->k_block_segments = segment_ranges[1].flat<int32_t>().data();

@@ -84,6 +84,27 @@ absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradien
   } else {
     TF_RETURN_IF_ERROR(ctx->GetAttr("decode", &a->decode));
   }
+  TF_RETURN_IF_ERROR(ctx->GetAttr("strided_period", &a->strided_period));
+  if (a->strided_period > 0 && a->decode) {
+    return Invalid("strided_period must be 0 with decode (decode 'strided' by gathering the residue class)");
+  }
+  if (a->strided_period > 0 && a->has_bias) {
+    return Invalid("strided_period must be 0 with has_bias (a bias is not supported by the strided mode)");
+  }
+  return absl::OkStatus();
+}
+
+// strided_period L > 0: self-attention over T tokens split into L residue classes of T / L tokens each,
+// whole blocks of the permuted order.
+absl::Status CheckStridedPeriod(int64_t period, const FusedDims& d) {
+  if (period == 0) return absl::OkStatus();
+  if (d.tq != d.tk) {
+    return Invalid(absl::StrCat("strided_period needs self-attention (Tq == Tk), got Tq = ", d.tq, ", Tk = ", d.tk));
+  }
+  if (d.tq % period != 0 || (d.tq / period) % d.block_size != 0) {
+    return Invalid(absl::StrCat("strided_period = ", period, ": T = ", d.tq, " must be a multiple of it and T / ",
+                                period, " a multiple of block_size = ", d.block_size));
+  }
   return absl::OkStatus();
 }
 
@@ -124,6 +145,7 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   d->n_q_blocks = d->tq / bs;
   d->n_k_blocks = d->tk / bs;
   TF_RETURN_IF_ERROR(CheckQueryOffset(ctx, a, *row_ptr, d));
+  TF_RETURN_IF_ERROR(CheckStridedPeriod(a.strided_period, *d));
 
   TF_RETURN_IF_ERROR(CheckFusedMasks(*masks, bs));
   TF_RETURN_IF_ERROR(CheckFusedTableRows(*row_ptr, *row_entries, "row_ptr", "row_entries", a.heads, d->n_q_blocks,

@@ -23,6 +23,9 @@ struct FusedAttrs {
   bool has_dlse = false;
   bool gradient = false;  // BsattnFusedAttentionGrad (no decode attr, no q_offset input)
   bool decode = false;    // the forward's decode attr (KV-cache decoding)
+  // L > 0: the tables address strided-permuted positions p; row p of the op is token
+  // (p % (T / L)) * L + p / (T / L) of q, k, v, out, lse, key padding and segment ids.
+  int64_t strided_period = 0;
 };
 absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* attrs);
 

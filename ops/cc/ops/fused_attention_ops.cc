@@ -159,6 +159,7 @@ REGISTER_OP("BsattnFusedAttention")
     .Attr("has_bias: bool = false")
     .Attr("has_segment_ids: bool = false")
     .Attr("decode: bool = false")
+    .Attr("strided_period: int >= 0 = 0")
     .SetShapeFn(FusedForwardShape)
     .Doc(R"doc(
 Fused block-sparse attention: out = softmax(scale * q k^T + bias, masked) v per head, over the
@@ -177,6 +178,11 @@ Only the table rows covering [p, p + Tq) are visited, in-block masks apply at th
 and keys j >= p + Tq (the part of the cache not yet written) are never read, whatever the pattern.
 bias [B or 1, heads or 1, Tq, Tk] and q_segment_ids [B, Tq] are those of the new rows; the dropout
 hash uses the absolute row: a step equals the same rows of the full op (up to summation order).
+strided_period L > 0 (sparse_attention's 'strided' without transposes; self-attention, Tq == Tk ==
+T, T % L == 0, (T / L) % block_size == 0, no bias, not with decode): the tables address the
+strided-permuted positions p, which hold token perm(p) = (p % (T/L)) * L + p / (T/L); q, k, v, out,
+lse, key_padding_mask and the segment ids stay in token order. The result equals, bit for bit,
+un-permuting the op's output on permuted q, k, v (and masks, ids); the dropout hash uses p.
 )doc");
 
 REGISTER_OP("BsattnFusedAttentionGrad")
@@ -212,6 +218,7 @@ REGISTER_OP("BsattnFusedAttentionGrad")
     .Attr("has_bias: bool = false")
     .Attr("has_segment_ids: bool = false")
     .Attr("has_dlse: bool = false")
+    .Attr("strided_period: int >= 0 = 0")
     .SetShapeFn(FusedGradShape)
     .Doc(R"doc(
 Gradient of BsattnFusedAttention from (q, k, v, out, lse, dout): P is recomputed as
