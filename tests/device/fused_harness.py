@@ -18,7 +18,8 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
            pattern's tables, grouped heads 4 on 2, segment ids, key padding), against the float64 reference of the
            permuted inputs, un-permuted; also bit for bit against the launch without strided_period on the
            permuted inputs, un-permuted (out, lse, the deterministic dq, dk, dv and the atomic path's dk, dv),
-           and the launchers' BSATTN_ERROR_SHAPE for the cases strided_period excludes. Error = max |ours - ref| / max |ref|. float32 must stay
+           and the launchers' BSATTN_ERROR_SHAPE for the cases strided_period excludes.
+           Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
   decode   (variant) KV-cache decoding steps against the float64 reference, NaN in the unwritten cache
@@ -182,7 +183,8 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
         "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": int(rng.integers(0, 2**62)), "dlse": None,
         "kv_heads": kv_heads, "q_ids": None, "k_ids": None, "strided_period": STRIDED.get(variant, 0),
     }
-    if variant in SEGMENTS or variant == "strided_segments":  # packed: 3 runs per batch entry, boundaries anywhere (inside blocks too)
+    # packed: 3 runs per batch entry, boundaries anywhere (inside blocks too)
+    if variant in SEGMENTS or variant == "strided_segments":
         case["q_ids"], case["k_ids"] = (np.stack([np.repeat(np.arange(3), np.diff(np.r_[0, np.sort(
             rng.choice(np.arange(1, n), 2, replace=False)), n])) for _ in range(batch)]).astype(np.int32)
             for n in (tq, tk))  # fmt: skip
@@ -584,6 +586,16 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                     row["flex_fwd_bwd_ms"] = flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask)
                     row["fwd_bwd_vs_flex"] = row["flex_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
                     row["fwd_bwd_over_fwd"] = row["ours_fwd_bwd_ms"] / ours
+                if pname == "strided":  # the same tables on token-order inputs (strided_period: no transposes)
+                    strided = DeviceCase(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim),
+                                         strided_period=pattern.local_attn_ctx)
+                    row["ours_strided_period_ms"] = median_ms(lambda: launchers.lib.bsattn_fused_forward(
+                        ctypes.byref(strided.args), out.data_ptr(), lse.data_ptr(), s))
+                    if with_backward:
+                        row["ours_strided_period_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, strided, q, out, lse, 0)
+                    print(f"  strided_period={pattern.local_attn_ctx} (token order): fwd "
+                          f"{row['ours_strided_period_ms']:.3f} ms" + (f", fwd+bwd "
+                          f"{row['ours_strided_period_fwd_bwd_ms']:.3f} ms" if with_backward else ""), flush=True)
                 results.append(row)
                 extra = (f"  fwd+bwd ours {row['ours_fwd_bwd_ms']:.3f} (det {row['ours_fwd_bwd_det_ms']:.3f}) flex "
                          f"{row['flex_fwd_bwd_ms']:.3f} ms" if with_backward else "")

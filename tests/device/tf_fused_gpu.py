@@ -186,7 +186,8 @@ def strided_cases(rng):
 
 def check_strided(rng) -> tuple[int, int]:
     """strided_cases on the GPU against the CPU (the same op), and against the GPU's op without strided_period on
-    the permuted inputs, mapped back (the forward bit for bit, the gradients within the tolerance) → (total, failed)."""
+    the permuted inputs, mapped back (the forward bit for bit, the gradients within the tolerance)
+    → (total, failed)."""
     total = failed = 0
     for name, x, tables, heads, period in strided_cases(rng):
         perm = patterns.strided_permutation(tables.n_q, period)
