@@ -419,6 +419,8 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   // L = 1 is the identity permutation: row_step 1 takes the unpermuted path.
   p->row_step = period > 1 ? period : 1;
   p->class_len = period > 1 ? a->tq / period : 0;
+  p->q_row_stride = p->width * p->row_step;
+  p->kv_row_stride = p->kv_width * p->row_step;
   p->n_rows = !decode ? p->n_qb : a->tq == 0 ? 0 : (p->key_end - 1) / a->block_size - p->row0 + 1;
   if (p->n_qb * (a->block_size / std::min<int64_t>(a->block_size, kMaxRows)) > 0x7fffffff ||
       p->n_kb * a->block_size > 0x7fffffff || a->heads > 65535 || a->batch > 65535)

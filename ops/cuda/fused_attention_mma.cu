@@ -141,9 +141,8 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   const int2 q_ids = segments ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   const int2 q_rows = QueryRows(p, qb);  // absolute rows of the block that q holds
   const int q_lo = q_rows.x - static_cast<int>(qb * BS), q_hi = q_rows.y - static_cast<int>(qb * BS);
-  // Row q_lo (its token), the tile's rows q_stride elements apart.
+  // Row q_lo (its token), the tile's rows q_row_stride elements apart.
   const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + Token(p, q_rows.x) - p.q_offset) * p.width + h * D;
-  const int64_t q_stride = p.width * p.row_step, kv_stride = p.kv_width * p.row_step;
   const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + KvCol(p, h);
   const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + KvCol(p, h);
   int window = range.x;  // the first entry of the current window
@@ -159,11 +158,11 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     const int64_t k0 = first_key(step), k_row = Token(p, k0) * p.kv_width;
     const int n = static_cast<int>(min(int64_t{kKeys}, p.key_end - k0));  // keys that may be read
     if (n == kKeys) {
-      LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, kv_stride, kKeys);
-      LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k_row, kv_stride, kKeys);
+      LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, p.kv_row_stride, kKeys);
+      LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k_row, p.kv_row_stride, kKeys);
     } else {
-      LoadTileRowsAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, kv_stride, kKeys, 0, n);
-      LoadTileRowsAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k_row, kv_stride, kKeys, 0, n);
+      LoadTileRowsAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, p.kv_row_stride, kKeys, 0, n);
+      LoadTileRowsAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k_row, p.kv_row_stride, kKeys, 0, n);
     }
   };
   auto start_window = [&]() {  // lists the window's entries; loads step 0; returns the step count
@@ -180,9 +179,9 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   };
 
   if (q_lo == 0 && q_hi == BS) {
-    LoadTileAsync<T, D, kNT>(q_s, q_g, q_stride, BS);
+    LoadTileAsync<T, D, kNT>(q_s, q_g, p.q_row_stride, BS);
   } else {
-    LoadTileRowsAsync<T, D, kNT>(q_s, q_g, q_stride, BS, q_lo, q_hi);
+    LoadTileRowsAsync<T, D, kNT>(q_s, q_g, p.q_row_stride, BS, q_lo, q_hi);
   }
   int n_steps = start_window();
   CpAsyncWait<0>();
@@ -198,9 +197,11 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   }
 
   // This thread's rows (local to the block): row_base + 16 mt + lane/4 (+ 8 for the second half); their
-  // positions qi_base + r and q's rows (tokens) qt_base + r * row_step.
+  // positions qi_base + 16 mt + 8 half, q's rows (tokens) q_row(mt, half) (recomputed where used: no live register).
   const int64_t qi_base = qb * BS + row_base + lane / 4;
-  const int64_t qt_base = Token(p, qb * BS) + (row_base + lane / 4) * p.row_step - p.q_offset;
+  auto q_row = [&](int mt, int half) {
+    return Token(p, qb * BS) + (row_base + lane / 4 + 16 * mt + 8 * half) * p.row_step - p.q_offset;
+  };
   float m[kMT][2], l[kMT][2];
   float o[kMT][kOTiles][4];
 #pragma unroll
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       const int2 entry = entry_at(step);
       const int32_t mask_id = p.row_entries[2 * entry.x + 1];
       // Segment ids need the per-entry rule unless both blocks hold one id, the same.
-      const int64_t k0 = first_key(step), k0_token = Token(p, k0);
+      const int64_t k0 = first_key(step);
       // Keys past key_end (decoding) need the per-entry rule too (rows outside q may take the plain
       // path: their results are never stored).
       const bool plain_step = plain && (!segments || entry.y != 0) && k0 + kKeys <= p.key_end;
@@ -275,8 +276,8 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
-              const float offset = ScoreOffset<T>(p, b, h, qt_base + (16 * mt + 8 * half) * p.row_step,
-                                                  k0_token + col * p.row_step, mask_rows[half], bj0 + col);
+              const float offset = ScoreOffset<T>(p, b, h, q_row(mt, half), Token(p, k0) + col * p.row_step,
+                                                  mask_rows[half], bj0 + col);
               s[mt][t][e] = ScaledScore(s[mt][t][e], p.scale, offset) * kLog2e;
             }
         }
@@ -358,7 +359,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             AddNonFiniteTerms<T, kOTiles>(
-                o[mt], half, kept_bits[mt][half], 0u, v_rows, kv_stride, kKeys, lane,
+                o[mt], half, kept_bits[mt][half], 0u, v_rows, p.kv_row_stride, kKeys, lane,
                 [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
             kept_bits[mt][half] = 0;
           }
@@ -381,7 +382,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       const float total = QuadSum(l[mt][half]);
       const bool empty = total == 0.0f;  // no kept key (a NaN sum: an attended NaN score, NaN row)
       const float inv = empty ? 0.0f : 1.0f / total;
-      const int64_t qi = qt_base + (16 * mt + 8 * half) * p.row_step;  // q's row (token)
+      const int64_t qi = q_row(mt, half);  // q's row (token)
       if (qi < 0 || qi >= p.tq) continue;  // decoding: a row outside q (uniform over its quad)
       if (p.n_split > 1) {  // the unnormalised partial row and its (m, l), merged by MergeSplits
         const int64_t row = split * p.batch * p.heads * p.tq + (b * p.heads + h) * p.tq + qi;

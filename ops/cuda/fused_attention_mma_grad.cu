@@ -187,7 +187,6 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   const int64_t kb = p.n_kb - 1 - blockIdx.x, group = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t k0 = kb * BS, k0_token = Token(p, k0);  // the block's first key: position, token
-  const int64_t rs = p.row_step, kv_stride = p.kv_width * rs, q_stride = p.width * rs;  // tile row strides
   const int r0 = warp * 16 + lane / 4;  // this thread's keys r0, r0 + 8 (within the block)
   const int64_t group_size = p.heads / p.kv_heads;
   const bool has_seg = p.q_segment_ids != nullptr;
@@ -198,16 +197,16 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
     __syncthreads();  // the previous unit is done with every shared tile
     const T* k_g = static_cast<const T*>(p.k) + (b * p.tk + k0_token) * p.kv_width + kvh * D;
     const T* v_g = static_cast<const T*>(p.v) + (b * p.tk + k0_token) * p.kv_width + kvh * D;
-    LoadTileAsync<T, D, kNT>(k_s, k_g, kv_stride, BS);
-    LoadTileAsync<T, D, kNT>(v_s, v_g, kv_stride, BS);
+    LoadTileAsync<T, D, kNT>(k_s, k_g, p.kv_row_stride, BS);
+    LoadTileAsync<T, D, kNT>(v_s, v_g, p.kv_row_stride, BS);
     CpAsyncCommit();
     CpAsyncWait<0>();
     // A K tile with a non-finite value: dQ is summed element by element (kDq only; S reads K as is).
     const bool k_bad = kDq && __syncthreads_or(!OwnCopiesFinite<T, D, kNT>(k_s, BS));
     int32_t kseg[2] = {0, 0};
     if (has_seg) {
-      kseg[0] = p.k_segment_ids[b * p.tk + k0_token + r0 * rs];
-      kseg[1] = p.k_segment_ids[b * p.tk + k0_token + (r0 + 8) * rs];
+      kseg[0] = p.k_segment_ids[b * p.tk + k0_token + r0 * p.row_step];
+      kseg[1] = p.k_segment_ids[b * p.tk + k0_token + (r0 + 8) * p.row_step];
     }
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     Zero(dk_acc);
@@ -224,13 +223,13 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
       };
       auto load = [&](int e, int sub, int buf) {
         const int64_t qt0 = Token(p, int64_t{p.col_entries[2 * e]} * BS + sub * kStep);  // the step's first query
-        LoadTileAsync<T, D, kNT>(q_s + buf * kStep * kLd, q_g + qt0 * p.width, q_stride, kStep);
-        LoadTileAsync<T, D, kNT>(do_s + buf * kStep * kLd, do_g + qt0 * p.width, q_stride, kStep);
+        LoadTileAsync<T, D, kNT>(q_s + buf * kStep * kLd, q_g + qt0 * p.width, p.q_row_stride, kStep);
+        LoadTileAsync<T, D, kNT>(do_s + buf * kStep * kLd, do_g + qt0 * p.width, p.q_row_stride, kStep);
         for (int i = threadIdx.x; i < kStep; i += kNT) {
-          const int64_t stat = (b * p.heads + h) * p.tq + qt0 + i * rs;
+          const int64_t stat = (b * p.heads + h) * p.tq + qt0 + i * p.row_step;
           lse_s[buf * kStep + i] = g.lse[stat] == -INFINITY ? INFINITY : g.lse[stat] * kLog2e;
           delta_s[buf * kStep + i] = g.delta[stat];
-          if (has_seg) qseg_s[buf * kStep + i] = p.q_segment_ids[b * p.tq + qt0 + i * rs];
+          if (has_seg) qseg_s[buf * kStep + i] = p.q_segment_ids[b * p.tq + qt0 + i * p.row_step];
         }
       };
       int e = next_entry(range.x), sub = 0, buf = 0;
@@ -277,9 +276,10 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
             const int half = x / 2, bj = r0 + 8 * half, col = t * 8 + (lane % 4) * 2 + (x & 1);
             const int64_t qi = qs0 + col, kj = k0 + bj;
             const bool other_segment = has_seg && qseg_s[buf * kStep + col] != kseg[half];
-            const float offset = other_segment ? -INFINITY
-                                               : ScoreOffset<T>(p, b, h, qt0 + col * rs, k0_token + bj * rs,
-                                                                MaskRow(p, mask_id, bi0 + col), bj);
+            const float offset =
+                other_segment ? -INFINITY
+                              : ScoreOffset<T>(p, b, h, qt0 + col * p.row_step, k0_token + bj * p.row_step,
+                                               MaskRow(p, mask_id, bi0 + col), bj);
             const bool kept = offset != -INFINITY;
             // P and dS are 0 by select at masked entries (their score may be NaN: a NaN k there, or the NaN
             // lse of a NaN row) and in a row without kept keys (lse = -inf: its delta may be NaN).
@@ -314,17 +314,18 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             if (q_bad) {
-              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + qt0 * p.width, q_stride,
-                                          kStep, lane, [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
+              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + qt0 * p.width,
+                                          p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
+                                          SlotOf);
             }
             if (do_bad) {
-              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + qt0 * p.width, q_stride, kStep,
+              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + qt0 * p.width, p.q_row_stride, kStep,
                                           lane, [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
             }
           }
         }
         if constexpr (kDq) {  // dQ[step rows] += dS K, into the float32 buffer
-          float* dq_rows = g.dq_acc + (b * p.tq + qt0) * p.width + h * D;  // the step's rows, q_stride apart
+          float* dq_rows = g.dq_acc + (b * p.tq + qt0) * p.width + h * D;  // the step's rows, q_row_stride apart
           if (!k_bad) {
             constexpr int kMq = Shape::kMq, kNq = Shape::kNq;
             const int mq = warp % kMq, n0 = (warp / kMq) * kNq * 8;
@@ -345,7 +346,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
               }
 #pragma unroll
               for (int half = 0; half < 2; ++half) {
-                float* row = dq_rows + (mq * 16 + lane / 4 + 8 * half) * q_stride + n0 + (lane % 4) * 2;
+                float* row = dq_rows + (mq * 16 + lane / 4 + 8 * half) * p.q_row_stride + n0 + (lane % 4) * 2;
 #pragma unroll
                 for (int t = 0; t < kNq; ++t) {
                   atomicAdd(row + t * 8, acc[t][2 * half]);
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
                   sum = fmaf(ToFloat(ds_s[i * kDsLd + j]), ToFloat(k_s[j * kLd + d]), sum);
                 }
               }
-              atomicAdd(dq_rows + int64_t{i} * q_stride + d, sum);
+              atomicAdd(dq_rows + int64_t{i} * p.q_row_stride + d, sum);
             }
           }
         }
@@ -373,9 +374,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
       }
       CpAsyncWait<0>();
     }
-    const int64_t warp_row = k0_token + warp * 16 * rs;  // this warp's first key (token)
-    StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk), p.kv_width, p.tk, b, kvh * D, warp_row, rs, lane);
-    StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv), p.kv_width, p.tk, b, kvh * D, warp_row, rs, lane);
+    const int64_t warp_row = k0_token + warp * 16 * p.row_step;  // this warp's first key (token)
+    StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
+                    lane);
+    StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
+                    lane);
   }
 }
 
@@ -398,7 +401,6 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int n_steps = (range.y - range.x) * kSteps;
   const int64_t q0 = qb * BS, q0_token = Token(p, q0);  // the block's first query: position, token
-  const int64_t rs = p.row_step, kv_stride = p.kv_width * rs, q_stride = p.width * rs;  // tile row strides
   const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + kvh * D;
   const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + kvh * D;
   const bool has_seg = p.q_segment_ids != nullptr;
@@ -408,11 +410,12 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   auto load_step = [&](int step) {
     const int buf = step & 1;
     const int64_t k_row = Token(p, first_key(step)) * p.kv_width;
-    LoadTileAsync<T, D, kNT>(k_s + buf * kStep * kLd, k_g + k_row, kv_stride, kStep);
-    LoadTileAsync<T, D, kNT>(v_s + buf * kStep * kLd, v_g + k_row, kv_stride, kStep);
+    LoadTileAsync<T, D, kNT>(k_s + buf * kStep * kLd, k_g + k_row, p.kv_row_stride, kStep);
+    LoadTileAsync<T, D, kNT>(v_s + buf * kStep * kLd, v_g + k_row, p.kv_row_stride, kStep);
   };
-  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + q0_token) * p.width + h * D, q_stride, BS);
-  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + q0_token) * p.width + h * D, q_stride, BS);
+  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + q0_token) * p.width + h * D, p.q_row_stride,
+                           BS);
+  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + q0_token) * p.width + h * D, p.q_row_stride, BS);
   if (n_steps > 0) load_step(0);
   CpAsyncCommit();
 
@@ -421,7 +424,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   int32_t qseg[2] = {0, 0};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int64_t row = q0_token + (r0 + 8 * half) * rs, stat = (b * p.heads + h) * p.tq + row;
+    const int64_t row = q0_token + (r0 + 8 * half) * p.row_step, stat = (b * p.heads + h) * p.tq + row;
     // exp2(x - lse2) = 0 for every score of an empty row (lse = -inf): use +inf there.
     lse2[half] = g.lse[stat] == -INFINITY ? INFINITY : g.lse[stat] * kLog2e;
     row_delta[half] = g.delta[stat];
@@ -462,7 +465,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
       for (int e = 0; e < 4; ++e) {
         const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
         const int64_t qi = q0 + r0 + 8 * half, kj = k0 + col;  // positions
-        const int64_t ti = q0_token + (r0 + 8 * half) * rs, tj = k0_token + col * rs;  // tokens
+        const int64_t ti = q0_token + (r0 + 8 * half) * p.row_step, tj = k0_token + col * p.row_step;  // tokens
         const bool other_segment = has_seg && p.k_segment_ids[b * p.tk + tj] != qseg[half];
         const float offset = other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, ti, tj, mask_rows[half], bj0 + col);
         const bool kept = offset != -INFINITY;
@@ -481,7 +484,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
       const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + k0_token) * p.kv_width + kvh * D;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        AddNonFiniteTerms<T, D / 8>(acc, half, ds_bits[half], ds_negative[half], k_rows, kv_stride, kStep, lane,
+        AddNonFiniteTerms<T, D / 8>(acc, half, ds_bits[half], ds_negative[half], k_rows, p.kv_row_stride, kStep, lane,
                                     [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
         ds_bits[half] = ds_negative[half] = 0;
       }
@@ -489,7 +492,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
     __syncthreads();
   }
   CpAsyncWait<0>();  // a row without blocks still committed its Q / dO loads
-  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, q0_token + warp * 16 * rs, rs, lane);
+  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, q0_token + warp * 16 * p.row_step,
+                  p.row_step, lane);
 }
 
 // dq = scale * dq_acc (float32) as T.

@@ -68,12 +68,19 @@ struct FusedParams {
   // the identity; every row stride below is multiplied by 1).
   int64_t row_step = 1;   // L, or 1
   int64_t class_len = 0;  // T / L (tokens per residue class); unused when row_step is 1
+  // Elements between a block's consecutive rows: width * row_step in q, out, dout, dq; kv_width * row_step in
+  // k, v, dk, dv (fields, not kernel locals: read from the parameter bank, they hold no registers).
+  int64_t q_row_stride = 0, kv_row_stride = 0;
 };
 
 // The token of permuted position pos: (pos % (T / L)) * L + pos / (T / L), or pos without strided_period.
-// For pos = p0 + r inside a block starting at p0, Token(pos) = Token(p0) + r * row_step.
+// For pos = p0 + r inside a block starting at p0, Token(pos) = Token(p0) + r * row_step. 32-bit division
+// (T < 2^31: MakeParams): a 64-bit one is a called subroutine, whose calling convention costs the tight
+// tensor-core kernels registers even on the unstrided path.
 __host__ __device__ __forceinline__ int64_t Token(const FusedParams& p, int64_t pos) {
-  return p.row_step == 1 ? pos : (pos % p.class_len) * p.row_step + pos / p.class_len;
+  if (p.row_step == 1) return pos;
+  const uint32_t x = static_cast<uint32_t>(pos), n = static_cast<uint32_t>(p.class_len);
+  return int64_t{x % n} * p.row_step + x / n;
 }
 
 // The absolute query rows [x, y) of table row qb that q holds: the whole block, or when decoding its
