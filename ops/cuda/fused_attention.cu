@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int2 q_ids = p.q_segment_ids != nullptr ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   for (int e = range.x; e < range.y; ++e) {
-    const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs, k0_token = Token(p, k0);
+    const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs;
     if (k0 >= p.key_end) break;  // sorted by Kb: the rest of the row is not written yet (decoding)
     if (p.q_segment_ids != nullptr && !RangesMeet(q_ids, KeyBlockIds(p, b, kb, lane))) continue;
     const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
@@ -157,14 +157,14 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
     for (int c0 = 0; c0 < n_keys; c0 += kc) {
       const int n = min(kc, n_keys - c0);  // keys of the chunk that may be read
       __syncthreads();  // the previous chunk is consumed (and q is loaded, on the first)
-      const int64_t c_token = k0_token + c0 * p.row_step;  // the chunk's first key (token)
-      LoadChunk<T>(p, p.k, nullptr, kv, b, c_token, n, ks, nullptr, D + 1);
-      LoadChunk<T>(p, p.v, nullptr, kv, b, c_token, n, vs, nullptr, D);
+      LoadChunk<T>(p, p.k, nullptr, kv, b, Token(p, k0 + c0), n, ks, nullptr, D + 1);  // the chunk's keys (tokens)
+      LoadChunk<T>(p, p.v, nullptr, kv, b, Token(p, k0 + c0), n, vs, nullptr, D);
       __syncthreads();
       float x = -INFINITY;  // score in log2 units
       if (valid && lane < n) {
         const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
-        const int64_t key = c_token + lane * p.row_step;
+        // The key's token from its position (no token kept live across the loop: registers).
+        const int64_t key = Token(p, k0 + c0 + lane);
         x = ScaledScore(s, p.scale, ScoreOffset<T>(p, b, h, t, key, mask_row, c0 + lane)) * kLog2e;
       }
       const unsigned kept = __ballot_sync(kFull, x != -INFINITY);
@@ -313,15 +313,14 @@ __global__ void __launch_bounds__(32 * kMaxRows)
     const int2 range = TableRange(p.col_ptr, p.shared_layout, h, p.n_kb, kb);
     const int2 k_ids = p.q_segment_ids != nullptr ? KeyBlockIds(p, b, kb, lane) : make_int2(0, 0);
     for (int e = range.x; e < range.y; ++e) {
-      const int64_t qb = p.col_entries[2 * e], q0 = qb * p.bs, q0_token = Token(p, q0);
+      const int64_t qb = p.col_entries[2 * e], q0 = qb * p.bs;
       if (p.q_segment_ids != nullptr && !RangesMeet(QueryBlockIds(p, b, qb, lane), k_ids)) continue;
       const int32_t mask_id = p.col_entries[2 * e + 1];
       for (int c0 = 0; c0 < p.bs; c0 += kc) {
         __syncthreads();
-        const int64_t c_token = q0_token + c0 * p.row_step;  // the chunk's first query (token)
-        LoadChunk<T>(p, p.q, dout, qv, b, c_token, kc, qs, dos, D + 1);
+        LoadChunk<T>(p, p.q, dout, qv, b, Token(p, q0 + c0), kc, qs, dos, D + 1);  // the chunk's queries (tokens)
         if (threadIdx.x < kc) {
-          const int64_t stat = (b * p.heads + h) * p.tq + c_token + threadIdx.x * p.row_step;
+          const int64_t stat = (b * p.heads + h) * p.tq + Token(p, q0 + c0 + threadIdx.x);
           lse_s[threadIdx.x] = lse[stat];
           delta_s[threadIdx.x] = delta[stat];
         }
@@ -331,8 +330,8 @@ __global__ void __launch_bounds__(32 * kMaxRows)
           const int64_t qi = q0 + c0 + lane;
           const float s = Dot(qs + lane * (D + 1), ks + warp * D, D);
           const float dp = Dot(dos + lane * (D + 1), vs + warp * D, D);
-          g = GradAt<T>(p, b, h, qi, kj, c_token + lane * p.row_step, tj, MaskRow(p, mask_id, c0 + lane), bj, s,
-                        dp, lse_s[lane], delta_s[lane]);
+          g = GradAt<T>(p, b, h, qi, kj, Token(p, qi), tj, MaskRow(p, mask_id, c0 + lane), bj, s, dp, lse_s[lane],
+                        delta_s[lane]);
           if (dbias != nullptr) dbias[BiasIndex(p, b, h, qi, kj)] += g.ds;
         }
         // Only attended queries' rows are read: NaN q or dout of a masked query (one with no kept

@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   const T* dout = static_cast<const T*>(g.dout);
   const int64_t kb = p.n_kb - 1 - blockIdx.x, group = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t k0 = kb * BS, k0_token = Token(p, k0);  // the block's first key: position, token
+  const int64_t k0 = kb * BS;  // the block's first key (position; Token(p, k0) its token, recomputed where used)
   const int r0 = warp * 16 + lane / 4;  // this thread's keys r0, r0 + 8 (within the block)
   const int64_t group_size = p.heads / p.kv_heads;
   const bool has_seg = p.q_segment_ids != nullptr;
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   for (int64_t unit = 0; unit < groups.units(); ++unit) {
     const int64_t b = g_b * groups.ub + unit / groups.uk, kvh = g_k * groups.uk + unit % groups.uk;
     __syncthreads();  // the previous unit is done with every shared tile
-    const T* k_g = static_cast<const T*>(p.k) + (b * p.tk + k0_token) * p.kv_width + kvh * D;
-    const T* v_g = static_cast<const T*>(p.v) + (b * p.tk + k0_token) * p.kv_width + kvh * D;
+    const T* k_g = static_cast<const T*>(p.k) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
+    const T* v_g = static_cast<const T*>(p.v) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
     LoadTileAsync<T, D, kNT>(k_s, k_g, p.kv_row_stride, BS);
     LoadTileAsync<T, D, kNT>(v_s, v_g, p.kv_row_stride, BS);
     CpAsyncCommit();
@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
     const bool k_bad = kDq && __syncthreads_or(!OwnCopiesFinite<T, D, kNT>(k_s, BS));
     int32_t kseg[2] = {0, 0};
     if (has_seg) {
-      kseg[0] = p.k_segment_ids[b * p.tk + k0_token + r0 * p.row_step];
-      kseg[1] = p.k_segment_ids[b * p.tk + k0_token + (r0 + 8) * p.row_step];
+      kseg[0] = p.k_segment_ids[b * p.tk + Token(p, k0 + r0)];
+      kseg[1] = p.k_segment_ids[b * p.tk + Token(p, k0 + r0 + 8)];
     }
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     Zero(dk_acc);
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
         TwoProducts<T, D, kNTiles>(s, dp, k_s, v_s, qs, dos, kLd, warp * 16, lane);
 
         const int32_t mask_id = p.col_entries[2 * e + 1];
-        const int64_t qs0 = int64_t{p.col_entries[2 * e]} * BS + sub * kStep, qt0 = Token(p, qs0);  // position, token
+        const int64_t qs0 = int64_t{p.col_entries[2 * e]} * BS + sub * kStep;  // position
         const int bi0 = sub * kStep;  // first query of the step within its block
         const float* lse_b = lse_s + buf * kStep;
         const float* delta_b = delta_s + buf * kStep;
@@ -276,10 +276,10 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
             const int half = x / 2, bj = r0 + 8 * half, col = t * 8 + (lane % 4) * 2 + (x & 1);
             const int64_t qi = qs0 + col, kj = k0 + bj;
             const bool other_segment = has_seg && qseg_s[buf * kStep + col] != kseg[half];
-            const float offset =
-                other_segment ? -INFINITY
-                              : ScoreOffset<T>(p, b, h, qt0 + col * p.row_step, k0_token + bj * p.row_step,
-                                               MaskRow(p, mask_id, bi0 + col), bj);
+            // The entry's tokens from its positions (no token kept live across the loop: registers).
+            const float offset = other_segment ? -INFINITY
+                                               : ScoreOffset<T>(p, b, h, Token(p, qi), Token(p, kj),
+                                                                MaskRow(p, mask_id, bi0 + col), bj);
             const bool kept = offset != -INFINITY;
             // P and dS are 0 by select at masked entries (their score may be NaN: a NaN k there, or the NaN
             // lse of a NaN row) and in a row without kept keys (lse = -inf: its delta may be NaN).
@@ -314,18 +314,20 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             if (q_bad) {
-              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + qt0 * p.width,
+              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + Token(p, qs0) * p.width,
                                           p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
                                           SlotOf);
             }
             if (do_bad) {
-              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + qt0 * p.width, p.q_row_stride, kStep,
-                                          lane, [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
+              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + Token(p, qs0) * p.width,
+                                          p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
+                                          SlotOf);
             }
           }
         }
         if constexpr (kDq) {  // dQ[step rows] += dS K, into the float32 buffer
-          float* dq_rows = g.dq_acc + (b * p.tq + qt0) * p.width + h * D;  // the step's rows, q_row_stride apart
+          // The step's rows, q_row_stride apart.
+          float* dq_rows = g.dq_acc + (b * p.tq + Token(p, qs0)) * p.width + h * D;
           if (!k_bad) {
             constexpr int kMq = Shape::kMq, kNq = Shape::kNq;
             const int mq = warp % kMq, n0 = (warp / kMq) * kNq * 8;
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
       }
       CpAsyncWait<0>();
     }
-    const int64_t warp_row = k0_token + warp * 16 * p.row_step;  // this warp's first key (token)
+    const int64_t warp_row = Token(p, k0 + warp * 16);  // this warp's first key (token)
     StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
                     lane);
     StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
@@ -400,7 +402,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int n_steps = (range.y - range.x) * kSteps;
-  const int64_t q0 = qb * BS, q0_token = Token(p, q0);  // the block's first query: position, token
+  const int64_t q0 = qb * BS;  // the block's first query (position; Token(p, q0) its token, recomputed where used)
   const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + kvh * D;
   const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + kvh * D;
   const bool has_seg = p.q_segment_ids != nullptr;
@@ -413,9 +415,9 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
     LoadTileAsync<T, D, kNT>(k_s + buf * kStep * kLd, k_g + k_row, p.kv_row_stride, kStep);
     LoadTileAsync<T, D, kNT>(v_s + buf * kStep * kLd, v_g + k_row, p.kv_row_stride, kStep);
   };
-  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + q0_token) * p.width + h * D, p.q_row_stride,
-                           BS);
-  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + q0_token) * p.width + h * D, p.q_row_stride, BS);
+  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + Token(p, q0)) * p.width + h * D,
+                           p.q_row_stride, BS);
+  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + Token(p, q0)) * p.width + h * D, p.q_row_stride, BS);
   if (n_steps > 0) load_step(0);
   CpAsyncCommit();
 
@@ -424,7 +426,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   int32_t qseg[2] = {0, 0};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int64_t row = q0_token + (r0 + 8 * half) * p.row_step, stat = (b * p.heads + h) * p.tq + row;
+    const int64_t row = Token(p, q0 + r0 + 8 * half), stat = (b * p.heads + h) * p.tq + row;
     // exp2(x - lse2) = 0 for every score of an empty row (lse = -inf): use +inf there.
     lse2[half] = g.lse[stat] == -INFINITY ? INFINITY : g.lse[stat] * kLog2e;
     row_delta[half] = g.delta[stat];
@@ -456,7 +458,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
     }
 
     const int32_t mask_id = p.row_entries[2 * entry + 1];
-    const int64_t k0 = first_key(step), k0_token = Token(p, k0);
+    const int64_t k0 = first_key(step);
     const int bj0 = (step % kSteps) * kStep;
     const uint32_t* mask_rows[2] = {MaskRow(p, mask_id, r0), MaskRow(p, mask_id, r0 + 8)};
 #pragma unroll
@@ -465,9 +467,10 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
       for (int e = 0; e < 4; ++e) {
         const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
         const int64_t qi = q0 + r0 + 8 * half, kj = k0 + col;  // positions
-        const int64_t ti = q0_token + (r0 + 8 * half) * p.row_step, tj = k0_token + col * p.row_step;  // tokens
+        const int64_t tj = Token(p, kj);  // the key's token (from its position: no token kept live)
         const bool other_segment = has_seg && p.k_segment_ids[b * p.tk + tj] != qseg[half];
-        const float offset = other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, ti, tj, mask_rows[half], bj0 + col);
+        const float offset =
+            other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, Token(p, qi), tj, mask_rows[half], bj0 + col);
         const bool kept = offset != -INFINITY;
         const float prob = kept ? exp2f(ScaledScore(s[t][e], p.scale, offset) * kLog2e - lse2[half]) : 0.0f;
         const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
@@ -481,7 +484,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
       }
     AccumulateProduct<T, D, kNTiles>(acc, s, ks, kLd, lane);  // dQ += dS K
     if (k_bad) {
-      const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + k0_token) * p.kv_width + kvh * D;
+      const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         AddNonFiniteTerms<T, D / 8>(acc, half, ds_bits[half], ds_negative[half], k_rows, p.kv_row_stride, kStep, lane,
@@ -492,8 +495,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
     __syncthreads();
   }
   CpAsyncWait<0>();  // a row without blocks still committed its Q / dO loads
-  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, q0_token + warp * 16 * p.row_step,
-                  p.row_step, lane);
+  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, Token(p, q0 + warp * 16), p.row_step,
+                  lane);
 }
 
 // dq = scale * dq_acc (float32) as T.
