@@ -127,10 +127,11 @@ typedef struct bsattn_fused_args {
                     Not in the agreed interface: a launcher cannot read it from the device tables. */
   /* appended in session 6 (sparse_attention's 'strided' without transposes; forward and backward): */
   int64_t strided_period; /* 0 = none; L > 0 (tq == tk == T, T % L == 0, (T / L) % block_size == 0, no bias,
-                             not decode: the caller checks): the tables address permuted positions p, which
-                             hold token (p % (T / L)) * L + p / (T / L) of q, k, v, out, lse, dq, dk, dv,
-                             key_padding_mask and the segment ids (all in token order); the dropout hash
-                             uses p. Equals the op on permuted inputs, un-permuted, bit for bit. */
+                             not decode, else the launchers return BSATTN_ERROR_SHAPE, as for L < 0): the
+                             tables address permuted positions p, which hold token (p % (T / L)) * L + p / (T / L)
+                             of q, k, v, out, lse, dq, dk, dv, key_padding_mask and the segment ids (all in token
+                             order); the dropout hash uses p. Equals the op on permuted inputs, un-permuted, bit
+                             for bit. */
 } bsattn_fused_args;
 
 /* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose

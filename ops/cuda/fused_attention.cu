@@ -20,6 +20,9 @@
 // dK/dV CTA walks every query head of its K/V head (and dbias slice) in turn, summing in registers.
 // Segment ids: every warp computes the [min, max] ids of the query and key blocks (the same
 // values, so the decision is CTA-uniform) and skips a block whose ranges do not overlap.
+// strided_period (FusedParams::row_step): a block's rows are the tokens Token(p0) + r * row_step; the
+// chunk loads, the row loads and stores, lse/delta and the per-entry rules (ScoreOffset) use those
+// tokens, the tables, in-block masks and the dropout hash the positions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -81,14 +84,15 @@ __device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, Hea
   for (int d = lane; d < p.head_dim; d += 32) dst[d] = ToFloat(src[d]);
 }
 
-// Rows [t0, t0 + n) of head view `at` of x (and of y when not null) into dst rows `ld` floats apart.
+// Rows t0, t0 + row_step, ... (n rows: the tokens of n consecutive positions of one block) of head view
+// `at` of x (and of y when not null) into dst rows `ld` floats apart.
 template <typename T>
 __device__ __forceinline__ void LoadChunk(const FusedParams& p, const void* x, const void* y, HeadView at,
                                           int64_t b, int64_t t0, int n, float* x_dst, float* y_dst, int ld) {
   const int D = static_cast<int>(p.head_dim);
   for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
-    const int64_t at_ = (b * at.len + t0 + r) * at.width + at.col + d;
+    const int64_t at_ = (b * at.len + t0 + r * p.row_step) * at.width + at.col + d;
     x_dst[r * ld + d] = ToFloat(static_cast<const T*>(x)[at_]);
     if (y != nullptr) y_dst[r * ld + d] = ToFloat(static_cast<const T*>(y)[at_]);
   }
@@ -135,7 +139,8 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t groups = p.bs / rows, qb = p.row0 + blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
   const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
-  const int64_t qi = qb * p.bs + bi, t = qi - p.q_offset;  // absolute row, q's row
+  const int64_t qi = qb * p.bs + bi;  // absolute row (position)
+  const int64_t t = Token(p, qb * p.bs) + bi * p.row_step - p.q_offset;  // q's row (token)
   const bool valid = t >= 0 && t < p.tq;  // always without decoding
   const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
   if (valid) LoadRow<T>(p, p.q, qv, b, t, qs + warp * D, lane);
@@ -152,13 +157,15 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
     for (int c0 = 0; c0 < n_keys; c0 += kc) {
       const int n = min(kc, n_keys - c0);  // keys of the chunk that may be read
       __syncthreads();  // the previous chunk is consumed (and q is loaded, on the first)
-      LoadChunk<T>(p, p.k, nullptr, kv, b, k0 + c0, n, ks, nullptr, D + 1);
-      LoadChunk<T>(p, p.v, nullptr, kv, b, k0 + c0, n, vs, nullptr, D);
+      LoadChunk<T>(p, p.k, nullptr, kv, b, Token(p, k0 + c0), n, ks, nullptr, D + 1);  // the chunk's keys (tokens)
+      LoadChunk<T>(p, p.v, nullptr, kv, b, Token(p, k0 + c0), n, vs, nullptr, D);
       __syncthreads();
       float x = -INFINITY;  // score in log2 units
       if (valid && lane < n) {
         const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
-        x = ScaledScore(s, p.scale, ScoreOffset<T>(p, b, h, t, k0 + c0 + lane, mask_row, c0 + lane)) * kLog2e;
+        // The key's token from its position (no token kept live across the loop: registers).
+        const int64_t key = Token(p, k0 + c0 + lane);
+        x = ScaledScore(s, p.scale, ScoreOffset<T>(p, b, h, t, key, mask_row, c0 + lane)) * kLog2e;
       }
       const unsigned kept = __ballot_sync(kFull, x != -INFINITY);
       const float m_new = fmaxf(m, WarpMax(x));
@@ -196,7 +203,8 @@ __global__ void DeltaKernel(FusedParams p, const T* out, const T* dout, const fl
 }
 
 // The probability (undropped), the dropped-out one, dS, and whether the entry is attended, from its
-// raw score s = q.k and dp = dout.v (not read at a masked entry).
+// raw score s = q.k and dp = dout.v (not read at a masked entry). (i, j): the entry's positions (dropout
+// hash, dbias), (ti, tj) its tokens (ScoreOffset); the same without strided_period.
 struct EntryGrad {
   float prob, kept, ds;
   bool attended;
@@ -204,10 +212,10 @@ struct EntryGrad {
 
 template <typename T>
 __device__ __forceinline__ EntryGrad GradAt(const FusedParams& p, int64_t b, int64_t h, int64_t i,
-                                            int64_t j, const uint32_t* mask_row, int bj, float s,
-                                            float dp, float lse, float delta) {
+                                            int64_t j, int64_t ti, int64_t tj, const uint32_t* mask_row, int bj,
+                                            float s, float dp, float lse, float delta) {
   EntryGrad g;
-  const float offset = ScoreOffset<T>(p, b, h, i, j, mask_row, bj);
+  const float offset = ScoreOffset<T>(p, b, h, ti, tj, mask_row, bj);
   g.attended = offset != -INFINITY;
   if (!g.attended) {  // 0 by select, whatever NaN the row (lse, delta, dp) holds
     g.prob = g.kept = g.ds = 0.0f;
@@ -233,33 +241,36 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t groups = p.bs / rows, qb = blockIdx.x / groups, h = blockIdx.y, b = blockIdx.z;
   const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
-  const int64_t qi = qb * p.bs + bi, stat = (b * p.heads + h) * p.tq + qi;
+  const int64_t qi = qb * p.bs + bi, ti = Token(p, qb * p.bs) + bi * p.row_step;  // position, token
+  const int64_t stat = (b * p.heads + h) * p.tq + ti;
   const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
-  LoadRow<T>(p, p.q, qv, b, qi, qs + warp * D, lane);
-  LoadRow<T>(p, dout, qv, b, qi, dos + warp * D, lane);
+  LoadRow<T>(p, p.q, qv, b, ti, qs + warp * D, lane);
+  LoadRow<T>(p, dout, qv, b, ti, dos + warp * D, lane);
   const float row_lse = lse[stat], row_delta = delta[stat];
 
   float acc[DC] = {};
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int2 q_ids = p.q_segment_ids != nullptr ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   for (int e = range.x; e < range.y; ++e) {
-    const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs;
+    const int64_t kb = p.row_entries[2 * e], k0 = kb * p.bs, k0_token = Token(p, k0);
     if (p.q_segment_ids != nullptr && !RangesMeet(q_ids, KeyBlockIds(p, b, kb, lane))) continue;
     const uint32_t* mask_row = MaskRow(p, p.row_entries[2 * e + 1], bi);
     for (int c0 = 0; c0 < p.bs; c0 += kc) {
       __syncthreads();
-      LoadChunk<T>(p, p.k, p.v, kv, b, k0 + c0, kc, ks, vs, D + 1);
+      const int64_t c_token = k0_token + c0 * p.row_step;  // the chunk's first key (token)
+      LoadChunk<T>(p, p.k, p.v, kv, b, c_token, kc, ks, vs, D + 1);
       __syncthreads();
       EntryGrad g = {0.0f, 0.0f, 0.0f, false};
       if (lane < kc) {
         const float s = Dot(qs + warp * D, ks + lane * (D + 1), D);
         const float dp = Dot(dos + warp * D, vs + lane * (D + 1), D);
-        g = GradAt<T>(p, b, h, qi, k0 + c0 + lane, mask_row, c0 + lane, s, dp, row_lse, row_delta);
+        g = GradAt<T>(p, b, h, qi, k0 + c0 + lane, ti, c_token + lane * p.row_step, mask_row, c0 + lane, s, dp,
+                      row_lse, row_delta);
       }
       AccumulateRows(acc, g.ds, ks, D + 1, kc, D, lane, __ballot_sync(kFull, g.attended));
     }
   }
-  StoreRow<T>(p, acc, p.scale, dq, qv, b, qi, lane);
+  StoreRow<T>(p, acc, p.scale, dq, qv, b, ti, lane);
 }
 
 // dK, dV (and dbias) over key rows. Grid (n_kb * bs / rows, groups), rows warps; a CTA walks the
@@ -282,7 +293,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t groups = p.bs / rows, kb = blockIdx.x / groups, group = blockIdx.y;
   const int bj = static_cast<int>((blockIdx.x % groups) * rows) + warp;
-  const int64_t kj = kb * p.bs + bj;
+  const int64_t kj = kb * p.bs + bj, tj = Token(p, kb * p.bs) + bj * p.row_step;  // position, token
   const bool with_dbias = dbias != nullptr;
   float dk_acc[DC] = {}, dv_acc[DC] = {};
   for (int64_t member = 0; member < members; ++member) {
@@ -294,8 +305,8 @@ __global__ void __launch_bounds__(32 * kMaxRows)
     const bool run_end = member + 1 == members || MemberKvHead(p, with_dbias, group, member + 1) != kv_head;
     __syncthreads();  // the previous member's rows are consumed
     if (run_start) {
-      LoadRow<T>(p, p.k, kv, b, kj, ks + warp * D, lane);
-      LoadRow<T>(p, p.v, kv, b, kj, vs + warp * D, lane);
+      LoadRow<T>(p, p.k, kv, b, tj, ks + warp * D, lane);
+      LoadRow<T>(p, p.v, kv, b, tj, vs + warp * D, lane);
 #pragma unroll
       for (int c = 0; c < DC; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
     }
@@ -307,9 +318,9 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       const int32_t mask_id = p.col_entries[2 * e + 1];
       for (int c0 = 0; c0 < p.bs; c0 += kc) {
         __syncthreads();
-        LoadChunk<T>(p, p.q, dout, qv, b, q0 + c0, kc, qs, dos, D + 1);
+        LoadChunk<T>(p, p.q, dout, qv, b, Token(p, q0 + c0), kc, qs, dos, D + 1);  // the chunk's queries (tokens)
         if (threadIdx.x < kc) {
-          const int64_t stat = (b * p.heads + h) * p.tq + q0 + c0 + threadIdx.x;
+          const int64_t stat = (b * p.heads + h) * p.tq + Token(p, q0 + c0 + threadIdx.x);
           lse_s[threadIdx.x] = lse[stat];
           delta_s[threadIdx.x] = delta[stat];
         }
@@ -319,7 +330,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
           const int64_t qi = q0 + c0 + lane;
           const float s = Dot(qs + lane * (D + 1), ks + warp * D, D);
           const float dp = Dot(dos + lane * (D + 1), vs + warp * D, D);
-          g = GradAt<T>(p, b, h, qi, kj, MaskRow(p, mask_id, c0 + lane), bj, s, dp, lse_s[lane],
+          g = GradAt<T>(p, b, h, qi, kj, Token(p, qi), tj, MaskRow(p, mask_id, c0 + lane), bj, s, dp, lse_s[lane],
                         delta_s[lane]);
           if (dbias != nullptr) dbias[BiasIndex(p, b, h, qi, kj)] += g.ds;
         }
@@ -331,8 +342,8 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       }
     }
     if (run_end) {
-      StoreRow<T>(p, dk_acc, p.scale, dk, kv, b, kj, lane);
-      StoreRow<T>(p, dv_acc, 1.0f, dv, kv, b, kj, lane);
+      StoreRow<T>(p, dk_acc, p.scale, dk, kv, b, tj, lane);
+      StoreRow<T>(p, dv_acc, 1.0f, dv, kv, b, tj, lane);
     }
   }
 }
@@ -378,6 +389,11 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
       (a->bias != nullptr && ((a->bias_heads != 1 && a->bias_heads != a->heads) ||
                               (a->bias_batch != 1 && a->bias_batch != a->batch))))
     return BSATTN_ERROR_SHAPE;
+  // strided_period L: self-attention, T / L tokens per residue class, whole blocks of them; no bias, no decoding.
+  const int64_t period = a->strided_period;
+  if (period < 0 || (period > 0 && (a->tq != a->tk || a->tq % period != 0 || (a->tq / period) % a->block_size != 0 ||
+                                    a->bias != nullptr || decode)))
+    return BSATTN_ERROR_SHAPE;
   p->dtype = a->dtype;
   p->batch = a->batch;
   p->heads = a->heads;
@@ -399,6 +415,11 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   p->key_end = decode ? a->q_offset + a->tq : a->tk;
   p->hash_tq = decode ? a->t_max : a->tq;
   p->row0 = p->q_offset / a->block_size;
+  // L = 1 is the identity permutation: row_step 1 takes the unpermuted path.
+  p->row_step = period > 1 ? period : 1;
+  p->class_len = period > 1 ? a->tq / period : 0;
+  p->q_row_stride = p->width * p->row_step;
+  p->kv_row_stride = p->kv_width * p->row_step;
   p->n_rows = !decode ? p->n_qb : a->tq == 0 ? 0 : (p->key_end - 1) / a->block_size - p->row0 + 1;
   if (p->n_qb * (a->block_size / std::min<int64_t>(a->block_size, kMaxRows)) > 0x7fffffff ||
       p->n_kb * a->block_size > 0x7fffffff || a->heads > 65535 || a->batch > 65535)
@@ -508,16 +529,17 @@ int64_t SegmentRangeBytes(const FusedParams& p) {
   return p.q_segment_ids == nullptr ? 0 : p.batch * (p.n_qb + p.n_kb) * 8;
 }
 
-// ranges[b * n_blocks + blk] = (min, max) of ids[b, blk * bs .. + bs), one thread per block.
-__global__ void SegmentRangesKernel(const int32_t* ids, int64_t batch, int64_t len, int64_t bs, int2* ranges) {
-  const int64_t n_blocks = len / bs;
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < batch * n_blocks;
+// ranges[b * n_blocks + blk] = (min, max) of the ids of block blk's tokens (ids[b, Token(blk * bs) + r * row_step],
+// r < bs), one thread per block.
+__global__ void SegmentRangesKernel(FusedParams p, const int32_t* ids, int64_t len, int2* ranges) {
+  const int64_t bs = p.bs, n_blocks = len / bs;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < p.batch * n_blocks;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const int32_t* row = ids + (i / n_blocks) * len + (i % n_blocks) * bs;
+    const int32_t* row = ids + (i / n_blocks) * len + Token(p, (i % n_blocks) * bs);
     int lo = row[0], hi = row[0];
     for (int64_t j = 1; j < bs; ++j) {
-      lo = min(lo, row[j]);
-      hi = max(hi, row[j]);
+      lo = min(lo, row[j * p.row_step]);
+      hi = max(hi, row[j * p.row_step]);
     }
     ranges[i] = make_int2(lo, hi);
   }
@@ -611,9 +633,9 @@ int bsattn_fused_backward_ex(const bsattn_fused_args* args, const void* out, con
   if (seg_bytes) {
     int2* ranges = reinterpret_cast<int2*>(after_dbias + dq_bytes);
     bsattn_cuda::SegmentRangesKernel<<<bsattn_cuda::GridFor(p.batch * p.n_qb), 256, 0, s>>>(
-        p.q_segment_ids, p.batch, p.tq, p.bs, ranges);
+        p, p.q_segment_ids, p.tq, ranges);
     bsattn_cuda::SegmentRangesKernel<<<bsattn_cuda::GridFor(p.batch * p.n_kb), 256, 0, s>>>(
-        p.k_segment_ids, p.batch, p.tk, p.bs, ranges + p.batch * p.n_qb);
+        p, p.k_segment_ids, p.tk, ranges + p.batch * p.n_qb);
     mma.seg_ranges = ranges;
   }
   // dbias sums into float32: dbias itself for float32, else the workspace after delta.

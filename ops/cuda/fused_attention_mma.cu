@@ -20,6 +20,9 @@
 // memory, the window's key blocks whose [min, max] ids meet the query block's (one thread per
 // entry), marking those where both blocks hold one and the same id (no per-entry rule needed), and
 // the pipeline streams only the listed blocks.
+// strided_period (FusedParams::row_step): a block's rows are the tokens Token(p0) + r * row_step, so every
+// tile (Q, a K/V step, the exact path's V rows) is a strided row set: its first token and a row stride of
+// row_step rows; the per-entry rules and the stores use the tokens, the tables, masks and dropout the positions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -56,12 +59,12 @@ struct ForwardMmaShape {
 constexpr int kWindow = 256;               // entries listed per window (segment ids)
 constexpr int kOneSegment = 1 << 30;       // list flag: both blocks hold one id, the same
 
-// The [min, max] of the n ids at x (one thread, serially).
-__device__ __forceinline__ int2 IdRange(const int32_t* x, int64_t n) {
+// The [min, max] of the n ids at x[0], x[stride], ... (one thread, serially).
+__device__ __forceinline__ int2 IdRange(const int32_t* x, int64_t n, int64_t stride) {
   int2 r = make_int2(x[0], x[0]);
   for (int64_t i = 1; i < n; ++i) {
-    r.x = min(r.x, x[i]);
-    r.y = max(r.y, x[i]);
+    r.x = min(r.x, x[i * stride]);
+    r.y = max(r.y, x[i * stride]);
   }
   return r;
 }
@@ -80,7 +83,7 @@ __device__ int ListLiveEntries(const FusedParams& p, int64_t b, int2 q_ids, int 
     int flag = 0;
     if (idx < n) {
       const int64_t kb = p.row_entries[2 * (first + idx)];
-      const int2 k_ids = IdRange(p.k_segment_ids + b * p.tk + kb * p.bs, BlockKeys(p, kb));
+      const int2 k_ids = IdRange(p.k_segment_ids + b * p.tk + Token(p, kb * p.bs), BlockKeys(p, kb), p.row_step);
       live = RangesMeet(q_ids, k_ids);
       flag = q_ids.x == q_ids.y && k_ids.x == k_ids.y && q_ids.x == k_ids.x ? kOneSegment : 0;
     }
@@ -138,7 +141,8 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   const int2 q_ids = segments ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   const int2 q_rows = QueryRows(p, qb);  // absolute rows of the block that q holds
   const int q_lo = q_rows.x - static_cast<int>(qb * BS), q_hi = q_rows.y - static_cast<int>(qb * BS);
-  const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + q_rows.x - p.q_offset) * p.width + h * D;  // row q_lo
+  // Row q_lo (its token), the tile's rows q_row_stride elements apart.
+  const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + Token(p, q_rows.x) - p.q_offset) * p.width + h * D;
   const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + KvCol(p, h);
   const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + KvCol(p, h);
   int window = range.x;  // the first entry of the current window
@@ -146,19 +150,19 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
     const int listed = segments ? live_s[step / kSteps] : window + step / kSteps;
     return make_int2(listed & (kOneSegment - 1), listed & kOneSegment);
   };
-  auto first_key = [&](int step) {  // absolute key index of a step's first key
+  auto first_key = [&](int step) {  // absolute key index (position) of a step's first key
     return int64_t{p.row_entries[2 * entry_at(step).x]} * BS + (step % kSteps) * kKeys;
   };
   auto load_step = [&](int step) {
     const int buf = step & 1;
-    const int64_t k0 = first_key(step);
+    const int64_t k0 = first_key(step), k_row = Token(p, k0) * p.kv_width;
     const int n = static_cast<int>(min(int64_t{kKeys}, p.key_end - k0));  // keys that may be read
     if (n == kKeys) {
-      LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.kv_width, p.kv_width, kKeys);
-      LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.kv_width, p.kv_width, kKeys);
+      LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, p.kv_row_stride, kKeys);
+      LoadTileAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k_row, p.kv_row_stride, kKeys);
     } else {
-      LoadTileRowsAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k0 * p.kv_width, p.kv_width, kKeys, 0, n);
-      LoadTileRowsAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k0 * p.kv_width, p.kv_width, kKeys, 0, n);
+      LoadTileRowsAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, p.kv_row_stride, kKeys, 0, n);
+      LoadTileRowsAsync<T, D, kNT>(v_s + buf * kKeys * kLd, v_g + k_row, p.kv_row_stride, kKeys, 0, n);
     }
   };
   auto start_window = [&]() {  // lists the window's entries; loads step 0; returns the step count
@@ -175,9 +179,9 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   };
 
   if (q_lo == 0 && q_hi == BS) {
-    LoadTileAsync<T, D, kNT>(q_s, q_g, p.width, BS);
+    LoadTileAsync<T, D, kNT>(q_s, q_g, p.q_row_stride, BS);
   } else {
-    LoadTileRowsAsync<T, D, kNT>(q_s, q_g, p.width, BS, q_lo, q_hi);
+    LoadTileRowsAsync<T, D, kNT>(q_s, q_g, p.q_row_stride, BS, q_lo, q_hi);
   }
   int n_steps = start_window();
   CpAsyncWait<0>();
@@ -192,8 +196,12 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       for (int kk = 0; kk < kDSteps; ++kk) LoadA(q_frag[mt][kk], q_s, kLd, row_base + 16 * mt, kk * 16, lane);
   }
 
-  // This thread's rows (local to the block): row_base + 16 mt + lane/4 (+ 8 for the second half).
+  // This thread's rows (local to the block): row_base + 16 mt + lane/4 (+ 8 for the second half); their
+  // positions qi_base + 16 mt + 8 half, q's rows (tokens) q_row(mt, half) (recomputed where used: no live register).
   const int64_t qi_base = qb * BS + row_base + lane / 4;
+  auto q_row = [&](int mt, int half) {
+    return Token(p, qb * BS) + (row_base + lane / 4 + 16 * mt + 8 * half) * p.row_step - p.q_offset;
+  };
   float m[kMT][2], l[kMT][2];
   float o[kMT][kOTiles][4];
 #pragma unroll
@@ -268,7 +276,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
-              const float offset = ScoreOffset<T>(p, b, h, qi_base + 16 * mt + 8 * half - p.q_offset, k0 + col,
+              const float offset = ScoreOffset<T>(p, b, h, q_row(mt, half), Token(p, k0) + col * p.row_step,
                                                   mask_rows[half], bj0 + col);
               s[mt][t][e] = ScaledScore(s[mt][t][e], p.scale, offset) * kLog2e;
             }
@@ -345,13 +353,13 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
         }
       }
       if (v_bad) {  // key j of the step is held by lane 4 * (lane / 4) + (j % 8) / 2 in slot 2 (j / 8) + j % 2
-        const T* v_rows = v_g + first_key(step) * p.kv_width;
+        const T* v_rows = v_g + Token(p, first_key(step)) * p.kv_width;
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             AddNonFiniteTerms<T, kOTiles>(
-                o[mt], half, kept_bits[mt][half], 0u, v_rows, p.kv_width, kKeys, lane,
+                o[mt], half, kept_bits[mt][half], 0u, v_rows, p.kv_row_stride, kKeys, lane,
                 [lane](int j) { return (lane & ~3) | ((j % 8) / 2); }, [](int j) { return 2 * (j / 8) + (j % 2); });
             kept_bits[mt][half] = 0;
           }
@@ -374,7 +382,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
       const float total = QuadSum(l[mt][half]);
       const bool empty = total == 0.0f;  // no kept key (a NaN sum: an attended NaN score, NaN row)
       const float inv = empty ? 0.0f : 1.0f / total;
-      const int64_t qi = qi_base + 16 * mt + 8 * half - p.q_offset;  // q's row
+      const int64_t qi = q_row(mt, half);  // q's row (token)
       if (qi < 0 || qi >= p.tq) continue;  // decoding: a row outside q (uniform over its quad)
       if (p.n_split > 1) {  // the unnormalised partial row and its (m, l), merged by MergeSplits
         const int64_t row = split * p.batch * p.heads * p.tq + (b * p.heads + h) * p.tq + qi;

@@ -24,6 +24,10 @@
 // them are added one by one (AddNonFiniteTerms), or, for dQ with a non-finite K, dQ is summed
 // element by element over the kept keys. Segment ids: a (Qb, Kb) block whose segment-id ranges
 // (per batch entry, seg_ranges) do not overlap is skipped without loads.
+// strided_period (FusedParams::row_step): a block's rows are the tokens Token(p0) + r * row_step, so every
+// tile (resident K/V or Q/dO, streamed Q/dO or K/V), the lse/delta/segment-id rows, the exact paths' rows,
+// the float32 dQ rows and the stores take a block's first token and a row stride of row_step rows; the
+// per-entry rules use the tokens, the tables, masks, dropout and dbias the positions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -130,13 +134,15 @@ __device__ __forceinline__ void AccumulateProduct(float (&acc)[D / 8][4], const 
   }
 }
 
-// Stores scale * acc (this warp's rows row0.. of a [B, len, stride] tensor, columns col0..) as T pairs.
+// Stores scale * acc (this warp's rows row0, row0 + row_step, ... of a [B, len, stride] tensor, columns
+// col0..) as T pairs.
 template <typename T, int D>
 __device__ __forceinline__ void StoreRows(const float (&acc)[D / 8][4], float scale, T* y, int64_t stride,
-                                          int64_t len, int64_t b, int64_t col0, int64_t row0, int lane) {
+                                          int64_t len, int64_t b, int64_t col0, int64_t row0, int64_t row_step,
+                                          int lane) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    T* row = y + (b * len + row0 + lane / 4 + 8 * half) * stride + col0 + (lane % 4) * 2;
+    T* row = y + (b * len + row0 + (lane / 4 + 8 * half) * row_step) * stride + col0 + (lane % 4) * 2;
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
       *reinterpret_cast<uint32_t*>(row + t * 8) = Pack<T>(acc[t][2 * half] * scale, acc[t][2 * half + 1] * scale);
@@ -180,7 +186,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   const T* dout = static_cast<const T*>(g.dout);
   const int64_t kb = p.n_kb - 1 - blockIdx.x, group = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t k0 = kb * BS;
+  const int64_t k0 = kb * BS;  // the block's first key (position; Token(p, k0) its token, recomputed where used)
   const int r0 = warp * 16 + lane / 4;  // this thread's keys r0, r0 + 8 (within the block)
   const int64_t group_size = p.heads / p.kv_heads;
   const bool has_seg = p.q_segment_ids != nullptr;
@@ -189,18 +195,18 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   for (int64_t unit = 0; unit < groups.units(); ++unit) {
     const int64_t b = g_b * groups.ub + unit / groups.uk, kvh = g_k * groups.uk + unit % groups.uk;
     __syncthreads();  // the previous unit is done with every shared tile
-    const T* k_g = static_cast<const T*>(p.k) + (b * p.tk + k0) * p.kv_width + kvh * D;
-    const T* v_g = static_cast<const T*>(p.v) + (b * p.tk + k0) * p.kv_width + kvh * D;
-    LoadTileAsync<T, D, kNT>(k_s, k_g, p.kv_width, BS);
-    LoadTileAsync<T, D, kNT>(v_s, v_g, p.kv_width, BS);
+    const T* k_g = static_cast<const T*>(p.k) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
+    const T* v_g = static_cast<const T*>(p.v) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
+    LoadTileAsync<T, D, kNT>(k_s, k_g, p.kv_row_stride, BS);
+    LoadTileAsync<T, D, kNT>(v_s, v_g, p.kv_row_stride, BS);
     CpAsyncCommit();
     CpAsyncWait<0>();
     // A K tile with a non-finite value: dQ is summed element by element (kDq only; S reads K as is).
     const bool k_bad = kDq && __syncthreads_or(!OwnCopiesFinite<T, D, kNT>(k_s, BS));
     int32_t kseg[2] = {0, 0};
     if (has_seg) {
-      kseg[0] = p.k_segment_ids[b * p.tk + k0 + r0];
-      kseg[1] = p.k_segment_ids[b * p.tk + k0 + r0 + 8];
+      kseg[0] = p.k_segment_ids[b * p.tk + Token(p, k0 + r0)];
+      kseg[1] = p.k_segment_ids[b * p.tk + Token(p, k0 + r0 + 8)];
     }
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     Zero(dk_acc);
@@ -216,14 +222,14 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
         return e;
       };
       auto load = [&](int e, int sub, int buf) {
-        const int64_t qs0 = int64_t{p.col_entries[2 * e]} * BS + sub * kStep;
-        LoadTileAsync<T, D, kNT>(q_s + buf * kStep * kLd, q_g + qs0 * p.width, p.width, kStep);
-        LoadTileAsync<T, D, kNT>(do_s + buf * kStep * kLd, do_g + qs0 * p.width, p.width, kStep);
+        const int64_t qt0 = Token(p, int64_t{p.col_entries[2 * e]} * BS + sub * kStep);  // the step's first query
+        LoadTileAsync<T, D, kNT>(q_s + buf * kStep * kLd, q_g + qt0 * p.width, p.q_row_stride, kStep);
+        LoadTileAsync<T, D, kNT>(do_s + buf * kStep * kLd, do_g + qt0 * p.width, p.q_row_stride, kStep);
         for (int i = threadIdx.x; i < kStep; i += kNT) {
-          const int64_t stat = (b * p.heads + h) * p.tq + qs0 + i;
+          const int64_t stat = (b * p.heads + h) * p.tq + qt0 + i * p.row_step;
           lse_s[buf * kStep + i] = g.lse[stat] == -INFINITY ? INFINITY : g.lse[stat] * kLog2e;
           delta_s[buf * kStep + i] = g.delta[stat];
-          if (has_seg) qseg_s[buf * kStep + i] = p.q_segment_ids[b * p.tq + qs0 + i];
+          if (has_seg) qseg_s[buf * kStep + i] = p.q_segment_ids[b * p.tq + qt0 + i * p.row_step];
         }
       };
       int e = next_entry(range.x), sub = 0, buf = 0;
@@ -258,7 +264,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
         TwoProducts<T, D, kNTiles>(s, dp, k_s, v_s, qs, dos, kLd, warp * 16, lane);
 
         const int32_t mask_id = p.col_entries[2 * e + 1];
-        const int64_t qs0 = int64_t{p.col_entries[2 * e]} * BS + sub * kStep;
+        const int64_t qs0 = int64_t{p.col_entries[2 * e]} * BS + sub * kStep;  // position
         const int bi0 = sub * kStep;  // first query of the step within its block
         const float* lse_b = lse_s + buf * kStep;
         const float* delta_b = delta_s + buf * kStep;
@@ -270,8 +276,10 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
             const int half = x / 2, bj = r0 + 8 * half, col = t * 8 + (lane % 4) * 2 + (x & 1);
             const int64_t qi = qs0 + col, kj = k0 + bj;
             const bool other_segment = has_seg && qseg_s[buf * kStep + col] != kseg[half];
-            const float offset =
-                other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, qi, kj, MaskRow(p, mask_id, bi0 + col), bj);
+            // The entry's tokens from its positions (no token kept live across the loop: registers).
+            const float offset = other_segment ? -INFINITY
+                                               : ScoreOffset<T>(p, b, h, Token(p, qi), Token(p, kj),
+                                                                MaskRow(p, mask_id, bi0 + col), bj);
             const bool kept = offset != -INFINITY;
             // P and dS are 0 by select at masked entries (their score may be NaN: a NaN k there, or the NaN
             // lse of a NaN row) and in a row without kept keys (lse = -inf: its delta may be NaN).
@@ -306,17 +314,20 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             if (q_bad) {
-              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + qs0 * p.width, p.width,
-                                          kStep, lane, [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
+              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + Token(p, qs0) * p.width,
+                                          p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
+                                          SlotOf);
             }
             if (do_bad) {
-              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + qs0 * p.width, p.width, kStep,
-                                          lane, [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
+              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + Token(p, qs0) * p.width,
+                                          p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
+                                          SlotOf);
             }
           }
         }
         if constexpr (kDq) {  // dQ[step rows] += dS K, into the float32 buffer
-          float* dq_rows = g.dq_acc + (b * p.tq + qs0) * p.width + h * D;
+          // The step's rows, q_row_stride apart.
+          float* dq_rows = g.dq_acc + (b * p.tq + Token(p, qs0)) * p.width + h * D;
           if (!k_bad) {
             constexpr int kMq = Shape::kMq, kNq = Shape::kNq;
             const int mq = warp % kMq, n0 = (warp / kMq) * kNq * 8;
@@ -337,7 +348,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
               }
 #pragma unroll
               for (int half = 0; half < 2; ++half) {
-                float* row = dq_rows + (mq * 16 + lane / 4 + 8 * half) * p.width + n0 + (lane % 4) * 2;
+                float* row = dq_rows + (mq * 16 + lane / 4 + 8 * half) * p.q_row_stride + n0 + (lane % 4) * 2;
 #pragma unroll
                 for (int t = 0; t < kNq; ++t) {
                   atomicAdd(row + t * 8, acc[t][2 * half]);
@@ -354,7 +365,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
                   sum = fmaf(ToFloat(ds_s[i * kDsLd + j]), ToFloat(k_s[j * kLd + d]), sum);
                 }
               }
-              atomicAdd(dq_rows + int64_t{i} * p.width + d, sum);
+              atomicAdd(dq_rows + int64_t{i} * p.q_row_stride + d, sum);
             }
           }
         }
@@ -365,8 +376,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
       }
       CpAsyncWait<0>();
     }
-    StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk), p.kv_width, p.tk, b, kvh * D, k0 + warp * 16, lane);
-    StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv), p.kv_width, p.tk, b, kvh * D, k0 + warp * 16, lane);
+    const int64_t warp_row = Token(p, k0 + warp * 16);  // this warp's first key (token)
+    StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
+                    lane);
+    StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
+                    lane);
   }
 }
 
@@ -388,21 +402,22 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int n_steps = (range.y - range.x) * kSteps;
-  const int64_t q0 = qb * BS;
+  const int64_t q0 = qb * BS;  // the block's first query (position; Token(p, q0) its token, recomputed where used)
   const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + kvh * D;
   const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + kvh * D;
   const bool has_seg = p.q_segment_ids != nullptr;
-  auto first_key = [&](int step) {
+  auto first_key = [&](int step) {  // position of a step's first key
     return int64_t{p.row_entries[2 * (range.x + step / kSteps)]} * BS + (step % kSteps) * kStep;
   };
   auto load_step = [&](int step) {
     const int buf = step & 1;
-    const int64_t k0 = first_key(step);
-    LoadTileAsync<T, D, kNT>(k_s + buf * kStep * kLd, k_g + k0 * p.kv_width, p.kv_width, kStep);
-    LoadTileAsync<T, D, kNT>(v_s + buf * kStep * kLd, v_g + k0 * p.kv_width, p.kv_width, kStep);
+    const int64_t k_row = Token(p, first_key(step)) * p.kv_width;
+    LoadTileAsync<T, D, kNT>(k_s + buf * kStep * kLd, k_g + k_row, p.kv_row_stride, kStep);
+    LoadTileAsync<T, D, kNT>(v_s + buf * kStep * kLd, v_g + k_row, p.kv_row_stride, kStep);
   };
-  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + q0) * p.width + h * D, p.width, BS);
-  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + q0) * p.width + h * D, p.width, BS);
+  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + Token(p, q0)) * p.width + h * D,
+                           p.q_row_stride, BS);
+  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + Token(p, q0)) * p.width + h * D, p.q_row_stride, BS);
   if (n_steps > 0) load_step(0);
   CpAsyncCommit();
 
@@ -411,11 +426,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   int32_t qseg[2] = {0, 0};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int64_t stat = (b * p.heads + h) * p.tq + q0 + r0 + 8 * half;
+    const int64_t row = Token(p, q0 + r0 + 8 * half), stat = (b * p.heads + h) * p.tq + row;
     // exp2(x - lse2) = 0 for every score of an empty row (lse = -inf): use +inf there.
     lse2[half] = g.lse[stat] == -INFINITY ? INFINITY : g.lse[stat] * kLog2e;
     row_delta[half] = g.delta[stat];
-    if (has_seg) qseg[half] = p.q_segment_ids[b * p.tq + q0 + r0 + 8 * half];
+    if (has_seg) qseg[half] = p.q_segment_ids[b * p.tq + row];
   }
   float acc[D / 8][4];
   Zero(acc);
@@ -451,9 +466,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int half = e / 2, col = t * 8 + (lane % 4) * 2 + (e & 1);
-        const int64_t qi = q0 + r0 + 8 * half, kj = k0 + col;
-        const bool other_segment = has_seg && p.k_segment_ids[b * p.tk + kj] != qseg[half];
-        const float offset = other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, qi, kj, mask_rows[half], bj0 + col);
+        const int64_t qi = q0 + r0 + 8 * half, kj = k0 + col;  // positions
+        const int64_t tj = Token(p, kj);  // the key's token (from its position: no token kept live)
+        const bool other_segment = has_seg && p.k_segment_ids[b * p.tk + tj] != qseg[half];
+        const float offset =
+            other_segment ? -INFINITY : ScoreOffset<T>(p, b, h, Token(p, qi), tj, mask_rows[half], bj0 + col);
         const bool kept = offset != -INFINITY;
         const float prob = kept ? exp2f(ScaledScore(s[t][e], p.scale, offset) * kLog2e - lse2[half]) : 0.0f;
         const float z = p.dropout ? DropoutFactor(p, b, h, qi, kj) : 1.0f;
@@ -467,10 +484,10 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
       }
     AccumulateProduct<T, D, kNTiles>(acc, s, ks, kLd, lane);  // dQ += dS K
     if (k_bad) {
-      const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + k0) * p.kv_width + kvh * D;
+      const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        AddNonFiniteTerms<T, D / 8>(acc, half, ds_bits[half], ds_negative[half], k_rows, p.kv_width, kStep, lane,
+        AddNonFiniteTerms<T, D / 8>(acc, half, ds_bits[half], ds_negative[half], k_rows, p.kv_row_stride, kStep, lane,
                                     [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
         ds_bits[half] = ds_negative[half] = 0;
       }
@@ -478,7 +495,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
     __syncthreads();
   }
   CpAsyncWait<0>();  // a row without blocks still committed its Q / dO loads
-  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, q0 + warp * 16, lane);
+  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, Token(p, q0 + warp * 16), p.row_step,
+                  lane);
 }
 
 // dq = scale * dq_acc (float32) as T.

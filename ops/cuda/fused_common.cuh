@@ -61,7 +61,27 @@ struct FusedParams {
   int n_split = 1;
   float* split_out = nullptr;
   float* split_ml = nullptr;
+  // Strided (bsattn_fused_args.strided_period = L > 0): the tables address permuted positions p, whose
+  // token (row of q, k, v, out, lse, delta, dq, dk, dv, key padding, segment ids) is Token(p). A block's
+  // positions p0..p0+bs-1 lie in one residue class (class_len % bs == 0): its rows are Token(p0) + r * row_step.
+  // Positions still index the tables, the in-block masks and the dropout hash. Without: row_step 1 (Token is
+  // the identity; every row stride below is multiplied by 1).
+  int64_t row_step = 1;   // L, or 1
+  int64_t class_len = 0;  // T / L (tokens per residue class); unused when row_step is 1
+  // Elements between a block's consecutive rows: width * row_step in q, out, dout, dq; kv_width * row_step in
+  // k, v, dk, dv (fields, not kernel locals: read from the parameter bank, they hold no registers).
+  int64_t q_row_stride = 0, kv_row_stride = 0;
 };
+
+// The token of permuted position pos: (pos % (T / L)) * L + pos / (T / L), or pos without strided_period.
+// For pos = p0 + r inside a block starting at p0, Token(pos) = Token(p0) + r * row_step. 32-bit division
+// (T < 2^31: MakeParams): a 64-bit one is a called subroutine, whose calling convention costs the tight
+// tensor-core kernels registers even on the unstrided path.
+__host__ __device__ __forceinline__ int64_t Token(const FusedParams& p, int64_t pos) {
+  if (p.row_step == 1) return pos;
+  const uint32_t x = static_cast<uint32_t>(pos), n = static_cast<uint32_t>(p.class_len);
+  return int64_t{x % n} * p.row_step + x / n;
+}
 
 // The absolute query rows [x, y) of table row qb that q holds: the whole block, or when decoding its
 // part inside [q_offset, q_offset + tq).
@@ -133,12 +153,12 @@ __host__ __device__ __forceinline__ int64_t MemberKvHead(const FusedParams& p, b
   return (bh / p.heads) * p.kv_heads + (bh % p.heads) / p.group;
 }
 
-// The [min, max] of the n segment ids at ids, to every lane of the warp.
-__device__ __forceinline__ int2 WarpIdRange(const int32_t* ids, int64_t n, int lane) {
+// The [min, max] of the n segment ids at ids[0], ids[stride], ..., to every lane of the warp.
+__device__ __forceinline__ int2 WarpIdRange(const int32_t* ids, int64_t n, int64_t stride, int lane) {
   int lo = 0x7fffffff, hi = -0x7fffffff - 1;
   for (int64_t i = lane; i < n; i += 32) {
-    lo = min(lo, ids[i]);
-    hi = max(hi, ids[i]);
+    lo = min(lo, ids[i * stride]);
+    hi = max(hi, ids[i * stride]);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -149,13 +169,13 @@ __device__ __forceinline__ int2 WarpIdRange(const int32_t* ids, int64_t n, int l
 }
 
 // The [min, max] segment id of query block qb (its rows in q: QueryRows) and of key block kb (its
-// readable keys: BlockKeys) of batch entry b, to every lane.
+// readable keys: BlockKeys) of batch entry b, to every lane (the blocks' tokens: strided, row_step apart).
 __device__ __forceinline__ int2 QueryBlockIds(const FusedParams& p, int64_t b, int64_t qb, int lane) {
   const int2 rows = QueryRows(p, qb);
-  return WarpIdRange(p.q_segment_ids + b * p.tq + rows.x - p.q_offset, rows.y - rows.x, lane);
+  return WarpIdRange(p.q_segment_ids + b * p.tq + Token(p, rows.x) - p.q_offset, rows.y - rows.x, p.row_step, lane);
 }
 __device__ __forceinline__ int2 KeyBlockIds(const FusedParams& p, int64_t b, int64_t kb, int lane) {
-  return WarpIdRange(p.k_segment_ids + b * p.tk + kb * p.bs, BlockKeys(p, kb), lane);
+  return WarpIdRange(p.k_segment_ids + b * p.tk + Token(p, kb * p.bs), BlockKeys(p, kb), p.row_step, lane);
 }
 
 // Whether two blocks' id ranges overlap (their segments can meet); a block whose segments cannot
@@ -165,7 +185,8 @@ __host__ __device__ __forceinline__ bool RangesMeet(int2 a, int2 b) { return a.x
 // What entry (query i, key j) of head (b, h) adds to its scaled score, in natural units: -inf
 // when the in-block mask (mask_row, key bj of the block), the key padding or different segment ids
 // drop it, else the bias (0 without one). i is q's row (when decoding: the absolute row - q_offset;
-// a row outside q, or a key >= key_end, is -inf and reads nothing).
+// a row outside q, or a key >= key_end, is -inf and reads nothing); i and j are tokens (Token: with
+// strided_period not the positions, which only the mask row, bj and the dropout hash see; no bias then).
 template <typename T>
 __device__ __forceinline__ float ScoreOffset(const FusedParams& p, int64_t b, int64_t h, int64_t i,
                                              int64_t j, const uint32_t* mask_row, int bj) {
@@ -184,7 +205,8 @@ __device__ __forceinline__ float ScaledScore(float s, float scale, float offset)
 }
 
 // The dropout factor of entry (i, j) of head (b, h): 1 / (1 - rate) if kept, else 0. i is the
-// absolute query row (decoding: that of the full op, whose length is hash_tq).
+// absolute query row (decoding: that of the full op, whose length is hash_tq); i and j are positions
+// (strided_period: the permuted ones, so that the mask equals the transposed op's).
 __device__ __forceinline__ float DropoutFactor(const FusedParams& p, int64_t b, int64_t h, int64_t i,
                                                int64_t j) {
   const uint64_t counter = static_cast<uint64_t>(((b * p.heads + h) * p.hash_tq + i) * p.tk + j);

@@ -12,7 +12,14 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
            (NaN, +inf and -inf exactly where the float64 reference has them); grouped-query attention
            (heads 4, kv_heads 2 with key padding + bias [1, H] + dropout + per-head layouts; kv_heads 1
            with bias [B, 1] + dlse), packed sequences (segment ids, with key padding; with kv_heads 2 and
-           bias [B, H]; with NaN q at one segment's queries, which reaches no other segment). Error = max |ours - ref| / max |ref|. float32 must stay
+           bias [B, H]; with NaN q at one segment's queries, which reaches no other segment), strided_period
+           (sparse_attention's 'strided' without transposes: L = 3 with random per-head tables, partial blocks
+           dropping rows, key padding with NaN/Inf k, v at padded keys, dropout, dlse; L = 2 with the Strided
+           pattern's tables, grouped heads 4 on 2, segment ids, key padding), against the float64 reference of the
+           permuted inputs, un-permuted; also bit for bit against the launch without strided_period on the
+           permuted inputs, un-permuted (out, lse, the deterministic dq, dk, dv and the atomic path's dk, dv),
+           and the launchers' BSATTN_ERROR_SHAPE for the cases strided_period excludes.
+           Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
   decode   (variant) KV-cache decoding steps against the float64 reference, NaN in the unwritten cache
@@ -51,17 +58,22 @@ from bsattn.fused_tables import (
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias", "nan_masked",
-            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan", "decode")
+            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan", "strided", "strided_segments", "decode")
 # The bias shape [Bb, Hb] of each variant (B = 2, H = 2 or 4): every broadcast combination appears.
 BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
                "batch_bias": (2, 1), "nan_masked": (2, 2), "gqa": (1, 4), "mqa": (2, 1), "segments_gqa_bias": (2, 4)}
 # (heads, kv_heads) of the grouped-query variants (the others: 2 heads, no grouping).
 GROUPS = {"gqa": (4, 2), "mqa": (4, 1), "segments_gqa_bias": (4, 2)}
 SEGMENTS = ("segments", "segments_gqa_bias", "segments_nan")
+# strided_period L of the strided variants (T = 6 or 4 blocks: T / L = 2 blocks per residue class).
+STRIDED = {"strided": 3, "strided_segments": 2}
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 # Checked outputs: _det = the deterministic backward (BSATTN_BACKWARD_DETERMINISTIC), det_repeat = two such runs
 # bit for bit.
-OUTPUTS = ("out", "lse", "dq", "dk", "dv", "dbias", "dq_det", "dk_det", "dv_det", "dbias_det", "det_repeat")
+# strided_bits: the strided launch equals the plain one on permuted inputs bit for bit; strided_errors: the launchers
+# refuse what strided_period excludes.
+OUTPUTS = ("out", "lse", "dq", "dk", "dv", "dbias", "dq_det", "dk_det", "dv_det", "dbias_det", "det_repeat",
+           "strided_bits", "strided_errors")
 
 
 class FusedArgs(ctypes.Structure):
@@ -75,6 +87,7 @@ class FusedArgs(ctypes.Structure):
         ("dropout_rate", ctypes.c_float), ("seed", I64),
         ("kv_heads", I64), ("q_segment_ids", PTR), ("k_segment_ids", PTR),
         ("q_offset", I64), ("decode", ctypes.c_int), ("t_max", I64),
+        ("strided_period", I64),
     ]
 
 
@@ -102,8 +115,9 @@ class DeviceCase:
 
     def __init__(self, code: int, q, k, v, tables: FusedTables, heads: int, scale: float, kpm=None, bias=None,
                  dropout_rate: float = 0.0, seed: int = 0, kv_heads: int = 0, q_ids=None, k_ids=None,
-                 q_offset: int | None = None):
-        """q_offset (decoding): q holds the queries at [q_offset, q_offset + Tq) of tables' T_max rows."""
+                 q_offset: int | None = None, strided_period: int = 0):
+        """q_offset (decoding): q holds the queries at [q_offset, q_offset + Tq) of tables' T_max rows.
+        strided_period L: the tables address permuted positions (bsattn_fused_args.strided_period)."""
         self.tensors = {"q": q, "k": k, "v": v}
         if q_ids is not None:
             self.tensors["q_ids"], self.tensors["k_ids"] = dev(q_ids), dev(k_ids)
@@ -125,7 +139,7 @@ class DeviceCase:
             bias_batch=0 if bias is None else bias.shape[0], bias_heads=0 if bias is None else bias.shape[1],
             scale=scale, dropout_rate=dropout_rate, seed=seed, kv_heads=kv_heads, q_segment_ids=ptr("q_ids"),
             k_segment_ids=ptr("k_ids"), q_offset=q_offset or 0, decode=int(q_offset is not None),
-            t_max=tables.n_q if q_offset is not None else 0)
+            t_max=tables.n_q if q_offset is not None else 0, strided_period=strided_period)
 
 
 def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
@@ -146,38 +160,54 @@ def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked
 
 
 def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
-    """Inputs of one check (float64 arrays holding values exactly representable in dtype)."""
+    """Inputs of one check (float64 arrays holding values exactly representable in dtype). The strided variants'
+    inputs are in token order, their tables over the permuted positions (case["strided_period"])."""
     cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
     batch = 2
     heads, kv_heads = GROUPS.get(variant, (2, 2))
     n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "segments") else (4, 4)
     per_head = variant in ("padding_bias_dropout", "shared_bias_dlse", "nan_masked", "gqa", "segments_gqa_bias")
-    tables = random_fused_tables(rng, bs, n_qb, n_kb, heads if per_head else 1, variant == "dropout_masked_rows")
+    if variant == "strided":  # random per-head tables, partial blocks dropping whole rows
+        n_qb = n_kb = 6
+        tables = random_fused_tables(rng, bs, n_qb, n_kb, heads, True)
+    elif variant == "strided_segments":  # the tables of sparse_attention's 'strided' (shared by the heads)
+        n_qb = n_kb = 4
+        tables = fused_tables_for_pattern(patterns.Strided(STRIDED[variant]), n_qb * bs, n_kb * bs, bs)
+    else:
+        tables = random_fused_tables(rng, bs, n_qb, n_kb, heads if per_head else 1, variant == "dropout_masked_rows")
     tq, tk, width, kv_width = n_qb * bs, n_kb * bs, heads * head_dim, kv_heads * head_dim
     case = {
         "tables": tables, "heads": heads, "scale": float(np.float32(rng.uniform(0.5, 1.5) / math.sqrt(head_dim))),
         "q": cast(rng.uniform(-1, 1, (batch, tq, width))), "k": cast(rng.uniform(-1, 1, (batch, tk, kv_width))),
         "v": cast(rng.uniform(-1, 1, (batch, tk, kv_width))), "dout": cast(rng.uniform(-1, 1, (batch, tq, width))),
         "kpm": None, "bias": None, "dropout_rate": 0.0, "seed": int(rng.integers(0, 2**62)), "dlse": None,
-        "kv_heads": kv_heads, "q_ids": None, "k_ids": None,
+        "kv_heads": kv_heads, "q_ids": None, "k_ids": None, "strided_period": STRIDED.get(variant, 0),
     }
-    if variant in SEGMENTS:  # packed: 3 runs per batch entry, boundaries anywhere (inside blocks too)
+    # packed: 3 runs per batch entry, boundaries anywhere (inside blocks too)
+    if variant in SEGMENTS or variant == "strided_segments":
         case["q_ids"], case["k_ids"] = (np.stack([np.repeat(np.arange(3), np.diff(np.r_[0, np.sort(
             rng.choice(np.arange(1, n), 2, replace=False)), n])) for _ in range(batch)]).astype(np.int32)
             for n in (tq, tk))  # fmt: skip
-    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias", "nan_masked", "gqa", "segments"):
+    if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias", "nan_masked", "gqa", "segments",
+                   "strided", "strided_segments"):
         case["kpm"] = rng.random((batch, tk)) < 0.8
     if variant in BIAS_SHAPES:
         case["bias"] = cast(rng.normal(0, 1, (*BIAS_SHAPES[variant], tq, tk)))
     if variant == "nan_masked":
         poison_masked(rng, case, bs)
-    if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa"):
+    if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "strided"):
         case["dropout_rate"] = 0.25
+    if variant == "strided":  # NaN/Inf k and v at padded keys (tokens): a padding read at the wrong row would leak
+        case["clean"] = {n: case[n].copy() for n in ("q", "k", "v")} | {"bias": None}
+        padded = np.argwhere(~case["kpm"])
+        for b, j in padded[rng.permutation(len(padded))[:4]]:
+            case["v"][b, j] = np.nan
+            case["k"][b, j] = rng.choice([np.nan, np.inf, -np.inf])
     if variant == "segments_nan":  # NaN q at the queries of segment 1 of batch entry 0: their rows turn NaN only
         case["clean"] = {n: case[n] for n in ("q", "k", "v", "bias")}
         case["q"] = case["q"].copy()
         case["q"][0, case["q_ids"][0] == 1] = np.nan
-    if variant in ("shared_bias_dlse", "mqa"):
+    if variant in ("shared_bias_dlse", "mqa", "strided"):
         case["dlse"] = rng.normal(0, 0.5, (batch, heads, tq)).astype(np.float32).astype(np.float64)
     return case
 
@@ -272,17 +302,23 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
         return run_decode_check(launchers, rng, dtype_name, bs, head_dim, DeviceCase, random_fused_tables)
     dtype, code = DTYPES[dtype_name]
     c = variant_inputs(rng, variant, dtype, bs, head_dim)
-    case = DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
-                      c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype), c["dropout_rate"],
-                      c["seed"], c["kv_heads"], c["q_ids"], c["k_ids"])
+    case = device_case(code, dtype, c, c["strided_period"])
     batch, tq, width = c["q"].shape
     s = stream()
     out, lse = poisoned((batch, tq, width), dtype), poisoned((batch, c["heads"], tq), torch.float32)
     launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), s),
                     "fused_forward")
-    kw = {"scale": c["scale"], "key_padding_mask": c["kpm"], "bias": c["bias"], "dropout_rate": c["dropout_rate"],
-          "seed": c["seed"], "kv_heads": c["kv_heads"], "q_segment_ids": c["q_ids"], "k_segment_ids": c["k_ids"]}
-    ref_out, ref_lse = reference.fused_attention(c["q"], c["k"], c["v"], c["tables"], c["heads"], **kw)
+    # strided_period: the reference (and the dense baseline) of the permuted inputs, mapped back to token order.
+    if c["strided_period"]:
+        rc, perm = strided_positions(c)
+        inv = np.argsort(perm)
+        tokens = lambda x, axis=1: None if x is None else x[(slice(None),) * axis + (inv,)]  # noqa: E731
+    else:
+        rc, tokens = c, lambda x, axis=1: x  # noqa: E731
+    kw = {"scale": rc["scale"], "key_padding_mask": rc["kpm"], "bias": rc["bias"], "dropout_rate": rc["dropout_rate"],
+          "seed": rc["seed"], "kv_heads": rc["kv_heads"], "q_segment_ids": rc["q_ids"], "k_segment_ids": rc["k_ids"]}
+    ref_out, ref_lse = reference.fused_attention(rc["q"], rc["k"], rc["v"], rc["tables"], rc["heads"], **kw)
+    ref_out, ref_lse = tokens(ref_out), tokens(ref_lse, 2)
 
     # The backward reads the forward's own out and lse, as in training.
     dout_d = dev(c["dout"], dtype)
@@ -298,9 +334,13 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
         grads["v"].data_ptr(), None if dbias is None else dbias.data_ptr(), workspace.data_ptr(), ws_bytes, s),
         "fused_backward")
     det = [backward(launchers, case, out, lse, dout_d, dlse_d, grads, dbias, ws_bytes, 1) for _ in range(2)]
-    ref_grads = reference.fused_attention_grad(c["q"], c["k"], c["v"], c["tables"], c["heads"], c["dout"],
-                                               dlse=c["dlse"], **kw)
-    base = dense_baseline(c, dtype)
+    ref_grads = reference.fused_attention_grad(rc["q"], rc["k"], rc["v"], rc["tables"], rc["heads"], rc["dout"],
+                                               dlse=rc["dlse"], **kw)
+    ref_grads = (*(tokens(g) for g in ref_grads[:3]), ref_grads[3])  # no bias with strided_period
+    base = dense_baseline(rc, dtype)
+    if c["strided_period"]:
+        inv_d = torch.from_numpy(inv).cuda()
+        base = {n: x[:, :, inv_d] if n == "lse" else x[:, inv_d] for n, x in base.items()}
     torch.cuda.synchronize()
     if "clean" in c:  # poisoned inputs: NaN/Inf exactly where the reference has them
         err = lse_err = nan_error
@@ -313,7 +353,71 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
             errors[name] = (err(ours, ref), err(base[name], ref, False))
             errors[name + "_det"] = (err(det[0][name], ref), err(base[name], ref, False))
     errors["det_repeat"] = (repeat_error(det), 0.0)
+    if c["strided_period"]:
+        ours = {"out": out, "lse": lse, "dk": grads["k"], "dv": grads["v"],
+                **{f"{n}_det": det[0][n] for n in ("dq", "dk", "dv")}}
+        errors["strided_bits"] = (strided_bits_error(launchers, code, dtype, rc, inv_d, ours), 0.0)
+        errors["strided_errors"] = (strided_errors(launchers, case), 0.0)
     return errors
+
+
+def device_case(code: int, dtype, c: dict, strided_period: int = 0) -> DeviceCase:
+    """The DeviceCase of variant inputs c (device copies in dtype)."""
+    return DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
+                      c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype), c["dropout_rate"],
+                      c["seed"], c["kv_heads"], c["q_ids"], c["k_ids"], strided_period=strided_period)
+
+
+def strided_positions(c: dict) -> tuple[dict, np.ndarray]:
+    """A strided case (inputs in token order) as the plain op sees it after sparse_attention's strided_transpose:
+    every token-indexed input permuted to the positions (position p holds token perm[p]) → (case, perm)."""
+    perm = patterns.strided_permutation(c["q"].shape[1], c["strided_period"])
+    at = lambda x, axis=1: None if x is None else x[(slice(None),) * axis + (perm,)]  # noqa: E731
+    rc = dict(c, strided_period=0, dlse=at(c["dlse"], 2))
+    for name in ("q", "k", "v", "dout", "kpm", "q_ids", "k_ids"):
+        rc[name] = at(c[name])
+    if "clean" in c:
+        rc["clean"] = {n: at(x) for n, x in c["clean"].items()}
+    return rc, perm
+
+
+def strided_bits_error(launchers: FusedLaunchers, code: int, dtype, rc: dict, inv, ours: dict) -> float:
+    """0 if the strided launch's results (ours: token order) equal bit for bit those of the launch without
+    strided_period on the permuted inputs rc, mapped back to token order (the same sums in the same order),
+    else inf. The atomic path's dq is left out (its order of additions varies between runs)."""
+    case = device_case(code, dtype, rc)
+    batch, tq, width = rc["q"].shape
+    out, lse = poisoned((batch, tq, width), dtype), poisoned((batch, rc["heads"], tq), torch.float32)
+    launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(),
+                                                       stream()), "fused_forward (permuted)")
+    dout = dev(rc["dout"], dtype)
+    dlse = None if rc["dlse"] is None else dev(rc["dlse"], torch.float32)
+    like = {n: case.tensors[n] for n in ("q", "k", "v")}
+    ws_bytes = launchers.lib.bsattn_fused_backward_workspace(ctypes.byref(case.args), 0)
+    atomic = backward(launchers, case, out, lse, dout, dlse, like, None, ws_bytes, 0)
+    det = backward(launchers, case, out, lse, dout, dlse, like, None, ws_bytes, 1)
+    theirs = {"out": out[:, inv], "lse": lse[:, :, inv], "dk": atomic["dk"][:, inv], "dv": atomic["dv"][:, inv],
+              **{f"{n}_det": det[n][:, inv] for n in ("dq", "dk", "dv")}}
+    bits = lambda x: x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)  # noqa: E731
+    return 0.0 if all(torch.equal(bits(ours[n]), bits(theirs[n])) for n in ours) else float("inf")
+
+
+def strided_errors(launchers: FusedLaunchers, case: DeviceCase) -> float:
+    """0 if both launchers return BSATTN_ERROR_SHAPE (launching nothing) for what strided_period excludes:
+    L < 0, T % L != 0, (T / L) % block_size != 0, Tq != Tk, a bias, decoding; else inf."""
+    t, bs = case.args.tq, case.args.block_size
+    not_dividing = next(n for n in (5, 7, 9, 11) if t % n)
+    # T / L = bs / 2: L divides T, T / L not a multiple of the block size.
+    bad = [{"strided_period": -1}, {"strided_period": not_dividing}, {"strided_period": 2 * t // bs}, {"tk": t - bs},
+           {"bias": case.args.q, "bias_batch": 1, "bias_heads": 1}, {"decode": 1, "t_max": t, "q_offset": 0}]
+    codes = []
+    for change in bad:
+        args = FusedArgs.from_buffer_copy(case.args)
+        for name, value in change.items():
+            setattr(args, name, value)
+        codes.append(launchers.lib.bsattn_fused_forward(ctypes.byref(args), None, None, None))
+        codes.append(launchers.lib.bsattn_fused_backward(ctypes.byref(args), *[None] * 8, None, 0, None))
+    return 0.0 if all(code == 10003 for code in codes) else float("inf")  # BSATTN_ERROR_SHAPE
 
 
 def backward(launchers: FusedLaunchers, case: DeviceCase, out, lse, dout, dlse, like: dict, dbias_like, ws_bytes: int,
@@ -482,6 +586,16 @@ def bench(launchers: FusedLaunchers, lengths, dims, with_backward: bool, others:
                     row["flex_fwd_bwd_ms"] = flex_fwd_bwd_ms(flex, qh, kh, vh, block_mask)
                     row["fwd_bwd_vs_flex"] = row["flex_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
                     row["fwd_bwd_over_fwd"] = row["ours_fwd_bwd_ms"] / ours
+                if pname == "strided":  # the same tables on token-order inputs (strided_period: no transposes)
+                    strided = DeviceCase(2, q, k, v, tables, heads, 1.0 / math.sqrt(head_dim),
+                                         strided_period=pattern.local_attn_ctx)
+                    row["ours_strided_period_ms"] = median_ms(lambda: launchers.lib.bsattn_fused_forward(
+                        ctypes.byref(strided.args), out.data_ptr(), lse.data_ptr(), s))
+                    if with_backward:
+                        row["ours_strided_period_fwd_bwd_ms"] = fused_fwd_bwd_ms(launchers, strided, q, out, lse, 0)
+                    print(f"  strided_period={pattern.local_attn_ctx} (token order): fwd "
+                          f"{row['ours_strided_period_ms']:.3f} ms" + (f", fwd+bwd "
+                          f"{row['ours_strided_period_fwd_bwd_ms']:.3f} ms" if with_backward else ""), flush=True)
                 results.append(row)
                 extra = (f"  fwd+bwd ours {row['ours_fwd_bwd_ms']:.3f} (det {row['ours_fwd_bwd_det_ms']:.3f}) flex "
                          f"{row['flex_fwd_bwd_ms']:.3f} ms" if with_backward else "")

@@ -8,7 +8,9 @@ once under ``/GPU:0`` and once under ``/CPU:0`` and compares: NaN/±inf at the s
 SIMT ones (D = 24, bs = 8, per-head layouts), NaN/Inf in k, v and bias at padded keys and under a -inf bias column,
 an attended NaN value, batch 0, Tq != Tk, grouped heads with segment ids (NaN in a key-only segment),
 raw ops with Tq = 0 or Tk = 0 and segment ids, two tables of one shape in turn (the GPU kernels' table cache must
-never serve one for the other), eagerly and under ``tf.function``. Then the unfused ops (nt, masked softmax, nn
+never serve one for the other), eagerly and under ``tf.function``. The raw ops with ``strided_period`` (tensor-core
+and SIMT shapes, key padding, dropout, dlse, grouped heads with segment ids) on the GPU against the CPU, and on the
+GPU against the op without it on permuted inputs, un-permuted (forward bit for bit). Then the unfused ops (nt, masked softmax, nn
 and their gradients: tn, softmax grad) through ``blocksparse_attention_impl(engine='unfused')`` and the fused
 engine for every ``attn_mode``, and last, under ``tf.config.experimental.enable_op_determinism()``, the fused
 gradient twice on the GPU: the same bits.
@@ -148,6 +150,67 @@ def zero_length_with_segments(rng, tq: int, tk: int, device: str = "/GPU:0", hea
             and bool(np.isneginf(lse.numpy()).all()) and all(not g.numpy().any() for g in grads[:3]))
 
 
+def strided_raw(device: str, x: dict, tables, heads: int, dtype, period: int) -> list[np.ndarray]:
+    """out, lse, dq, dk, dv of the raw ops on `device` with strided_period = period (token-order inputs x)."""
+    ops = load_ops()
+    with tf.device(device):
+        q, k, v, dout = (tf.cast(tf.constant(x[n], tf.float64), dtype) for n in ("q", "k", "v", "dout"))
+        seg = x.get("q_ids") is not None
+        common = dict(
+            row_ptr=tables.row_ptr, row_entries=tables.row_entries, masks=tables.masks,
+            key_padding_mask=tf.constant(x["kpm"]), bias=tf.zeros([0, 0, 0, 0], dtype),
+            q_segment_ids=x["q_ids"] if seg else tf.zeros([0, 0], tf.int32),
+            k_segment_ids=x["k_ids"] if seg else tf.zeros([0, 0], tf.int32), seed=tf.constant(11, tf.int64),
+            heads=heads, kv_heads=x.get("kv_heads") or 0, block_size=tables.block_size,
+            scale=float(1 / np.sqrt(x["q"].shape[2] // heads)), dropout_rate=x["rate"], has_key_padding_mask=True,
+            has_segment_ids=seg, strided_period=period)
+        out, lse = ops.bsattn_fused_attention(q=q, k=k, v=v, q_offset=tf.constant(0, tf.int32), **common)
+        grads = ops.bsattn_fused_attention_grad(
+            q=q, k=k, v=v, out=out, lse=lse, dout=dout, dlse=tf.constant(x["dlse"], tf.float32), col_ptr=tables.col_ptr,
+            col_entries=tables.col_entries, has_dlse=True, **common)
+    return [np.asarray(tf.cast(t, tf.float64)) for t in (out, lse, *grads[:3])]
+
+
+def strided_cases(rng):
+    """(name, x, tables, heads, period): token-order inputs of the raw ops with strided_period."""
+    for name, bs, d, heads, kv_heads, period, rate, seg in (("mma", 32, 64, 4, 2, 4, 0.1, True),
+                                                             ("simt", 16, 24, 2, 0, 3, 0.0, False)):
+        t = period * 2 * bs  # two blocks per residue class
+        tables = fused_tables_for_pattern(patterns.Strided(period), t, t, bs) if name == "mma" else \
+            random_tables(rng, bs, t // bs, t // bs, heads)
+        x = make(rng, tables, heads, d, kv_heads=kv_heads or None, segments=seg)
+        x["rate"] = rate
+        x["dlse"] = rng.normal(0, 0.5, (2, heads, t)).astype(np.float32)
+        yield f"raw ops strided_period={period} {name}", x, tables, heads, period
+
+
+def check_strided(rng) -> tuple[int, int]:
+    """strided_cases on the GPU against the CPU (the same op), and against the GPU's op without strided_period on
+    the permuted inputs, mapped back (the forward bit for bit, the gradients within the tolerance)
+    → (total, failed)."""
+    total = failed = 0
+    for name, x, tables, heads, period in strided_cases(rng):
+        perm = patterns.strided_permutation(tables.n_q, period)
+        inv = np.argsort(perm)
+        xp = dict(x, dlse=x["dlse"][:, :, perm], **{n: None if x.get(n) is None else x[n][:, perm]
+                                                   for n in ("q", "k", "v", "dout", "kpm", "q_ids", "k_ids")})
+        for dtype, tol in TOL.items():
+            gpu = strided_raw("/GPU:0", x, tables, heads, dtype, period)
+            cpu = strided_raw("/CPU:0", x, tables, heads, dtype, period)
+            permuted = strided_raw("/GPU:0", xp, tables, heads, dtype, 0)
+            permuted = [p[:, :, inv] if i == 1 else p[:, inv] for i, p in enumerate(permuted)]
+            diffs = dict(zip(("out", "lse", "dq", "dk", "dv"), compare(gpu, cpu, dtype).values()))
+            vs_permuted = dict(zip(("out", "lse", "dq", "dk", "dv"), compare(gpu, permuted, dtype).values()))
+            bits = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(gpu[:2], permuted[:2]))
+            ok = all(v <= tol for v in (*diffs.values(), *vs_permuted.values())) and bits
+            total += 1
+            failed += not ok
+            shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {dtype.name:9s} vs CPU {shown}; vs permuted "
+                  f"{max(vs_permuted.values()):.1e}, forward bits {'equal' if bits else 'DIFFER'}", flush=True)
+    return total, failed
+
+
 def random_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int):
     """Random per-head layouts with partial blocks (every query-block row keeps its first key block)."""
     active = rng.random((layouts, n_qb, n_kb)) < 0.6
@@ -218,6 +281,9 @@ def main() -> None:
                     where = "tf.function" if graph else "eager"
                     status = "ok  " if ok else "FAIL"
                     print(f"{status} impl {mode_name:8s} {engine:7s} {dtype.name:9s} {where:11s} {shown}", flush=True)
+    strided_total, strided_failed = check_strided(rng)
+    total += strided_total
+    failed += strided_failed
     for tq, tk in ((0, 32), (32, 0)):
         total += 1
         ok = zero_length_with_segments(rng, tq, tk)

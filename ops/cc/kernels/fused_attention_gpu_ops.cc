@@ -71,6 +71,7 @@ absl::Status MakeArgs(OpKernelContext* ctx, const FusedAttrs& a, const FusedDims
   args->decode = a.decode;
   args->q_offset = d.q_offset;
   args->t_max = a.decode ? d.n_q_blocks * d.block_size : 0;
+  args->strided_period = a.strided_period;  // checked by CheckStridedPeriod and ParseFusedAttrs
   return absl::OkStatus();
 }
 
