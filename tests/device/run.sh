@@ -64,18 +64,21 @@ if step sanitizer; then
   SCRIPTS=${SCRIPTS:-"harness fused_harness coor_descent_harness"}
   start=$SECONDS
   pids=()
-  # The fused set under racecheck (the slowest tool) runs as one process per 16-bit dtype and four for float32
-  # (its SIMT kernels, each a quarter of the variants): whole it outlasted 440 s, float32 alone did too.
+  # The fused set under racecheck (the slowest tool) runs as two processes per 16-bit dtype and four for float32
+  # (its SIMT kernels), each a share of the variants: whole it outlasted 440 s, float32 alone did too.
   for script in $SCRIPTS; do
     for tool in $TOOLS; do
       filter=(); [ "$tool" = initcheck ] && filter=(--kernel-name kns=bsattn_cuda --check-api-memory-access no)
       parts=(all)
       if [ "$script:$tool" = fused_harness:racecheck ]; then
-        parts=(float16 bfloat16)
-        mapfile -t quarters < <(python3 -c "import sys; sys.path.insert(0, 'tests/device')
+        parts=()
+        for dtype_shares in float32:4 float16:2 bfloat16:2; do
+          dtype=${dtype_shares%:*} n=${dtype_shares#*:}
+          mapfile -t shares < <(python3 -c "import sys; sys.path.insert(0, 'tests/device')
 from fused_harness import VARIANTS
-print(*(','.join(VARIANTS[i::4]) for i in range(4)), sep='\\n')")
-        for i in "${!quarters[@]}"; do parts+=("float32.$i@${quarters[$i]}"); done
+print(*(','.join(VARIANTS[i::$n]) for i in range($n)), sep='\\n')")
+          for i in "${!shares[@]}"; do parts+=("$dtype.$i@${shares[$i]}"); done
+        done
       fi
       for part in "${parts[@]}"; do
         select=()
