@@ -74,8 +74,8 @@ def _dropout_keep(seed: tf.Tensor, rate: float, counter: tf.Tensor) -> tf.Tensor
     return tf.bitwise.right_shift(bits, tf.constant(32, tf.uint64)) >= tf.constant(threshold, tf.uint64)
 
 
-def _finite(x: tf.Tensor) -> tf.Tensor:
-    """x with its NaN/±inf entries set to 0."""
+def finite_part(x: tf.Tensor) -> tf.Tensor:
+    """x with its NaN/±inf entries set to 0 (the operand of a product that meets masked zeros)."""
     return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
 
 
@@ -92,8 +92,8 @@ def _scores(q: tf.Tensor, k: tf.Tensor):
     dq / dk through ds itself (its score, hence its row of ds, is NaN)."""
 
     def grad(ds):
-        return (tf.einsum("bhcirj,bhcrjd->bhcid", ds, _finite(k)),
-                tf.einsum("bhcirj,bhcid->bhcrjd", ds, _finite(q)))  # fmt: skip
+        return (tf.einsum("bhcirj,bhcrjd->bhcid", ds, finite_part(k)),
+                tf.einsum("bhcirj,bhcid->bhcrjd", ds, finite_part(q)))  # fmt: skip
 
     return tf.einsum("bhcid,bhcrjd->bhcirj", q, k), grad
 
@@ -106,14 +106,14 @@ def _weighted_values(p: tf.Tensor, v: tf.Tensor, keep: tf.Tensor):
     bad = tf.logical_not(tf.math.is_finite(v))
     any_bad = tf.reduce_any(bad)
     keep_f = tf.cast(keep, p.dtype)
-    o = tf.einsum("bhcirj,bhcrjd->bhcid", p, _finite(v))
+    o = tf.einsum("bhcirj,bhcrjd->bhcid", p, finite_part(v))
     nan = tf.constant(np.nan, p.dtype)
     o = tf.cond(any_bad,
                 lambda: tf.where(tf.einsum("bhcirj,bhcrjd->bhcid", keep_f, tf.cast(bad, p.dtype)) > 0, nan, o),
                 lambda: o)  # fmt: skip
 
     def grad(do):
-        dp = tf.einsum("bhcid,bhcrjd->bhcirj", do, _finite(v))
+        dp = tf.einsum("bhcid,bhcrjd->bhcirj", do, finite_part(v))
         bad_key = tf.reduce_any(bad, axis=-1)[:, :, :, None]  # [B, H, c, 1, R, bs]
         dp = tf.cond(any_bad, lambda: tf.where(keep & bad_key, nan, dp), lambda: dp)
         return dp, tf.einsum("bhcirj,bhcid->bhcrjd", p, do), None

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from bsattn.gather_attention import finite_part
 from bsattn.memory_efficient.dropout import dropout_key, keep_scale
 from bsattn.memory_efficient.inputs import Inputs, zero_masked_keys
 
@@ -117,11 +118,6 @@ def _scores(spec: _Spec, t: _Tensors, qi, kc, q_c, k_c) -> tf.Tensor:
 # nothing (its row of p and ds is NaN by itself).
 
 
-def _finite(x: tf.Tensor) -> tf.Tensor:
-    """x with its NaN/±inf entries set to 0."""
-    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
-
-
 def _attended(s: tf.Tensor) -> tf.Tensor:
     """The attended entries of a masked score tile (masked ones are exactly -inf; a NaN score is attended)."""
     return tf.logical_not(tf.equal(s, tf.constant(-float("inf"), s.dtype)))
@@ -130,7 +126,7 @@ def _attended(s: tf.Tensor) -> tf.Tensor:
 def _weighted_values(p: tf.Tensor, v_c: tf.Tensor, attended: tf.Tensor) -> tf.Tensor:
     """``p [B, H, qb, kb] · v_c [B, H, kb, D]``; a non-finite v entry makes NaN only the rows that attend its key."""
     bad = tf.logical_not(tf.math.is_finite(v_c))
-    o = tf.matmul(p, _finite(v_c))
+    o = tf.matmul(p, finite_part(v_c))
     hit = lambda: tf.matmul(tf.cast(attended, p.dtype), tf.cast(bad, p.dtype)) > 0  # noqa: E731
     return tf.cond(tf.reduce_any(bad), lambda: tf.where(hit(), tf.constant(float("nan"), p.dtype), o), lambda: o)
 
@@ -138,7 +134,7 @@ def _weighted_values(p: tf.Tensor, v_c: tf.Tensor, attended: tf.Tensor) -> tf.Te
 def _value_scores(do_c: tf.Tensor, v_c: tf.Tensor, attended: tf.Tensor) -> tf.Tensor:
     """``dp = do_c · v_cᵀ [B, H, qb, kb]``: NaN at the attended keys whose v is not finite, finite elsewhere."""
     bad_key = tf.reduce_any(tf.logical_not(tf.math.is_finite(v_c)), -1)[:, :, None, :]  # [B, H, 1, kb]
-    dp = tf.matmul(do_c, _finite(v_c), transpose_b=True)
+    dp = tf.matmul(do_c, finite_part(v_c), transpose_b=True)
     nan = tf.constant(float("nan"), dp.dtype)
     return tf.cond(tf.reduce_any(bad_key), lambda: tf.where(attended & bad_key, nan, dp), lambda: dp)
 
@@ -253,12 +249,12 @@ def _grad_q(spec: _Spec, t: _Tensors, g: _Saved, bias_shape: list | None, with_k
     def row(qi, dk, dv):
         def body(kc, dq, db, dk, dv):
             pz, ds = _grad_tile(spec, t, g, qi, kc)
-            dq = dq + tf.matmul(ds, _finite(t.k[kc]))
+            dq = dq + tf.matmul(ds, finite_part(t.k[kc]))
             if bias_shape is not None:
                 db = db.write(kc, bias_tile(ds)) if cols else db + bias_tile(ds)
             if with_kv:  # kc is 0: the only key chunk
                 dv = dv + tf.matmul(pz, g.do[qi], transpose_a=True)
-                dk = dk + tf.matmul(ds, _finite(t.q[qi]), transpose_a=True)
+                dk = dk + tf.matmul(ds, finite_part(t.q[qi]), transpose_a=True)
             return kc + 1, dq, db, dk, dv
 
         batch = tf.shape(t.q)[1]
@@ -308,7 +304,7 @@ def _grad_kv(spec: _Spec, t: _Tensors, g: _Saved):
         def body(qi, dk, dv):
             pz, ds = _grad_tile(spec, t, g, qi, kc)
             dv = dv + tf.matmul(pz, g.do[qi], transpose_a=True)
-            dk = dk + tf.matmul(ds, _finite(t.q[qi]), transpose_a=True)
+            dk = dk + tf.matmul(ds, finite_part(t.q[qi]), transpose_a=True)
             return qi + 1, dk, dv
 
         zeros = tf.zeros_like(t.k[kc])
