@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import RandomCallback, assert_close_rel, f64, random_layout, uniform
+from test_fused_attention import forward_inputs
 
 from bsattn import patterns, reference
 from bsattn._loader import load_ops
@@ -350,26 +351,11 @@ def test_python_errors():
 def raw_forward(**changes):
     """The raw forward op's inputs: one head pair, T = 32, Strided(2) tables of block size 8."""
     luts = fused_table_tensors(strided_tables(2, 32, 8))
-    x = {
-        "q": tf.ones([1, 32, 2 * D]),
-        "k": tf.ones([1, 32, 2 * D]),
-        "v": tf.ones([1, 32, 2 * D]),
-        "row_ptr": luts.row_ptr,
-        "row_entries": luts.row_entries,
-        "masks": luts.masks,
-        "key_padding_mask": tf.zeros([0, 0], tf.bool),
-        "bias": tf.zeros([0, 0, 0, 0]),
-        "q_segment_ids": tf.zeros([0, 0], tf.int32),
-        "k_segment_ids": tf.zeros([0, 0], tf.int32),
-        "seed": tf.constant(0, tf.int64),
-        "q_offset": tf.constant(0, tf.int32),
-        "heads": 2,
-        "block_size": 8,
-        "scale": 0.25,
-        "strided_period": 2,
-    }
-    x.update(changes)
-    return x
+    ones = tf.ones([1, 32, 2 * D])
+    strided = dict(q=ones, k=ones, v=ones, row_ptr=luts.row_ptr, row_entries=luts.row_entries, masks=luts.masks,
+                   key_padding_mask=tf.zeros([0, 0], tf.bool), bias=tf.zeros([0, 0, 0, 0]), heads=2, block_size=8,
+                   scale=0.25, dropout_rate=0.0, has_key_padding_mask=False, has_bias=False, strided_period=2)
+    return forward_inputs(**{**strided, **changes})
 
 
 RAW_ERRORS = {
