@@ -444,12 +444,13 @@ def repeat_error(runs: list[dict]) -> float:
     return 0.0 if same else float("inf")
 
 
-def check_all(launchers: FusedLaunchers, quick: bool, variants: tuple = (), dtypes: tuple = ()) -> list[dict]:
-    """variants, dtypes: the subsets to run (empty: all)."""
+def check_all(launchers: FusedLaunchers, quick: bool, variants: tuple = (), dtypes: tuple = (),
+              block_sizes: tuple = ()) -> list[dict]:
+    """variants, dtypes, block_sizes: the subsets to run (empty: all; block sizes 16 and 64 under quick)."""
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
     rows = []
     for dtype_name in dtypes or DTYPES:
-        for bs in (16, 64) if quick else BLOCK_SIZES:
+        for bs in block_sizes or ((16, 64) if quick else BLOCK_SIZES):
             for head_dim in (24, 64) if quick else (24, 32, 64, 128):
                 for variant in variants or VARIANTS:
                     for out_name, (ours, base) in run_check(launchers, rng, dtype_name, bs, head_dim, variant).items():
@@ -658,6 +659,7 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--compare", default="", help="comma list of other builds (.so) to time against --lib")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of the check variants to run")
+    parser.add_argument("--block-sizes", default="", help="comma list of check block sizes (default: all, 16,64 quick)")
     parser.add_argument("--decode", action="store_true", help="time one decode step against FlexAttention's decode")
     parser.add_argument("--decode-batches", default="1,4,8")
     parser.add_argument("--decode-budget", type=float, default=150.0, help="seconds of decode timing at most")
@@ -669,7 +671,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     dtypes = tuple(x for x in args.dtypes.split(",") if x)
-    rows = [] if args.no_check else check_all(launchers, args.quick, variants, dtypes)
+    block_sizes = tuple(int(x) for x in args.block_sizes.split(",") if x)
+    rows = [] if args.no_check else check_all(launchers, args.quick, variants, dtypes, block_sizes)
     failed = [r for r in rows if not r["ok"]]
     if rows:
         print(f"checks: {len(rows)} in {time.time() - start:.0f} s")

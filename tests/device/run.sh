@@ -6,6 +6,7 @@
 #   STEPS="fused sanitizer" FUSED_ARGS="--lengths 16384" bash tests/device/run.sh
 #   PREBUILT=1 ...                                 # skip the build: build/device/libbsattn_cuda.so exists
 #   STEPS=sanitizer [TOOLS="memcheck initcheck"] ... # compute-sanitizer only
+#   SANITIZER_ARGS="--block-sizes 64" RACECHECK_SHARES="float32:8 float16:4 bfloat16:4" ...  # a subset, split finer
 # STEPS picks among: unfused (harness.py), fused (fused_harness.py), coor (coor_descent_harness.py),
 # sanitizer (all three, --quick; SCRIPTS and TOOLS pick a subset).
 set -uo pipefail
@@ -72,7 +73,7 @@ if step sanitizer; then
       parts=(all)
       if [ "$script:$tool" = fused_harness:racecheck ]; then
         parts=()
-        for dtype_shares in float32:4 float16:2 bfloat16:2; do
+        for dtype_shares in ${RACECHECK_SHARES:-float32:4 float16:2 bfloat16:2}; do
           dtype=${dtype_shares%:*} n=${dtype_shares#*:}
           mapfile -t shares < <(python3 -c "import sys; sys.path.insert(0, 'tests/device')
 from fused_harness import VARIANTS
@@ -89,7 +90,8 @@ print(*(','.join(VARIANTS[i::$n]) for i in range($n)), sep='\\n')")
         esac
         log="$OUT/$script.$tool$([ "$part" = all ] || echo ".${part%%@*}").log"
         timeout "${SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 3 \
-          python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench "${select[@]}" >"$log" 2>&1 &
+          python3 "tests/device/$script.py" --lib "$LIB" --quick --no-bench "${select[@]}" \
+          ${SANITIZER_ARGS:-} >"$log" 2>&1 &
         pids+=("$!:$script:$tool:$log")
       done
     done
