@@ -132,6 +132,11 @@ typedef struct bsattn_fused_args {
                              of q, k, v, out, lse, dq, dk, dv, key_padding_mask and the segment ids (all in token
                              order); the dropout hash uses p. Equals the op on permuted inputs, un-permuted, bit
                              for bit. */
+  /* appended in session 7 (the [batch, heads, n, dim_head] layout of memory-efficient attention): */
+  int head_major; /* nonzero: q, out, dout, dq are [B, heads, Tq, D] and k, v, dk, dv [B, kv_heads, Tk, D]
+                     (each head's rows contiguous, D apart) instead of [B, T, heads * D]; lse, bias, masks,
+                     segment ids unchanged; with decode the cache too. Equals the default layout on the
+                     transposed tensors, transposed back, bit for bit. */
 } bsattn_fused_args;
 
 /* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose

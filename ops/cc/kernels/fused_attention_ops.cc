@@ -58,6 +58,7 @@ class FusedAttentionBase : public OpKernel {
   absl::Status Prepare(OpKernelContext* ctx, FusedDims* dims, FusedAttentionParams<T>* p, Tensor temps[5]) {
     Tensor* segment_ranges = temps + 3;
     TF_RETURN_IF_ERROR(CheckFusedInputs(ctx, attrs_, dims));
+    if (attrs_.head_major) return absl::UnimplementedError("head_major: the CPU kernels are being extended");
     const FusedDims& d = *dims;
     p->batch = d.batch;
     p->heads = d.heads;

@@ -85,11 +85,29 @@ absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradien
     TF_RETURN_IF_ERROR(ctx->GetAttr("decode", &a->decode));
   }
   TF_RETURN_IF_ERROR(ctx->GetAttr("strided_period", &a->strided_period));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("head_major", &a->head_major));
   if (a->strided_period > 0 && a->decode) {
     return Invalid("strided_period must be 0 with decode (decode 'strided' by gathering the residue class)");
   }
   if (a->strided_period > 0 && a->has_bias) {
     return Invalid("strided_period must be 0 with has_bias (a bias is not supported by the strided mode)");
+  }
+  return absl::OkStatus();
+}
+
+// q or k of the head_major layout: [B, heads, T, D] with heads = the attr `heads_attr` and T a
+// multiple of multiple.
+absl::Status CheckHeadMajor(const Tensor& t, const char* name, int64_t multiple, int64_t heads, const char* heads_attr) {
+  if (t.dims() != 4) {
+    return Invalid(absl::StrCat(name, " must be [batch, heads, time, head_dim] (head_major), got shape ",
+                                t.shape().DebugString()));
+  }
+  if (t.dim_size(1) != heads) {
+    return Invalid(absl::StrCat(name, " dimension 1 must be ", heads_attr, " = ", heads, " (head_major), got shape ",
+                                t.shape().DebugString()));
+  }
+  if (t.dim_size(2) % multiple != 0) {
+    return Invalid(absl::StrCat(name, " length ", t.dim_size(2), " is not a multiple of block_size ", multiple));
   }
   return absl::OkStatus();
 }
@@ -123,24 +141,34 @@ absl::Status CheckFusedInputs(tensorflow::OpKernelContext* ctx, const FusedAttrs
   TF_RETURN_IF_ERROR(ctx->input("k_segment_ids", &k_segment_ids));
   TF_RETURN_IF_ERROR(ctx->input("seed", &seed));
   const int64_t bs = a.block_size;
-  TF_RETURN_IF_ERROR(a.decode ? CheckDense(*q, "q", 1, a.heads) : CheckDense(*q, "q", bs, a.heads));
-  TF_RETURN_IF_ERROR(CheckDense(*k, "k", bs, a.kv_heads));
+  const int64_t q_multiple = a.decode ? 1 : bs;  // a decoding step's queries are any number of rows
+  if (a.head_major) {
+    TF_RETURN_IF_ERROR(CheckHeadMajor(*q, "q", q_multiple, a.heads, "heads"));
+    TF_RETURN_IF_ERROR(CheckHeadMajor(*k, "k", bs, a.kv_heads, "kv_heads"));
+  } else {
+    TF_RETURN_IF_ERROR(CheckDense(*q, "q", q_multiple, a.heads));
+    TF_RETURN_IF_ERROR(CheckDense(*k, "k", bs, a.kv_heads));
+  }
   TF_RETURN_IF_ERROR(CheckShape(*v, "v", k->shape()));
-  if (q->dim_size(2) == 0) return Invalid("q width must be positive (heads * head_dim)");
+  const int len_dim = a.head_major ? 2 : 1;  // the time dimension of q, k, v
   d->batch = q->dim_size(0);
   d->heads = a.heads;
-  d->width = q->dim_size(2);
-  d->head_dim = d->width / a.heads;
+  d->head_dim = a.head_major ? q->dim_size(3) : q->dim_size(2) / a.heads;
+  d->width = a.heads * d->head_dim;
+  if (d->head_dim == 0) return Invalid(absl::StrCat("q head_dim must be positive, got q ", q->shape().DebugString()));
   d->kv_heads = a.kv_heads;
   d->kv_width = a.kv_heads * d->head_dim;
-  if (q->dim_size(0) != k->dim_size(0) || k->dim_size(2) != d->kv_width) {
-    return Invalid(absl::StrCat("q and k must have the same batch and width, with k's width kv_heads * head_dim = ",
-                                a.kv_heads,
-                                " * ", d->head_dim, " = ", d->kv_width, ", got q ", q->shape().DebugString(),
-                                " and k ", k->shape().DebugString()));
+  const int64_t k_head_dim = a.head_major ? k->dim_size(3) : k->dim_size(2) / a.kv_heads;
+  if (q->dim_size(0) != k->dim_size(0) || k_head_dim != d->head_dim ||
+      (!a.head_major && k->dim_size(2) != d->kv_width)) {
+    return Invalid(absl::StrCat(a.head_major ? "q and k must have the same batch and head_dim"
+                                             : "q and k must have the same batch and width, with k's width "
+                                               "kv_heads * head_dim = ",
+                                a.head_major ? "" : absl::StrCat(a.kv_heads, " * ", d->head_dim, " = ", d->kv_width),
+                                ", got q ", q->shape().DebugString(), " and k ", k->shape().DebugString()));
   }
-  d->tq = q->dim_size(1);
-  d->tk = k->dim_size(1);
+  d->tq = q->dim_size(len_dim);
+  d->tk = k->dim_size(len_dim);
   d->block_size = bs;
   d->n_q_blocks = d->tq / bs;
   d->n_k_blocks = d->tk / bs;

@@ -26,6 +26,8 @@ struct FusedAttrs {
   // L > 0: the tables address strided-permuted positions p; row p of the op is token
   // (p % (T / L)) * L + p / (T / L) of q, k, v, out, lse, key padding and segment ids.
   int64_t strided_period = 0;
+  // q, out [B, H, Tq, D] and k, v [B, KVH, Tk, D] (their gradients too) instead of [B, T, heads * D].
+  bool head_major = false;
 };
 absl::Status ParseFusedAttrs(tensorflow::OpKernelConstruction* ctx, bool gradient, FusedAttrs* attrs);
 

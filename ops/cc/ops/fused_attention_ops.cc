@@ -6,6 +6,8 @@
 //                                        head h reads K/V head h / (H / KVH) (grouped-query /
 //                                        multi-query attention, no copy of K/V)
 //   out                [B, Tq, H*D]
+//   head_major=true:   q, out [B, H, Tq, D] and k, v [B, KVH, Tk, D] instead (each head's rows contiguous,
+//                      the [batch, heads, n, dim_head] layout of memory-efficient attention; no transposes)
 //   lse                [B, H, Tq]        log-sum-exp of each query row's scores; -inf for a row with
 //                                        no kept key (its output is 0), NaN for a row with an
 //                                        attended NaN score (its output is NaN)
@@ -40,6 +42,19 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
+// Activation input `index` (q, k, v, out, dout; named `name`): rank 3 [B, T, heads * D], or rank 4
+// [B, heads, T, D] when head_major.
+absl::Status WithActivationRank(InferenceContext* c, int index, const char* name, bool head_major, ShapeHandle* x) {
+  const int rank = head_major ? 4 : 3;
+  if (!c->WithRank(c->input(index), rank, x).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " must have rank ", rank,
+                                                   head_major ? " [batch, heads, length, head_dim] (head_major)"
+                                                              : " [batch, length, heads * head_dim]",
+                                                   ", got shape ", c->DebugString(c->input(index))));
+  }
+  return absl::OkStatus();
+}
+
 // bias (input `index`) must be rank 4 [B|1, H|1, Tq, Tk] when has_bias.
 absl::Status CheckBiasRank(InferenceContext* c, int index) {
   bool has_bias;
@@ -62,14 +77,30 @@ absl::Status CheckGroupsAndSegments(InferenceContext* c, int index) {
     return absl::InvalidArgumentError(absl::StrCat("kv_heads must divide heads (", heads, "), got ", kv_heads));
   }
   if (kv_heads == 0) kv_heads = heads;
+  bool head_major;
+  TF_RETURN_IF_ERROR(c->GetAttr("head_major", &head_major));
   ShapeHandle q, k;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
-  const DimensionHandle qw = c->Dim(q, 2), kw = c->Dim(k, 2);
-  if (c->ValueKnown(qw) && c->ValueKnown(kw) && c->Value(qw) % heads == 0 &&
-      c->Value(kw) != c->Value(qw) / heads * kv_heads) {
-    return absl::InvalidArgumentError(absl::StrCat("k width must be kv_heads * head_dim = ", kv_heads, " * ",
-                                                   c->Value(qw) / heads, ", got k shape ", c->DebugString(k)));
+  TF_RETURN_IF_ERROR(WithActivationRank(c, 0, "q", head_major, &q));
+  TF_RETURN_IF_ERROR(WithActivationRank(c, 1, "k", head_major, &k));
+  if (head_major) {
+    const ShapeHandle xs[2] = {q, k};
+    const int64_t expected[2] = {heads, kv_heads};
+    const char* names[2] = {"q", "k"};
+    const char* attrs[2] = {"heads", "kv_heads"};
+    for (int i = 0; i < 2; ++i) {
+      const DimensionHandle h = c->Dim(xs[i], 1);
+      if (c->ValueKnown(h) && c->Value(h) != expected[i]) {
+        return absl::InvalidArgumentError(absl::StrCat(names[i], " dimension 1 must be ", attrs[i], " = ", expected[i],
+                                                       " (head_major), got shape ", c->DebugString(xs[i])));
+      }
+    }
+  } else {
+    const DimensionHandle qw = c->Dim(q, 2), kw = c->Dim(k, 2);
+    if (c->ValueKnown(qw) && c->ValueKnown(kw) && c->Value(qw) % heads == 0 &&
+        c->Value(kw) != c->Value(qw) / heads * kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("k width must be kv_heads * head_dim = ", kv_heads, " * ",
+                                                     c->Value(qw) / heads, ", got k shape ", c->DebugString(k)));
+    }
   }
   bool has_segment_ids;
   TF_RETURN_IF_ERROR(c->GetAttr("has_segment_ids", &has_segment_ids));
@@ -84,7 +115,7 @@ absl::Status CheckGroupsAndSegments(InferenceContext* c, int index) {
     }
     DimensionHandle unused;
     if (!c->Merge(c->Dim(ids, 0), c->Dim(xs[i], 0), &unused).ok() ||
-        !c->Merge(c->Dim(ids, 1), c->Dim(xs[i], 1), &unused).ok()) {
+        !c->Merge(c->Dim(ids, 1), c->Dim(xs[i], head_major ? 2 : 1), &unused).ok()) {
       return absl::InvalidArgumentError(absl::StrCat(names[i], " must have shape [batch, ", i == 0 ? "Tq" : "Tk",
                                                      "] = ", c->DebugString(c->input(index + i)), " vs ",
                                                      i == 0 ? "q " : "k ", c->DebugString(xs[i])));
@@ -102,25 +133,32 @@ absl::Status FusedForwardShape(InferenceContext* c) {
     return absl::InvalidArgumentError(
         absl::StrCat("q_offset must be a scalar, got shape ", c->DebugString(c->input(11))));
   }
+  bool head_major;
+  TF_RETURN_IF_ERROR(c->GetAttr("head_major", &head_major));
   ShapeHandle q, k, v;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &q));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &k));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 3, &v));
+  TF_RETURN_IF_ERROR(WithActivationRank(c, 0, "q", head_major, &q));
+  TF_RETURN_IF_ERROR(WithActivationRank(c, 1, "k", head_major, &k));
+  TF_RETURN_IF_ERROR(WithActivationRank(c, 2, "v", head_major, &v));
   TF_RETURN_IF_ERROR(c->Merge(k, v, &k));
   int64_t heads;
   TF_RETURN_IF_ERROR(c->GetAttr("heads", &heads));
   DimensionHandle batch;
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(q, 0), c->Dim(k, 0), &batch));
-  c->set_output(0, c->MakeShape({batch, c->Dim(q, 1), c->Dim(q, 2)}));
-  c->set_output(1, c->MakeShape({batch, c->MakeDim(heads), c->Dim(q, 1)}));
+  ShapeHandle out;
+  TF_RETURN_IF_ERROR(c->ReplaceDim(q, 0, batch, &out));
+  c->set_output(0, out);
+  c->set_output(1, c->MakeShape({batch, c->MakeDim(heads), c->Dim(q, head_major ? 2 : 1)}));
   return absl::OkStatus();
 }
 
 // dq, dk, dv = the shapes of q, k, v; dbias = bias's shape (empty without a bias).
 absl::Status FusedGradShape(InferenceContext* c) {
+  bool head_major;
+  TF_RETURN_IF_ERROR(c->GetAttr("head_major", &head_major));
+  const char* names[3] = {"q", "k", "v"};
   for (int i = 0; i < 3; ++i) {
     ShapeHandle x;
-    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 3, &x));
+    TF_RETURN_IF_ERROR(WithActivationRank(c, i, names[i], head_major, &x));
     c->set_output(i, x);
   }
   TF_RETURN_IF_ERROR(CheckBiasRank(c, 13));
@@ -160,6 +198,7 @@ REGISTER_OP("BsattnFusedAttention")
     .Attr("has_segment_ids: bool = false")
     .Attr("decode: bool = false")
     .Attr("strided_period: int >= 0 = 0")
+    .Attr("head_major: bool = false")
     .SetShapeFn(FusedForwardShape)
     .Doc(R"doc(
 Fused block-sparse attention: out = softmax(scale * q k^T + bias, masked) v per head, over the
@@ -183,6 +222,9 @@ T, T % L == 0, (T / L) % block_size == 0, no bias, not with decode): the tables 
 strided-permuted positions p, which hold token perm(p) = (p % (T/L)) * L + p / (T/L); q, k, v, out,
 lse, key_padding_mask and the segment ids stay in token order. The result equals, bit for bit,
 un-permuting the op's output on permuted q, k, v (and masks, ids); the dropout hash uses p.
+head_major: q and out are [B, heads, Tq, D], k and v [B, kv_heads, Tk, D] (lse, bias, masks, ids as
+above); with decode the cache is [B, kv_heads, Tk, D]. Bit for bit the result of the default
+layout on the transposed tensors, transposed back.
 )doc");
 
 REGISTER_OP("BsattnFusedAttentionGrad")
@@ -219,6 +261,7 @@ REGISTER_OP("BsattnFusedAttentionGrad")
     .Attr("has_segment_ids: bool = false")
     .Attr("has_dlse: bool = false")
     .Attr("strided_period: int >= 0 = 0")
+    .Attr("head_major: bool = false")
     .SetShapeFn(FusedGradShape)
     .Doc(R"doc(
 Gradient of BsattnFusedAttention from (q, k, v, out, lse, dout): P is recomputed as
@@ -228,6 +271,7 @@ per-chunk partial dq buffers summed in a fixed order (no atomics; deterministic)
 [Bb, Hb, Tq, Tk] (has_bias; the bias's shape) is summed over the batch when Bb = 1 and over the
 heads when Hb = 1, and is 0 outside the active blocks. dk and dv [B, Tk, kv_heads * D] sum over each
 K/V head's group of query heads. row_ptr/row_entries are checked against the column table.
+head_major: q, out, dout, dq [B, heads, Tq, D] and k, v, dk, dv [B, kv_heads, Tk, D].
 )doc");
 
 REGISTER_OP("BsattnFusedComputedBlocks")
