@@ -81,6 +81,7 @@ def fused_attention(
     k_segment_ids: tf.Tensor | None = None,
     q_offset: int | tf.Tensor | None = None,
     strided_period: int = 0,
+    head_major: bool = False,
 ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
     """Block-sparse attention in one op: ``[B, Tq, H*D], [B, Tk, KVH*D] x2 -> [B, Tq, H*D]``.
 
@@ -124,6 +125,10 @@ def fused_attention(
         token ``(p % (T/L)) * L + p // (T/L)``, while ``q, k, v``, the output, ``lse``, ``key_padding_mask`` and the
         segment ids are all in token order; the dropout hash uses ``p``. The result equals, bit for bit, permuting
         the inputs, running the op with ``strided_period=0`` and un-permuting the outputs, without the copies.
+      head_major: ``q [B, H, Tq, D]``, ``k, v [B, KVH, Tk, D]`` and the output ``[B, H, Tq, D]`` (the
+        ``[batch, heads, n, dim_head]`` layout of memory-efficient attention) instead of the shapes above; every
+        other argument is unchanged. The op reads each head's rows in place: bit for bit the result of
+        transposing to the default layout and back, without the copies (the XLA fallback makes them).
     Returns:
       ``out`` or ``(out, lse)``.
     """
@@ -143,9 +148,11 @@ def fused_attention(
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
     if tables.lut_heads not in (1, heads):
         raise ValueError(f"tables have {tables.lut_heads} layout heads; with heads={heads} they need 1 or {heads}")
+    if not isinstance(head_major, bool):
+        raise TypeError(f"head_major must be a bool, got {head_major!r}")
     decode = q_offset is not None
-    n_q = _decode_rows(q, q_offset, tables) if decode else tables.n_q  # the rows of q
-    width = _check_activations(q, k, v, tables, heads, kv_heads, n_q)
+    n_q = _decode_rows(q, q_offset, tables, head_major) if decode else tables.n_q  # the rows of q
+    width = _check_activations(q, k, v, tables, heads, kv_heads, n_q, head_major)
     if scale is None and width is None:
         raise ValueError("the default scale 1/sqrt(D) needs a static width of q; pass scale")
     scale = fused_scale(width // heads if width else 1, scale)
@@ -182,12 +189,9 @@ def fused_attention(
             "fused_attention(q_offset=...) (decoding) runs the custom op, which does not compile under XLA; "
             "call it outside jit_compile"
         )
-    if in_xla_context() and strided_period:  # the fallback in permuted order, then back to token order
-        return _strided_gather_attention(q, k, v, tables, heads, scale, key_padding_mask, dropout_rate, seed,
-                                         return_lse, kv_heads, q_segment_ids, k_segment_ids, strided_period)
     if in_xla_context():  # custom ops do not compile under XLA: the same attention in TensorFlow ops
-        return gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse,
-                                kv_heads=kv_heads, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
+        return _xla_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse,
+                              kv_heads, q_segment_ids, k_segment_ids, strided_period, head_major)
     raw = load_ops()
     luts = fused_table_tensors(tables)
     has_segments = q_segment_ids is not None
@@ -203,6 +207,7 @@ def fused_attention(
         "has_key_padding_mask": key_padding_mask is not None,
         "has_bias": bias is not None,
         "strided_period": strided_period,
+        "head_major": head_major,
     }
     lse_dtype = tf.float64 if q.dtype == tf.float64 else tf.float32
     padding = key_padding_mask if key_padding_mask is not None else tf.zeros([0, 0], tf.bool)
@@ -236,6 +241,38 @@ def fused_attention(
 
     inputs = (q, k, v) if bias is None else (q, k, v, bias)
     return forward(*inputs)
+
+
+def _xla_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed, return_lse, kv_heads,
+                   q_segment_ids, k_segment_ids, strided_period, head_major):
+    """``fused_attention`` under XLA: the TensorFlow-ops fallback (``gather_attention``) in the default layout
+    (head-major tensors transposed there and back), in permuted order for ``strided_period``."""
+    if head_major:
+        q, k, v = (_token_major(x) for x in (q, k, v))
+    if strided_period:
+        result = _strided_gather_attention(q, k, v, tables, heads, scale, key_padding_mask, dropout_rate, seed,
+                                           return_lse, kv_heads, q_segment_ids, k_segment_ids, strided_period)
+    else:
+        result = gather_attention(q, k, v, tables, heads, scale, key_padding_mask, bias, dropout_rate, seed,
+                                  return_lse, kv_heads=kv_heads, q_segment_ids=q_segment_ids,
+                                  k_segment_ids=k_segment_ids)
+    if not head_major:
+        return result
+    if return_lse:
+        return _head_major(result[0], heads), result[1]
+    return _head_major(result, heads)
+
+
+def _token_major(x: tf.Tensor) -> tf.Tensor:
+    """``[B, H, T, D] -> [B, T, H*D]``."""
+    shape = tf.shape(x)
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [shape[0], shape[2], shape[1] * shape[3]])
+
+
+def _head_major(x: tf.Tensor, heads: int) -> tf.Tensor:
+    """``[B, T, H*D] -> [B, H, T, D]``."""
+    shape = tf.shape(x)
+    return tf.transpose(tf.reshape(x, [shape[0], shape[1], heads, shape[2] // heads]), [0, 2, 1, 3])
 
 
 def _check_strided_period(period: object, tables: FusedTables, decode: bool, has_bias: bool) -> int:
@@ -343,7 +380,7 @@ def _ids_as_int32(ids: tf.Tensor, name: str) -> tf.Tensor:
         return tf.cast(ids, tf.int32)
 
 
-def _decode_rows(q: tf.Tensor, q_offset: object, tables: FusedTables) -> int | None:
+def _decode_rows(q: tf.Tensor, q_offset: object, tables: FusedTables, head_major: bool) -> int | None:
     """Checks of a decoding call's ``q_offset`` (an int, or an integer scalar tensor checked by the op) → the
     static number of rows of ``q`` (None if unknown)."""
     if tf.is_tensor(q_offset):
@@ -358,7 +395,8 @@ def _decode_rows(q: tf.Tensor, q_offset: object, tables: FusedTables) -> int | N
         offset = int(q_offset)
         if not 0 <= offset < 2**31:
             raise ValueError(f"q_offset must be in [0, 2**31), got {offset}")
-    n_q = q.shape[1] if q.shape.rank == 3 else None
+    time_axis, rank = (2, 4) if head_major else (1, 3)
+    n_q = q.shape[time_axis] if q.shape.rank == rank else None
     if offset is not None and n_q is not None:
         for what, limit in (("the tables' query length T_max", tables.n_q), ("the cache length (tables.n_k)", tables.n_k)):
             if offset + n_q > limit:
@@ -367,10 +405,13 @@ def _decode_rows(q: tf.Tensor, q_offset: object, tables: FusedTables) -> int | N
 
 
 def _check_activations(
-    q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int, kv_heads: int, n_q: int | None
+    q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int, kv_heads: int, n_q: int | None,
+    head_major: bool,
 ) -> int | None:
-    """Static checks of ``q [B, Tq, H*D]`` (``Tq = n_q``; None = any), ``k, v [B, Tk, KVH*D]`` → the width ``H*D``
-    if known."""
+    """Static checks of ``q [B, Tq, H*D]`` (``Tq = n_q``; None = any), ``k, v [B, Tk, KVH*D]`` (``head_major``:
+    ``[B, H, Tq, D]``, ``[B, KVH, Tk, D]``) → the width ``H*D`` if known."""
+    if head_major:
+        return _check_head_major(q, k, v, tables, heads, kv_heads, n_q)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape.rank is not None and x.shape.rank != 3:
             raise ValueError(f"{name} must be [batch, time, heads*head_dim], got shape {x.shape}")
@@ -390,6 +431,22 @@ def _check_activations(
     if width == 0:
         raise ValueError("q width must be positive (heads * head_dim)")
     return width
+
+
+def _check_head_major(
+    q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, tables: FusedTables, heads: int, kv_heads: int, n_q: int | None
+) -> int | None:
+    """``_check_activations`` of ``head_major``: ``q [B, H, Tq, D]``, ``k, v [B, KVH, Tk, D]`` → ``H*D`` if known."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape.rank is not None and x.shape.rank != 4:
+            raise ValueError(f"{name} must be [batch, heads, time, head_dim] (head_major), got shape {x.shape}")
+    _check_static_shape(q, "q", [None, heads, n_q, None])
+    head_dim = q.shape[-1] if q.shape.rank else None
+    _check_static_shape(k, "k", [q.shape[0] if q.shape.rank else None, kv_heads, tables.n_k, head_dim])
+    _check_static_shape(v, "v", k.shape.as_list() if k.shape.rank else [None, kv_heads, tables.n_k, head_dim])
+    if head_dim == 0:
+        raise ValueError("q head_dim must be positive")
+    return None if head_dim is None else heads * head_dim
 
 
 def _check_static_shape(x: tf.Tensor, name: str, expected: list) -> None:

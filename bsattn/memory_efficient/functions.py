@@ -61,12 +61,6 @@ def op_scale(scale: float, dtype: tf.DType) -> float:
     return float(scale) if dtype == tf.float64 else float(np.float32(scale))
 
 
-def to_flat(x: tf.Tensor) -> tf.Tensor:
-    """``[b, h, n, d] → [b, n, h*d]``."""
-    _, h, n, d = x.shape.as_list()
-    return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [-1, n, h * d])
-
-
 def to_heads(x: tf.Tensor, heads: int) -> tf.Tensor:
     """``[b, n, h*d] → [b, h, n, d]``."""
     n, width = x.shape[1], x.shape[2]
@@ -87,9 +81,8 @@ def run_engine(
     """Checked inputs on the chosen engine → ``[b, h, i, d]``."""
     scale = op_scale(scale, x.q.dtype)
     if choose_engine(engine) == "fused":
-        out = fused_engine(to_flat(x.q), to_flat(x.k), to_flat(x.v), x.heads, x.keep, x.bias, causal, scale,
-                           dropout_rate, seed)  # fmt: skip
-        return to_heads(out, x.heads)
+        return fused_engine(x.q, x.k, x.v, x.heads, x.keep, x.bias, causal, scale, dropout_rate, seed,
+                            head_major=True)  # fmt: skip
     _, tq, tk = fused_geometry(x.n_q, x.n_k)
     if seed is not None:
         seed = tf.convert_to_tensor(seed, tf.int64)

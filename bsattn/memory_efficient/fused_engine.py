@@ -1,7 +1,7 @@
 """The fused engine: the memory-efficient functions on bsattn's fused op, for any lengths.
 
-The op wants ``[B, T, H*D]`` activations whose lengths are multiples of its block size; here queries and keys
-are zero-padded at the end to the block size (``fused_geometry``), the padded keys are masked (the op's
+The op takes ``[B, T, H*D]`` activations, or ``[B, H, T, D]`` ones in place (its ``head_major``: the functions'
+layout, no transposes), whose lengths are multiples of its block size; here queries and keys are zero-padded at the end to the block size (``fused_geometry``), the padded keys are masked (the op's
 key-padding mask) and the padded queries sliced off, so callers never see a block size. The pattern is
 ``Dense`` or ``BottomRightCausal`` (bottom-right aligned ``Causal``); a ``[b, 1, 1, j]`` keep mask becomes the
 op's key-padding mask; any other keep mask and ``attn_bias`` become its ``bias [B|1, H|1, Tq, Tk]`` (-inf where
@@ -59,13 +59,16 @@ def fused_engine(
     scale: float,
     dropout_rate: float = 0.0,
     seed: int | tf.Tensor | None = None,
+    head_major: bool = False,
 ) -> tf.Tensor:
-    """``q [B, i, H*D], k, v [B, j, H*D] → [B, i, H*D]`` on the fused op (see the module docstring).
+    """``q [B, i, H*D], k, v [B, j, H*D] → [B, i, H*D]`` on the fused op (see the module docstring); with
+    ``head_major`` ``q [B, H, i, D], k, v [B, H, j, D] → [B, H, i, D]``.
 
     ``keep``: bool ``[b|1, h|1, i|1, j]`` (True = attend) and ``bias`` ``[b|1, h|1, i|1, j|1]`` in the dtype of
     ``q``, as ``check_masks`` returns them; ``causal``: bottom-right aligned.
     """
-    n_q, n_k = q.shape[1], k.shape[1]
+    time_axis = 2 if head_major else 1
+    n_q, n_k = q.shape[time_axis], k.shape[time_axis]
     if q.dtype == tf.float64:  # the op's scale is a float32 attr: float64 gets the exact scale applied to q
         q, scale = q * tf.constant(scale, tf.float64), 1.0
     bs, tq, tk = fused_geometry(n_q, n_k)
@@ -74,13 +77,18 @@ def fused_engine(
     batch = tf.shape(q)[0]
 
     def pad_time(x, length):
-        return tf.pad(x, [[0, 0], [0, length - x.shape[1]], [0, 0]])
+        if length == x.shape[time_axis]:
+            return x
+        paddings = [[0, 0]] * x.shape.rank
+        paddings[time_axis] = [0, length - x.shape[time_axis]]
+        return tf.pad(x, paddings)
 
     key_mask, full = None, keep
     if is_key_mask(keep):  # the op's own input
         key_mask, full = tf.broadcast_to(keep[:, 0, 0], [batch, n_k]), None
         # A masked key's k and v never matter; zeroed, a NaN there cannot leak through 0·NaN in P·V.
-        k, v = (tf.where(key_mask[..., None], x, tf.zeros([], x.dtype)) for x in (k, v))
+        key_rows = key_mask[:, None, :, None] if head_major else key_mask[..., None]
+        k, v = (tf.where(key_rows, x, tf.zeros([], x.dtype)) for x in (k, v))
     elif tk != n_k:
         key_mask = tf.ones([batch, n_k], tf.bool)
     if key_mask is not None:
@@ -99,6 +107,8 @@ def fused_engine(
 
     out = fused_attention(
         pad_time(q, tq), pad_time(k, tk), pad_time(v, tk), tables, heads, scale=scale,
-        key_padding_mask=key_mask, bias=op_bias, dropout_rate=dropout_rate, seed=seed,
+        key_padding_mask=key_mask, bias=op_bias, dropout_rate=dropout_rate, seed=seed, head_major=head_major,
     )  # fmt: skip
-    return out[:, :n_q]
+    if tq == n_q:
+        return out
+    return out[:, :, :n_q] if head_major else out[:, :n_q]

@@ -54,28 +54,6 @@ namespace {
 
 std::atomic<int64_t> computed_blocks[2];  // forward, gradient (FusedComputedBlocks)
 
-// Where the rows of one head of a [B, len, width] tensor are: channels [col, col + D) of each row.
-// q, out, dq, dout: (Tq, H*D, h*D); k, v, dk, dv: (Tk, KVH*D, (h / group)*D), the K/V head that
-// serves query head h. With strided_period L the rows of a block of positions t0.. are the tokens
-// StridedToken(t0) + r * L: a block is its first token's row and a row stride of L rows.
-struct HeadView {
-  int64_t len, width, col, period;
-  // The element offset of channel col of position t0's token in batch entry b.
-  int64_t Offset(int64_t b, int64_t t0) const { return (b * len + StridedToken(t0, len, period)) * width + col; }
-  // The elements between the rows of consecutive positions of a block.
-  int64_t Stride() const { return period == 0 ? width : period * width; }
-};
-
-template <typename T>
-HeadView QueryView(const FusedAttentionParams<T>& p, int64_t h) {
-  return {p.tq, p.width, h * p.head_dim, p.strided_period};
-}
-
-template <typename T>
-HeadView KeyView(const FusedAttentionParams<T>& p, int64_t h) {
-  return {p.tk, p.kv_width, (h / p.group) * p.head_dim, p.strided_period};
-}
-
 // The values of a per-token array x [B, len] (key padding, segment ids) at the block of positions
 // t0.. of batch entry b: at(j) = x[b][token of position t0 + j].
 template <typename U>
@@ -524,7 +502,7 @@ void DeltaRows(const FusedAttentionParams<T>& p, const FusedAttentionGradInputs<
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / p.tq, token = row % p.tq, t = StridedPosition(token, p.tq, p.strided_period);
     for (int64_t h = 0; h < p.heads; ++h) {
-      const int64_t at = row * p.width + h * p.head_dim, bh = (b * p.heads + h) * p.tq;
+      const int64_t at = QueryView(p, h).TokenOffset(b, token), bh = (b * p.heads + h) * p.tq;
       const int64_t stat = bh + t, token_stat = bh + token;
       Acc sum = 0;
       for (int64_t c = 0; c < p.head_dim; ++c) sum += in.dout[at + c] * static_cast<Acc>(in.out[at + c]);
@@ -859,7 +837,7 @@ void FusedAttentionGrad(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.tq, t = StridedPosition(row % p.tq, p.tq, p.strided_period);
       for (int64_t h = 0; h < p.heads; ++h) {
-        T* dst = dq + row * p.width + h * d;
+        T* dst = dq + QueryView(p, h).TokenOffset(b, row % p.tq);
         std::array<const Acc*, 16> src;  // GradChunks keeps chunks <= 16
         int64_t n_src = 0;
         for (int64_t chunk = 0; chunk < chunks; ++chunk) {

@@ -27,6 +27,9 @@ struct FusedAttentionParams {
   // key_padding_mask and the segment ids (all in token order). The block_size positions of a block
   // are one residue class: tokens token(p0) + r * L (StridedToken). 0: positions are tokens.
   int64_t strided_period = 0;
+  // The op's head_major: q, out, dout, dq are [B, H, Tq, D] and k, v, dk, dv (k_store, v_store) [B, KVH, Tk, D]
+  // instead of the shapes below; HeadView addresses both.
+  bool head_major = false;
   const Acc* q = nullptr;  // [B, Tq, H*D]
   const Acc* k = nullptr;  // [B, Tk, KVH*D]
   const Acc* v = nullptr;  // [B, Tk, KVH*D]
@@ -78,6 +81,38 @@ inline int64_t StridedToken(int64_t t, int64_t len, int64_t period) {
 inline int64_t StridedPosition(int64_t t, int64_t len, int64_t period) {
   if (period == 0) return t;
   return (t % period) * (len / period) + t / period;
+}
+
+// Where the rows of one head of an activation are: [B, len, heads*D] (channels [head*D, head*D + D) of each
+// row), or [B, heads, len, D] with head_major. q, out, dq, dout: QueryView; k, v, dk, dv: KeyView, the K/V
+// head that serves query head h. With strided_period L the rows of a block of positions t0.. are the tokens
+// StridedToken(t0) + r * L: a block is its first token's row and a row stride of L rows.
+struct HeadView {
+  int64_t len, pitch, batch_stride, head_offset, period;  // pitch: elements between consecutive tokens' rows
+  // The element offset of channel 0 of token `token` in batch entry b.
+  int64_t TokenOffset(int64_t b, int64_t token) const { return b * batch_stride + head_offset + token * pitch; }
+  // The element offset of channel 0 of position t0's token in batch entry b.
+  int64_t Offset(int64_t b, int64_t t0) const { return TokenOffset(b, StridedToken(t0, len, period)); }
+  // The elements between the rows of consecutive positions of a block.
+  int64_t Stride() const { return period == 0 ? pitch : period * pitch; }
+};
+
+// Head `head` of `n_heads` of an activation of `len` tokens per batch entry.
+template <typename T>
+HeadView MakeHeadView(const FusedAttentionParams<T>& p, int64_t len, int64_t n_heads, int64_t head) {
+  const int64_t d = p.head_dim;
+  if (p.head_major) return {len, d, n_heads * len * d, head * len * d, p.strided_period};
+  return {len, n_heads * d, len * n_heads * d, head * d, p.strided_period};
+}
+
+template <typename T>
+HeadView QueryView(const FusedAttentionParams<T>& p, int64_t h) {
+  return MakeHeadView(p, p.tq, p.heads, h);
+}
+
+template <typename T>
+HeadView KeyView(const FusedAttentionParams<T>& p, int64_t h) {
+  return MakeHeadView(p, p.tk, p.kv_heads, h / p.group);
 }
 
 // The [min, max] segment id of each block of positions of ids [B, len] (len = n_blocks * block_size;

@@ -58,7 +58,6 @@ class FusedAttentionBase : public OpKernel {
   absl::Status Prepare(OpKernelContext* ctx, FusedDims* dims, FusedAttentionParams<T>* p, Tensor temps[5]) {
     Tensor* segment_ranges = temps + 3;
     TF_RETURN_IF_ERROR(CheckFusedInputs(ctx, attrs_, dims));
-    if (attrs_.head_major) return absl::UnimplementedError("head_major: the CPU kernels are being extended");
     const FusedDims& d = *dims;
     p->batch = d.batch;
     p->heads = d.heads;
@@ -73,6 +72,7 @@ class FusedAttentionBase : public OpKernel {
     p->n_q_blocks = d.n_q_blocks;
     p->n_k_blocks = d.n_k_blocks;
     p->strided_period = attrs_.strided_period;  // checked by CheckFusedInputs
+    p->head_major = attrs_.head_major;
     p->shared_layout = d.layout_heads == 1;
     p->row_ptr = FusedInput(ctx, "row_ptr").flat<int32_t>().data();
     p->row_entries = FusedInput(ctx, "row_entries").flat<int32_t>().data();

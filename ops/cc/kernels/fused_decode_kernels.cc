@@ -30,10 +30,10 @@
 namespace bsattn {
 namespace {
 
-// One unit's tile: batch entry b, head h (K/V head kvh); queries at absolute rows [r_lo, r_lo + nq)
+// One unit's tile: batch entry b, head h; queries at absolute rows [r_lo, r_lo + nq)
 // = q's rows [t0, t0 + nq), mask rows [mask_row, mask_row + nq) of their table row.
 struct DecodeTile {
-  int64_t b, h, kvh, r_lo, nq, t0, mask_row;
+  int64_t b, h, r_lo, nq, t0, mask_row;
 };
 
 // Whether entry (query i of the tile, key k0 + j) is attended: kept by the block's mask (mask_id, -1
@@ -115,13 +115,13 @@ void FusedDecodeForward(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
       DecodeTile t;
       t.b = b;
       t.h = h;
-      t.kvh = h / p.group;
       t.r_lo = std::max(qb * bs, p.q_offset);
       t.nq = std::min(qb * bs + bs, end) - t.r_lo;
       t.t0 = t.r_lo - p.q_offset;
       t.mask_row = t.r_lo - qb * bs;
       const int64_t nq = t.nq;
-      TransposeScaled(p.q + (b * p.tq + t.t0) * p.width + h * d, p.width, nq, d, p.scale, qt);
+      const HeadView qv = QueryView(p, h), kv = KeyView(p, h);  // q, out: tq rows; the cache: tk
+      TransposeScaled(p.q + qv.TokenOffset(b, t.t0), qv.pitch, nq, d, p.scale, qt);
       std::fill_n(m, nq, -std::numeric_limits<Acc>::infinity());
       std::fill_n(l, nq, Acc(0));
       std::fill_n(acc, nq * d, Acc(0));  // alpha = 0 at a row's first block: acc must be finite
@@ -146,9 +146,9 @@ void FusedDecodeForward(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
         }
         ++computed;
         const int32_t mask_id = p.row_entries[2 * e + 1];
-        const int64_t kv_at = (b * p.tk + k0) * p.kv_width + t.kvh * d;
-        LoadTile(p.k_store + kv_at, p.kv_width, nk, d, k_tile);
-        LoadTile(p.v_store + kv_at, p.kv_width, nk, d, v_tile);
+        const int64_t kv_at = kv.TokenOffset(b, k0);
+        LoadTile(p.k_store + kv_at, kv.pitch, nk, d, k_tile);
+        LoadTile(p.v_store + kv_at, kv.pitch, nk, d, v_tile);
         if (p.key_padding_mask != nullptr) {  // padded keys' rows are never read
           const bool* keep = p.key_padding_mask + b * p.tk + k0;
           for (int64_t j = 0; j < nk; ++j) {
@@ -170,7 +170,7 @@ void FusedDecodeForward(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
         MatMulAccumulateTransposedA(st, nq, v_tile, d, acc, d, nq, nk, d, alpha);
         if (!v_finite) {  // exact: P^T[j][i] * v[j][c] for the non-finite v of attended entries
           for (int64_t j = 0; j < nk; ++j) {
-            const T* x = p.v_store + kv_at + j * p.kv_width;
+            const T* x = p.v_store + kv_at + j * kv.pitch;
             for (int64_t c = 0; c < d; ++c) {
               const Acc value = static_cast<Acc>(x[c]);
               if ((value - value) == Acc(0)) continue;
@@ -189,7 +189,7 @@ void FusedDecodeForward(tensorflow::OpKernelContext* ctx, const FusedAttentionPa
         alpha[i] = empty ? Acc(0) : 1 / l[i];
       }
       ScaleRows(acc, nq, d, d, alpha);
-      StoreTile(acc, nq, d, out + (b * p.tq + t.t0) * p.width + h * d, p.width);
+      StoreTile(acc, nq, d, out + qv.TokenOffset(b, t.t0), qv.pitch);
     }
     CountComputedBlocks(0, computed);
   };
