@@ -139,15 +139,15 @@ typedef struct bsattn_fused_args {
                      transposed tensors, transposed back, bit for bit. */
 } bsattn_fused_args;
 
-/* out [B, Tq, H*D] (dtype) and lse [B, H, Tq] float32 (-inf for a row without kept keys, whose
- * output is 0; NaN for a row with an attended NaN score). */
+/* out [B, Tq, H*D] or, head_major, [B, H, Tq, D] (dtype) and lse [B, H, Tq] float32 (-inf for a row
+ * without kept keys, whose output is 0; NaN for a row with an attended NaN score). */
 int bsattn_fused_forward(const bsattn_fused_args* args, void* out, float* lse, bsattn_stream_t stream);
 
 /* Bytes of device workspace bsattn_fused_backward needs (delta rows; for 16-bit dtypes a float32
  * dq accumulator and, with dbias, a float32 dbias accumulator; per-block segment-id ranges). */
 int64_t bsattn_fused_backward_workspace(const bsattn_fused_args* args, int with_dbias);
 
-/* dq, dk, dv (shapes of q, k, v; dk and dv summed over each K/V head's group) from dout [B, Tq, H*D], the forward's out and lse, and dlse
+/* dq, dk, dv (shapes of q, k, v; dk and dv summed over each K/V head's group) from dout (out's shape), the forward's out and lse, and dlse
  * [B, H, Tq] float32 or NULL. With dbias (NULL = not wanted; needs a bias) [bias_batch,
  * bias_heads, Tq, Tk] (dtype): the gradient of the bias summed over the batch when bias_batch = 1
  * and over the heads when bias_heads = 1, 0 outside the active blocks. dk, dv, dbias have one

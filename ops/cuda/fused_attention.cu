@@ -23,6 +23,8 @@
 // strided_period (FusedParams::row_step): a block's rows are the tokens Token(p0) + r * row_step; the
 // chunk loads, the row loads and stores, lse/delta and the per-entry rules (ScoreOffset) use those
 // tokens, the tables, in-block masks and the dropout hash the positions.
+// head_major: every q/out/dout/dq and k/v/dk/dv address comes from QueryIndex / KeyIndex (FusedParams'
+// ActivationLayout), so [B, H, T, D] activations only change addresses, never the order of a sum.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -64,23 +66,23 @@ __device__ __forceinline__ float Dot(const float* a, const float* b, int n) {
   return s;
 }
 
-// Where one head's rows of a [B, len, width] tensor are: channels [col, col + D). Queries (q, out,
-// dout, dq): (Tq, H*D, h*D); keys (k, v, dk, dv): (Tk, KVH*D, KvCol(h)).
+// Where one head's rows are: token t of the head at element base + t * pitch (fused_common.cuh's
+// ActivationLayout). Queries (q, out, dout, dq): query head h; keys (k, v, dk, dv): K/V head h / group.
 struct HeadView {
-  int64_t len, width, col;
+  int64_t base, pitch;
 };
-__device__ __forceinline__ HeadView QueryView(const FusedParams& p, int64_t h) {
-  return {p.tq, p.width, h * p.head_dim};
+__device__ __forceinline__ HeadView QueryView(const FusedParams& p, int64_t b, int64_t h) {
+  return {QueryIndex(p, b, h, 0), p.q_layout.pitch};
 }
-__device__ __forceinline__ HeadView KeyView(const FusedParams& p, int64_t h) {
-  return {p.tk, p.kv_width, KvCol(p, h)};
+__device__ __forceinline__ HeadView KeyView(const FusedParams& p, int64_t b, int64_t h) {
+  return {KeyIndex(p, b, h / p.group, 0), p.kv_layout.pitch};
 }
 
 // Row t of head view `at` of x as float into dst[0, D).
 template <typename T>
-__device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, HeadView at, int64_t b, int64_t t,
-                                        float* dst, int lane) {
-  const T* src = static_cast<const T*>(x) + (b * at.len + t) * at.width + at.col;
+__device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, HeadView at, int64_t t, float* dst,
+                                        int lane) {
+  const T* src = static_cast<const T*>(x) + at.base + t * at.pitch;
   for (int d = lane; d < p.head_dim; d += 32) dst[d] = ToFloat(src[d]);
 }
 
@@ -88,11 +90,11 @@ __device__ __forceinline__ void LoadRow(const FusedParams& p, const void* x, Hea
 // `at` of x (and of y when not null) into dst rows `ld` floats apart.
 template <typename T>
 __device__ __forceinline__ void LoadChunk(const FusedParams& p, const void* x, const void* y, HeadView at,
-                                          int64_t b, int64_t t0, int n, float* x_dst, float* y_dst, int ld) {
+                                          int64_t t0, int n, float* x_dst, float* y_dst, int ld) {
   const int D = static_cast<int>(p.head_dim);
   for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
-    const int64_t at_ = (b * at.len + t0 + r * p.row_step) * at.width + at.col + d;
+    const int64_t at_ = at.base + (t0 + r * p.row_step) * at.pitch + d;
     x_dst[r * ld + d] = ToFloat(static_cast<const T*>(x)[at_]);
     if (y != nullptr) y_dst[r * ld + d] = ToFloat(static_cast<const T*>(y)[at_]);
   }
@@ -100,8 +102,8 @@ __device__ __forceinline__ void LoadChunk(const FusedParams& p, const void* x, c
 
 template <typename T, int DC>
 __device__ __forceinline__ void StoreRow(const FusedParams& p, const float (&acc)[DC], float scale, void* y,
-                                         HeadView at, int64_t b, int64_t t, int lane) {
-  T* dst = static_cast<T*>(y) + (b * at.len + t) * at.width + at.col;
+                                         HeadView at, int64_t t, int lane) {
+  T* dst = static_cast<T*>(y) + at.base + t * at.pitch;
 #pragma unroll
   for (int c = 0; c < DC; ++c) {
     const int d = lane + 32 * c;
@@ -142,8 +144,8 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
   const int64_t qi = qb * p.bs + bi;  // absolute row (position)
   const int64_t t = Token(p, qb * p.bs) + bi * p.row_step - p.q_offset;  // q's row (token)
   const bool valid = t >= 0 && t < p.tq;  // always without decoding
-  const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
-  if (valid) LoadRow<T>(p, p.q, qv, b, t, qs + warp * D, lane);
+  const HeadView qv = QueryView(p, b, h), kv = KeyView(p, b, h);
+  if (valid) LoadRow<T>(p, p.q, qv, t, qs + warp * D, lane);
 
   float m = -INFINITY, l = 0.0f, acc[DC] = {};
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
@@ -157,8 +159,8 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
     for (int c0 = 0; c0 < n_keys; c0 += kc) {
       const int n = min(kc, n_keys - c0);  // keys of the chunk that may be read
       __syncthreads();  // the previous chunk is consumed (and q is loaded, on the first)
-      LoadChunk<T>(p, p.k, nullptr, kv, b, Token(p, k0 + c0), n, ks, nullptr, D + 1);  // the chunk's keys (tokens)
-      LoadChunk<T>(p, p.v, nullptr, kv, b, Token(p, k0 + c0), n, vs, nullptr, D);
+      LoadChunk<T>(p, p.k, nullptr, kv, Token(p, k0 + c0), n, ks, nullptr, D + 1);  // the chunk's keys (tokens)
+      LoadChunk<T>(p, p.v, nullptr, kv, Token(p, k0 + c0), n, vs, nullptr, D);
       __syncthreads();
       float x = -INFINITY;  // score in log2 units
       if (valid && lane < n) {
@@ -181,18 +183,18 @@ __global__ void __launch_bounds__(32 * kMaxRows) ForwardSimt(FusedParams p, T* o
   }
   if (!valid) return;
   const bool empty = l == 0.0f;  // no kept key: output 0, lse -inf (a NaN sum: an attended NaN score)
-  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, qv, b, t, lane);
+  StoreRow<T>(p, acc, empty ? 0.0f : 1.0f / l, out, qv, t, lane);
   if (lane == 0) lse[(b * p.heads + h) * p.tq + t] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
 }
 
-// delta[b, h, i] = rowsum(dout * out) - dlse, one warp per (b, i, h) row.
+// delta[b, h, i] = rowsum(dout * out) - dlse, one warp per (b, i, h) row (of either layout: QueryIndex).
 template <typename T>
 __global__ void DeltaKernel(FusedParams p, const T* out, const T* dout, const float* dlse, float* delta) {
   const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= p.batch * p.tq * p.heads) return;
   const int64_t h = row % p.heads, bt = row / p.heads, b = bt / p.tq, t = bt % p.tq;
-  const int64_t at = bt * p.width + h * p.head_dim;
+  const int64_t at = QueryIndex(p, b, h, t);
   float s = 0.0f;
   for (int d = lane; d < p.head_dim; d += 32) s = fmaf(ToFloat(dout[at + d]), ToFloat(out[at + d]), s);
   s = WarpSum(s);
@@ -243,9 +245,9 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   const int bi = static_cast<int>((blockIdx.x % groups) * rows) + warp;
   const int64_t qi = qb * p.bs + bi, ti = Token(p, qb * p.bs) + bi * p.row_step;  // position, token
   const int64_t stat = (b * p.heads + h) * p.tq + ti;
-  const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
-  LoadRow<T>(p, p.q, qv, b, ti, qs + warp * D, lane);
-  LoadRow<T>(p, dout, qv, b, ti, dos + warp * D, lane);
+  const HeadView qv = QueryView(p, b, h), kv = KeyView(p, b, h);
+  LoadRow<T>(p, p.q, qv, ti, qs + warp * D, lane);
+  LoadRow<T>(p, dout, qv, ti, dos + warp * D, lane);
   const float row_lse = lse[stat], row_delta = delta[stat];
 
   float acc[DC] = {};
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
     for (int c0 = 0; c0 < p.bs; c0 += kc) {
       __syncthreads();
       const int64_t c_token = k0_token + c0 * p.row_step;  // the chunk's first key (token)
-      LoadChunk<T>(p, p.k, p.v, kv, b, c_token, kc, ks, vs, D + 1);
+      LoadChunk<T>(p, p.k, p.v, kv, c_token, kc, ks, vs, D + 1);
       __syncthreads();
       EntryGrad g = {0.0f, 0.0f, 0.0f, false};
       if (lane < kc) {
@@ -270,7 +272,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       AccumulateRows(acc, g.ds, ks, D + 1, kc, D, lane, __ballot_sync(kFull, g.attended));
     }
   }
-  StoreRow<T>(p, acc, p.scale, dq, qv, b, ti, lane);
+  StoreRow<T>(p, acc, p.scale, dq, qv, ti, lane);
 }
 
 // dK, dV (and dbias) over key rows. Grid (n_kb * bs / rows, groups), rows warps; a CTA walks the
@@ -299,14 +301,14 @@ __global__ void __launch_bounds__(32 * kMaxRows)
   for (int64_t member = 0; member < members; ++member) {
     const int64_t bh = GroupMember(p, with_dbias, group, member);
     const int64_t b = bh / p.heads, h = bh % p.heads;
-    const HeadView qv = QueryView(p, h), kv = KeyView(p, h);
+    const HeadView qv = QueryView(p, b, h), kv = KeyView(p, b, h);
     const int64_t kv_head = MemberKvHead(p, with_dbias, group, member);
     const bool run_start = member == 0 || MemberKvHead(p, with_dbias, group, member - 1) != kv_head;
     const bool run_end = member + 1 == members || MemberKvHead(p, with_dbias, group, member + 1) != kv_head;
     __syncthreads();  // the previous member's rows are consumed
     if (run_start) {
-      LoadRow<T>(p, p.k, kv, b, tj, ks + warp * D, lane);
-      LoadRow<T>(p, p.v, kv, b, tj, vs + warp * D, lane);
+      LoadRow<T>(p, p.k, kv, tj, ks + warp * D, lane);
+      LoadRow<T>(p, p.v, kv, tj, vs + warp * D, lane);
 #pragma unroll
       for (int c = 0; c < DC; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
     }
@@ -318,7 +320,7 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       const int32_t mask_id = p.col_entries[2 * e + 1];
       for (int c0 = 0; c0 < p.bs; c0 += kc) {
         __syncthreads();
-        LoadChunk<T>(p, p.q, dout, qv, b, Token(p, q0 + c0), kc, qs, dos, D + 1);  // the chunk's queries (tokens)
+        LoadChunk<T>(p, p.q, dout, qv, Token(p, q0 + c0), kc, qs, dos, D + 1);  // the chunk's queries (tokens)
         if (threadIdx.x < kc) {
           const int64_t stat = (b * p.heads + h) * p.tq + Token(p, q0 + c0 + threadIdx.x);
           lse_s[threadIdx.x] = lse[stat];
@@ -342,8 +344,8 @@ __global__ void __launch_bounds__(32 * kMaxRows)
       }
     }
     if (run_end) {
-      StoreRow<T>(p, dk_acc, p.scale, dk, kv, b, tj, lane);
-      StoreRow<T>(p, dv_acc, 1.0f, dv, kv, b, tj, lane);
+      StoreRow<T>(p, dk_acc, p.scale, dk, kv, tj, lane);
+      StoreRow<T>(p, dv_acc, 1.0f, dv, kv, tj, lane);
     }
   }
 }
@@ -418,8 +420,14 @@ int MakeParams(const bsattn_fused_args* a, FusedParams* p) {
   // L = 1 is the identity permutation: row_step 1 takes the unpermuted path.
   p->row_step = period > 1 ? period : 1;
   p->class_len = period > 1 ? a->tq / period : 0;
-  p->q_row_stride = p->width * p->row_step;
-  p->kv_row_stride = p->kv_width * p->row_step;
+  // Token-major [B, T, heads * D] or head-major [B, heads, T, D] (decoding: T = tq rows of q, out; Tk of the cache).
+  const int64_t D = a->head_dim;
+  p->q_layout = a->head_major ? ActivationLayout{p->heads * a->tq * D, a->tq * D, D}
+                              : ActivationLayout{a->tq * p->width, D, p->width};
+  p->kv_layout = a->head_major ? ActivationLayout{p->kv_heads * a->tk * D, a->tk * D, D}
+                               : ActivationLayout{a->tk * p->kv_width, D, p->kv_width};
+  p->q_row_stride = p->q_layout.pitch * p->row_step;
+  p->kv_row_stride = p->kv_layout.pitch * p->row_step;
   p->n_rows = !decode ? p->n_qb : a->tq == 0 ? 0 : (p->key_end - 1) / a->block_size - p->row0 + 1;
   if (p->n_qb * (a->block_size / std::min<int64_t>(a->block_size, kMaxRows)) > 0x7fffffff ||
       p->n_kb * a->block_size > 0x7fffffff || a->heads > 65535 || a->batch > 65535)

@@ -23,6 +23,8 @@
 // strided_period (FusedParams::row_step): a block's rows are the tokens Token(p0) + r * row_step, so every
 // tile (Q, a K/V step, the exact path's V rows) is a strided row set: its first token and a row stride of
 // row_step rows; the per-entry rules and the stores use the tokens, the tables, masks and dropout the positions.
+// head_major: the tiles' first rows come from QueryIndex / KeyIndex and their row strides from the layout's
+// pitch (FusedParams::q_row_stride, kv_row_stride): [B, H, T, D] rows are D elements apart.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -141,10 +143,11 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   const int2 q_ids = segments ? QueryBlockIds(p, b, qb, lane) : make_int2(0, 0);
   const int2 q_rows = QueryRows(p, qb);  // absolute rows of the block that q holds
   const int q_lo = q_rows.x - static_cast<int>(qb * BS), q_hi = q_rows.y - static_cast<int>(qb * BS);
-  // Row q_lo (its token), the tile's rows q_row_stride elements apart.
-  const T* q_g = static_cast<const T*>(p.q) + (b * p.tq + Token(p, q_rows.x) - p.q_offset) * p.width + h * D;
-  const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + KvCol(p, h);
-  const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + KvCol(p, h);
+  // Row q_lo (its token), the tile's rows q_row_stride elements apart; K/V token 0 of the head, tokens
+  // kv_layout.pitch apart.
+  const T* q_g = static_cast<const T*>(p.q) + QueryIndex(p, b, h, Token(p, q_rows.x) - p.q_offset);
+  const T* k_g = static_cast<const T*>(p.k) + KeyIndex(p, b, h / p.group, 0);
+  const T* v_g = static_cast<const T*>(p.v) + KeyIndex(p, b, h / p.group, 0);
   int window = range.x;  // the first entry of the current window
   auto entry_at = [&](int step) {  // the row entry of a step of the window, and whether it is one-segment
     const int listed = segments ? live_s[step / kSteps] : window + step / kSteps;
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
   };
   auto load_step = [&](int step) {
     const int buf = step & 1;
-    const int64_t k0 = first_key(step), k_row = Token(p, k0) * p.kv_width;
+    const int64_t k0 = first_key(step), k_row = Token(p, k0) * p.kv_layout.pitch;
     const int n = static_cast<int>(min(int64_t{kKeys}, p.key_end - k0));  // keys that may be read
     if (n == kKeys) {
       LoadTileAsync<T, D, kNT>(k_s + buf * kKeys * kLd, k_g + k_row, p.kv_row_stride, kKeys);
@@ -353,7 +356,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
         }
       }
       if (v_bad) {  // key j of the step is held by lane 4 * (lane / 4) + (j % 8) / 2 in slot 2 (j / 8) + j % 2
-        const T* v_rows = v_g + Token(p, first_key(step)) * p.kv_width;
+        const T* v_rows = v_g + Token(p, first_key(step)) * p.kv_layout.pitch;
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -395,7 +398,7 @@ __global__ void __launch_bounds__(ForwardMmaShape<T, BS, D>::kThreads)
         if (lane % 4 == 0) *reinterpret_cast<float2*>(p.split_ml + 2 * row) = make_float2(m[mt][half], total);
         continue;
       }
-      T* out_row = out + (b * p.tq + qi) * p.width + h * D;
+      T* out_row = out + QueryIndex(p, b, h, qi);
 #pragma unroll
       for (int t = 0; t < kOTiles; ++t) {
         const uint32_t packed = Pack<T>(o[mt][t][2 * half] * inv, o[mt][t][2 * half + 1] * inv);
@@ -429,7 +432,7 @@ __global__ void MergeSplits(FusedParams p, T* out, float* lse) {
   }
   const bool empty = total == 0.0f;
   const int64_t b = row / (p.heads * p.tq), h = (row / p.tq) % p.heads, t = row % p.tq;
-  T* dst = out + (b * p.tq + t) * p.width + h * p.head_dim;
+  T* dst = out + QueryIndex(p, b, h, t);
   for (int64_t d = lane; d < p.head_dim; d += 32) {
     float acc = 0.0f;
     for (int s = 0; s < p.n_split; ++s) {

@@ -28,6 +28,8 @@
 // tile (resident K/V or Q/dO, streamed Q/dO or K/V), the lse/delta/segment-id rows, the exact paths' rows,
 // the float32 dQ rows and the stores take a block's first token and a row stride of row_step rows; the
 // per-entry rules use the tokens, the tables, masks, dropout and dbias the positions.
+// head_major: the tiles' first rows come from QueryIndex / KeyIndex and their row strides from the layout's
+// pitch (FusedParams::q_row_stride, kv_row_stride): [B, H, T, D] rows are D elements apart.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -134,15 +136,13 @@ __device__ __forceinline__ void AccumulateProduct(float (&acc)[D / 8][4], const 
   }
 }
 
-// Stores scale * acc (this warp's rows row0, row0 + row_step, ... of a [B, len, stride] tensor, columns
-// col0..) as T pairs.
+// Stores scale * acc (this warp's 16 rows, row_stride elements apart from `first`, the warp's first row) as T pairs.
 template <typename T, int D>
-__device__ __forceinline__ void StoreRows(const float (&acc)[D / 8][4], float scale, T* y, int64_t stride,
-                                          int64_t len, int64_t b, int64_t col0, int64_t row0, int64_t row_step,
+__device__ __forceinline__ void StoreRows(const float (&acc)[D / 8][4], float scale, T* first, int64_t row_stride,
                                           int lane) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    T* row = y + (b * len + row0 + (lane / 4 + 8 * half) * row_step) * stride + col0 + (lane % 4) * 2;
+    T* row = first + (lane / 4 + 8 * half) * row_stride + (lane % 4) * 2;
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
       *reinterpret_cast<uint32_t*>(row + t * 8) = Pack<T>(acc[t][2 * half] * scale, acc[t][2 * half + 1] * scale);
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
   for (int64_t unit = 0; unit < groups.units(); ++unit) {
     const int64_t b = g_b * groups.ub + unit / groups.uk, kvh = g_k * groups.uk + unit % groups.uk;
     __syncthreads();  // the previous unit is done with every shared tile
-    const T* k_g = static_cast<const T*>(p.k) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
-    const T* v_g = static_cast<const T*>(p.v) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
+    const T* k_g = static_cast<const T*>(p.k) + KeyIndex(p, b, kvh, Token(p, k0));
+    const T* v_g = static_cast<const T*>(p.v) + KeyIndex(p, b, kvh, Token(p, k0));
     LoadTileAsync<T, D, kNT>(k_s, k_g, p.kv_row_stride, BS);
     LoadTileAsync<T, D, kNT>(v_s, v_g, p.kv_row_stride, BS);
     CpAsyncCommit();
@@ -215,16 +215,16 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
     for (int64_t member = 0; member < group_size; ++member) {
       const int64_t h = kvh * group_size + member;
       const int2 range = TableRange(p.col_ptr, p.shared_layout, h, p.n_kb, kb);
-      const T* q_g = static_cast<const T*>(p.q) + b * p.tq * p.width + h * D;
-      const T* do_g = dout + b * p.tq * p.width + h * D;
+      const T* q_g = static_cast<const T*>(p.q) + QueryIndex(p, b, h, 0);  // token 0; tokens q_layout.pitch apart
+      const T* do_g = dout + QueryIndex(p, b, h, 0);
       auto next_entry = [&](int e) {  // the first entry from e whose segments can meet this block's
         while (e < range.y && !SegmentsMeet(p, g.seg_ranges, b, p.col_entries[2 * e], kb)) ++e;
         return e;
       };
       auto load = [&](int e, int sub, int buf) {
         const int64_t qt0 = Token(p, int64_t{p.col_entries[2 * e]} * BS + sub * kStep);  // the step's first query
-        LoadTileAsync<T, D, kNT>(q_s + buf * kStep * kLd, q_g + qt0 * p.width, p.q_row_stride, kStep);
-        LoadTileAsync<T, D, kNT>(do_s + buf * kStep * kLd, do_g + qt0 * p.width, p.q_row_stride, kStep);
+        LoadTileAsync<T, D, kNT>(q_s + buf * kStep * kLd, q_g + qt0 * p.q_layout.pitch, p.q_row_stride, kStep);
+        LoadTileAsync<T, D, kNT>(do_s + buf * kStep * kLd, do_g + qt0 * p.q_layout.pitch, p.q_row_stride, kStep);
         for (int i = threadIdx.x; i < kStep; i += kNT) {
           const int64_t stat = (b * p.heads + h) * p.tq + qt0 + i * p.row_step;
           lse_s[buf * kStep + i] = g.lse[stat] == -INFINITY ? INFINITY : g.lse[stat] * kLog2e;
@@ -314,20 +314,20 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             if (q_bad) {
-              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half], q_g + Token(p, qs0) * p.width,
-                                          p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
-                                          SlotOf);
+              AddNonFiniteTerms<T, D / 8>(dk_acc, half, dk_bits[half], dk_neg[half],
+                                          q_g + Token(p, qs0) * p.q_layout.pitch, p.q_row_stride, kStep, lane,
+                                          [lane](int j) { return OwnerOf(lane, j); }, SlotOf);
             }
             if (do_bad) {
-              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + Token(p, qs0) * p.width,
+              AddNonFiniteTerms<T, D / 8>(dv_acc, half, dv_bits[half], 0u, do_g + Token(p, qs0) * p.q_layout.pitch,
                                           p.q_row_stride, kStep, lane, [lane](int j) { return OwnerOf(lane, j); },
                                           SlotOf);
             }
           }
         }
         if constexpr (kDq) {  // dQ[step rows] += dS K, into the float32 buffer
-          // The step's rows, q_row_stride apart.
-          float* dq_rows = g.dq_acc + (b * p.tq + Token(p, qs0)) * p.width + h * D;
+          // The step's rows, q_row_stride apart (dq_acc has q's layout).
+          float* dq_rows = g.dq_acc + QueryIndex(p, b, h, Token(p, qs0));
           if (!k_bad) {
             constexpr int kMq = Shape::kMq, kNq = Shape::kNq;
             const int mq = warp % kMq, n0 = (warp / kMq) * kNq * 8;
@@ -377,10 +377,8 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads)
       CpAsyncWait<0>();
     }
     const int64_t warp_row = Token(p, k0 + warp * 16);  // this warp's first key (token)
-    StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
-                    lane);
-    StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv), p.kv_width, p.tk, b, kvh * D, warp_row, p.row_step,
-                    lane);
+    StoreRows<T, D>(dk_acc, p.scale, static_cast<T*>(g.dk) + KeyIndex(p, b, kvh, warp_row), p.kv_row_stride, lane);
+    StoreRows<T, D>(dv_acc, 1.0f, static_cast<T*>(g.dv) + KeyIndex(p, b, kvh, warp_row), p.kv_row_stride, lane);
   }
 }
 
@@ -403,21 +401,20 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
   const int2 range = TableRange(p.row_ptr, p.shared_layout, h, p.n_qb, qb);
   const int n_steps = (range.y - range.x) * kSteps;
   const int64_t q0 = qb * BS;  // the block's first query (position; Token(p, q0) its token, recomputed where used)
-  const T* k_g = static_cast<const T*>(p.k) + b * p.tk * p.kv_width + kvh * D;
-  const T* v_g = static_cast<const T*>(p.v) + b * p.tk * p.kv_width + kvh * D;
+  const T* k_g = static_cast<const T*>(p.k) + KeyIndex(p, b, kvh, 0);  // token 0; tokens kv_layout.pitch apart
+  const T* v_g = static_cast<const T*>(p.v) + KeyIndex(p, b, kvh, 0);
   const bool has_seg = p.q_segment_ids != nullptr;
   auto first_key = [&](int step) {  // position of a step's first key
     return int64_t{p.row_entries[2 * (range.x + step / kSteps)]} * BS + (step % kSteps) * kStep;
   };
   auto load_step = [&](int step) {
     const int buf = step & 1;
-    const int64_t k_row = Token(p, first_key(step)) * p.kv_width;
+    const int64_t k_row = Token(p, first_key(step)) * p.kv_layout.pitch;
     LoadTileAsync<T, D, kNT>(k_s + buf * kStep * kLd, k_g + k_row, p.kv_row_stride, kStep);
     LoadTileAsync<T, D, kNT>(v_s + buf * kStep * kLd, v_g + k_row, p.kv_row_stride, kStep);
   };
-  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + (b * p.tq + Token(p, q0)) * p.width + h * D,
-                           p.q_row_stride, BS);
-  LoadTileAsync<T, D, kNT>(do_s, dout + (b * p.tq + Token(p, q0)) * p.width + h * D, p.q_row_stride, BS);
+  LoadTileAsync<T, D, kNT>(q_s, static_cast<const T*>(p.q) + QueryIndex(p, b, h, Token(p, q0)), p.q_row_stride, BS);
+  LoadTileAsync<T, D, kNT>(do_s, dout + QueryIndex(p, b, h, Token(p, q0)), p.q_row_stride, BS);
   if (n_steps > 0) load_step(0);
   CpAsyncCommit();
 
@@ -484,7 +481,7 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
       }
     AccumulateProduct<T, D, kNTiles>(acc, s, ks, kLd, lane);  // dQ += dS K
     if (k_bad) {
-      const T* k_rows = static_cast<const T*>(p.k) + (b * p.tk + Token(p, k0)) * p.kv_width + kvh * D;
+      const T* k_rows = static_cast<const T*>(p.k) + KeyIndex(p, b, kvh, Token(p, k0));
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         AddNonFiniteTerms<T, D / 8>(acc, half, ds_bits[half], ds_negative[half], k_rows, p.kv_row_stride, kStep, lane,
@@ -495,11 +492,11 @@ __global__ void __launch_bounds__(GradMmaShape<T, BS, D>::kThreads) GradQMma(Fus
     __syncthreads();
   }
   CpAsyncWait<0>();  // a row without blocks still committed its Q / dO loads
-  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq), p.width, p.tq, b, h * D, Token(p, q0 + warp * 16), p.row_step,
+  StoreRows<T, D>(acc, p.scale, static_cast<T*>(g.dq) + QueryIndex(p, b, h, Token(p, q0 + warp * 16)), p.q_row_stride,
                   lane);
 }
 
-// dq = scale * dq_acc (float32) as T.
+// dq = scale * dq_acc (float32, dq's layout) as T, element by element.
 template <typename T>
 __global__ void DqFromAccumulator(const float* acc, T* dq, float scale, int64_t n) {
   for (int64_t i = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * 4; i < n;

@@ -23,14 +23,29 @@ namespace bsattn_cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Where the rows of an activation tensor are (bsattn_fused_args.head_major): token t of head `head` of batch
+// entry b starts at element b * batch_stride + head * head_stride + t * pitch (ActivationIndex). For
+// [B, T, heads * D] (token-major, the default) the strides are (T * heads * D, D, heads * D); for
+// [B, heads, T, D] (head-major) (heads * T * D, T * D, D). Queries (q, out, dout, dq and the float32 dQ
+// accumulator) use T = Tq and the H query heads, keys (k, v, dk, dv) Tk and the KVH K/V heads.
+struct ActivationLayout {
+  int64_t batch_stride = 0, head_stride = 0, pitch = 0;
+};
+
+__host__ __device__ __forceinline__ int64_t ActivationIndex(const ActivationLayout& l, int64_t b, int64_t head,
+                                                            int64_t t) {
+  return b * l.batch_stride + head * l.head_stride + t * l.pitch;
+}
+
 struct FusedParams {
   int dtype = 0;
   int64_t batch = 0, heads = 0, head_dim = 0, width = 0, tq = 0, tk = 0;
-  int64_t kv_heads = 0, kv_width = 0, group = 1;  // K/V heads, their row width KVH*D, H / KVH
+  int64_t kv_heads = 0, kv_width = 0, group = 1;  // K/V heads, their channels KVH*D, H / KVH
   int64_t bs = 0, n_qb = 0, n_kb = 0;
-  const void* q = nullptr;  // [B, Tq, H*D]
-  const void* k = nullptr;  // [B, Tk, KVH*D]: query head h reads K/V head h / group
-  const void* v = nullptr;  // [B, Tk, KVH*D]
+  const void* q = nullptr;  // [B, Tq, H*D] or head-major [B, H, Tq, D] (q_layout)
+  const void* k = nullptr;  // [B, Tk, KVH*D] or [B, KVH, Tk, D] (kv_layout): query head h reads K/V head h / group
+  const void* v = nullptr;  // as k
+  ActivationLayout q_layout, kv_layout;  // q, out, dout, dq (and dq_acc); k, v, dk, dv
   bool shared_layout = true;  // one layout (L = 1) serves every head
   const int32_t* row_ptr = nullptr;
   const int32_t* row_entries = nullptr;
@@ -68,8 +83,9 @@ struct FusedParams {
   // the identity; every row stride below is multiplied by 1).
   int64_t row_step = 1;   // L, or 1
   int64_t class_len = 0;  // T / L (tokens per residue class); unused when row_step is 1
-  // Elements between a block's consecutive rows: width * row_step in q, out, dout, dq; kv_width * row_step in
-  // k, v, dk, dv (fields, not kernel locals: read from the parameter bank, they hold no registers).
+  // Elements between a block's consecutive rows: q_layout.pitch * row_step in q, out, dout, dq;
+  // kv_layout.pitch * row_step in k, v, dk, dv (fields, not kernel locals: read from the parameter bank,
+  // they hold no registers).
   int64_t q_row_stride = 0, kv_row_stride = 0;
 };
 
@@ -114,9 +130,14 @@ __device__ __forceinline__ int64_t BiasIndex(const FusedParams& p, int64_t b, in
   return ((bb * p.bias_heads + hb) * p.tq + i) * p.tk + j;
 }
 
-// The channel offset of the K/V head that serves query head h in a [B, T, KVH*D] row.
-__host__ __device__ __forceinline__ int64_t KvCol(const FusedParams& p, int64_t h) {
-  return (h / p.group) * p.head_dim;
+// The element of token t of query head h of batch entry b in q, out, dout, dq (and the float32 dQ accumulator).
+__host__ __device__ __forceinline__ int64_t QueryIndex(const FusedParams& p, int64_t b, int64_t h, int64_t t) {
+  return ActivationIndex(p.q_layout, b, h, t);
+}
+
+// The element of token t of K/V head kvh of batch entry b in k, v, dk, dv (query head h reads kvh = h / group).
+__host__ __device__ __forceinline__ int64_t KeyIndex(const FusedParams& p, int64_t b, int64_t kvh, int64_t t) {
+  return ActivationIndex(p.kv_layout, b, kvh, t);
 }
 
 // The gradient's CTA groups over (b, h): the smallest sets of heads closed under "writes the same
@@ -218,7 +239,7 @@ __device__ __forceinline__ float DropoutFactor(const FusedParams& p, int64_t b, 
 bool LaunchForwardMma(const FusedParams& p, void* out, float* lse, cudaStream_t stream);
 
 // The tensor-core backward's buffers: dbias (or null) is the float32 accumulator; dq_acc a float32
-// [B, Tq, H*D] buffer for the atomic dQ (unused when deterministic); seg_ranges the per-block
+// buffer of dq's layout (q_layout) for the atomic dQ (unused when deterministic); seg_ranges the per-block
 // segment-id ranges [B, nQb] then [B, nKb] (min, max), or null without segment ids.
 struct GradMmaBuffers {
   const void* out = nullptr;

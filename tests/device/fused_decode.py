@@ -3,8 +3,11 @@
   checks   variant "decode": per dtype x block size x head dim, steps of Tq = 1 and 3 new queries at positions
            p (0, mid-block, across a block boundary) against a cache of T_max = 6 blocks whose unwritten part
            (keys >= p + Tq) is NaN/Inf, for causal, local, fixed (grouped K/V heads) and random per-head tables
-           with partial blocks (with key padding, bias [1, H], dropout), and local with segment ids; against
+           with partial blocks (with key padding, bias [1, H], dropout), and local with segment ids; three of them
+           again with head-major activations (q, out [B, H, Tq, D], the cache [B, KVH, T_max, D]), also bit for bit
+           against the same step in the default layout ("head_major_bits": out, lse); against
            bsattn.reference.fused_attention(..., q_offset=p) (float64). out and lse are poisoned before the launch.
+           (The tensor-core steps split over the keys unless BSATTN_DECODE_SPLITS=1: decode_run.sh runs both.)
            Error: the worst over the steps; float16/bfloat16 bounded by twice the error of the same rows computed
            densely by torch in that dtype.
   --decode timing: one decode step (Tq = 1, position p = T_max - 1, bf16, block 128) against FlexAttention's
@@ -40,6 +43,9 @@ def _steps(bs: int) -> list[tuple]:
         ("random", 2, 2, 1, 4 * bs + 1, ("kpm", "bias", "dropout")),
         ("random", 2, 2, 3, 2 * bs - 1, ("kpm", "bias", "dropout")),
         ("local", 2, 2, 3, 2 * bs + 5, ("segments",)),
+        ("fixed", 4, 2, 3, 3 * bs - 2, ("head_major",)),
+        ("random", 2, 2, 3, 2 * bs - 1, ("kpm", "bias", "dropout", "head_major")),
+        ("local", 2, 2, 3, 2 * bs + 5, ("segments", "head_major")),
     ]
 
 
@@ -86,13 +92,17 @@ def _lse_error(ours: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.abs(got[~empty] - ref[~empty]).max(initial=0) / max(np.abs(ref[~empty]).max(initial=0), 1e-30))
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)
+
+
 def run_decode_check(launchers, rng, dtype_name: str, bs: int, head_dim: int, device_case, random_tables) -> dict:
-    """{"out": (worst err, torch err), "lse": (...)} over the steps of _steps(bs). device_case, random_tables:
-    fused_harness's DeviceCase and random_fused_tables (passed in: that module runs as __main__, and a second
-    import of it would make its ctypes structure a different class)."""
+    """{"out": (worst err, torch err), "lse": (...), "head_major_bits": (0 or inf, 0)} over the steps of _steps(bs).
+    device_case, random_tables: fused_harness's DeviceCase and random_fused_tables (passed in: that module runs as
+    __main__, and a second import of it would make its ctypes structure a different class)."""
     dtype, code = DTYPES[dtype_name]
     cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
-    worst = {"out": (0.0, 0.0), "lse": (0.0, 0.0)}
+    worst = {"out": (0.0, 0.0), "lse": (0.0, 0.0), "head_major_bits": (0.0, 0.0)}
     for name, heads, kvh, n, p, features in _steps(bs):
         tables = decode_tables(rng, name, bs, heads, random_tables)
         t_max, width, kv_width = tables.n_q, heads * head_dim, kvh * head_dim
@@ -112,12 +122,25 @@ def run_decode_check(launchers, rng, dtype_name: str, bs: int, head_dim: int, de
         if "segments" in features:
             ids = np.repeat(np.arange(3), [p + 1, bs, t_max - p - 1 - bs])[None].repeat(B, 0).astype(np.int32)
             c["k_ids"], c["q_ids"] = ids, ids[:, p : p + n]
-        case = device_case(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), tables, heads,
-                          c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype),
-                          c["dropout_rate"], c["seed"], kvh, c["q_ids"], c["k_ids"], q_offset=p)  # fmt: skip
-        out, lse = poisoned((B, n, width), dtype), poisoned((B, heads, n), torch.float32)
-        launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(),
-                                                           stream()), "fused_forward (decode)")  # fmt: skip
+        def launch(head_major: bool):
+            """out [B, n, H*D] (transposed back from [B, H, n, D] when head_major) and lse of the step."""
+            case = device_case(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), tables, heads,
+                              c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype),
+                              c["dropout_rate"], c["seed"], kvh, c["q_ids"], c["k_ids"], q_offset=p,
+                              head_major=head_major)  # fmt: skip
+            out = poisoned((B, heads, n, head_dim) if head_major else (B, n, width), dtype)
+            lse = poisoned((B, heads, n), torch.float32)
+            launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(),
+                                                               lse.data_ptr(), stream()), "fused_forward (decode)")
+            torch.cuda.synchronize()  # case's buffers are freed on return
+            return (out.transpose(1, 2).reshape(B, n, width) if head_major else out), lse
+
+        out, lse = launch("head_major" in features)
+        if "head_major" in features:  # the same step in the default layout: the same bits
+            plain_out, plain_lse = launch(False)
+            same = torch.equal(_bits(out), _bits(plain_out)) and torch.equal(_bits(lse), _bits(plain_lse))
+            if not same:
+                worst["head_major_bits"] = (float("inf"), 0.0)
         ref_out, ref_lse = reference.fused_attention(
             c["q"], c["k"], c["v"], tables, heads, scale=c["scale"], key_padding_mask=c["kpm"], bias=c["bias"],
             dropout_rate=c["dropout_rate"], seed=c["seed"], kv_heads=kvh, q_segment_ids=c["q_ids"],

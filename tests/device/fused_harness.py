@@ -18,7 +18,12 @@ Runs on the device machine (PyTorch, no TensorFlow), with torch tensors as buffe
            pattern's tables, grouped heads 4 on 2, segment ids, key padding), against the float64 reference of the
            permuted inputs, un-permuted; also bit for bit against the launch without strided_period on the
            permuted inputs, un-permuted (out, lse, the deterministic dq, dk, dv and the atomic path's dk, dv),
-           and the launchers' BSATTN_ERROR_SHAPE for the cases strided_period excludes.
+           and the launchers' BSATTN_ERROR_SHAPE for the cases strided_period excludes. head_major ([B, H, T, D]
+           activations: grouped heads 4 on 2, key padding, bias [B, H], dropout, dlse; head_major_strided: L = 2
+           with segment ids, grouped heads, key padding, dlse) against the float64 reference of the inputs
+           transposed back, and bit for bit against the default layout's launch on the [B, T, H*D] inputs (out,
+           lse, dk, dv, dbias of the atomic and the deterministic backward, dq of the deterministic one, and of
+           the atomic one on the SIMT path, whose dq has one writer).
            Error = max |ours - ref| / max |ref|. float32 must stay
            under 1e-4; float16/bfloat16 under twice the error of the same attention computed densely
            by torch in that dtype (autograd for the gradients) + one ulp near 1.
@@ -58,22 +63,26 @@ from bsattn.fused_tables import (
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 VARIANTS = ("plain", "padding_bias_dropout", "shared_bias_dlse", "dropout_masked_rows", "batch_bias", "nan_masked",
-            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan", "strided", "strided_segments", "decode")
+            "gqa", "mqa", "segments", "segments_gqa_bias", "segments_nan", "strided", "strided_segments", "head_major",
+            "head_major_strided", "decode")
 # The bias shape [Bb, Hb] of each variant (B = 2, H = 2 or 4): every broadcast combination appears.
 BIAS_SHAPES = {"padding_bias_dropout": (2, 2), "shared_bias_dlse": (1, 1), "dropout_masked_rows": (1, 2),
-               "batch_bias": (2, 1), "nan_masked": (2, 2), "gqa": (1, 4), "mqa": (2, 1), "segments_gqa_bias": (2, 4)}
+               "batch_bias": (2, 1), "nan_masked": (2, 2), "gqa": (1, 4), "mqa": (2, 1), "segments_gqa_bias": (2, 4),
+               "head_major": (2, 4)}
 # (heads, kv_heads) of the grouped-query variants (the others: 2 heads, no grouping).
-GROUPS = {"gqa": (4, 2), "mqa": (4, 1), "segments_gqa_bias": (4, 2)}
+GROUPS = {"gqa": (4, 2), "mqa": (4, 1), "segments_gqa_bias": (4, 2), "head_major": (4, 2), "head_major_strided": (4, 2)}
 SEGMENTS = ("segments", "segments_gqa_bias", "segments_nan")
 # strided_period L of the strided variants (T = 6 or 4 blocks: T / L = 2 blocks per residue class).
-STRIDED = {"strided": 3, "strided_segments": 2}
+STRIDED = {"strided": 3, "strided_segments": 2, "head_major_strided": 2}
+# The variants launched on [B, H, T, D] activations (bsattn_fused_args.head_major).
+HEAD_MAJOR = ("head_major", "head_major_strided")
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 # Checked outputs: _det = the deterministic backward (BSATTN_BACKWARD_DETERMINISTIC), det_repeat = two such runs
 # bit for bit.
 # strided_bits: the strided launch equals the plain one on permuted inputs bit for bit; strided_errors: the launchers
-# refuse what strided_period excludes.
+# refuse what strided_period excludes; head_major_bits: the head-major launch equals the default layout's bit for bit.
 OUTPUTS = ("out", "lse", "dq", "dk", "dv", "dbias", "dq_det", "dk_det", "dv_det", "dbias_det", "det_repeat",
-           "strided_bits", "strided_errors")
+           "strided_bits", "strided_errors", "head_major_bits")
 
 
 class FusedArgs(ctypes.Structure):
@@ -87,7 +96,7 @@ class FusedArgs(ctypes.Structure):
         ("dropout_rate", ctypes.c_float), ("seed", I64),
         ("kv_heads", I64), ("q_segment_ids", PTR), ("k_segment_ids", PTR),
         ("q_offset", I64), ("decode", ctypes.c_int), ("t_max", I64),
-        ("strided_period", I64),
+        ("strided_period", I64), ("head_major", ctypes.c_int),
     ]
 
 
@@ -109,15 +118,32 @@ class FusedLaunchers:
             raise RuntimeError(f"{what}: {self.lib.bsattn_cuda_error_string(code).decode()}")
 
 
+def to_head_major(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, heads*D] -> a contiguous [B, heads, T, D] copy."""
+    batch, t, width = x.shape
+    return x.view(batch, t, heads, width // heads).transpose(1, 2).contiguous()
+
+
+def from_head_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, D] -> [B, T, heads*D] (a copy)."""
+    batch, heads, t, d = x.shape
+    return x.transpose(1, 2).reshape(batch, t, heads * d)
+
+
 class DeviceCase:
     """One case's device buffers (kept referenced while launchers run: a freed temporary's memory would be
     reused before the kernel reads it) and its FusedArgs. q, k, v: device tensors [B, T, H*D]."""
 
     def __init__(self, code: int, q, k, v, tables: FusedTables, heads: int, scale: float, kpm=None, bias=None,
                  dropout_rate: float = 0.0, seed: int = 0, kv_heads: int = 0, q_ids=None, k_ids=None,
-                 q_offset: int | None = None, strided_period: int = 0):
+                 q_offset: int | None = None, strided_period: int = 0, head_major: bool = False):
         """q_offset (decoding): q holds the queries at [q_offset, q_offset + Tq) of tables' T_max rows.
-        strided_period L: the tables address permuted positions (bsattn_fused_args.strided_period)."""
+        strided_period L: the tables address permuted positions (bsattn_fused_args.strided_period).
+        head_major: the launch reads [B, H, T, D] copies of q and [B, KVH, T, D] ones of k, v (tensors["q"] etc.)."""
+        batch, tq, width = q.shape
+        tk = k.shape[1]
+        if head_major:
+            q, k, v = to_head_major(q, heads), to_head_major(k, kv_heads or heads), to_head_major(v, kv_heads or heads)
         self.tensors = {"q": q, "k": k, "v": v}
         if q_ids is not None:
             self.tensors["q_ids"], self.tensors["k_ids"] = dev(q_ids), dev(k_ids)
@@ -130,16 +156,15 @@ class DeviceCase:
         if bias is not None:
             self.tensors["bias"] = bias
         ptr = lambda name: self.tensors[name].data_ptr() if name in self.tensors else None
-        batch, tq, width = q.shape
         self.args = FusedArgs(
-            dtype=code, batch=batch, heads=heads, head_dim=width // heads, tq=tq, tk=k.shape[1],
+            dtype=code, batch=batch, heads=heads, head_dim=width // heads, tq=tq, tk=tk,
             block_size=tables.block_size, q=ptr("q"), k=ptr("k"), v=ptr("v"), layout_heads=tables.lut_heads,
             row_ptr=ptr("row_ptr"), row_entries=ptr("row_entries"), col_ptr=ptr("col_ptr"),
             col_entries=ptr("col_entries"), masks=ptr("masks"), key_padding_mask=ptr("kpm"), bias=ptr("bias"),
             bias_batch=0 if bias is None else bias.shape[0], bias_heads=0 if bias is None else bias.shape[1],
             scale=scale, dropout_rate=dropout_rate, seed=seed, kv_heads=kv_heads, q_segment_ids=ptr("q_ids"),
             k_segment_ids=ptr("k_ids"), q_offset=q_offset or 0, decode=int(q_offset is not None),
-            t_max=tables.n_q if q_offset is not None else 0, strided_period=strided_period)
+            t_max=tables.n_q if q_offset is not None else 0, strided_period=strided_period, head_major=int(head_major))
 
 
 def random_fused_tables(rng, bs: int, n_qb: int, n_kb: int, layouts: int, masked_rows: bool) -> FusedTables:
@@ -165,12 +190,14 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
     cast = lambda x: torch.from_numpy(x).to(dtype).double().numpy()
     batch = 2
     heads, kv_heads = GROUPS.get(variant, (2, 2))
-    n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "segments") else (4, 4)
-    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse", "nan_masked", "gqa", "segments_gqa_bias")
+    n_qb, n_kb = (3, 5) if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "segments",
+                                       "head_major") else (4, 4)
+    per_head = variant in ("padding_bias_dropout", "shared_bias_dlse", "nan_masked", "gqa", "segments_gqa_bias",
+                           "head_major")
     if variant == "strided":  # random per-head tables, partial blocks dropping whole rows
         n_qb = n_kb = 6
         tables = random_fused_tables(rng, bs, n_qb, n_kb, heads, True)
-    elif variant == "strided_segments":  # the tables of sparse_attention's 'strided' (shared by the heads)
+    elif variant in ("strided_segments", "head_major_strided"):  # sparse_attention's 'strided' tables (shared)
         n_qb = n_kb = 4
         tables = fused_tables_for_pattern(patterns.Strided(STRIDED[variant]), n_qb * bs, n_kb * bs, bs)
     else:
@@ -184,18 +211,18 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
         "kv_heads": kv_heads, "q_ids": None, "k_ids": None, "strided_period": STRIDED.get(variant, 0),
     }
     # packed: 3 runs per batch entry, boundaries anywhere (inside blocks too)
-    if variant in SEGMENTS or variant == "strided_segments":
+    if variant in SEGMENTS or variant in ("strided_segments", "head_major_strided"):
         case["q_ids"], case["k_ids"] = (np.stack([np.repeat(np.arange(3), np.diff(np.r_[0, np.sort(
             rng.choice(np.arange(1, n), 2, replace=False)), n])) for _ in range(batch)]).astype(np.int32)
             for n in (tq, tk))  # fmt: skip
     if variant in ("padding_bias_dropout", "shared_bias_dlse", "batch_bias", "nan_masked", "gqa", "segments",
-                   "strided", "strided_segments"):
+                   "strided", "strided_segments", *HEAD_MAJOR):
         case["kpm"] = rng.random((batch, tk)) < 0.8
     if variant in BIAS_SHAPES:
         case["bias"] = cast(rng.normal(0, 1, (*BIAS_SHAPES[variant], tq, tk)))
     if variant == "nan_masked":
         poison_masked(rng, case, bs)
-    if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "strided"):
+    if variant in ("padding_bias_dropout", "dropout_masked_rows", "gqa", "strided", "head_major"):
         case["dropout_rate"] = 0.25
     if variant == "strided":  # NaN/Inf k and v at padded keys (tokens): a padding read at the wrong row would leak
         case["clean"] = {n: case[n].copy() for n in ("q", "k", "v")} | {"bias": None}
@@ -207,7 +234,7 @@ def variant_inputs(rng, variant: str, dtype, bs: int, head_dim: int) -> dict:
         case["clean"] = {n: case[n] for n in ("q", "k", "v", "bias")}
         case["q"] = case["q"].copy()
         case["q"][0, case["q_ids"][0] == 1] = np.nan
-    if variant in ("shared_bias_dlse", "mqa", "strided"):
+    if variant in ("shared_bias_dlse", "mqa", "strided", *HEAD_MAJOR):
         case["dlse"] = rng.normal(0, 0.5, (batch, heads, tq)).astype(np.float32).astype(np.float64)
     return case
 
@@ -302,10 +329,12 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
         return run_decode_check(launchers, rng, dtype_name, bs, head_dim, DeviceCase, random_fused_tables)
     dtype, code = DTYPES[dtype_name]
     c = variant_inputs(rng, variant, dtype, bs, head_dim)
-    case = device_case(code, dtype, c, c["strided_period"])
+    head_major = variant in HEAD_MAJOR
+    case = device_case(code, dtype, c, c["strided_period"], head_major)
     batch, tq, width = c["q"].shape
     s = stream()
-    out, lse = poisoned((batch, tq, width), dtype), poisoned((batch, c["heads"], tq), torch.float32)
+    out_shape = (batch, c["heads"], tq, head_dim) if head_major else (batch, tq, width)
+    out, lse = poisoned(out_shape, dtype), poisoned((batch, c["heads"], tq), torch.float32)
     launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(), s),
                     "fused_forward")
     # strided_period: the reference (and the dense baseline) of the permuted inputs, mapped back to token order.
@@ -322,6 +351,8 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
 
     # The backward reads the forward's own out and lse, as in training.
     dout_d = dev(c["dout"], dtype)
+    if head_major:
+        dout_d = to_head_major(dout_d, c["heads"])
     dlse_d = None if c["dlse"] is None else dev(c["dlse"], torch.float32)
     grads = {n: poisoned(case.tensors[n].shape, dtype) for n in ("q", "k", "v")}
     dbias = None if c["bias"] is None else poisoned(c["bias"].shape, dtype)
@@ -342,6 +373,10 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
         inv_d = torch.from_numpy(inv).cuda()
         base = {n: x[:, :, inv_d] if n == "lse" else x[:, inv_d] for n, x in base.items()}
     torch.cuda.synchronize()
+    if head_major:  # ours in [B, T, H*D] from here on (copies: the launch's own buffers stay as they were)
+        out = from_head_major(out)
+        grads = {n: from_head_major(x) for n, x in grads.items()}
+        det = [{n: x if n == "dbias" or x is None else from_head_major(x) for n, x in run.items()} for run in det]
     if "clean" in c:  # poisoned inputs: NaN/Inf exactly where the reference has them
         err = lse_err = nan_error
     else:
@@ -358,14 +393,47 @@ def run_check(launchers: FusedLaunchers, rng, dtype_name: str, bs: int, head_dim
                 **{f"{n}_det": det[0][n] for n in ("dq", "dk", "dv")}}
         errors["strided_bits"] = (strided_bits_error(launchers, code, dtype, rc, inv_d, ours), 0.0)
         errors["strided_errors"] = (strided_errors(launchers, case), 0.0)
+    if head_major:
+        # The atomic dq is deterministic on the SIMT path only (one writer per element there).
+        simt = dtype_name == "float32" or head_dim not in (32, 64, 128) or bs < 16
+        ours = {"out": out, "lse": lse, "dk": grads["k"], "dv": grads["v"], "dbias": dbias,
+                **({"dq": grads["q"]} if simt else {}), **{f"{n}_det": det[0][n] for n in ("dq", "dk", "dv", "dbias")}}
+        errors["head_major_bits"] = (head_major_bits_error(launchers, code, dtype, c, ours), 0.0)
     return errors
 
 
-def device_case(code: int, dtype, c: dict, strided_period: int = 0) -> DeviceCase:
+def device_case(code: int, dtype, c: dict, strided_period: int = 0, head_major: bool = False) -> DeviceCase:
     """The DeviceCase of variant inputs c (device copies in dtype)."""
     return DeviceCase(code, dev(c["q"], dtype), dev(c["k"], dtype), dev(c["v"], dtype), c["tables"], c["heads"],
                       c["scale"], c["kpm"], None if c["bias"] is None else dev(c["bias"], dtype), c["dropout_rate"],
-                      c["seed"], c["kv_heads"], c["q_ids"], c["k_ids"], strided_period=strided_period)
+                      c["seed"], c["kv_heads"], c["q_ids"], c["k_ids"], strided_period=strided_period,
+                      head_major=head_major)
+
+
+def same_bits(ours: dict, theirs: dict) -> bool:
+    """Whether every tensor of ours (None: not produced) equals that of theirs bit for bit."""
+    bits = lambda x: x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)  # noqa: E731
+    return all((ours[n] is None and theirs[n] is None) or torch.equal(bits(ours[n]), bits(theirs[n])) for n in ours)
+
+
+def head_major_bits_error(launchers: FusedLaunchers, code: int, dtype, c: dict, ours: dict) -> float:
+    """0 if the head-major launch's results (ours, transposed to [B, T, H*D]) equal bit for bit those of the launch
+    in the default layout on the same inputs (the same sums in the same order: only addresses differ), else inf.
+    Runs the atomic and the deterministic backward (ours' keys: out, lse, dk, dv, dbias, maybe dq, and *_det)."""
+    case = device_case(code, dtype, c, c["strided_period"])
+    batch, tq, width = c["q"].shape
+    out, lse = poisoned((batch, tq, width), dtype), poisoned((batch, c["heads"], tq), torch.float32)
+    launchers.check(launchers.lib.bsattn_fused_forward(ctypes.byref(case.args), out.data_ptr(), lse.data_ptr(),
+                                                       stream()), "fused_forward (token-major)")
+    dout = dev(c["dout"], dtype)
+    dlse = None if c["dlse"] is None else dev(c["dlse"], torch.float32)
+    like = {n: case.tensors[n] for n in ("q", "k", "v")}
+    dbias_like = case.tensors.get("bias")
+    ws_bytes = launchers.lib.bsattn_fused_backward_workspace(ctypes.byref(case.args), int(dbias_like is not None))
+    atomic = backward(launchers, case, out, lse, dout, dlse, like, dbias_like, ws_bytes, 0)
+    det = backward(launchers, case, out, lse, dout, dlse, like, dbias_like, ws_bytes, 1)
+    theirs = {"out": out, "lse": lse, **atomic, **{f"{n}_det": x for n, x in det.items()}}
+    return 0.0 if same_bits(ours, theirs) else float("inf")
 
 
 def strided_positions(c: dict) -> tuple[dict, np.ndarray]:
@@ -398,8 +466,7 @@ def strided_bits_error(launchers: FusedLaunchers, code: int, dtype, rc: dict, in
     det = backward(launchers, case, out, lse, dout, dlse, like, None, ws_bytes, 1)
     theirs = {"out": out[:, inv], "lse": lse[:, :, inv], "dk": atomic["dk"][:, inv], "dv": atomic["dv"][:, inv],
               **{f"{n}_det": det[n][:, inv] for n in ("dq", "dk", "dv")}}
-    bits = lambda x: x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)  # noqa: E731
-    return 0.0 if all(torch.equal(bits(ours[n]), bits(theirs[n])) for n in ours) else float("inf")
+    return 0.0 if same_bits(ours, theirs) else float("inf")
 
 
 def strided_errors(launchers: FusedLaunchers, case: DeviceCase) -> float:

@@ -10,7 +10,11 @@ an attended NaN value, batch 0, Tq != Tk, grouped heads with segment ids (NaN in
 raw ops with Tq = 0 or Tk = 0 and segment ids, two tables of one shape in turn (the GPU kernels' table cache must
 never serve one for the other), eagerly and under ``tf.function``. The raw ops with ``strided_period`` (tensor-core
 and SIMT shapes, key padding, dropout, dlse, grouped heads with segment ids) on the GPU against the CPU, and on the
-GPU against the op without it on permuted inputs, un-permuted (forward bit for bit). Then the unfused ops (nt, masked softmax, nn
+GPU against the op without it on permuted inputs, un-permuted (forward bit for bit). The raw ops with ``head_major``
+(q, k, v, dout as [B, H, T, D]: tensor-core shapes with grouped heads, segment ids, key padding, bias, dropout, dlse;
+SIMT shapes with per-head layouts; with strided_period too) on the GPU against the CPU, and against the GPU's op in
+the default layout on the same values (out, lse, dk, dv, dbias bit for bit; dq within the tolerance: its atomic
+sums vary in order). Then the unfused ops (nt, masked softmax, nn
 and their gradients: tn, softmax grad) through ``blocksparse_attention_impl(engine='unfused')`` and the fused
 engine for every ``attn_mode``, and last, under ``tf.config.experimental.enable_op_determinism()``, the fused
 gradient twice on the GPU: the same bits.
@@ -150,25 +154,37 @@ def zero_length_with_segments(rng, tq: int, tk: int, device: str = "/GPU:0", hea
             and bool(np.isneginf(lse.numpy()).all()) and all(not g.numpy().any() for g in grads[:3]))
 
 
-def strided_raw(device: str, x: dict, tables, heads: int, dtype, period: int) -> list[np.ndarray]:
-    """out, lse, dq, dk, dv of the raw ops on `device` with strided_period = period (token-order inputs x)."""
+def raw_ops(device: str, x: dict, tables, heads: int, dtype, period: int = 0,
+            head_major: bool = False) -> list[np.ndarray]:
+    """out, lse, dq, dk, dv (and dbias when x has a bias) of the raw ops on `device` with strided_period = period
+    (token-order inputs x [B, T, H*D]); head_major: q, k, v, dout handed over as [B, H, T, D], out, dq, dk, dv
+    transposed back to [B, T, H*D]."""
     ops = load_ops()
+    d = x["q"].shape[2] // heads
+    to_op = lambda a, h: a.reshape(*a.shape[:2], h, d).transpose(0, 2, 1, 3) if head_major else a  # noqa: E731
+    back = lambda a: a.transpose(0, 2, 1, 3).reshape(a.shape[0], a.shape[2], -1) if head_major else a  # noqa: E731
     with tf.device(device):
-        q, k, v, dout = (tf.cast(tf.constant(x[n], tf.float64), dtype) for n in ("q", "k", "v", "dout"))
+        kvh = x.get("kv_heads") or heads
+        q, k, v, dout = (tf.cast(tf.constant(to_op(x[n], h), tf.float64), dtype)
+                         for n, h in (("q", heads), ("k", kvh), ("v", kvh), ("dout", heads)))
         seg = x.get("q_ids") is not None
+        has_bias = x.get("bias") is not None
         common = dict(
             row_ptr=tables.row_ptr, row_entries=tables.row_entries, masks=tables.masks,
-            key_padding_mask=tf.constant(x["kpm"]), bias=tf.zeros([0, 0, 0, 0], dtype),
+            key_padding_mask=tf.constant(x["kpm"]),
+            bias=tf.cast(tf.constant(x["bias"], tf.float64), dtype) if has_bias else tf.zeros([0, 0, 0, 0], dtype),
             q_segment_ids=x["q_ids"] if seg else tf.zeros([0, 0], tf.int32),
             k_segment_ids=x["k_ids"] if seg else tf.zeros([0, 0], tf.int32), seed=tf.constant(11, tf.int64),
             heads=heads, kv_heads=x.get("kv_heads") or 0, block_size=tables.block_size,
-            scale=float(1 / np.sqrt(x["q"].shape[2] // heads)), dropout_rate=x["rate"], has_key_padding_mask=True,
-            has_segment_ids=seg, strided_period=period)
+            scale=float(1 / np.sqrt(d)), dropout_rate=x["rate"], has_key_padding_mask=True, has_bias=has_bias,
+            has_segment_ids=seg, strided_period=period, head_major=head_major)
         out, lse = ops.bsattn_fused_attention(q=q, k=k, v=v, q_offset=tf.constant(0, tf.int32), **common)
         grads = ops.bsattn_fused_attention_grad(
             q=q, k=k, v=v, out=out, lse=lse, dout=dout, dlse=tf.constant(x["dlse"], tf.float32), col_ptr=tables.col_ptr,
             col_entries=tables.col_entries, has_dlse=True, **common)
-    return [np.asarray(tf.cast(t, tf.float64)) for t in (out, lse, *grads[:3])]
+    result = [np.asarray(tf.cast(t, tf.float64)) for t in (out, lse, *grads[:3])]
+    result = [back(result[0]), result[1], *(back(g) for g in result[2:])]
+    return result + ([np.asarray(tf.cast(grads[3], tf.float64))] if has_bias else [])
 
 
 def strided_cases(rng):
@@ -195,9 +211,9 @@ def check_strided(rng) -> tuple[int, int]:
         xp = dict(x, dlse=x["dlse"][:, :, perm], **{n: None if x.get(n) is None else x[n][:, perm]
                                                    for n in ("q", "k", "v", "dout", "kpm", "q_ids", "k_ids")})
         for dtype, tol in TOL.items():
-            gpu = strided_raw("/GPU:0", x, tables, heads, dtype, period)
-            cpu = strided_raw("/CPU:0", x, tables, heads, dtype, period)
-            permuted = strided_raw("/GPU:0", xp, tables, heads, dtype, 0)
+            gpu = raw_ops("/GPU:0", x, tables, heads, dtype, period)
+            cpu = raw_ops("/CPU:0", x, tables, heads, dtype, period)
+            permuted = raw_ops("/GPU:0", xp, tables, heads, dtype, 0)
             permuted = [p[:, :, inv] if i == 1 else p[:, inv] for i, p in enumerate(permuted)]
             diffs = dict(zip(("out", "lse", "dq", "dk", "dv"), compare(gpu, cpu, dtype).values()))
             vs_permuted = dict(zip(("out", "lse", "dq", "dk", "dv"), compare(gpu, permuted, dtype).values()))
@@ -208,6 +224,41 @@ def check_strided(rng) -> tuple[int, int]:
             shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
             print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {dtype.name:9s} vs CPU {shown}; vs permuted "
                   f"{max(vs_permuted.values()):.1e}, forward bits {'equal' if bits else 'DIFFER'}", flush=True)
+    return total, failed
+
+
+def head_major_cases(rng):
+    """(name, x, tables, heads, period): token-order inputs of the raw ops with head_major."""
+    causal32 = fused_tables_for_pattern(patterns.Causal(), 128, 128, 32)
+    x = make(rng, causal32, 4, 64, bias_shape=(2, 4), kv_heads=2, segments=True)
+    yield "raw ops head_major mma gqa bias segments", dict(x, rate=0.1), causal32, 4, 0
+    cross = random_tables(rng, 16, 3, 5, 2)
+    yield "raw ops head_major simt Tq != Tk", dict(make(rng, cross, 2, 24, bias_shape=(1, 2)), rate=0.0), cross, 2, 0
+    strided = fused_tables_for_pattern(patterns.Strided(4), 256, 256, 32)
+    x = dict(make(rng, strided, 4, 64, kv_heads=2), rate=0.1)
+    yield "raw ops head_major strided_period=4 mma", x, strided, 4, 4
+
+
+def check_head_major(rng) -> tuple[int, int]:
+    """head_major_cases on the GPU against the CPU (the same op), and against the GPU's op in the default layout on
+    the same values (out, lse, dk, dv, dbias bit for bit; dq within the tolerance) → (total, failed)."""
+    total = failed = 0
+    for name, x, tables, heads, period in head_major_cases(rng):
+        x["dlse"] = rng.normal(0, 0.5, (2, heads, tables.n_q)).astype(np.float32)
+        names = ("out", "lse", "dq", "dk", "dv", "dbias")[: 5 + (x["bias"] is not None)]
+        for dtype, tol in TOL.items():
+            gpu = raw_ops("/GPU:0", x, tables, heads, dtype, period, head_major=True)
+            cpu = raw_ops("/CPU:0", x, tables, heads, dtype, period, head_major=True)
+            plain = raw_ops("/GPU:0", x, tables, heads, dtype, period)
+            diffs = dict(zip(names, compare(gpu, cpu, dtype).values()))
+            vs_plain = dict(zip(names, compare(gpu, plain, dtype).values()))
+            bits = all(np.array_equal(gpu[i], plain[i], equal_nan=True) for i in range(len(names)) if names[i] != "dq")
+            ok = all(v <= tol for v in (*diffs.values(), *vs_plain.values())) and bits
+            total += 1
+            failed += not ok
+            shown = " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {dtype.name:9s} vs CPU {shown}; vs default layout "
+                  f"{max(vs_plain.values()):.1e}, bits (all but dq) {'equal' if bits else 'DIFFER'}", flush=True)
     return total, failed
 
 
@@ -281,9 +332,10 @@ def main() -> None:
                     where = "tf.function" if graph else "eager"
                     status = "ok  " if ok else "FAIL"
                     print(f"{status} impl {mode_name:8s} {engine:7s} {dtype.name:9s} {where:11s} {shown}", flush=True)
-    strided_total, strided_failed = check_strided(rng)
-    total += strided_total
-    failed += strided_failed
+    for check in (check_strided, check_head_major):
+        part_total, part_failed = check(rng)
+        total += part_total
+        failed += part_failed
     for tq, tk in ((0, 32), (32, 0)):
         total += 1
         ok = zero_length_with_segments(rng, tq, tk)
